@@ -1,0 +1,321 @@
+"""One validated configuration tree for every stage.
+
+Loaded from YAML, overridden with ``--set key.path=value``, validated once by pydantic. Unknown keys are
+errors. A validation error names the field, the value it got and what is allowed (``ConfigError``).
+This module sits at the bottom of the package: it imports nothing else from ``transfuse``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "vgg_small")
+SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
+SPLITS = ("train", "val", "test", "holdout")
+STAGES = ("prepare", "pretrain", "tune", "ensemble", "compress", "deploy")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SplitConfig(_Strict):
+    """Fractions of the pooled examples per split; train gets the rest."""
+
+    val: float = Field(0.1, ge=0.0, lt=1.0)
+    test: float = Field(0.2, gt=0.0, lt=1.0)
+    holdout: float = Field(0.1, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _leave_train(self) -> "SplitConfig":
+        total = self.val + self.test + self.holdout
+        if total >= 0.95:
+            raise ValueError(f"val + test + holdout must be < 0.95 so train keeps examples, got {total:.3f}")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal[SOURCES] = "fashion_mnist"  # type: ignore[valid-type]
+    path: Optional[str] = None  # folder or URI; None: the source's default locations
+    download: bool = False  # allow Keras' downloader when the files are not found locally
+    classes: Optional[list[int]] = None  # keep only these source class ids, relabelled 0..n-1 in this order
+    limit_per_class: Optional[int] = Field(None, gt=0)  # cap on the pool per class, before splitting (speed)
+    train_per_class: Optional[int] = Field(None, gt=0)  # labelled train examples per class (few-label target)
+    train_fraction: float = Field(1.0, gt=0.0, le=1.0)  # fraction of the train split kept, stratified
+    split: SplitConfig = SplitConfig()
+    rows_per_shard: int = Field(4096, gt=0)  # parquet rows per file
+    on_bad_file: Literal["error", "skip"] = "error"  # skip: record each bad file in the manifest
+    image_extensions: list[str] = [".png", ".jpg", ".jpeg"]
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, v: Optional[list[int]]) -> Optional[list[int]]:
+        if v is not None:
+            if len(v) < 2:
+                raise ValueError(f"needs at least 2 classes, got {v}")
+            if len(set(v)) != len(v) or min(v) < 0:
+                raise ValueError(f"must be distinct non-negative class ids, got {v}")
+        return v
+
+
+class AugmentConfig(_Strict):
+    flip: bool = False  # random horizontal flip
+    pad_crop: int = Field(0, ge=0, le=16)  # pad by this many pixels, then random crop back
+
+
+class HeadConfig(_Strict):
+    dense: list[int] = [256]  # the seed's head: Flatten -> Dense(256, relu) -> Dense(classes)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    pooling: Literal["flatten", "avg"] = "flatten"
+
+
+class ModelConfig(_Strict):
+    backbone: Literal[BACKBONES] = "vgg_small"  # type: ignore[valid-type]
+    # imagenet (Keras download), none (random init), pretrain (the pretrain stage's output) or a file path
+    weights: str = "pretrain"
+    input_size: int = Field(32, ge=32, le=512)  # pixels; images are resized to input_size x input_size
+    width: float = Field(0.25, gt=0.0, le=1.0)  # vgg_small only: fraction of VGG16's filters
+    head: HeadConfig = HeadConfig()
+    unfreeze: int = Field(4, ge=0)  # backbone layers trainable in phase 2, counted from the top
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str) -> str:
+        if v in ("imagenet", "none", "pretrain"):
+            return v
+        if not (v.endswith(".h5") or v.endswith(".weights.h5") or "://" in v or Path(v).suffix):
+            raise ValueError(f"must be 'imagenet', 'none', 'pretrain' or a weights file path (.h5), got {v!r}")
+        return v
+
+
+class TrainConfig(_Strict):
+    num_workers: int = Field(1, ge=1)  # Ray Train workers
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0.0)
+    gpus_per_worker: float = Field(1.0, ge=0.0)
+    batch_size: int = Field(64, ge=1)  # global batch, split across workers
+    epochs_frozen: int = Field(3, ge=0)  # phase 1: backbone frozen, head trained
+    epochs_unfrozen: int = Field(3, ge=0)  # phase 2: last `unfreeze` layers trainable
+    lr_frozen: float = Field(1e-3, gt=0.0)  # Adam
+    lr_unfrozen: float = Field(1e-4, gt=0.0)  # lower, as in the seed
+    early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
+    mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs
+    cache_frozen: bool = True  # cache activations at the cut point; incompatible with augmentation
+    augment: AugmentConfig = AugmentConfig()
+    max_failures: int = Field(2, ge=0)  # worker failures tolerated; training resumes from the checkpoint
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cache_vs_augment(self) -> "TrainConfig":
+        if self.cache_frozen and (self.augment.flip or self.augment.pad_crop):
+            raise ValueError(
+                "cache_frozen=true cannot be combined with per-epoch augmentation (augment.flip/pad_crop): "
+                "cached activations do not change between epochs. Set one of them off."
+            )
+        if self.use_gpu and self.gpus_per_worker > 1:
+            raise ValueError(
+                f"gpus_per_worker must be <= 1, got {self.gpus_per_worker}. For more GPUs raise num_workers."
+            )
+        return self
+
+
+class PretrainConfig(_Strict):
+    """Train the backbone on a source task where no pretrained weights exist (the offline default)."""
+
+    data: DataConfig = DataConfig(classes=[0, 2, 4, 6, 8])
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+
+
+class TuneConfig(_Strict):
+    num_samples: int = Field(6, ge=1)  # trials
+    unfreeze: list[int] = [0, 4, 8, 13]  # depths searched, in backbone layers from the top
+    lr_frozen: tuple[float, float] = (3e-4, 3e-3)  # log-uniform range
+    lr_unfrozen: tuple[float, float] = (3e-5, 3e-4)
+    head_dense: list[int] = [128, 256]
+    dropout: list[float] = [0.0, 0.3]
+    scheduler: Literal["asha", "hyperband", "none"] = "asha"
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    search_alg: Literal["random", "optuna"] = "random"
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(0.25, gt=0.0)  # the trial function itself; workers ask for train.*
+    members: int = Field(3, ge=1)  # CNN members kept for the ensemble: best M, diverse
+
+
+class MemberConfig(_Strict):
+    name: str
+    kind: Literal[
+        "random_forest", "bagging", "adaboost", "hist_gradient_boosting", "svc", "logistic_regression"
+    ]
+    params: dict[str, Any] = {}
+
+
+class EnsembleConfig(_Strict):
+    members: list[MemberConfig] = [
+        MemberConfig(name="rf", kind="random_forest", params={"n_estimators": 200}),
+        MemberConfig(name="ada", kind="adaboost", params={"n_estimators": 100}),
+        MemberConfig(name="svc", kind="svc", params={"C": 1.0}),
+        MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 1000}),
+    ]
+    folds: int = Field(5, ge=2)  # out-of-fold predictions for the stacker
+    stacker_C: float = Field(1.0, gt=0.0)  # inverse L2 strength of the logistic meta-learner
+    seeds: list[int] = [0, 1, 2]  # seed range reported for the stack
+
+    @field_validator("members")
+    @classmethod
+    def _unique_names(cls, v: list[MemberConfig]) -> list[MemberConfig]:
+        names = [m.name for m in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"member names must be unique, got {names}")
+        return v
+
+
+class CompressConfig(_Strict):
+    sparsity: list[float] = [0.5]  # target fractions of zero weights
+    prune_epochs: int = Field(1, ge=1)  # fine-tune at the target sparsity
+    prune_frequency: int = Field(10, ge=1)  # steps between pruning updates: low, for short fine-tunes
+    variants: list[Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]] = [
+        "float32", "pruned", "int8", "pruned_int8", "float16",
+    ]
+    serve_variant: Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"] = "int8"
+    representative_examples: int = Field(200, ge=1)  # drawn from train for int8 calibration
+    num_threads: int = Field(2, ge=1)  # LiteRT interpreter threads
+
+    @field_validator("sparsity")
+    @classmethod
+    def _sparsity(cls, v: list[float]) -> list[float]:
+        for s in v:
+            if not 0.0 < s < 1.0:
+                raise ValueError(f"each sparsity must be in (0, 1), got {s}")
+        return v
+
+
+class ServeConfig(_Strict):
+    name: str = "transfuse"  # model name in /v1/models/{name}
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus: float = Field(0.5, gt=0.0)  # per replica
+    max_instances: int = Field(256, ge=1)  # per request
+    max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    api_key: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "ServeConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        return self
+
+
+class RayConfig(_Strict):
+    address: Optional[str] = None  # None: connect to RAY_ADDRESS or start a local cluster
+    num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local cluster
+
+
+class Config(_Strict):
+    storage: str = "./runs"  # local folder or URI (s3://bucket/prefix, gs://...)
+    run: str = "default"
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    tune: TuneConfig = TuneConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    compress: CompressConfig = CompressConfig()
+    serve: ServeConfig = ServeConfig()
+    ray: RayConfig = RayConfig()
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not v or "/" in v or v.startswith("."):
+            raise ValueError(f"must be a plain name (no '/', not starting with '.'), got {v!r}")
+        return v
+
+    def fingerprint(self, *sections: str) -> str:
+        """sha256 of the named sections (all when none): a stage is complete only for the same inputs."""
+        d = self.model_dump(mode="json")
+        if sections:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (value {e['input']!r}); check the spelling against the config tree")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc} = {e['input']!r}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """A --set value is parsed as YAML, so 3, 0.5, true, [1, 2] and null keep their types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.path=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: {p!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read YAML (or defaults when ``path`` is None), apply ``--set`` overrides, validate."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        source = str(p)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top, got {type(data).__name__}")
+    if overrides:
+        data = apply_overrides(data, overrides)
+        source += " + --set " + " ".join(overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

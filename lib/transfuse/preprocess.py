@@ -1,0 +1,117 @@
+"""The one preprocessing function, shared by training (Ray Data ``map_batches``) and serving.
+
+Numpy only, so a Serve replica and a Ray Data worker run it without TensorFlow. Input: a batch of images as
+uint8 (0..255) or float in [0, 1], shaped N x H x W, N x H x W x 1 or N x H x W x 3. Output: float32
+N x S x S x 3 in the backbone's own input normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import numpy as np
+
+# Keras applications' "caffe" mode (VGG16, ResNet50): RGB -> BGR, subtract the ImageNet channel means.
+_CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
+
+NORMALIZATION = {
+    "vgg16": "caffe",
+    "resnet50": "caffe",
+    "mobilenet_v2": "tf",  # x / 127.5 - 1
+    "efficientnet_b0": "raw",  # the Keras model rescales internally; it takes 0..255
+    "vgg_small": "unit",  # x / 255
+}
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    input_size: int
+    normalization: str  # caffe | tf | raw | unit
+
+    @classmethod
+    def for_model(cls, backbone: str, input_size: int) -> "PreprocessSpec":
+        return cls(input_size=input_size, normalization=NORMALIZATION[backbone])
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _as_nhwc_uint8_range(images: np.ndarray) -> np.ndarray:
+    """float32 N x H x W x 3 in 0..255, from uint8 or [0, 1] floats, grey or RGB."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be N x H x W, N x H x W x 1 or N x H x W x 3, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32)
+    elif np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float32) * 255.0
+    else:
+        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    return x
+
+
+def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of N x H x W x C float32 to N x size x size x C (half-pixel centres, as tf.image)."""
+    n, h, w, c = x.shape
+    if h == size and w == size:
+        return x
+
+    def coords(src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(size, dtype=np.float32) + 0.5) * (src / size) - 0.5
+        pos = np.clip(pos, 0, src - 1)
+        lo = np.floor(pos).astype(np.int64)
+        hi = np.minimum(lo + 1, src - 1)
+        return lo, hi, (pos - lo).astype(np.float32)
+
+    y0, y1, wy = coords(h)
+    x0, x1, wx = coords(w)
+    top = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
+    return top[:, :, x0] * (1 - wx)[None, None, :, None] + top[:, :, x1] * wx[None, None, :, None]
+
+
+def normalize(x: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "caffe":
+        return x[..., ::-1] - _CAFFE_MEAN_BGR
+    if mode == "tf":
+        return x / 127.5 - 1.0
+    if mode == "raw":
+        return x
+    if mode == "unit":
+        return x / 255.0
+    raise ValueError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit")
+
+
+def augment(x: np.ndarray, rng: np.random.Generator, flip: bool, pad_crop: int) -> np.ndarray:
+    """Random horizontal flip and pad-and-crop, per image (on 0..255 floats, before normalisation)."""
+    if flip:
+        mask = rng.random(len(x)) < 0.5
+        x = x.copy()
+        x[mask] = x[mask, :, ::-1]
+    if pad_crop:
+        n, h, w, _ = x.shape
+        padded = np.pad(x, ((0, 0), (pad_crop, pad_crop), (pad_crop, pad_crop), (0, 0)), mode="reflect")
+        dy = rng.integers(0, 2 * pad_crop + 1, n)
+        dx = rng.integers(0, 2 * pad_crop + 1, n)
+        x = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return x
+
+
+def preprocess(
+    images: np.ndarray,
+    spec: PreprocessSpec,
+    *,
+    rng: Optional[np.random.Generator] = None,
+    flip: bool = False,
+    pad_crop: int = 0,
+) -> np.ndarray:
+    """Images -> the backbone's float32 input. Augmentation only when ``rng`` is given (training)."""
+    x = _as_nhwc_uint8_range(images)
+    if rng is not None and (flip or pad_crop):
+        x = augment(x, rng, flip, pad_crop)
+    x = resize_bilinear(x, spec.input_size)
+    return np.ascontiguousarray(normalize(x, spec.normalization), dtype=np.float32)

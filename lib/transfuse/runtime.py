@@ -1,0 +1,30 @@
+"""Connecting to Ray the same way from every job and test: one runtime env, sized local clusters."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+# Every Ray worker uses tf_keras (Keras 2): Keras 3's fit fails under MultiWorkerMirroredStrategy with Ray
+# Train (DESIGN.md), and TF Model Optimization needs tf_keras. It must be set before TensorFlow is imported.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
+
+
+def runtime_env() -> dict[str, Any]:
+    return {"env_vars": dict(WORKER_ENV)}
+
+
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kwargs: Any) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local cluster with ``num_cpus`` logical CPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, runtime_env=runtime_env(), include_dashboard=False, **kwargs)
+    logging.getLogger(__name__).info("ray: %s", ray.cluster_resources())

@@ -1,0 +1,173 @@
+"""Where stage outputs live, and the manifest that says they are complete.
+
+Every stage writes to ``<storage>/<run>/<stage>/`` on a local folder or an object store (``s3://``, ``gs://``)
+through pyarrow's filesystems, and finishes by writing ``manifest.json``: the effective config, its
+fingerprint, counts, metrics, versions, the git commit and the sha256 of every file. A stage whose manifest is
+complete for the same fingerprint is not rerun unless asked.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow.fs as pafs
+
+from transfuse import __version__
+
+MANIFEST = "manifest.json"
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it; local paths are made absolute."""
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    if is_uri(path):
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), str(Path(path).absolute())
+
+
+def join(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base).absolute().joinpath(*parts))
+
+
+def run_dir(cfg: Any) -> str:
+    return join(cfg.storage, cfg.run)
+
+
+def stage_dir(cfg: Any, stage: str) -> str:
+    return join(cfg.storage, cfg.run, stage)
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(p) as f:
+        f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_stream(p) as f:
+        return f.read()
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_bytes(path))
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def sha256(path: str, chunk: int = 1 << 20) -> str:
+    fs, p = resolve(path)
+    h = hashlib.sha256()
+    with fs.open_input_stream(p) as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def list_files(path: str) -> list[str]:
+    """Files under ``path``, relative to it, sorted; the manifest itself excluded."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    rel = [i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File]
+    return sorted(r for r in rel if r != MANIFEST and not r.startswith("."))
+
+
+def checksums(path: str, files: Optional[list[str]] = None) -> dict[str, str]:
+    files = list_files(path) if files is None else files
+    return {f: sha256(join(path, f)) for f in files}
+
+
+def git_commit() -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+            timeout=5,
+        )
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"transfuse": __version__}
+    for pkg in ("ray", "tensorflow", "tf-keras", "scikit-learn", "numpy", "pyarrow", "ai-edge-litert"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def write_manifest(directory: str, cfg: Any, stage: str, fingerprint: str, **fields: Any) -> dict:
+    """Write the stage's manifest last, so its presence means the outputs beside it are complete."""
+    manifest = {
+        "stage": stage,
+        "complete": True,
+        "fingerprint": fingerprint,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": cfg.model_dump(mode="json"),
+        "versions": versions(),
+        "git_commit": git_commit(),
+        "host": os.uname().nodename,
+        **fields,
+    }
+    manifest["files"] = checksums(directory)
+    write_json(join(directory, MANIFEST), manifest)
+    return manifest
+
+
+def read_manifest(directory: str) -> Optional[dict]:
+    path = join(directory, MANIFEST)
+    if not exists(path):
+        return None
+    return read_json(path)
+
+
+def is_complete(directory: str, fingerprint: str) -> bool:
+    m = read_manifest(directory)
+    return bool(m and m.get("complete") and m.get("fingerprint") == fingerprint)
