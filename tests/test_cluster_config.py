@@ -1,0 +1,274 @@
+"""cluster.yaml (and the KubeRay manifests) checked offline, the way `ray up` would check them, plus what
+transfuse relies on (GPU workers with GPUs, a CPU head, the project installed on every node, token auth, S3).
+
+Fast unit tier: no Ray cluster, no network, no AWS. Each check is also run on broken copies, so a check that
+could never fail would show up here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+import jsonschema
+import pytest
+import ray
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER_YAML = ROOT / "cluster.yaml"
+CIFAR_CONFIG = ROOT / "configs" / "cifar10_vgg16.yaml"
+RAY_SCHEMA_PATH = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+
+# Instance families with accelerators (g4dn, g5, p3, p4d, inf2, trn1, dl1, ...).
+GPU_FAMILY = re.compile(r"^(g|p|inf|trn|dl)\d")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def load_cluster() -> dict[str, Any]:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def ray_schema() -> dict[str, Any]:
+    return json.loads(RAY_SCHEMA_PATH.read_text())
+
+
+def ray_up_validate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What `ray up` checks before it calls the cloud (ray.autoscaler._private.commands._bootstrap_config):
+    the raw file against Ray's JSON schema, then defaults merged (prepare_config) and validate_config (the
+    schema again plus head type / min-max cross-checks). Returns the prepared config."""
+    jsonschema.validate(cfg, ray_schema())
+    prepared = prepare_config(copy.deepcopy(cfg))
+    validate_config(prepared)
+    return prepared
+
+
+def docker_env(cfg: dict[str, Any]) -> dict[str, str]:
+    """Environment variables set for the whole container through `docker.run_options` (`-e NAME=value`)."""
+    env: dict[str, str] = {}
+    for opt in cfg.get("docker", {}).get("run_options", []):
+        m = re.fullmatch(r"(?:-e|--env)[ =](\w+)=(\S+)", opt.strip())
+        if m:
+            env[m.group(1)] = m.group(2)
+    return env
+
+
+def node_types(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return cfg.get("available_node_types", {})
+
+
+def gpu_types(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in node_types(cfg).items() if v.get("resources", {}).get("GPU", 0) >= 1}
+
+
+def transfuse_problems(cfg: dict[str, Any]) -> list[str]:
+    """What transfuse needs from a cluster config beyond Ray's schema; an empty list when all is there."""
+    problems: list[str] = []
+    types = node_types(cfg)
+    head_name = cfg.get("head_node_type")
+    head = types.get(head_name, {})
+
+    # A CPU head that coordinates: no GPUs, a CPU instance type, its CPU count declared.
+    if head.get("resources", {}).get("GPU", 0):
+        problems.append(f"head type {head_name!r} declares GPUs: {head['resources']}")
+    head_instance = head.get("node_config", {}).get("InstanceType", "")
+    if GPU_FAMILY.match(head_instance):
+        problems.append(f"head type {head_name!r} is a GPU instance ({head_instance}); want a CPU type")
+    if "CPU" not in head.get("resources", {}):
+        problems.append(f"head type {head_name!r} does not declare its CPU resource")
+
+    workers = {k: v for k, v in types.items() if k != head_name}
+    gpus = {k: v for k, v in gpu_types(cfg).items() if k != head_name}
+    cpus = {k: v for k, v in workers.items() if k not in gpus}
+    if not gpus:
+        problems.append("no worker type declares GPU >= 1 (Ray Train needs one)")
+    if not cpus:
+        problems.append("no CPU-only worker type (Ray Data needs one)")
+    for name, t in workers.items():
+        lo, hi = t.get("min_workers", 0), t.get("max_workers")
+        if hi is None:
+            problems.append(f"worker type {name!r} has no max_workers")
+        elif hi < max(lo, 1):
+            problems.append(f"worker type {name!r}: max_workers {hi} must be >= min_workers {lo} and >= 1")
+        if t.get("resources", {}).get("CPU", 0) < 1:
+            problems.append(f"worker type {name!r} declares no CPUs: {t.get('resources')}")
+        instance = t.get("node_config", {}).get("InstanceType", "")
+        if name in gpus and not GPU_FAMILY.match(instance):
+            problems.append(f"worker type {name!r} declares GPUs but {instance!r} is not a GPU instance")
+    total_max = sum(t.get("max_workers", 0) for t in workers.values())
+    if cfg.get("max_workers", 0) < total_max:
+        problems.append(f"max_workers {cfg.get('max_workers')} caps the types' own maxima (sum {total_max})")
+
+    # Ray's own image at the Ray version developed and tested here (ray-ml is no longer published).
+    image = cfg.get("docker", {}).get("image", "")
+    if not image.startswith("rayproject/ray:") or not image.split(":")[1].startswith(ray.__version__ + "-"):
+        problems.append(f"docker.image {image!r} is not rayproject/ray:{ray.__version__}-...")
+    if "-gpu" not in image:
+        problems.append(f"docker.image {image!r} is not a -gpu image")
+
+    # setup_commands install this project (the working tree mounted from ".") with its GPU TensorFlow.
+    mounts = cfg.get("file_mounts", {})
+    project_dirs = [remote for remote, local in mounts.items() if os.path.normpath(local) == "."]
+    if not project_dirs:
+        problems.append("file_mounts does not mount the working tree ('.')")
+    setup = " ".join(cfg.get("setup_commands", []))
+    installs = [d for d in project_dirs if re.search(rf"pip install\b.*{re.escape(d)}", setup)]
+    if not installs:
+        problems.append(f"setup_commands do not pip install the mounted project {project_dirs}: {setup!r}")
+    if installs and f"{installs[0]}[gpu]" in setup:
+        extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+        if not any(dep.startswith("tensorflow[and-cuda]") for dep in extras.get("gpu", [])):
+            problems.append("pyproject's [gpu] extra does not pull tensorflow[and-cuda]")
+    elif "tensorflow[and-cuda]" not in setup:
+        problems.append("setup_commands install neither the project's [gpu] extra nor tensorflow[and-cuda]")
+    if f"=={ray.__version__}" not in setup:
+        problems.append(f"setup_commands do not pin Ray to the image's version {ray.__version__}")
+
+    # Token authentication on every node, with the token file shipped by file_mounts.
+    env = docker_env(cfg)
+    if env.get("RAY_AUTH_MODE") != "token":
+        problems.append("RAY_AUTH_MODE=token is not set for the container (docker.run_options)")
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    if token_path and token_path not in mounts:
+        problems.append(f"RAY_AUTH_TOKEN_PATH {token_path} is not a file_mounts destination")
+
+    # Outputs on object storage.
+    if not env.get("TRANSFUSE_STORAGE", "").startswith("s3://"):
+        problems.append("TRANSFUSE_STORAGE (docker.run_options) is not an s3:// URI")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cluster.yaml against Ray's schema
+
+
+def test_ray_schema_is_the_installed_one():
+    schema = ray_schema()
+    assert schema["additionalProperties"] is False  # unknown top-level keys are errors: the test relies on it
+    assert "available_node_types" in schema["properties"]
+
+
+def test_cluster_yaml_passes_ray_validation():
+    prepared = ray_up_validate(load_cluster())
+    # prepare_config merged the AWS defaults and filled per-type maxima: the head launches no workers.
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["available_node_types"][prepared["head_node_type"]]["max_workers"] == 0
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        *parents, last = path.split("/")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+    return mutate
+
+
+def _delete(path: str) -> Callable[[dict], None]:
+    def mutate(cfg: dict) -> None:
+        *parents, last = path.split("/")
+        node = cfg
+        for p in parents:
+            node = node[p]
+        del node[last]
+
+    return mutate
+
+
+RAY_BROKEN = [
+    # (id, mutation, exception, message pattern)
+    ("unknown top-level key", _set("max_worker", 12), jsonschema.ValidationError,
+     r"Additional properties are not allowed \('max_worker'"),
+    ("max_workers not an int", _set("max_workers", "twelve"), jsonschema.ValidationError,
+     r"'twelve' is not of type 'integer'"),
+    ("GPU count a string", _set("available_node_types/worker.gpu/resources/GPU", "4"),
+     jsonschema.ValidationError, r"'4' is not of type 'integer'"),
+    ("node type without resources", _delete("available_node_types/worker.cpu/resources"),
+     jsonschema.ValidationError, r"'resources' is a required property"),
+    ("misspelt node type key", _set("available_node_types/worker.gpu/min_worker", 0),
+     jsonschema.ValidationError, r"Additional properties are not allowed \('min_worker'"),
+    ("unknown docker key", _set("docker/imag", "rayproject/ray:latest"), jsonschema.ValidationError,
+     r"Additional properties are not allowed \('imag'"),
+    ("head type not defined", _set("head_node_type", "head.gpu"), ValueError,
+     r"`head_node_type` must be one of `available_node_types`"),
+    ("global max below min_workers", _set("max_workers", 0), ValueError,
+     r"smaller than the sum of `min_workers`"),
+]
+
+
+@pytest.mark.parametrize("mutate, exc, pattern", [r[1:] for r in RAY_BROKEN], ids=[r[0] for r in RAY_BROKEN])
+def test_broken_cluster_yaml_fails_ray_validation(mutate, exc, pattern):
+    cfg = load_cluster()
+    mutate(cfg)
+    with pytest.raises(exc, match=pattern):
+        ray_up_validate(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cluster.yaml: what transfuse relies on
+
+
+def test_cluster_yaml_meets_transfuse_needs():
+    cfg = load_cluster()
+    assert transfuse_problems(cfg) == []
+    (gpu,) = gpu_types(cfg).values()
+    assert gpu["resources"]["GPU"] == 4  # several GPUs per node for Ray Train, as DESIGN.md asks
+    assert gpu["min_workers"] == 0  # scales from zero: GPUs only while a stage needs them
+    assert cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"] == 0
+    assert cfg["idle_timeout_minutes"] > 0
+
+
+TRANSFUSE_BROKEN = [
+    ("GPU worker with 0 GPUs", _set("available_node_types/worker.gpu/resources/GPU", 0), r"GPU >= 1"),
+    ("max below min", _set("available_node_types/worker.cpu/max_workers", 0), r"max_workers 0 must be >="),
+    ("GPU head", _set("available_node_types/head.cpu/node_config/InstanceType", "g5.xlarge"),
+     r"head type 'head.cpu' is a GPU instance"),
+    ("no project install", _set("setup_commands", ["pip install tensorflow"]), r"do not pip install"),
+    ("no CUDA TensorFlow", _set("setup_commands", ['pip install -e /home/ray/transfuse "ray==2.60.0"']),
+     r"tensorflow\[and-cuda\]"),
+    ("ray-ml image", _set("docker/image", "rayproject/ray-ml:2.60.0-py311-gpu"), r"is not rayproject/ray:"),
+    ("auth off", _set("docker/run_options", ["-e RAY_AUTH_MODE=disabled"]), r"RAY_AUTH_MODE=token"),
+    ("no working tree mount", _set("file_mounts", {}), r"does not mount the working tree"),
+]
+
+
+@pytest.mark.parametrize("mutate, pattern", [r[1:] for r in TRANSFUSE_BROKEN], ids=[r[0] for r in TRANSFUSE_BROKEN])
+def test_broken_cluster_yaml_fails_transfuse_checks(mutate, pattern):
+    cfg = load_cluster()
+    mutate(cfg)
+    problems = transfuse_problems(cfg)
+    assert any(re.search(pattern, p) for p in problems), problems
+
+
+def test_cluster_matches_the_cifar10_run_config():
+    """The cluster named in configs/cifar10_vgg16.yaml can hold what that config asks for."""
+    if not CIFAR_CONFIG.is_file():
+        pytest.skip("configs/cifar10_vgg16.yaml not present")
+    run = yaml.safe_load(CIFAR_CONFIG.read_text())
+    cfg = load_cluster()
+    assert docker_env(cfg)["TRANSFUSE_STORAGE"] == run["storage"], "cluster and run config name other storage"
+
+    train = run.get("train", {})
+    if not train.get("use_gpu"):
+        pytest.skip("the cifar10 config does not train on GPUs")
+    (gpu,) = gpu_types(cfg).values()
+    per_node_gpus = gpu["resources"]["GPU"]
+    gpus_per_worker = train.get("gpus_per_worker", 1)
+    workers_per_node = per_node_gpus // gpus_per_worker
+    # Every Train worker's CPUs fit beside its GPU on a node, so workers pack 4 to a node.
+    assert workers_per_node * train.get("cpus_per_worker", 1) <= gpu["resources"]["CPU"]
+    # One training run fits within the GPU type's maximum, and so do the concurrent Tune trials.
+    nodes_per_run = -(-train.get("num_workers", 1) // workers_per_node)
+    concurrent = run.get("tune", {}).get("max_concurrent", 1)
+    assert nodes_per_run * concurrent <= gpu["max_workers"], (nodes_per_run, concurrent, gpu["max_workers"])
