@@ -272,3 +272,316 @@ def test_cluster_matches_the_cifar10_run_config():
     nodes_per_run = -(-train.get("num_workers", 1) // workers_per_node)
     concurrent = run.get("tune", {}).get("max_concurrent", 1)
     assert nodes_per_run * concurrent <= gpu["max_workers"], (nodes_per_run, concurrent, gpu["max_workers"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# KubeRay manifests (deploy/kuberay/). KubeRay's CRD schemas are not available offline, so the structure is
+# checked against the subset of the ray.io/v1 API these manifests use (field names and types from KubeRay's
+# RayClusterSpec / RayJobSpec / RayServiceSpec), stricter than the CRD in one way: unknown keys are errors
+# here, where the API server would drop them silently. What Ray itself reads (the Serve config, the runtime
+# env) is validated with Ray's own schemas.
+
+KUBERAY_DIR = ROOT / "deploy" / "kuberay"
+RAYJOB_YAML = KUBERAY_DIR / "rayjob.yaml"
+RAYSERVICE_YAML = KUBERAY_DIR / "rayservice.yaml"
+IMAGE_CODE_DIR = "/home/ray/transfuse"  # where the images hold this repository
+
+_STR_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_QUANTITY = {"type": ["string", "integer", "number"]}
+_CONTAINER = {
+    "type": "object",
+    "required": ["name", "image"],
+    "properties": {
+        "name": {"type": "string"},
+        "image": {"type": "string"},
+        "env": {"type": "array", "items": {"type": "object", "required": ["name"]}},
+        "ports": {"type": "array", "items": {"type": "object", "required": ["containerPort"],
+                                             "properties": {"containerPort": {"type": "integer"}}}},
+        "resources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "requests": {"type": "object", "additionalProperties": _QUANTITY},
+                "limits": {"type": "object", "additionalProperties": _QUANTITY},
+            },
+        },
+    },
+}
+_POD_TEMPLATE = {
+    "type": "object",
+    "required": ["spec"],
+    "properties": {
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["containers"],
+            "properties": {"containers": {"type": "array", "minItems": 1, "items": _CONTAINER}},
+        },
+    },
+}
+_CLUSTER_SPEC = {
+    "type": "object",
+    "required": ["headGroupSpec"],
+    "additionalProperties": False,
+    "properties": {
+        "rayVersion": {"type": "string"},
+        "enableInTreeAutoscaling": {"type": "boolean"},
+        "authOptions": {"type": "object", "additionalProperties": False,
+                        "properties": {"mode": {"enum": ["token", "disabled"]}}},
+        "autoscalerOptions": {
+            "type": "object",
+            "properties": {
+                "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+            },
+        },
+        "headGroupSpec": {
+            "type": "object",
+            "required": ["template"],
+            "additionalProperties": False,
+            "properties": {
+                "rayStartParams": _STR_MAP,
+                "serviceType": {"type": "string"},
+                "template": _POD_TEMPLATE,
+            },
+        },
+        "workerGroupSpecs": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["groupName", "minReplicas", "maxReplicas", "template"],
+                "additionalProperties": False,
+                "properties": {
+                    "groupName": {"type": "string", "minLength": 1},
+                    "replicas": {"type": "integer", "minimum": 0},
+                    "minReplicas": {"type": "integer", "minimum": 0},
+                    "maxReplicas": {"type": "integer", "minimum": 0},
+                    "idleTimeoutSeconds": {"type": "integer", "minimum": 0},
+                    "rayStartParams": _STR_MAP,
+                    "template": _POD_TEMPLATE,
+                },
+            },
+        },
+    },
+}
+
+
+def _resource_schema(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": "ray.io/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
+            "spec": spec,
+        },
+    }
+
+
+RAYJOB_SCHEMA = _resource_schema("RayJob", {
+    "type": "object",
+    "required": ["entrypoint", "rayClusterSpec"],
+    "additionalProperties": False,
+    "properties": {
+        "entrypoint": {"type": "string", "minLength": 1},
+        "runtimeEnvYAML": {"type": "string"},
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode"]},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "rayClusterSpec": _CLUSTER_SPEC,
+    },
+})
+RAYSERVICE_SCHEMA = _resource_schema("RayService", {
+    "type": "object",
+    "required": ["serveConfigV2", "rayClusterConfig"],
+    "additionalProperties": False,
+    "properties": {
+        "serveConfigV2": {"type": "string", "minLength": 1},
+        "rayClusterConfig": _CLUSTER_SPEC,
+    },
+})
+
+
+def load_manifest(path: Path) -> dict[str, Any]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert len(docs) == 1, f"{path} should hold one resource, holds {len(docs)}"
+    return docs[0]
+
+
+def cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    spec = manifest["spec"]
+    return spec.get("rayClusterSpec") or spec["rayClusterConfig"]
+
+
+def containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    cs = cluster_spec(manifest)
+    groups = [cs["headGroupSpec"], *cs.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def serve_config(manifest: dict[str, Any]):
+    """serveConfigV2 through Ray Serve's own schema (what `serve deploy` and KubeRay's Serve client send)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
+
+
+def runtime_env(manifest: dict[str, Any]):
+    """runtimeEnvYAML through Ray's RuntimeEnv validation. Its working_dir is the repository inside the
+    image; here the repository itself stands in for it (RuntimeEnv checks that a local path exists)."""
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load(manifest["spec"].get("runtimeEnvYAML") or "{}")
+    if env.get("working_dir") == IMAGE_CODE_DIR:
+        env["working_dir"] = str(ROOT)
+    return RuntimeEnv(**env)
+
+
+def kuberay_problems(manifest: dict[str, Any]) -> list[str]:
+    """What transfuse needs from either manifest beyond its structure."""
+    problems: list[str] = []
+    cs = cluster_spec(manifest)
+    if cs.get("rayVersion") != ray.__version__:
+        problems.append(f"rayVersion {cs.get('rayVersion')!r} is not the Ray tested here ({ray.__version__})")
+    for c in containers(manifest):
+        if f"ray{ray.__version__}-" not in c["image"] and not c["image"].startswith(f"rayproject/ray:{ray.__version__}-"):
+            problems.append(f"container {c['name']} image {c['image']!r} is not built on Ray {ray.__version__}")
+    if cs.get("authOptions", {}).get("mode") != "token":
+        problems.append("authOptions.mode is not token")
+    if cs["headGroupSpec"].get("rayStartParams", {}).get("num-cpus") != "0":
+        problems.append("the head offers CPUs to tasks (rayStartParams num-cpus should be '0')")
+    for g in cs.get("workerGroupSpecs", []):
+        lo, hi, n = g["minReplicas"], g["maxReplicas"], g.get("replicas", g["minReplicas"])
+        if not lo <= n <= hi or hi < 1:
+            problems.append(f"group {g['groupName']}: want minReplicas {lo} <= replicas {n} <= maxReplicas {hi}, max >= 1")
+    if not cs.get("enableInTreeAutoscaling"):
+        problems.append("enableInTreeAutoscaling is off")
+    return problems
+
+
+def _gpus(group: dict[str, Any]) -> int:
+    return max(int(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+               for c in group["template"]["spec"]["containers"])
+
+
+def test_rayjob_structure_and_needs():
+    job = load_manifest(RAYJOB_YAML)
+    jsonschema.validate(job, RAYJOB_SCHEMA)
+    assert kuberay_problems(job) == []
+    assert job["spec"]["entrypoint"] == "python -m jobs.pipeline --config configs/cifar10_vgg16.yaml"
+    env = runtime_env(job)
+    assert env.env_vars()["TF_USE_LEGACY_KERAS"] == "1"
+    groups = {g["groupName"]: g for g in cluster_spec(job)["workerGroupSpecs"]}
+    assert _gpus(groups["gpu"]) == 4 and groups["gpu"]["minReplicas"] == 0
+    assert _gpus(groups["cpu"]) == 0
+    # The same storage as the launcher config.
+    storages = {e["value"] for c in containers(job) for e in c.get("env", []) if e["name"] == "TRANSFUSE_STORAGE"}
+    assert storages == {docker_env(load_cluster())["TRANSFUSE_STORAGE"]}
+
+
+def test_rayjob_entrypoint_exists():
+    if not CIFAR_CONFIG.is_file() or not (ROOT / "jobs" / "pipeline.py").is_file():
+        pytest.skip("jobs/pipeline.py or configs/cifar10_vgg16.yaml not written yet")
+    entry = load_manifest(RAYJOB_YAML)["spec"]["entrypoint"].split()
+    assert (ROOT / entry[entry.index("--config") + 1]).is_file()
+    assert (ROOT / (entry[entry.index("-m") + 1].replace(".", "/") + ".py")).is_file()
+
+
+def test_rayservice_structure_and_needs():
+    svc = load_manifest(RAYSERVICE_YAML)
+    jsonschema.validate(svc, RAYSERVICE_SCHEMA)
+    assert kuberay_problems(svc) == []
+    (app,) = serve_config(svc).applications
+    assert app.import_path == "serve.app:build_app"
+    assert all(_gpus(g) == 0 for g in cluster_spec(svc)["workerGroupSpecs"])  # serving runs on CPUs
+    if CIFAR_CONFIG.is_file():
+        run = yaml.safe_load(CIFAR_CONFIG.read_text())
+        assert app.args["bundle"].startswith(f"{run['storage']}/{run['run']}/"), app.args
+
+
+def test_rayservice_app_and_args_match_the_serve_app(monkeypatch):
+    """The import path names the real builder, and its args pass the builder's own argument model."""
+    if not (ROOT / "serve" / "app.py").is_file():
+        pytest.skip("serve/app.py not written yet")
+    import importlib
+
+    (app,) = serve_config(load_manifest(RAYSERVICE_YAML)).applications
+    module_name, _, attr = app.import_path.partition(":")
+    monkeypatch.syspath_prepend(str(ROOT))
+    module = importlib.import_module(module_name)
+    assert callable(getattr(module, attr))
+    if hasattr(module, "AppArgs"):
+        args = module.AppArgs.model_validate(app.args)
+        if CIFAR_CONFIG.is_file():
+            serve_section = yaml.safe_load(CIFAR_CONFIG.read_text()).get("serve", {})
+            for key in ("name", "min_replicas", "max_replicas", "max_batch_size"):
+                if key in serve_section:
+                    assert getattr(args, key) == serve_section[key], key
+
+
+KUBERAY_BROKEN = [
+    # (id, file, mutation, exception, message pattern)
+    ("wrong apiVersion", RAYJOB_YAML, _set("apiVersion", "ray.io/v1alpha1"), jsonschema.ValidationError,
+     r"'ray.io/v1' was expected"),
+    ("wrong kind", RAYSERVICE_YAML, _set("kind", "RayCluster"), jsonschema.ValidationError,
+     r"'RayService' was expected"),
+    ("no entrypoint", RAYJOB_YAML, _delete("spec/entrypoint"), jsonschema.ValidationError,
+     r"'entrypoint' is a required property"),
+    ("misspelt spec key", RAYJOB_YAML, _set("spec/shutdownAfterJobFinish", True), jsonschema.ValidationError,
+     r"Additional properties are not allowed \('shutdownAfterJobFinish'"),
+    ("rayStartParams value not a string", RAYJOB_YAML,
+     _set("spec/rayClusterSpec/headGroupSpec/rayStartParams/num-cpus", 0), jsonschema.ValidationError,
+     r"0 is not of type 'string'"),
+    ("replicas a string", RAYSERVICE_YAML, lambda m: m["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+     .__setitem__("maxReplicas", "6"), jsonschema.ValidationError, r"'6' is not of type 'integer'"),
+    ("no containers", RAYJOB_YAML, _set("spec/rayClusterSpec/headGroupSpec/template/spec/containers", []),
+     jsonschema.ValidationError, r"should be non-empty|is too short"),
+]
+
+
+@pytest.mark.parametrize("path, mutate, exc, pattern", [r[1:] for r in KUBERAY_BROKEN],
+                         ids=[r[0] for r in KUBERAY_BROKEN])
+def test_broken_kuberay_manifest_fails_validation(path, mutate, exc, pattern):
+    manifest = load_manifest(path)
+    mutate(manifest)
+    schema = RAYJOB_SCHEMA if path == RAYJOB_YAML else RAYSERVICE_SCHEMA
+    with pytest.raises(exc, match=pattern):
+        jsonschema.validate(manifest, schema)
+
+
+def test_broken_serve_config_and_runtime_env_fail_ray_validation():
+    from pydantic import ValidationError
+
+    svc = load_manifest(RAYSERVICE_YAML)
+    svc["spec"]["serveConfigV2"] = svc["spec"]["serveConfigV2"].replace("serve.app:build_app", "serve_app")
+    with pytest.raises(ValidationError, match=r"invalid import path"):
+        serve_config(svc)
+
+    job = load_manifest(RAYJOB_YAML)
+    job["spec"]["runtimeEnvYAML"] = "env_vars:\n  TF_USE_LEGACY_KERAS: 1\n"  # an int, not a string
+    with pytest.raises(TypeError, match=r"env_vars"):
+        runtime_env(job)
+
+
+KUBERAY_NEEDS_BROKEN = [
+    ("other Ray version", _set("spec/rayClusterSpec/rayVersion", "2.9.0"), r"rayVersion '2.9.0'"),
+    ("ray-ml image", lambda m: m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+     .__setitem__("image", "rayproject/ray-ml:2.9.0-gpu"), r"is not built on Ray"),
+    ("auth off", _set("spec/rayClusterSpec/authOptions/mode", "disabled"), r"authOptions.mode is not token"),
+    ("head offers CPUs", _set("spec/rayClusterSpec/headGroupSpec/rayStartParams/num-cpus", "8"), r"num-cpus"),
+    ("replicas above max", lambda m: m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0].__setitem__("replicas", 9),
+     r"replicas 9 <= maxReplicas 8"),
+]
+
+
+@pytest.mark.parametrize("mutate, pattern", [r[1:] for r in KUBERAY_NEEDS_BROKEN],
+                         ids=[r[0] for r in KUBERAY_NEEDS_BROKEN])
+def test_broken_rayjob_fails_transfuse_checks(mutate, pattern):
+    job = load_manifest(RAYJOB_YAML)
+    mutate(job)
+    problems = kuberay_problems(job)
+    assert any(re.search(pattern, p) for p in problems), problems
