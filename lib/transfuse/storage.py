@@ -63,13 +63,13 @@ def exists(path: str) -> bool:
 def write_bytes(path: str, data: bytes) -> None:
     fs, p = resolve(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(p) as f:
+    with fs.open_output_stream(p, compression=None) as f:
         f.write(data)
 
 
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as f:
+    with fs.open_input_stream(p, compression=None) as f:  # raw bytes: no decompression by extension
         return f.read()
 
 
@@ -96,7 +96,7 @@ def _json_default(o: Any) -> Any:
 def sha256(path: str, chunk: int = 1 << 20) -> str:
     fs, p = resolve(path)
     h = hashlib.sha256()
-    with fs.open_input_stream(p) as f:
+    with fs.open_input_stream(p, compression=None) as f:
         while True:
             b = f.read(chunk)
             if not b:

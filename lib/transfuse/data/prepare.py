@@ -125,6 +125,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
             stage: str = STAGE) -> dict[str, Any]:
     """Run the prepare stage (skipped when its manifest is complete for the same config)."""
     import ray
+    from ray.data.expressions import col
 
     dcfg = data_cfg or cfg.data
     out = storage.stage_dir(cfg, stage)
@@ -148,7 +149,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     fs.delete_dir_contents(base, missing_dir_ok=True)  # partial output of an interrupted run
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
-        part = tagged.filter(lambda r, s=split: r["split"] == s).drop_columns(["split"])
+        part = tagged.filter(expr=col("split") == split).drop_columns(["split"])
         n = sum(1 for v in assignment.values() if v[0] == split)
         if n == 0:
             counts[split] = {}

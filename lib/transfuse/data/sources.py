@@ -90,7 +90,7 @@ def load_digits_source(cfg: DataConfig) -> Source:
 def read_idx(path: str) -> np.ndarray:
     """An idx file (optionally gzipped), as in the MNIST / Fashion-MNIST distribution."""
     raw = storage.read_bytes(path)
-    if path.endswith(".gz"):
+    if raw[:2] == b"\x1f\x8b":  # gzip magic
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:

@@ -1,0 +1,72 @@
+"""The one preprocessing function (numpy only) against TensorFlow's own references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transfuse.metrics import ece, evaluate, nll
+from transfuse.preprocess import PreprocessSpec, preprocess, resize_bilinear
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
+
+
+def test_grey_becomes_rgb_and_resized(images):
+    out = preprocess(images, PreprocessSpec(32, "unit"))
+    assert out.shape == (4, 32, 32, 3) and out.dtype == np.float32
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+    assert preprocess(images[..., 0], PreprocessSpec(32, "unit")).shape == (4, 32, 32, 3)
+
+
+def test_float_input_matches_uint8(images):
+    a = preprocess(images, PreprocessSpec(28, "tf"))
+    b = preprocess(images.astype(np.float32) / 255.0, PreprocessSpec(28, "tf"))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_matches_keras_reference(images):
+    import tensorflow as tf
+
+    rgb = np.repeat(images, 3, axis=-1).astype(np.float32)
+    ours = preprocess(images, PreprocessSpec(28, "caffe"))
+    ref = tf.keras.applications.vgg16.preprocess_input(rgb.copy())
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    ours = preprocess(images, PreprocessSpec(28, "tf"))
+    ref = tf.keras.applications.mobilenet_v2.preprocess_input(rgb.copy())
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    resized = resize_bilinear(rgb, 64)
+    ref = tf.image.resize(rgb, (64, 64), method="bilinear").numpy()
+    np.testing.assert_allclose(resized, ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (np.zeros((2, 8, 8, 4), np.uint8), r"got shape \(2, 8, 8, 4\)"),
+    (np.zeros((8, 8), np.uint8), r"got shape \(8, 8\)"),
+    (np.zeros((2, 8, 8), np.int32), r"got dtype int32"),
+])
+def test_bad_input_named(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        preprocess(bad, PreprocessSpec(32, "unit"))
+
+
+def test_augmentation_changes_images_not_shapes(images):
+    rng = np.random.default_rng(1)
+    plain = preprocess(images, PreprocessSpec(32, "unit"))
+    aug = preprocess(images, PreprocessSpec(32, "unit"), rng=rng, flip=True, pad_crop=4)
+    assert aug.shape == plain.shape
+    assert not np.allclose(aug, plain)
+
+
+def test_metrics_on_known_cases():
+    labels = np.array([0, 1, 1, 0])
+    perfect = np.eye(2)[labels]
+    assert evaluate(perfect, labels)["accuracy"] == 1.0
+    assert nll(perfect, labels) < 1e-9 and ece(perfect, labels) < 1e-9
+    half = np.full((4, 2), 0.5)
+    assert nll(half, labels) == pytest.approx(np.log(2))
+    overconfident = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    assert ece(overconfident, labels) == pytest.approx(0.4, abs=1e-9)  # confidence 0.9, accuracy 0.5
