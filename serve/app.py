@@ -510,3 +510,16 @@ def build_app(args: Union[AppArgs, dict]) -> Application:
         user_config={"bundle": args.bundle},
     )
     return deployment.bind(args)
+
+
+def deploy(cfg: ServeConfig, bundle: str, *, app_name: str = "transfuse", route_prefix: str = "/") -> str:
+    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and run the app for ``bundle`` on the connected Ray
+    cluster; returns the model's base URL. Re-running it with a new bundle rolls replicas over without dropping
+    requests (for an in-place swap, change the Serve config's ``user_config`` instead: serve/config.yaml).
+    """
+    load_bundle(bundle)  # refuse a bad bundle here, with its error, before any replica tries
+    args = AppArgs(bundle=bundle, **cfg.model_dump())
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}/v1/models/{cfg.name}"
