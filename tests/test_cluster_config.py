@@ -251,6 +251,34 @@ def test_broken_cluster_yaml_fails_transfuse_checks(mutate, pattern):
     assert any(re.search(pattern, p) for p in problems), problems
 
 
+def ec2_launch_problems(cfg: dict[str, Any]) -> list[str]:
+    """Each node type's node_config against EC2's RunInstances request model, from botocore's bundled API
+    description (offline): Ray passes node_config to RunInstances as it stands, so a misspelt or mistyped
+    field would only fail at launch time."""
+    from botocore.session import get_session
+    from botocore.validate import ParamValidator
+
+    shape = get_session().get_service_model("ec2").operation_model("RunInstances").input_shape
+    problems = []
+    for name, t in node_types(cfg).items():
+        # MinCount/MaxCount: Ray adds them at launch.
+        report = ParamValidator().validate(dict(t["node_config"], MinCount=1, MaxCount=1), shape)
+        if report.has_errors():
+            problems.append(f"{name}: {report.generate_report()}")
+    return problems
+
+
+def test_node_configs_are_valid_ec2_launch_requests():
+    pytest.importorskip("botocore", reason="botocore (boto3, which `ray up` on AWS needs) not installed")
+    cfg = load_cluster()
+    assert ec2_launch_problems(cfg) == []
+    cfg["available_node_types"]["worker.gpu"]["node_config"]["InstanceTyp"] = "g5.12xlarge"
+    cfg["available_node_types"]["worker.cpu"]["node_config"]["BlockDeviceMappings"][0]["Ebs"]["VolumeSize"] = "200"
+    problems = "\n".join(ec2_launch_problems(cfg))
+    assert 'Unknown parameter in input: "InstanceTyp"' in problems
+    assert "Invalid type for parameter BlockDeviceMappings[0].Ebs.VolumeSize" in problems
+
+
 def test_cluster_matches_the_cifar10_run_config():
     """The cluster named in configs/cifar10_vgg16.yaml can hold what that config asks for."""
     if not CIFAR_CONFIG.is_file():
