@@ -251,6 +251,23 @@ def test_broken_cluster_yaml_fails_transfuse_checks(mutate, pattern):
     assert any(re.search(pattern, p) for p in problems), problems
 
 
+def test_container_gets_the_token_and_the_project():
+    """The `docker run` line Ray builds for a node (ray.autoscaler._private.docker.docker_start_cmds, with the
+    image's HOME) bind-mounts the token file where RAY_AUTH_TOKEN_PATH points and the working tree where
+    setup_commands install it, and sets token mode for every process in the container."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    cfg = load_cluster()
+    docker = cfg["docker"]
+    cmd = docker_start_cmds("ubuntu", docker["image"], cfg["file_mounts"], docker["container_name"],
+                            docker["run_options"], cfg["cluster_name"], "/home/ray", "docker")
+    env = docker_env(cfg)
+    assert "-e RAY_AUTH_MODE=token" in cmd
+    assert re.search(rf"-v \S+:{re.escape(env['RAY_AUTH_TOKEN_PATH'])}(\s|$)", cmd), cmd
+    assert re.search(r"-v \S+:/home/ray/transfuse(\s|$)", cmd), cmd
+    assert cmd.rstrip().endswith(f"{docker['image']} bash")
+
+
 def ec2_launch_problems(cfg: dict[str, Any]) -> list[str]:
     """Each node type's node_config against EC2's RunInstances request model, from botocore's bundled API
     description (offline): Ray passes node_config to RunInstances as it stands, so a misspelt or mistyped
