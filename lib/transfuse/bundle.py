@@ -1,0 +1,591 @@
+"""The served bundle: one directory, a manifest with the sha256 of every file, model files that run no code.
+
+Layout (format_version 1)::
+
+    manifest.json           what is below, how to wire it, metrics, versions, sha256 of every other file
+    trunk.tflite            shared frozen layers of the CNN members (absent when the members share none)
+    members/<name>.tflite   each CNN member's top: trunk features (or the image) -> logits, embedding
+    sklearn/<name>.onnx     scikit-learn members on one CNN member's embedding -> probabilities
+    stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
+
+Loading needs numpy, LiteRT (``ai_edge_litert``) and onnxruntime only: no TensorFlow, no pickle
+(``np.load(allow_pickle=False)``, JSON). ``load_bundle`` verifies every checksum before anything is parsed
+and refuses a bundle whose files are missing, altered, unlisted or of another format version.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from transfuse import storage
+from transfuse.preprocess import PreprocessSpec, preprocess
+
+FORMAT = "transfuse.bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODEL_FORMATS = ("tflite", "onnx")
+FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
+MAX_BATCH = 256  # images per interpreter call: bounds peak memory for large requests
+
+
+class BundleError(Exception):
+    """A bundle is missing, altered, unlisted, malformed or of an incompatible format version."""
+
+
+class BundleInputError(ValueError):
+    """Images given to ``Bundle.predict_proba`` do not match the bundle's input spec."""
+
+
+# --------------------------------------------------------------------------------------------- writing
+@dataclass
+class CNNMember:
+    """A CNN member's top (or whole model when there is no shared trunk) as model bytes.
+
+    ``input``: "trunk" (the trunk's output) or "image" (the preprocessed image). Outputs are named signature
+    outputs of the .tflite (or ONNX output names): ``logits`` (pre-softmax, N x K) and optionally
+    ``embedding`` (N x D, the penultimate layer the sklearn members read).
+    """
+
+    name: str
+    data: bytes
+    format: str = "tflite"
+    input: str = "trunk"
+    logits_output: str = "logits"
+    embedding_output: Optional[str] = "embedding"
+
+
+@dataclass
+class SklearnMember:
+    """A scikit-learn member exported to ONNX (skl2onnx, ``zipmap=False``), fed ``embedding_of``'s embedding."""
+
+    name: str
+    data: bytes
+    embedding_of: str
+    probabilities_output: str = "probabilities"
+
+
+@dataclass
+class Stacker:
+    """Multinomial logistic meta-learner: softmax(features @ coef.T + intercept).
+
+    ``members``: order in which the members' K-column blocks are concatenated into the features.
+    ``features``: "probs" or "log_probs" (log of the clipped probabilities). A binary scikit-learn
+    LogisticRegression (coef 1 x F) is accepted and applied as a sigmoid over class 1.
+    """
+
+    coef: np.ndarray
+    intercept: np.ndarray
+    members: list[str]
+    features: str = "probs"
+
+
+def _sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def _safe_rel(rel: str) -> str:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or rel in ("", MANIFEST) or "\\" in rel:
+        raise BundleError(f"bundle file name {rel!r} must be a relative path inside the bundle (no '..')")
+    return rel
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise BundleError(f"{kind} name must use letters, digits, '-', '_', '.', got {name!r}")
+    return name
+
+
+def write_bundle(
+    directory: str,
+    *,
+    name: str,
+    version: str,
+    class_names: list[str],
+    input_shape: tuple[int, int, int],
+    preprocess_spec: Union[PreprocessSpec, dict],
+    cnn_members: list[CNNMember],
+    trunk: Optional[bytes] = None,
+    trunk_format: str = "tflite",
+    sklearn_members: Optional[list[SklearnMember]] = None,
+    stacker: Optional[Stacker] = None,
+    variant: str = "float32",
+    metrics: Optional[dict] = None,
+    num_threads: int = 1,
+    extra: Optional[dict] = None,
+    overwrite: bool = False,
+) -> dict:
+    """Write a bundle to ``directory`` (local or URI); the manifest goes last. Returns the manifest.
+
+    A non-empty target is refused unless ``overwrite`` (then its contents are deleted first), since files left
+    over from an earlier bundle would make the loader refuse this one.
+    """
+    sklearn_members = list(sklearn_members or [])
+    if not cnn_members:
+        raise BundleError("a bundle needs at least one CNN member")
+    k = len(class_names)
+    if k < 2:
+        raise BundleError(f"class_names must name at least 2 classes, got {class_names}")
+    if len(input_shape) != 3 or input_shape[2] not in (1, 3):
+        raise BundleError(f"input_shape must be (H, W, C) with C in (1, 3), got {tuple(input_shape)}")
+    names = [_check_name("member", m.name) for m in cnn_members] + [
+        _check_name("member", m.name) for m in sklearn_members]
+    if len(set(names)) != len(names):
+        raise BundleError(f"member names must be unique, got {names}")
+    cnn_names = {m.name for m in cnn_members}
+    for m in cnn_members:
+        if m.format not in MODEL_FORMATS:
+            raise BundleError(f"member {m.name}: format must be one of {MODEL_FORMATS}, got {m.format!r}")
+        if m.input not in ("trunk", "image"):
+            raise BundleError(f"member {m.name}: input must be 'trunk' or 'image', got {m.input!r}")
+        if m.input == "trunk" and trunk is None:
+            raise BundleError(f"member {m.name} reads the trunk but no trunk was given")
+    for s in sklearn_members:
+        if s.embedding_of not in cnn_names:
+            raise BundleError(f"sklearn member {s.name}: embedding_of must be one of {sorted(cnn_names)}, "
+                              f"got {s.embedding_of!r}")
+        src = next(m for m in cnn_members if m.name == s.embedding_of)
+        if not src.embedding_output:
+            raise BundleError(f"sklearn member {s.name} reads {src.name}'s embedding, which it does not output")
+
+    files: dict[str, bytes] = {}
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": str(version),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "variant": variant,
+        "class_names": list(class_names),
+        "input_spec": {"shape": [int(d) for d in input_shape], "dtype": ["uint8", "float32"],
+                       "range": {"uint8": [0, 255], "float32": [0.0, 1.0]}, "layout": "NHWC"},
+        "preprocess": preprocess_spec.to_dict() if isinstance(preprocess_spec, PreprocessSpec)
+        else dict(preprocess_spec),
+        "runtime": {"num_threads": int(num_threads)},
+        "trunk": None,
+        "cnn_members": [],
+        "sklearn_members": [],
+    }
+    if trunk is not None:
+        rel = f"trunk.{trunk_format}"
+        files[rel] = trunk
+        manifest["trunk"] = {"file": rel, "format": trunk_format}
+    for m in cnn_members:
+        rel = f"members/{m.name}.{m.format}"
+        files[rel] = m.data
+        manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "input": m.input,
+                                        "outputs": {"logits": m.logits_output, "embedding": m.embedding_output}})
+    for s in sklearn_members:
+        rel = f"sklearn/{s.name}.onnx"
+        files[rel] = s.data
+        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx",
+                                            "embedding_of": s.embedding_of,
+                                            "outputs": {"probabilities": s.probabilities_output}})
+    if stacker is None:
+        manifest["combiner"] = {"kind": "average", "members": names}
+    else:
+        if sorted(stacker.members) != sorted(names):
+            raise BundleError(f"stacker.members must list every member once, got {stacker.members}, "
+                              f"members are {names}")
+        if stacker.features not in FEATURES:
+            raise BundleError(f"stacker.features must be one of {FEATURES}, got {stacker.features!r}")
+        coef = np.asarray(stacker.coef, dtype=np.float64)
+        intercept = np.asarray(stacker.intercept, dtype=np.float64).reshape(-1)
+        n_feat = k * len(names)
+        if coef.shape not in ((k, n_feat), (1, n_feat)) or intercept.shape != (coef.shape[0],):
+            raise BundleError(f"stacker coef must be {k} x {n_feat} (or 1 x {n_feat} for binary) with a matching "
+                              f"intercept, got coef {coef.shape}, intercept {intercept.shape}")
+        buf = io.BytesIO()
+        np.savez(buf, coef=coef, intercept=intercept)
+        files["stacker.npz"] = buf.getvalue()
+        manifest["combiner"] = {"kind": "stacker", "file": "stacker.npz", "members": list(stacker.members),
+                                "features": stacker.features}
+    manifest["metrics"] = metrics or {}
+    manifest["versions"] = storage.versions()
+    manifest["git_commit"] = storage.git_commit()
+    manifest.update(extra or {})
+    manifest["files"] = {rel: _sha256_bytes(b) for rel, b in sorted(files.items())}
+
+    if storage.exists(directory) and (storage.list_files(directory) or storage.exists(storage.join(directory, MANIFEST))):
+        if not overwrite:
+            raise BundleError(f"{directory} is not empty; pass overwrite=True to replace the bundle there")
+        fs, p = storage.resolve(directory)
+        fs.delete_dir_contents(p)
+    storage.makedirs(directory)
+    for rel, b in files.items():
+        storage.write_bytes(storage.join(directory, *rel.split("/")), b)
+    storage.write_bytes(storage.join(directory, MANIFEST),
+                        json.dumps(manifest, indent=2, sort_keys=True, default=storage._json_default).encode())
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------- fetching
+def _cache_root() -> Path:
+    return Path(os.environ.get("TRANSFUSE_CACHE", Path.home() / ".cache" / "transfuse")) / "bundles"
+
+
+def _http_get(url: str, timeout: float = 60.0) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 (http/https only, checked)
+            return r.read()
+    except OSError as e:
+        raise BundleError(f"cannot fetch {url}: {e}") from None
+
+
+def fetch(uri: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Copy a remote bundle (s3://, gs://, http(s)://) into a fresh local cache folder; local paths pass through.
+
+    Only the manifest and the files it lists are copied, so the checksums verified next are over exactly what
+    runs. Each fetch goes to a new folder (keyed by the manifest's sha256), so a replica never reads a bundle
+    half-overwritten by another.
+    """
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("", "file"):
+        return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    if scheme in ("http", "https"):
+        base = uri.rstrip("/")
+        get = lambda rel: _http_get(f"{base}/{rel}")  # noqa: E731
+    else:
+        try:
+            storage.resolve(uri)
+        except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError for unknown schemes
+            raise BundleError(f"cannot open bundle URI {uri!r}: {e}. Allowed: a local path, http(s)://, s3://, "
+                              f"gs:// (pyarrow filesystems)") from None
+        get = lambda rel: storage.read_bytes(storage.join(uri, *rel.split("/")))  # noqa: E731
+    try:
+        raw = get(MANIFEST)
+    except BundleError:
+        raise
+    except Exception as e:
+        raise BundleError(f"{uri}: cannot read {MANIFEST}: {e}") from None
+    manifest = _parse_manifest(raw, uri)
+    root = Path(cache_dir) if cache_dir else _cache_root()
+    dest = root / _sha256_bytes(raw)[:32]
+    if dest.is_dir():
+        return dest  # verified again by load_bundle
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".fetch-"))
+    try:
+        for rel in manifest["files"]:
+            target = tmp / _safe_rel(rel)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.write_bytes(get(rel))
+            except BundleError:
+                raise
+            except Exception as e:
+                raise BundleError(f"{uri}: file {rel!r} listed in the manifest cannot be read: {e}") from None
+        (tmp / MANIFEST).write_bytes(raw)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process fetched the same bundle meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- loading
+def _parse_manifest(raw: bytes, where: str) -> dict:
+    try:
+        m = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{where}/{MANIFEST} is not valid JSON: {e}") from None
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise BundleError(f"{where}/{MANIFEST} is not a transfuse bundle manifest (format must be {FORMAT!r}, "
+                          f"got {m.get('format') if isinstance(m, dict) else type(m).__name__!r})")
+    v = m.get("format_version")
+    if v != FORMAT_VERSION:
+        raise BundleError(f"{where}/{MANIFEST}: format_version {v!r} is not supported by this loader "
+                          f"(supports {FORMAT_VERSION}); re-export the bundle with this transfuse version")
+    for key in ("name", "version", "class_names", "input_spec", "preprocess", "cnn_members", "combiner", "files"):
+        if key not in m:
+            raise BundleError(f"{where}/{MANIFEST}: required field {key!r} is missing")
+    if not isinstance(m["files"], dict):
+        raise BundleError(f"{where}/{MANIFEST}: 'files' must map file names to sha256 digests")
+    return m
+
+
+def verify(directory: Union[str, Path]) -> tuple[dict, bytes]:
+    """Check the manifest and the sha256 of every file; refuse missing, altered and unlisted files."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise BundleError(f"bundle directory {d} does not exist")
+    mpath = d / MANIFEST
+    if not mpath.is_file():
+        raise BundleError(f"{d}: {MANIFEST} is missing; not a bundle (or an incomplete write)")
+    raw = mpath.read_bytes()
+    m = _parse_manifest(raw, str(d))
+    listed = {_safe_rel(r) for r in m["files"]}
+    for rel, digest in sorted(m["files"].items()):
+        p = d / rel
+        if not p.is_file():
+            raise BundleError(f"{d}: file {rel!r} listed in the manifest is missing")
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest:
+            raise BundleError(f"{d}: file {rel!r} was altered: sha256 {h.hexdigest()[:16]}... does not match "
+                              f"the manifest's {str(digest)[:16]}...")
+    present = {p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file()} - {MANIFEST}
+    extra = sorted(present - listed)
+    if extra:
+        raise BundleError(f"{d}: files not listed in the manifest: {extra}; a bundle holds only what its manifest "
+                          f"checksums (remove them or re-export)")
+    referenced = [m["trunk"]["file"]] if m.get("trunk") else []
+    referenced += [x["file"] for x in m["cnn_members"]] + [x["file"] for x in m.get("sklearn_members", [])]
+    if m["combiner"].get("file"):
+        referenced.append(m["combiner"]["file"])
+    for rel in referenced:
+        if rel not in listed:
+            raise BundleError(f"{d}: model file {rel!r} is used but has no checksum in the manifest")
+    return m, raw
+
+
+class _LiteRT:
+    """One .tflite model run through its serving signature; inputs are resized to each batch."""
+
+    def __init__(self, path: Path, num_threads: int, what: str):
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            sigs = self.interpreter.get_signature_list()
+            if len(sigs) != 1:
+                raise BundleError(f"{what}: expected one signature in {path.name}, found {sorted(sigs)}")
+            self.runner = self.interpreter.get_signature_runner(next(iter(sigs)))
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{what}: LiteRT cannot load {path.name}: {e}") from None
+        ins = self.runner.get_input_details()
+        if len(ins) != 1:
+            raise BundleError(f"{what}: {path.name} must take one input, takes {sorted(ins)}")
+        self.input_name = next(iter(ins))
+        self.input_dtype = ins[self.input_name]["dtype"]
+        self.outputs = sorted(self.runner.get_output_details())
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner(**{self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
+
+
+class _Onnx:
+    """One ONNX model on ONNX Runtime's CPU provider."""
+
+    def __init__(self, path: Path, num_threads: int, what: str):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise BundleError(f"{what}: ONNX Runtime cannot load {path.name}: {e}") from None
+        ins = self.session.get_inputs()
+        if len(ins) != 1:
+            raise BundleError(f"{what}: {path.name} must take one input, takes {[i.name for i in ins]}")
+        self.input_name = ins[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        res = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+        return dict(zip(self.outputs, res))
+
+
+def _runner(path: Path, fmt: str, num_threads: int, what: str) -> Union[_LiteRT, _Onnx]:
+    if fmt == "tflite":
+        return _LiteRT(path, num_threads, what)
+    if fmt == "onnx":
+        return _Onnx(path, num_threads, what)
+    raise BundleError(f"{what}: format must be one of {MODEL_FORMATS}, got {fmt!r}")
+
+
+def _need_output(r: Union[_LiteRT, _Onnx], name: Optional[str], what: str) -> None:
+    if name is not None and name not in r.outputs:
+        raise BundleError(f"{what}: output {name!r} named in the manifest is not among the model's outputs "
+                          f"{r.outputs}")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass
+class Bundle:
+    """A verified, loaded bundle. ``predict_proba(images)`` -> N x K float32 (rows sum to 1)."""
+
+    path: Path
+    manifest: dict
+    checksum: str
+    _trunk: Optional[Any] = None
+    _trunk_output: str = ""
+    _cnn: list[tuple[dict, Any]] = field(default_factory=list)
+    _sk: list[tuple[dict, Any]] = field(default_factory=list)
+    _stack: Optional[dict[str, np.ndarray]] = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.manifest["class_names"])
+
+    @property
+    def input_spec(self) -> dict:
+        return self.manifest["input_spec"]
+
+    @property
+    def preprocess_spec(self) -> PreprocessSpec:
+        return PreprocessSpec(**self.manifest["preprocess"])
+
+    def validate(self, images: Any) -> np.ndarray:
+        """The images as an array, or ``BundleInputError`` saying what was expected and what was got."""
+        x = np.asarray(images)
+        h, w, c = self.input_spec["shape"]
+        if x.dtype == object or not (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)):
+            raise BundleInputError(f"images must be uint8 (0..255) or float (0..1), got dtype {x.dtype}")
+        ok = (x.ndim == 4 and x.shape[1:] == (h, w, c)) or (c == 1 and x.ndim == 3 and x.shape[1:] == (h, w))
+        if not ok:
+            want = f"N x {h} x {w} x {c}" + (f" or N x {h} x {w}" if c == 1 else "")
+            raise BundleInputError(f"images must be shaped {want}, got {x.shape}")
+        if len(x) == 0:
+            raise BundleInputError("images must hold at least one image, got 0")
+        if x.dtype != np.uint8:
+            if not np.all(np.isfinite(x)):
+                raise BundleInputError("float images must be finite (no NaN or inf)")
+            lo, hi = float(x.min()), float(x.max())
+            if lo < 0.0 or hi > 1.0:
+                raise BundleInputError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+        return x
+
+    def member_probs(self, images: Any) -> dict[str, np.ndarray]:
+        """Each member's N x K probabilities (float64), by member name: what the combiner reads."""
+        x = self.validate(images)
+        outs: dict[str, list[np.ndarray]] = {}
+        spec = self.preprocess_spec
+        with self._lock:  # interpreters are not thread-safe
+            for start in range(0, len(x), MAX_BATCH):
+                xb = preprocess(x[start:start + MAX_BATCH], spec)
+                feats = self._trunk(xb)[self._trunk_output] if self._trunk else None
+                emb: dict[str, np.ndarray] = {}
+                for meta, r in self._cnn:
+                    res = r(feats if meta["input"] == "trunk" else xb)
+                    outs.setdefault(meta["name"], []).append(softmax(res[meta["outputs"]["logits"]]))
+                    if meta["outputs"].get("embedding"):
+                        emb[meta["name"]] = res[meta["outputs"]["embedding"]]
+                for meta, r in self._sk:
+                    p = r(emb[meta["embedding_of"]])[meta["outputs"]["probabilities"]]
+                    outs.setdefault(meta["name"], []).append(np.asarray(p, dtype=np.float64))
+        return {k: np.concatenate(v) for k, v in outs.items()}
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        probs = self.member_probs(images)
+        comb = self.manifest["combiner"]
+        order = comb["members"]
+        if comb["kind"] == "average":
+            p = np.mean([probs[n] for n in order], axis=0)
+        else:
+            feats = np.concatenate([probs[n] for n in order], axis=1)
+            if comb["features"] == "log_probs":
+                feats = np.log(np.clip(feats, 1e-7, 1.0))  # same clip as the stacker's training
+            z = feats @ self._stack["coef"].T + self._stack["intercept"]
+            if z.shape[1] == 1:  # binary LogisticRegression: sigmoid over class 1
+                p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+                p = np.stack([1.0 - p1, p1], axis=1)
+            else:
+                p = softmax(z)
+        return np.asarray(p / p.sum(axis=1, keepdims=True), dtype=np.float32)
+
+    def predict(self, images: Any) -> np.ndarray:
+        return self.predict_proba(images).argmax(axis=1)
+
+
+def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
+                cache_dir: Optional[Union[str, Path]] = None) -> Bundle:
+    """Fetch (URIs), verify every checksum, then load the models. Raises ``BundleError`` naming the problem.
+
+    ``num_threads``: LiteRT / ONNX Runtime threads per model (default: the manifest's runtime.num_threads).
+    """
+    local = fetch(str(path), cache_dir)
+    m, raw = verify(local)
+    threads = int(num_threads or m.get("runtime", {}).get("num_threads", 1))
+    if threads < 1:
+        raise BundleError(f"num_threads must be >= 1, got {threads}")
+    b = Bundle(path=local, manifest=m, checksum=_sha256_bytes(raw))
+    k = len(m["class_names"])
+    try:
+        PreprocessSpec(**m["preprocess"])
+    except TypeError as e:
+        raise BundleError(f"{local}/{MANIFEST}: preprocess spec {m['preprocess']} is invalid: {e}") from None
+    if m.get("trunk"):
+        t = m["trunk"]
+        b._trunk = _runner(local / t["file"], t["format"], threads, f"trunk ({t['file']})")
+        outs = b._trunk.outputs
+        if len(outs) != 1:
+            raise BundleError(f"trunk ({t['file']}): must have one output, has {outs}")
+        b._trunk_output = outs[0]
+    names = set()
+    for meta in m["cnn_members"]:
+        what = f"member {meta.get('name')} ({meta.get('file')})"
+        if meta.get("input") not in ("trunk", "image"):
+            raise BundleError(f"{what}: input must be 'trunk' or 'image', got {meta.get('input')!r}")
+        if meta["input"] == "trunk" and b._trunk is None:
+            raise BundleError(f"{what}: reads the trunk, but the manifest has no trunk")
+        r = _runner(local / meta["file"], meta["format"], threads, what)
+        _need_output(r, meta["outputs"]["logits"], what)
+        _need_output(r, meta["outputs"].get("embedding"), what)
+        b._cnn.append((meta, r))
+        names.add(meta["name"])
+    for meta in m.get("sklearn_members", []):
+        what = f"sklearn member {meta.get('name')} ({meta.get('file')})"
+        src = next((c for c, _ in b._cnn if c["name"] == meta.get("embedding_of")), None)
+        if src is None or not src["outputs"].get("embedding"):
+            raise BundleError(f"{what}: embedding_of {meta.get('embedding_of')!r} is not a CNN member with an "
+                              f"embedding output")
+        r = _runner(local / meta["file"], "onnx", threads, what)
+        _need_output(r, meta["outputs"]["probabilities"], what)
+        b._sk.append((meta, r))
+        names.add(meta["name"])
+    comb = m["combiner"]
+    if comb.get("kind") not in ("average", "stacker"):
+        raise BundleError(f"{local}/{MANIFEST}: combiner.kind must be 'average' or 'stacker', got {comb.get('kind')!r}")
+    if sorted(comb.get("members", [])) != sorted(names):
+        raise BundleError(f"{local}/{MANIFEST}: combiner.members {comb.get('members')} must list every member "
+                          f"once ({sorted(names)})")
+    if comb["kind"] == "stacker":
+        try:
+            with np.load(local / comb["file"], allow_pickle=False) as z:
+                b._stack = {"coef": np.asarray(z["coef"], np.float64), "intercept": np.asarray(z["intercept"], np.float64)}
+        except (ValueError, KeyError, OSError) as e:
+            raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as coef/intercept arrays: {e}") from None
+        f = k * len(names)
+        if b._stack["coef"].shape not in ((k, f), (1, f)) or b._stack["intercept"].shape != (b._stack["coef"].shape[0],):
+            raise BundleError(f"{local}: stacker coef {b._stack['coef'].shape} / intercept "
+                              f"{b._stack['intercept'].shape} do not fit {len(names)} members x {k} classes")
+        if comb.get("features") not in FEATURES:
+            raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, got {comb.get('features')!r}")
+    return b

@@ -1,0 +1,442 @@
+"""Prune and quantize the ensemble's CNN members, export a shared trunk once, and measure every variant.
+
+- Pruning: TensorFlow Model Optimization magnitude pruning (tf_keras only) of every Conv2D/Dense kernel of a
+  member, a short fine-tune at the target sparsity, ``strip_pruning``, then the sparsity reached is MEASURED per
+  layer and a layer short of the target raises ``PruningError`` (TFMOT's schedules prune nothing on short runs
+  unless ``frequency`` is low: such a run must fail, not pass).
+- Quantization: the TFLite converter, run with LiteRT: float32, float16, dynamic-range int8 and full-integer
+  int8 (a representative dataset from the train split, preprocessed with the one preprocessing function;
+  float input/output, int8 inside).
+- Shared trunk: members fine-tuned from the same backbone share the frozen layers below the lowest cut. The
+  trunk (image -> activations at that layer) is exported once and each member's top (activations -> logits,
+  embedding) separately, so a request runs the trunk once. Sharing is checked on the weights, never assumed.
+- Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured:
+  file size raw and gzip, latency at batch 1 (p50, p99), throughput at batch 32, test accuracy / NLL / ECE.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import metrics as _metrics
+from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, write_bundle
+from transfuse.preprocess import PreprocessSpec, preprocess
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8")
+QUANT_MODES = ("float32", "float16", "dynamic_int8", "int8")
+PRUNABLE = ("Conv2D", "Dense", "DepthwiseConv2D", "SeparableConv2D")
+
+
+class PruningError(RuntimeError):
+    """Pruning did not reach the target sparsity on some layer."""
+
+
+class CompressError(ValueError):
+    """Members cannot be compressed or exported as asked."""
+
+
+def _tf() -> Any:
+    import tensorflow as tf
+
+    return tf
+
+
+@dataclass
+class Member:
+    """A CNN member: its tf_keras model and its model_spec (cut_layer, backbone_layers, preprocess, ...)."""
+
+    name: str
+    model: Any
+    spec: dict
+
+
+# --------------------------------------------------------------------------------------------- pruning
+def _prunable(layer: Any) -> bool:
+    return type(layer).__name__ in PRUNABLE
+
+
+def _kernel(layer: Any) -> Optional[np.ndarray]:
+    name = "depthwise_kernel" if type(layer).__name__ == "DepthwiseConv2D" else "kernel"
+    w = getattr(layer, name, None)
+    return None if w is None else np.asarray(w.numpy())
+
+
+def _walk(model: Any) -> list[Any]:
+    """Every leaf layer, nested models included (in order)."""
+    out = []
+    for layer in model.layers:
+        if hasattr(layer, "layers") and layer.layers:
+            out.extend(_walk(layer))
+        else:
+            out.append(layer)
+    return out
+
+
+def measure_sparsity(model: Any) -> dict[str, float]:
+    """Fraction of exactly-zero kernel weights per prunable layer (nested backbones included)."""
+    out = {}
+    for layer in _walk(model):
+        if _prunable(layer):
+            k = _kernel(layer)
+            if k is not None:
+                out[layer.name] = float(np.mean(k == 0.0))
+    return out
+
+
+def check_sparsity(sparsity: dict[str, float], target: float, tolerance: float) -> None:
+    """Raise PruningError naming every prunable layer below ``target - tolerance``."""
+    if not sparsity:
+        raise PruningError("no prunable layers (Conv2D/Dense) found: nothing was pruned")
+    short = {k: round(v, 4) for k, v in sparsity.items() if v < target - tolerance}
+    if short:
+        raise PruningError(
+            f"pruning did not reach the target sparsity {target} (tolerance {tolerance}) on {len(short)} of "
+            f"{len(sparsity)} layers: {short}. The schedule pruned too little: lower compress.prune_frequency "
+            f"(steps between mask updates) or raise compress.prune_epochs so a mask update happens at the target")
+    log.info("sparsity reached: %s", {k: round(v, 3) for k, v in sparsity.items()})
+
+
+def make_schedule(kind: str, target: float, steps: int, frequency: int) -> Any:
+    """A TFMOT sparsity schedule that reaches ``target`` within ``steps`` optimizer steps.
+
+    constant: prune to the target at step 0 and keep the mask (the fine-tune repairs the damage).
+    polynomial: ramp from 0 to the target; its last mask update lands on the last multiple of ``frequency``.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    sp = tfmot.sparsity.keras
+    if kind == "constant":
+        return sp.ConstantSparsity(target, begin_step=0, frequency=frequency)
+    if kind == "polynomial":
+        end = ((steps - 1) // frequency) * frequency
+        if end <= 0:
+            raise CompressError(f"compress.prune_frequency = {frequency} leaves no mask update after step 0 in a "
+                                f"fine-tune of {steps} steps; allowed: a frequency < {steps}, or more prune_epochs")
+        return sp.PolynomialDecay(initial_sparsity=0.0, final_sparsity=target, begin_step=0, end_step=end,
+                                  frequency=frequency)
+    raise CompressError(f"compress.prune_schedule must be 'constant' or 'polynomial', got {kind!r}")
+
+
+def prune_member(
+    member: Member,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    sparsity: float,
+    epochs: int = 1,
+    batch_size: int = 64,
+    lr: float = 3e-4,
+    schedule: str = "constant",
+    frequency: int = 10,
+    tolerance: float = 0.02,
+    schedule_obj: Any = None,
+) -> tuple[Member, dict[str, float]]:
+    """Magnitude-prune every Conv2D/Dense kernel to ``sparsity``, fine-tune, strip, measure. Returns the pruned
+    member (same architecture, rebuilt from its spec) and the sparsity per layer.
+
+    ``x``: preprocessed train images; ``y``: int labels. Frozen layers stay frozen: their masks depend only on
+    their (identical) weights, so members keep sharing their trunk. The nested backbone is pruned as its own
+    functional model, since TFMOT does not descend into nested models.
+    """
+    import tensorflow_model_optimization as tfmot
+
+    from transfuse import models
+
+    tf = _tf()
+    sp = tfmot.sparsity.keras
+    steps = int(np.ceil(len(x) / batch_size)) * epochs
+    sched = schedule_obj if schedule_obj is not None else make_schedule(schedule, sparsity, steps, frequency)
+    src = member.model
+    net = models.get_backbone(src)
+    p_net = sp.prune_low_magnitude(net, pruning_schedule=sched)
+    head = [l for l in src.layers if l.name.startswith("head_")]
+    h_in = tf.keras.layers.Input(shape=tuple(net.output.shape[1:]), name="head_in")
+    h = h_in
+    for layer in head:
+        h = layer(h)
+    p_head = sp.prune_low_magnitude(tf.keras.Model(h_in, h, name="head"), pruning_schedule=sched)
+    inp = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
+    # training follows fit(): the pruning wrappers update their masks only in training mode. Frozen BatchNorm
+    # layers (trainable=False) run in inference mode regardless.
+    full = tf.keras.Model(inp, p_head(p_net(inp)))
+    full.compile(optimizer=tf.keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
+                 metrics=["accuracy"])
+    full.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
+             callbacks=[sp.UpdatePruningStep()])
+    s_net, s_head = sp.strip_pruning(p_net), sp.strip_pruning(p_head)
+    s_net._name = "backbone"  # transfuse.models finds the backbone by this name
+    x = inp2 = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
+    x = s_net(x, training=False)
+    for layer in s_head.layers:
+        if not isinstance(layer, tf.keras.layers.InputLayer):
+            x = layer(x)
+    pruned = tf.keras.Model(inp2, x, name=f"{src.name}_pruned")
+    measured = measure_sparsity(pruned)
+    check_sparsity(measured, sparsity, tolerance)
+    return Member(member.name, pruned, member.spec), measured
+
+
+# --------------------------------------------------------------------------------------------- shared trunk
+def _same_weights(models_: list[Any], layer_name: str) -> bool:
+    from transfuse import models
+
+    ws = [models.get_backbone(m).get_layer(layer_name).get_weights() for m in models_]
+    return all(len(w) == len(ws[0]) and all(np.array_equal(a, b) for a, b in zip(w, ws[0])) for w in ws[1:])
+
+
+def shared_cut(members: list[Member]) -> Optional[str]:
+    """The deepest backbone layer frozen in every member with identical weights up to it; None if none.
+
+    Members must share the backbone, its input size and width; sharing is checked on the weights, so two
+    members pretrained differently share nothing.
+    """
+    if not members:
+        return None
+    keys = {(m.spec["backbone"], m.spec["input_size"], m.spec.get("width")) for m in members}
+    layers = members[0].spec["backbone_layers"]
+    if len(keys) != 1 or any(m.spec["backbone_layers"] != layers for m in members):
+        return None
+    if any(m.spec.get("cut_layer") is None for m in members):
+        return None
+    j = min(layers.index(m.spec["cut_layer"]) for m in members)
+    models_ = [m.model for m in members]
+    last = None
+    for i in range(j + 1):
+        if not _same_weights(models_, layers[i]):
+            break
+        last = i
+    return None if last is None else layers[last]
+
+
+def member_graph(model: Any, cut_layer: Optional[str]) -> tuple[Optional[Any], Any]:
+    """(trunk, top) Keras models for export: trunk = image -> cut activations (None when ``cut_layer`` is None);
+    top = cut activations (or the image) -> outputs ``embedding`` (the last hidden Dense, what the sklearn members
+    read) and ``logits`` (pre-softmax; the bundle applies softmax in float, which keeps int8 NLL honest)."""
+    from transfuse import models
+
+    tf = _tf()
+    L = tf.keras.layers
+    net = models.get_backbone(model)
+    head = [l for l in model.layers if l.name.startswith("head_")]
+    if cut_layer is None:
+        inp = L.Input(shape=tuple(model.input.shape[1:]), name="image")
+        x = net(inp, training=False)
+        trunk = None
+    else:
+        names = models.backbone_layer_names(net)
+        cut = net.get_layer(cut_layer)
+        inp = L.Input(shape=tuple(cut.output.shape[1:]), name="features")
+        x = inp
+        if cut_layer != names[-1]:
+            try:
+                rest = tf.keras.Model(cut.output, net.output, name="backbone_top")
+            except ValueError as e:
+                raise CompressError(f"cannot cut the backbone at {cut_layer!r}: not a single tensor ({e})") from None
+            x = rest(x, training=False)
+        trunk = tf.keras.Model(net.input, cut.output, name="trunk")
+    dense = [l.name for l in head if l.name.startswith("head_dense")]
+    emb_name = dense[-1] if dense else "head_pool"
+    emb = logits = None
+    for layer in head:
+        if layer.name == "head_out":
+            break
+        x = layer(x, training=False) if layer.name.startswith("head_dropout") else layer(x)
+        if layer.name == emb_name:
+            emb = x
+        if layer.name == "head_logits":
+            logits = x
+    if emb is None or logits is None:
+        raise CompressError(f"model {model.name} has no head_logits / {emb_name} layer (not a transfuse member)")
+    top = tf.keras.Model(inp, [L.Activation("linear", name="embedding")(emb), L.Activation("linear", name="logits")(logits)],
+                         name="top")
+    return trunk, top
+
+
+def to_tflite(model: Any, mode: str, representative: Optional[np.ndarray] = None) -> bytes:
+    """Convert a tf_keras model with the TFLite converter: float32, float16, dynamic_int8 or int8 (full integer
+    inside, float input/output; ``representative``: model inputs for calibration)."""
+    tf = _tf()
+    if mode not in QUANT_MODES:
+        raise CompressError(f"quantization mode must be one of {QUANT_MODES}, got {mode!r}")
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    if mode == "float16":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.target_spec.supported_types = [tf.float16]
+    elif mode == "dynamic_int8":
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    elif mode == "int8":
+        if representative is None or len(representative) == 0:
+            raise CompressError("int8 quantization needs a representative dataset (train examples)")
+        rep = np.asarray(representative, dtype=np.float32)
+
+        def gen():
+            for i in range(len(rep)):
+                yield [rep[i:i + 1]]
+
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        conv.representative_dataset = gen
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return conv.convert()
+
+
+@dataclass
+class Exported:
+    """The TFLite files of one variant: the trunk (or None) and each member's top, by member name."""
+
+    mode: str
+    cut_layer: Optional[str]
+    trunk: Optional[bytes]
+    tops: dict[str, bytes] = field(default_factory=dict)
+
+
+def export_members(members: list[Member], mode: str, representative: Optional[np.ndarray] = None,
+                   share_trunk: bool = True) -> Exported:
+    """Export the members as one shared trunk + tops (or whole models when nothing is shared).
+
+    ``representative``: preprocessed train images (int8 calibration); tops calibrate on the float trunk's output.
+    """
+    cut = shared_cut(members) if share_trunk else None
+    out = Exported(mode=mode, cut_layer=cut, trunk=None)
+    feats = None
+    for i, m in enumerate(members):
+        trunk, top = member_graph(m.model, cut)
+        if i == 0 and trunk is not None:
+            out.trunk = to_tflite(trunk, mode, representative)
+            if representative is not None:
+                feats = trunk.predict(representative, batch_size=64, verbose=0)
+        out.tops[m.name] = to_tflite(top, mode, feats if trunk is not None else representative)
+    log.info("exported %d members (%s), shared trunk up to %s", len(members), mode, cut)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- ensemble
+@dataclass
+class EnsembleParts:
+    """What the bundle needs besides the CNNs: sklearn members (ONNX bytes) and the stacker (None: average)."""
+
+    sklearn: list[SklearnMember] = field(default_factory=list)
+    stacker: Optional[Stacker] = None
+
+
+def write_variant(directory: str, exported: Exported, members: list[Member], parts: EnsembleParts, *,
+                  name: str, version: str, class_names: list[str], input_shape: tuple[int, int, int],
+                  num_threads: int = 1, metrics: Optional[dict] = None, extra: Optional[dict] = None,
+                  overwrite: bool = True) -> dict:
+    spec = members[0].spec
+    cnn = [CNNMember(name=m.name, data=exported.tops[m.name], format="tflite",
+                     input="trunk" if exported.trunk is not None else "image") for m in members]
+    return write_bundle(
+        directory, name=name, version=version, class_names=class_names, input_shape=input_shape,
+        preprocess_spec=PreprocessSpec(**spec["preprocess"]), cnn_members=cnn, trunk=exported.trunk,
+        sklearn_members=parts.sklearn, stacker=parts.stacker, variant=exported.mode, metrics=metrics,
+        num_threads=num_threads, overwrite=overwrite,
+        extra={"shared_trunk": {"cut_layer": exported.cut_layer}, **(extra or {})})
+
+
+def model_bytes(directory: str) -> tuple[int, int]:
+    """(raw, gzip) bytes of a bundle's model files (manifest excluded): what a deployment ships."""
+    from pathlib import Path
+
+    raw = gz = 0
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            b = p.read_bytes()
+            raw += len(b)
+            gz += len(gzip.compress(b, compresslevel=9))
+    return raw, gz
+
+
+def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 3) -> np.ndarray:
+    """Seconds per call of ``fn`` over ``runs`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    out = np.empty(runs)
+    for i in range(runs):
+        t = time.perf_counter()
+        fn()
+        out[i] = time.perf_counter() - t
+    return out
+
+
+def measure_predictor(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, *,
+                      latency_runs: int = 50, throughput_runs: int = 5, batch: int = 32) -> dict[str, float]:
+    """Accuracy / NLL / ECE on (images, labels); latency at batch 1 (p50, p99 ms); throughput at ``batch``."""
+    probs = predict(images)
+    row = {k: v for k, v in _metrics.evaluate(probs, labels).items()}
+    one = images[:1]
+    lat = time_calls(lambda: predict(one), latency_runs)
+    xb = images[:batch] if len(images) >= batch else np.concatenate([images] * (batch // len(images) + 1))[:batch]
+    thr = time_calls(lambda: predict(xb), throughput_runs)
+    row.update({"p50_ms_b1": float(np.percentile(lat, 50) * 1e3), "p99_ms_b1": float(np.percentile(lat, 99) * 1e3),
+                f"throughput_b{batch}": float(batch / np.median(thr))})
+    return row
+
+
+def variant_row(directory: str, images: np.ndarray, labels: np.ndarray, *, num_threads: int = 1,
+                latency_runs: int = 50, throughput_runs: int = 5) -> dict[str, Any]:
+    """Load a written variant bundle (verified) and measure it."""
+    b = load_bundle(directory, num_threads=num_threads)
+    raw, gz = model_bytes(directory)
+    row = {"variant": b.manifest["variant"], "size_bytes": raw, "size_gzip_bytes": gz}
+    row.update(measure_predictor(b.predict_proba, images, labels, latency_runs=latency_runs,
+                                 throughput_runs=throughput_runs))
+    return row
+
+
+def with_ratios(rows: list[dict], base: str = "float32") -> list[dict]:
+    """Add speed-up, size ratio and accuracy change against the ``base`` row (all measured in this run)."""
+    ref = next((r for r in rows if r["variant"] == base), None)
+    if ref is None:
+        return rows
+    for r in rows:
+        r["speedup_b1"] = ref["p50_ms_b1"] / r["p50_ms_b1"]
+        r["smaller_raw"] = ref["size_bytes"] / r["size_bytes"] if r.get("size_bytes") else float("nan")
+        r["smaller_gzip"] = ref["size_gzip_bytes"] / r["size_gzip_bytes"] if r.get("size_gzip_bytes") else float("nan")
+        r["accuracy_delta_points"] = 100.0 * (r["accuracy"] - ref["accuracy"])
+    return rows
+
+
+def goals(rows: list[dict], variant: str = "int8", base: str = "float32") -> dict[str, Any]:
+    """The issue's goals for ``variant`` against ``base``: >= 3x faster at batch 1, >= 4x smaller (raw),
+    <= 0.5 points less accurate. Reported as measured, met or not."""
+    r = next((x for x in rows if x["variant"] == variant), None)
+    if r is None or "speedup_b1" not in r:
+        return {}
+    return {"variant": variant, "against": base,
+            "speedup_b1": r["speedup_b1"], "faster_3x": r["speedup_b1"] >= 3.0,
+            "smaller_raw": r["smaller_raw"], "smaller_4x": r["smaller_raw"] >= 4.0,
+            "accuracy_delta_points": r["accuracy_delta_points"], "within_0_5_points": r["accuracy_delta_points"] >= -0.5}
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("variant", "{:<14}"), ("size_bytes", "{:>10}"), ("size_gzip_bytes", "{:>10}"), ("p50_ms_b1", "{:>8.2f}"),
+            ("p99_ms_b1", "{:>8.2f}"), ("throughput_b32", "{:>9.1f}"), ("accuracy", "{:>7.4f}"), ("nll", "{:>7.4f}"),
+            ("ece", "{:>7.4f}"), ("speedup_b1", "{:>6.2f}"), ("smaller_raw", "{:>6.2f}"), ("smaller_gzip", "{:>6.2f}"),
+            ("accuracy_delta_points", "{:>7.2f}")]
+    head = ["variant", "bytes", "gzip", "p50ms", "p99ms", "img/s@32", "acc", "nll", "ece", "xfast", "xsmall", "xsm_gz",
+            "dacc_pt"]
+    widths = [len(f.format(0 if k != "variant" else "")) for k, f in cols]
+    lines = [" ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    for r in rows:
+        cells = []
+        for k, f in cols:
+            v = r.get(k)
+            cells.append(f.format(v) if v is not None else "-".rjust(len(f.format(0 if k != "variant" else ""))))
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def representative_images(images: np.ndarray, spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` train images drawn at random (seeded), through the one preprocessing function."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
+    return preprocess(images[np.sort(idx)], spec)
