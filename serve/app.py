@@ -214,6 +214,8 @@ async def parse_uploads(request: Request, body: bytes, max_files: int) -> list[t
         form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=16,
                                      max_part_size=64 * 1024).parse()
     except MultiPartException as e:
+        if e.message.startswith("Too many files"):
+            raise ApiError(413, f"too many files: at most {max_files} per request") from None
         raise ApiError(400, f"bad multipart body: {e.message}") from None
     files = []
     try:
@@ -484,7 +486,8 @@ class TransfuseModel:
     @api.get("/healthz", summary="Liveness: the replica is up and holds a bundle")
     async def healthz(self) -> dict:
         b = self._bundle
-        return {"status": "ok", "model": self._args.name, "model_version": str(b.version), "checksum": b.checksum}
+        return {"status": "ok", "model": self._args.name, "model_version": str(b.version), "checksum": b.checksum,
+                "replica": serve.get_replica_context().replica_id.unique_id}
 
 
 def build_app(args: Union[AppArgs, dict]) -> Application:
