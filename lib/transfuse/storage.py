@@ -112,7 +112,8 @@ def list_files(path: str) -> list[str]:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
     rel = [i.path[len(p):].lstrip("/") for i in infos if i.type == pafs.FileType.File]
-    return sorted(r for r in rel if r != MANIFEST and not r.startswith("."))
+    # dot-folders hold working state (Ray Train checkpoints, initial weights), not outputs
+    return sorted(r for r in rel if r != MANIFEST and not any(part.startswith(".") for part in r.split("/")))
 
 
 def checksums(path: str, files: Optional[list[str]] = None) -> dict[str, str]:

@@ -1,0 +1,39 @@
+"""Run the whole pipeline as one Ray job: prepare -> pretrain -> finetune -> tune -> ensemble -> compress ->
+deploy -> query the live endpoint -> report. Complete stages are skipped; an interrupted run continues.
+
+    python -m jobs.pipeline --config configs/default.yaml [--force STAGE ...] [--until STAGE] [--no-deploy]
+"""
+
+from __future__ import annotations
+
+import sys
+
+from jobs._cli import main
+from transfuse.pipeline import STAGES, format_summary, run_pipeline, summary
+
+
+def _args(p) -> None:
+    p.add_argument("--force-stage", dest="force_stages", action="append", default=[], choices=STAGES,
+                   metavar="STAGE", help=f"rerun this stage even when complete (repeatable): {', '.join(STAGES)}")
+    p.add_argument("--until", choices=STAGES, help="stop after this stage")
+    p.add_argument("--no-deploy", action="store_true", help="skip deploying and querying the Serve endpoint")
+
+
+def _run(cfg, args) -> None:
+    deploy = None
+    if not args.no_deploy:
+        from serve.app import deploy
+    force = tuple(STAGES) if args.force else tuple(args.force_stages)
+    results = run_pipeline(cfg, force=force, until=args.until, deploy=deploy)
+    print("\n" + format_summary(summary(cfg, results)))
+    for r in results:
+        if r.name == "deploy" and r.detail:
+            d = r.detail
+            print(f"\nendpoint {d['url']} answered: {list(zip(d['ids'], d['predicted']))} "
+                  f"(true labels {d['labels']}, {d['latency_ms']} ms)")
+        if r.name == "report" and r.detail:
+            print(f"report: {r.detail['path']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main(__doc__, _run, extra=_args))

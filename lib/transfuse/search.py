@@ -1,0 +1,250 @@
+"""Ray Tune over the fine-tuning runs: unfreeze depth, both learning rates, head width, dropout and seed.
+
+A trial is a function that calls ``transfuse.train.finetune`` (the same training code as ``jobs.finetune``)
+with the trial's overrides and a ``TuneReportCallback`` in the trainer's ``RunConfig``, so every epoch's
+``val_accuracy`` reaches Tune's scheduler (ASHA or HyperBand), which stops weak trials early. A trial that
+finishes writes a member dir under ``<run>/tune/trials/<trial_id>/``; a trial stopped early leaves none.
+Trials with the same cut point share the cached frozen activations (``transfuse.cache``).
+
+Output under ``<run>/tune/``: ``results.csv``/``results.json`` (a row per trial), ``best_config.json``,
+``members.json`` (the top M trials, chosen for accuracy and diversity), ``val_accuracy_vs_depth.png``,
+``summary.json`` (the best depth against the seed's fixed depth on the same test split) and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from typing import Any, Optional
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import storage
+from transfuse.config import Config
+
+log = logging.getLogger(__name__)
+
+STAGE = "tune"
+EXPERIMENT = "search"  # Tune's own experiment folder under <run>/tune/
+SEARCHED = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed")
+
+
+class SearchError(RuntimeError):
+    """The search could not produce members (every trial failed or was stopped)."""
+
+
+def tune_dir(cfg: Config) -> str:
+    return storage.stage_dir(cfg, STAGE)
+
+
+def trial_dir(cfg: Config, trial_id: str) -> str:
+    return storage.join(tune_dir(cfg), "trials", trial_id)
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """The Tune param space from ``cfg.tune``. Random search covers every depth (a grid over depths)."""
+    from ray import tune
+
+    t = cfg.tune
+    space: dict[str, Any] = {
+        "lr_frozen": tune.loguniform(*t.lr_frozen),
+        "lr_unfrozen": tune.loguniform(*t.lr_unfrozen),
+        "head_dense": tune.choice(t.head_dense),
+        "dropout": tune.choice(t.dropout),
+        "seed": tune.randint(0, 2**31 - 1),
+    }
+    if t.search_alg == "random":
+        space["unfreeze"] = tune.grid_search(list(t.unfreeze))
+    else:
+        space["unfreeze"] = tune.choice(list(t.unfreeze))
+    return space
+
+
+def samples_per_grid(cfg: Config) -> int:
+    """Tune repeats a grid num_samples times: with a depth grid, spread the trial budget over the depths."""
+    t = cfg.tune
+    if t.search_alg == "random":
+        return max(1, math.ceil(t.num_samples / len(t.unfreeze)))
+    return t.num_samples
+
+
+def trial_fn(config: dict[str, Any], cfg_json: dict[str, Any]) -> None:
+    """One trial: fine-tune with this trial's overrides; Train's per-epoch reports reach Tune."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from transfuse.train import finetune
+
+    cfg = Config.model_validate(cfg_json)
+    overrides = {k: config[k] for k in SEARCHED if k in config}
+    out = trial_dir(cfg, tune.get_context().get_trial_id())
+    # resume=True: a trial restarted after an interruption continues from its last Train checkpoint
+    finetune(cfg, out, overrides, resume=True, run_config_extra={"callbacks": [TuneReportCallback()]})
+
+
+def _scheduler(cfg: Config) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
+
+    t = cfg.tune
+    # in reported epochs; +1 so a trial that runs all its epochs is never stopped at its last report (ASHA
+    # stops at max_t, which would kill the trial before it writes its member dir)
+    max_t = max(1, cfg.train.epochs_frozen + cfg.train.epochs_unfrozen) + 1
+    if t.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
+                             reduction_factor=2)
+    if t.scheduler == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=2)
+    return FIFOScheduler()
+
+
+def _search_alg(cfg: Config) -> Any:
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    t = cfg.tune
+    if t.search_alg == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=t.max_concurrent)
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=t.max_concurrent)
+
+
+def build_tuner(cfg: Config, *, resume: bool = False) -> Any:
+    from ray import tune
+
+    fs, path = storage.resolve(tune_dir(cfg))
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, cfg_json=cfg.model_dump(mode="json")),
+                                    {"CPU": cfg.tune.cpus_per_trial})
+    exp = f"{path}/{EXPERIMENT}"
+    if resume and tune.Tuner.can_restore(exp, storage_filesystem=fs):
+        log.info("tune: restoring the interrupted search at %s", exp)
+        return tune.Tuner.restore(exp, trainable=trainable, storage_filesystem=fs, resume_errored=True)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=_scheduler(cfg),
+                                    search_alg=_search_alg(cfg), num_samples=samples_per_grid(cfg),
+                                    max_concurrent_trials=cfg.tune.max_concurrent),
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs, verbose=1),
+    )
+
+
+def _row(cfg: Config, result: Any) -> dict[str, Any]:
+    trial_id = result.metrics.get("trial_id") if result.metrics else None
+    if not trial_id:  # errored before its first report: the id is in the trial folder's name
+        found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", result.path.rstrip("/").rsplit("/", 1)[-1])
+        trial_id = found.group(1) if found else result.path.rstrip("/").rsplit("/", 1)[-1]
+    d = trial_dir(cfg, trial_id)
+    manifest = storage.read_manifest(d)
+    finished = bool(manifest and manifest.get("complete"))
+    history = result.metrics_dataframe
+    best_val = float(history["val_accuracy"].max()) if history is not None and len(history) else float("nan")
+    epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
+    planned = cfg.train.epochs_frozen + cfg.train.epochs_unfrozen
+    member = storage.read_json(storage.join(d, "metrics.json")) if finished else None
+    return {
+        "trial_id": trial_id,
+        **{k: result.config.get(k) for k in SEARCHED},
+        "best_val_accuracy": best_val,
+        "epochs_run": epochs,
+        "time_s": float(result.metrics.get("time_total_s", float("nan"))) if result.metrics else float("nan"),
+        "stopped_early": (not finished) and result.error is None,
+        "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}",
+        "finished": finished,
+        "planned_epochs": planned,
+        "val_accuracy": member["val"]["accuracy"] if member else None,
+        "test_accuracy": member["test"]["accuracy"] if member else None,
+        "dir": d if finished else None,
+    }
+
+
+def select_members(rows: list[dict[str, Any]], m: int) -> list[dict[str, Any]]:
+    """Top ``m`` finished trials by val accuracy, one per depth first, then the next best distinct configs."""
+    done = sorted((r for r in rows if r["finished"]), key=lambda r: -r["val_accuracy"])
+    chosen: list[dict[str, Any]] = []
+    depths: set[int] = set()
+    for r in done:  # diversity: the best trial of each depth
+        if len(chosen) < m and r["unfreeze"] not in depths:
+            chosen.append(r)
+            depths.add(r["unfreeze"])
+    key = lambda r: tuple(r[k] for k in SEARCHED)  # noqa: E731
+    seen = {key(r) for r in chosen}
+    for r in done:  # then the best of the rest, never a copy of a chosen configuration
+        if len(chosen) < m and key(r) not in seen:
+            chosen.append(r)
+            seen.add(key(r))
+    return sorted(chosen, key=lambda r: -r["val_accuracy"])
+
+
+def plot_depth(rows: list[dict[str, Any]], path: str, seed_depth: int) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for stopped in (False, True):
+        pts = [(r["unfreeze"], r["best_val_accuracy"]) for r in rows if r["stopped_early"] == stopped
+               and not math.isnan(r["best_val_accuracy"])]
+        if pts:
+            ax.scatter(*zip(*pts), marker="x" if stopped else "o",
+                       label="stopped early" if stopped else "finished", alpha=0.8)
+    ax.axvline(seed_depth, color="grey", ls="--", lw=1, label=f"seed's depth ({seed_depth})")
+    ax.set_xlabel("unfrozen backbone layers (from the top)")
+    ax.set_ylabel("best val accuracy")
+    ax.set_title("Depth search")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    storage.write_bytes(path, buf.getvalue())
+
+
+def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
+               baseline_dir: Optional[str] = None) -> dict[str, Any]:
+    """Run (or resume) the search and write the results table, best config, members and plot."""
+    import pandas as pd
+
+    out = tune_dir(cfg)
+    fp = cfg.fingerprint("data", "model", "train", "tune", "seed")
+    if not force and storage.is_complete(out, fp):
+        log.info("tune: %s is complete, skipping", out)
+        return storage.read_manifest(out)
+    if force:
+        fs, p = storage.resolve(out)
+        fs.delete_dir_contents(p, missing_dir_ok=True)
+    start = time.time()
+    grid = build_tuner(cfg, resume=resume).fit()
+    rows = [_row(cfg, r) for r in grid]
+    members = select_members(rows, cfg.tune.members)
+    if not members:
+        errors = [r["error"] for r in rows if r["error"]]
+        raise SearchError(f"no trial of {len(rows)} finished; errors: {errors[:3]}")
+    best = members[0]
+    storage.write_bytes(storage.join(out, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
+    storage.write_json(storage.join(out, "results.json"), rows)
+    storage.write_json(storage.join(out, "best_config.json"), {k: best[k] for k in SEARCHED})
+    storage.write_json(storage.join(out, "members.json"), {"members": [
+        {"name": f"cnn_{i}_u{r['unfreeze']}", "dir": r["dir"], "trial_id": r["trial_id"],
+         "config": {k: r[k] for k in SEARCHED}, "val_accuracy": r["val_accuracy"]}
+        for i, r in enumerate(members)]})
+    plot_depth(rows, storage.join(out, "val_accuracy_vs_depth.png"), cfg.model.unfreeze)
+    summary = {
+        "trials": len(rows), "finished": sum(r["finished"] for r in rows),
+        "stopped_early": sum(r["stopped_early"] for r in rows), "errored": sum(bool(r["error"]) for r in rows),
+        "best": {k: best[k] for k in (*SEARCHED, "val_accuracy", "test_accuracy")},
+        "seconds": round(time.time() - start, 1),
+    }
+    baseline_dir = baseline_dir or storage.stage_dir(cfg, "finetune")
+    base = storage.read_manifest(baseline_dir)
+    if base and base.get("complete"):
+        bm = storage.read_json(storage.join(baseline_dir, "metrics.json"))
+        summary["seed_depth"] = {"unfreeze": base["config"]["model"]["unfreeze"],
+                                 "test_accuracy": bm["test"]["accuracy"]}
+        summary["best_minus_seed_test_accuracy"] = best["test_accuracy"] - bm["test"]["accuracy"]
+    storage.write_json(storage.join(out, "summary.json"), summary)
+    return storage.write_manifest(out, cfg, STAGE, fp, summary=summary,
+                                  members=[r["trial_id"] for r in members])
