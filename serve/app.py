@@ -301,6 +301,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return _error(500, f"internal error ({type(exc).__name__}); the replica keeps serving")
 
 
+def _probe(bundle: Any) -> None:
+    """One blank image through the bundle; raises unless it returns 1 x K finite probabilities."""
+    h, w, c = input_shape(bundle)
+    try:
+        probs = np.asarray(bundle.predict_proba(np.zeros((1, h, w, c), np.uint8)))
+    except Exception as e:  # the runtimes raise RuntimeError/ValueError of their own kinds
+        raise BundleError(f"bundle {bundle.name} {bundle.version} cannot predict: {type(e).__name__}: {e}") from None
+    k = len(bundle.class_names)
+    if probs.shape != (1, k) or not np.isfinite(probs).all():
+        raise BundleError(f"bundle {bundle.name} {bundle.version} returned {probs.shape} (expected (1, {k})) "
+                          "or non-finite probabilities")
+
+
 def _total_images(items: list[tuple[Any, np.ndarray]]) -> int:
     """@serve.batch's size of a batch: images, not requests."""
     return sum(len(x) for _, x in items)
@@ -309,10 +322,12 @@ def _total_images(items: list[tuple[Any, np.ndarray]]) -> int:
 # ------------------------------------------------------------------------------------------ deployment
 
 
-@serve.deployment(name="TransfuseModel", health_check_period_s=10, health_check_timeout_s=30)
-@serve.ingress(api)
-class TransfuseModel:
-    """One replica: one verified bundle (swappable), batched inference on one dedicated thread."""
+class TransfuseReplica:
+    """One replica: one verified bundle (swappable), batched inference on one dedicated thread.
+
+    A plain class (the deployment ``TransfuseModel`` below wraps it with the FastAPI ingress), so its
+    lifecycle methods can also be exercised directly.
+    """
 
     def __init__(self, args: Union[AppArgs, dict]) -> None:
         self._args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
@@ -331,8 +346,9 @@ class TransfuseModel:
 
     @staticmethod
     def _load(path: str) -> Any:
+        """Load and verify (checksums, then one probe prediction): a bundle that cannot predict is refused."""
         bundle = load_bundle(path)
-        input_shape(bundle)  # an input spec the app cannot read is a bundle it cannot serve
+        _probe(bundle)
         return bundle
 
     # ---- configuration and hot swap
@@ -376,13 +392,7 @@ class TransfuseModel:
 
     async def check_health(self) -> None:
         """Fails (raises) when the current bundle cannot predict one blank image."""
-        bundle = self._bundle
-        h, w, c = input_shape(bundle)
-        probs = await asyncio.get_running_loop().run_in_executor(
-            self._pool, bundle.predict_proba, np.zeros((1, h, w, c), np.uint8))
-        probs = np.asarray(probs)
-        if probs.shape != (1, len(bundle.class_names)) or not np.isfinite(probs).all():
-            raise RuntimeError(f"health probe: bundle {bundle.version} returned {probs.shape} / non-finite output")
+        await asyncio.get_running_loop().run_in_executor(self._pool, _probe, self._bundle)
 
     # ---- inference
 
@@ -488,6 +498,10 @@ class TransfuseModel:
         b = self._bundle
         return {"status": "ok", "model": self._args.name, "model_version": str(b.version), "checksum": b.checksum,
                 "replica": serve.get_replica_context().replica_id.unique_id}
+
+
+TransfuseModel = serve.deployment(name="TransfuseModel", health_check_period_s=10, health_check_timeout_s=30)(
+    serve.ingress(api)(TransfuseReplica))
 
 
 def build_app(args: Union[AppArgs, dict]) -> Application:

@@ -41,6 +41,11 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def _member_file(bundle_dir: Path) -> str:
+    """The first CNN member's model file, as the bundle's manifest names it."""
+    return json.loads((bundle_dir / "manifest.json").read_text())["cnn_members"][0]["file"]
+
+
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory) -> dict[str, str]:
     """v1 and v2 (different weights, versions "1" and "2"), and v2 with one model byte flipped."""
@@ -50,7 +55,7 @@ def bundles(tmp_path_factory) -> dict[str, str]:
     write_demo_bundle(str(d / "v1"), members=1, epochs=2, version="1")
     write_demo_bundle(str(d / "v2"), members=1, epochs=1, version="2")
     shutil.copytree(d / "v2", d / "tampered")
-    f = d / "tampered" / "members" / "cnn0.tflite"
+    f = d / "tampered" / _member_file(d / "tampered")
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
@@ -325,6 +330,47 @@ def test_replica_survives_bad_input(server, digits, offline):
     assert before == after
     np.testing.assert_allclose(_probs(httpx.post(f"{server}{PREDICT}", json={"instances": digits[0][:2].tolist()})),
                                offline["v1"].predict_proba(digits[0][:2]), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def broken_bundle(bundles, tmp_path_factory) -> str:
+    """A bundle that verifies (intact checksums) but cannot predict: its preprocess spec resizes to 20 x 20,
+    which the 32 x 32 model's Flatten -> Dense cannot take."""
+    from transfuse.bundle import CNNMember, write_bundle
+    from transfuse.preprocess import PreprocessSpec
+
+    data = (Path(bundles["v1"]) / _member_file(Path(bundles["v1"]))).read_bytes()
+    out = str(tmp_path_factory.mktemp("broken") / "bundle")
+    write_bundle(out, name="broken", version="b", class_names=[str(i) for i in range(10)], input_shape=(8, 8, 1),
+                 preprocess_spec=PreprocessSpec(20, "unit"), cnn_members=[CNNMember("cnn0", data, input="image")])
+    return out
+
+
+def test_health_check_and_swap_refuse_a_bundle_that_cannot_predict(bundles, broken_bundle):
+    """The deployment class itself (no Serve): startup, reconfigure and check_health all probe the model."""
+    import asyncio
+
+    from serve.app import TransfuseReplica as cls
+    from transfuse.bundle import BundleError, load_bundle
+
+    with pytest.raises(BundleError, match="cannot predict"):
+        cls(_args(broken_bundle))
+    m = cls(_args(bundles["v1"]))
+
+    async def scenario() -> None:
+        await m.check_health()
+        await m.reconfigure({"bundle": bundles["v1"]})  # Serve's first call after __init__: nothing to reload
+        await m.reconfigure({"bundle": broken_bundle})
+        assert "cannot predict" in m._last_refused["error"] and m._bundle.version == "1"
+        await m.check_health()
+        await m.reconfigure({"bundle": bundles["v2"], "max_batch_size": 4})
+        assert m._bundle.version == "2" and m._last_refused is None
+        assert m._predict_batched._get_max_batch_size() == 4
+        m._bundle = load_bundle(broken_bundle)  # a model that stops predicting must fail the health check
+        with pytest.raises(BundleError, match="cannot predict"):
+            await m.check_health()
+
+    asyncio.run(scenario())
 
 
 # ---------------------------------------------------------------------------------------- API key
