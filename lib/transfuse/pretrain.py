@@ -1,0 +1,87 @@
+"""Pretraining a backbone on a source task, for where no pretrained weights exist (the offline default).
+
+ImageNet weights cannot be downloaded offline, so the default pretrains its own backbone: the source data
+(``cfg.pretrain.data``, e.g. Fashion-MNIST's even classes) is prepared into ``<run>/pretrain_data/``, the whole
+network (backbone + the configured head) trains on Ray Train with the same worker loop as fine-tuning, and
+the backbone's weights go to ``<run>/pretrain/backbone.weights.h5`` (what ``model.weights: pretrain`` loads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import storage
+from transfuse.config import Config
+
+log = logging.getLogger(__name__)
+
+STAGE = "pretrain"
+DATA_STAGE = "pretrain_data"
+
+
+def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Prepare the source data, train the whole network on it, save the backbone weights + manifest."""
+    import tensorflow as tf
+
+    from transfuse import models, train
+    from transfuse.data import data_manifest, prepare, preprocessed, read_split
+    from transfuse.metrics import evaluate
+    from transfuse.preprocess import PreprocessSpec
+
+    out_dir = storage.stage_dir(cfg, STAGE)
+    fp = cfg.fingerprint("pretrain", "model", "seed")
+    if not force and storage.is_complete(out_dir, fp):
+        log.info("pretrain: %s is complete, skipping", out_dir)
+        return storage.read_json(storage.join(out_dir, "metrics.json"))
+    prepare(cfg, data_cfg=cfg.pretrain.data, stage=DATA_STAGE)
+    data_dir = storage.stage_dir(cfg, DATA_STAGE)
+    manifest = data_manifest(data_dir)
+    class_names = manifest["class_names"]
+    names = models.layer_names_of(cfg.model.backbone, cfg.model.input_size, cfg.model.width)
+    # the whole backbone trains from random initialisation; BatchNorm (where the backbone has it) in training mode
+    spec = models.model_spec(cfg.model, len(class_names), class_names, seed=cfg.seed, unfreeze=len(names))
+    tf.keras.mixed_precision.set_global_policy("float32")
+    init_path = storage.join(out_dir, train.INIT_DIR, "initial.weights.h5")
+    models.save_weights(models.build_model(spec, None, bn_training=True), init_path)
+    pspec = PreprocessSpec(**spec["preprocess"])
+    datasets = {f"{s}_image": preprocessed(read_split(data_dir, s), pspec).select_columns(["x", "label"])
+                for s in ("train", "val")}
+    if cfg.train.materialize:
+        datasets = {k: v.materialize() for k, v in datasets.items()}
+    phases = [{"name": "pretrain", "unfreeze": len(names), "epochs": cfg.pretrain.epochs, "lr": cfg.pretrain.lr,
+               "cut_layer": None, "train": "train_image", "val": "val_image"}]
+    loop_config = {"spec": spec, "init_weights": init_path, "phases": phases, "batch_size": cfg.pretrain.batch_size,
+                   "patience": cfg.train.early_stopping_patience, "seed": cfg.seed, "cached": False,
+                   "bn_training": True, "policy": train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu)}
+    train_path = storage.join(out_dir, train.TRAIN_DIR)
+    if not resume and storage.exists(train_path):
+        fs, p = storage.resolve(train_path)
+        fs.delete_dir(p)
+    trainer = train.make_trainer(cfg.train, loop_config, datasets, out_dir)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise train.TrainError(f"pretraining finished without a checkpoint in {train_path}")
+    with result.checkpoint.as_directory() as d:
+        with open(os.path.join(d, train.STATE_FILE)) as f:
+            state = json.load(f)
+        model = models.build_model(spec, None, bn_training=True)
+        model.load_weights(os.path.join(d, train.CKPT_WEIGHTS))
+    models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
+    from transfuse.data import read_split_numpy
+    from transfuse.preprocess import preprocess
+
+    images, labels, _ = read_split_numpy(data_dir, "test")
+    evals = {}
+    if len(labels):
+        probs = model.predict(preprocess(images, pspec), batch_size=256, verbose=0)
+        evals["test"] = evaluate(probs, labels)
+    metrics = {"history": state["history"], "source_classes": class_names, **evals}
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    storage.write_json(storage.join(out_dir, "model_spec.json"), spec)
+    storage.write_manifest(out_dir, cfg, STAGE, fp, metrics=evals, epochs=state["epoch"],
+                           backbone=cfg.model.backbone, source=manifest.get("counts"))
+    return metrics

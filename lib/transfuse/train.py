@@ -1,0 +1,384 @@
+"""Fine-tuning on Ray Train: phase 1 frozen backbone, phase 2 the last k layers unfrozen.
+
+Three layers, as Ray's own examples: ``train_func(config)`` runs on every worker (tf_keras under
+``MultiWorkerMirroredStrategy``, each worker reading its shard with ``ray.train.get_dataset_shard``);
+``build_trainer(...)`` turns the config into a ``TensorflowTrainer``; ``finetune(...)`` runs it and writes the
+member directory (model_spec.json, model.weights.h5, metrics.json, predictions/, embeddings/, manifest.json).
+Ray Tune reuses ``build_trainer`` from a trial function with per-trial overrides and a
+``TuneReportCallback`` in ``run_config_extra['callbacks']``.
+
+With ``train.cache_frozen`` (default), each phase trains only the part above its cut point on activations
+cached once (``transfuse.cache``); the full model's layers are shared with that top part, so the saved
+weights are the full model's. Every epoch reports ``epoch`` (global, across both phases), ``phase``,
+``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and a checkpoint (weights + loop state), so
+``FailureConfig(max_failures)`` and a rerun with the same storage path and name resume from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from typing import Any, Optional
+
+import numpy as np
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import storage
+from transfuse.config import Config
+
+log = logging.getLogger(__name__)
+
+STAGE = "finetune"
+TRAIN_DIR = ".ray_train"  # Ray Train's storage under the member dir (dot: not listed in the manifest)
+INIT_DIR = ".init"  # initial full-model weights shared by the cache builder and the workers
+STATE_FILE = "state.json"
+CKPT_WEIGHTS = "model.weights.h5"
+# Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
+OVERRIDES = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed", "epochs_frozen",
+             "epochs_unfrozen", "batch_size")
+
+
+class TrainError(ValueError):
+    """A training option is invalid."""
+
+
+def mixed_policy(setting: str, use_gpu: bool) -> str:
+    """Keras dtype policy: auto -> mixed_float16 with GPUs, float32 on CPUs."""
+    if setting == "auto":
+        return "mixed_float16" if use_gpu else "float32"
+    return "float32" if setting == "off" else setting
+
+
+# ----------------------------------------------------------------------------------------------- worker
+
+
+def _phase_model(full: Any, phase: dict[str, Any], cached: bool) -> Any:
+    """The model one phase trains: the full model, or only its part above the cut (trained on the cache)."""
+    from transfuse import models
+
+    if phase["cut_layer"] is None and phase["unfreeze"] >= len(models.backbone_layer_names(models.get_backbone(full))):
+        for layer in full.layers:
+            layer.trainable = True  # everything trains (pretraining, scratch)
+        return full
+    models.set_unfreeze(full, phase["unfreeze"])
+    if cached and phase["cut_layer"] is not None:
+        _, top = models.split_model(full, phase["cut_layer"])
+        return top
+    return full
+
+
+def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int) -> Any:
+    import tensorflow as tf
+
+    ds = shard.to_tf(feature_columns="x", label_columns="label", batch_size=batch_size,
+                     local_shuffle_buffer_size=4 * batch_size if shuffle else None,
+                     local_shuffle_seed=seed if shuffle else None)
+    options = tf.data.Options()
+    # each worker already has its own shard: Keras must not shard it again
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Per-worker loop. ``config``: spec, init_weights, phases, batch_size, patience, policy, seed, cached."""
+    import ray.train
+    import tensorflow as tf
+
+    from transfuse import models
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    tf.keras.mixed_precision.set_global_policy(config["policy"])
+    tf.keras.utils.set_random_seed(int(config["seed"]) + rank)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    per_worker = max(1, int(config["batch_size"]) // world)
+
+    state = {"phase": 0, "phase_epoch": 0, "epoch": 0, "best": None, "bad": 0, "stopped": False, "history": []}
+    with strategy.scope():
+        full = models.build_model(config["spec"], None, bn_training=bool(config.get("bn_training")))
+        models.load_weights(full, config["init_weights"])
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, STATE_FILE)) as f:
+                state = json.load(f)
+            full.load_weights(os.path.join(d, CKPT_WEIGHTS))
+        log.info("rank %d: resumed at global epoch %d (phase %d)", rank, state["epoch"], state["phase"])
+
+    fail = config.get("kill_at_epoch")  # test hook: SIGKILL this worker once, at a chosen global epoch
+    phases = config["phases"]
+    for pi, phase in enumerate(phases):
+        if pi < state["phase"]:
+            continue
+        if pi > state["phase"]:
+            state.update(phase=pi, phase_epoch=0, best=None, bad=0, stopped=False)
+        if state["phase_epoch"] >= phase["epochs"] or state["stopped"]:
+            continue
+        with strategy.scope():
+            model = _phase_model(full, phase, config["cached"])
+            model.compile(optimizer=tf.keras.optimizers.Adam(phase["lr"]),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"])
+        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0)
+        while state["phase_epoch"] < phase["epochs"] and not state["stopped"]:
+            h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
+            row = {"phase": phase["name"], "epoch": state["epoch"] + 1, "phase_epoch": state["phase_epoch"] + 1,
+                   **{k: float(v[-1]) for k, v in h.items()}}
+            state["history"].append(row)
+            state["epoch"] += 1
+            state["phase_epoch"] += 1
+            if state["best"] is None or row["val_loss"] < state["best"] - 1e-6:
+                state["best"], state["bad"] = row["val_loss"], 0
+            else:
+                state["bad"] += 1
+                if state["bad"] >= config["patience"]:
+                    state["stopped"] = True  # early stopping on val loss: this phase ends here
+            metrics = {"epoch": state["epoch"], "phase": phase["name"], "loss": row["loss"],
+                       "accuracy": row.get("accuracy"), "val_loss": row["val_loss"],
+                       "val_accuracy": row.get("val_accuracy")}
+            with tempfile.TemporaryDirectory() as d:
+                checkpoint = None
+                if rank == 0:
+                    full.save_weights(os.path.join(d, CKPT_WEIGHTS))
+                    with open(os.path.join(d, STATE_FILE), "w") as f:
+                        json.dump(state, f)
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+                ray.train.report(metrics, checkpoint=checkpoint)
+            if fail and fail["epoch"] == state["epoch"] and fail["rank"] == rank and not os.path.exists(fail["marker"]):
+                open(fail["marker"], "w").close()
+                log.warning("rank %d: killing myself at epoch %d (test hook)", rank, state["epoch"])
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def effective(cfg: Config, overrides: Optional[dict[str, Any]] = None) -> Config:
+    """A copy of ``cfg`` with Tune's per-trial overrides applied to model/train (validated)."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(OVERRIDES))
+    if unknown:
+        raise TrainError(f"unknown overrides {unknown}; allowed: {list(OVERRIDES)}")
+    data = cfg.model_dump(mode="json")
+    for k, v in overrides.items():
+        if k == "unfreeze":
+            data["model"]["unfreeze"] = int(v)
+        elif k == "head_dense":
+            data["model"]["head"]["dense"] = [int(u) for u in (v if isinstance(v, (list, tuple)) else [v])]
+        elif k == "dropout":
+            data["model"]["head"]["dropout"] = float(v)
+        elif k == "seed":
+            data["train"]["seed"] = int(v)
+        else:
+            data["train"][k] = v
+    return Config.model_validate(data)
+
+
+def _data_dir(cfg: Config) -> str:
+    return storage.stage_dir(cfg, "data")
+
+
+def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: Optional[str] = None) -> dict[str, Any]:
+    """Everything the workers need: the model spec, initial weights (written once), phases and datasets.
+
+    ``weights`` overrides ``cfg.model.weights`` (the scratch baseline passes "none").
+    """
+    import tensorflow as tf
+
+    from transfuse import cache, models
+    from transfuse.data import data_manifest, preprocessed, read_split
+    from transfuse.preprocess import PreprocessSpec
+
+    data_dir = data_dir or _data_dir(cfg)
+    manifest = data_manifest(data_dir)
+    class_names = manifest["class_names"]
+    t = cfg.train
+    spec = models.model_spec(cfg.model, len(class_names), class_names, seed=t.seed)
+    names = spec["backbone_layers"]
+    init_path = storage.join(out_dir, INIT_DIR, "initial.weights.h5")
+    tf.keras.mixed_precision.set_global_policy("float32")
+    full = models.build_model(spec, models.resolve_weights(weights or cfg.model.weights, storage.run_dir(cfg)))
+    models.save_weights(full, init_path)
+
+    phases = [{"name": "frozen", "unfreeze": 0, "epochs": t.epochs_frozen, "lr": t.lr_frozen,
+               "cut_layer": names[-1]},
+              {"name": "unfrozen", "unfreeze": spec["unfreeze"], "epochs": t.epochs_unfrozen, "lr": t.lr_unfrozen,
+               "cut_layer": spec["cut_layer"]}]
+    phases = [p for p in phases if p["epochs"] > 0]
+    cached = t.cache_frozen
+    datasets: dict[str, Any] = {}
+    if cached:
+        cuts = {}
+        for p in phases:
+            if p["cut_layer"] is not None:
+                models.split_model(full, p["cut_layer"])  # a clear error now for a cut inside a block
+                cuts[cache.cache_key(spec, p["cut_layer"], cache.trunk_digest(full, p["cut_layer"]),
+                                     manifest.get("fingerprint", ""))] = p["cut_layer"]
+        dirs = cache.ensure_cache(cfg, data_dir, spec, init_path, cuts, actors=t.cache_actors,
+                                  batch_size=t.cache_batch_size, use_gpu=t.use_gpu) if cuts else {}
+    pspec = PreprocessSpec(**spec["preprocess"])
+    for p in phases:
+        tag = p["cut_layer"] if cached and p["cut_layer"] is not None else "image"
+        p["train"], p["val"] = f"train_{tag}", f"val_{tag}"
+        if p["train"] in datasets:
+            continue
+        for split in ("train", "val"):
+            if tag == "image":
+                ds = preprocessed(read_split(data_dir, split), pspec,
+                                  augment=t.augment if split == "train" else None).select_columns(["x", "label"])
+            else:
+                ds = cache.read_cache(dirs[p["cut_layer"]], split).select_columns(["x", "label"])
+            datasets[f"{split}_{tag}"] = ds.materialize() if t.materialize else ds
+    return {"spec": spec, "init_weights": init_path, "phases": phases, "datasets": datasets, "cached": cached,
+            "data_dir": data_dir}
+
+
+def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], out_dir: str, *,
+                 name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None) -> Any:
+    """A TensorflowTrainer running ``train_func``: the one place train config becomes Ray's objects."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    fs, path = storage.resolve(out_dir)
+    run_config = RunConfig(
+        name=name, storage_path=path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what resumes; one spare
+        worker_runtime_env=runtime.runtime_env(), **dict(run_config_extra or {}))
+    return TensorflowTrainer(
+        train_func, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=run_config, datasets=datasets)
+
+
+def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]] = None, *,
+                  run_config_extra: Optional[dict[str, Any]] = None, data_dir: Optional[str] = None,
+                  weights: Optional[str] = None, name: str = TRAIN_DIR, test_hooks: Optional[dict] = None
+                  ) -> tuple[Any, dict[str, Any], Config]:
+    """(TensorflowTrainer, plan, effective config) for ``cfg`` + per-trial ``overrides``.
+
+    ``run_config_extra``: extra ``RunConfig`` keyword arguments (e.g. ``callbacks=[TuneReportCallback()]``).
+    Checkpoints go to ``<out_dir>/<name>/``; running again with the same out_dir and name resumes.
+    """
+    cfg = effective(cfg, overrides)
+    t = cfg.train
+    p = plan(cfg, out_dir, data_dir=data_dir, weights=weights)
+    loop_config = {"spec": p["spec"], "init_weights": p["init_weights"], "phases": p["phases"],
+                   "batch_size": t.batch_size, "patience": t.early_stopping_patience, "seed": t.seed,
+                   "policy": mixed_policy(t.mixed_precision, t.use_gpu), "cached": p["cached"],
+                   **(test_hooks or {})}
+    trainer = make_trainer(t, loop_config, p["datasets"], out_dir, name=name, run_config_extra=run_config_extra)
+    return trainer, p, cfg
+
+
+def _write_split_outputs(out_dir: str, ds: Any, splits: list[str], num_classes: int) -> dict[str, dict]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from transfuse import cache
+    from transfuse.metrics import evaluate
+
+    results = {}
+    for split in splits:
+        a = cache.to_numpy(ds, split, ["out0", "out1"])
+        ids = pa.array(a["id"].astype(str))
+        labels = pa.array(a["label"].astype(np.int64))
+        probs = a["out0"].reshape(len(a["id"]), num_classes).astype(np.float32)
+        emb = a["out1"].reshape(len(a["id"]), -1).astype(np.float32)
+        for sub, col, arr in (("embeddings", "embedding", emb), ("predictions", "probs", probs)):
+            if sub == "predictions" and split == "train":
+                continue
+            table = pa.table({"id": ids, "label": labels,
+                              col: pa.array(list(arr), type=pa.list_(pa.float32()))})
+            fs, p = storage.resolve(storage.join(out_dir, sub, f"{split}.parquet"))
+            fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+            with fs.open_output_stream(p) as f:
+                pq.write_table(table, f)
+        if split != "train" and len(labels):
+            results[split] = evaluate(probs, a["label"])
+    return results
+
+
+def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, fingerprint: str,
+             extra_manifest: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write the member dir from the last checkpoint: spec, weights, metrics, predictions, embeddings, manifest."""
+    import tensorflow as tf
+
+    from transfuse import cache, models
+
+    spec = p["spec"]
+    with checkpoint.as_directory() as d:
+        with open(os.path.join(d, STATE_FILE)) as f:
+            state = json.load(f)
+        tf.keras.mixed_precision.set_global_policy("float32")
+        model = models.build_model(spec, None)
+        model.load_weights(os.path.join(d, CKPT_WEIGHTS))
+    models.save_member(model, spec, out_dir)
+    weights = storage.join(out_dir, models.WEIGHTS_FILE)
+    t = cfg.train
+    splits = ["train", "val", "test", "holdout"]
+    ds = cache.apply_model(p["data_dir"], splits, spec, weights, ["probs", "embedding"], actors=t.cache_actors,
+                           batch_size=t.cache_batch_size, use_gpu=t.use_gpu)
+    evals = _write_split_outputs(out_dir, ds, splits, spec["num_classes"])
+    metrics = {"history": state["history"], **evals, "epochs": state["epoch"]}
+    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    storage.write_manifest(out_dir, cfg, STAGE, fingerprint, metrics={k: v for k, v in evals.items()},
+                           epochs=state["epoch"], **(extra_manifest or {}))
+    return metrics
+
+
+def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dict[str, Any]] = None, *,
+             resume: bool = False, force: bool = False, data_dir: Optional[str] = None,
+             weights: Optional[str] = None, run_config_extra: Optional[dict[str, Any]] = None,
+             test_hooks: Optional[dict] = None) -> dict[str, Any]:
+    """Fine-tune and write the member dir ``out_dir`` (default ``<run>/finetune``); returns metrics.json.
+
+    Skipped when its manifest is complete for the same config (unless ``force``). Without ``resume`` an
+    earlier, unfinished Ray Train run in ``out_dir`` is discarded; with it, training continues from its
+    last checkpoint.
+    """
+    out_dir = out_dir or storage.stage_dir(cfg, STAGE)
+    eff = effective(cfg, overrides)
+    fp = eff.fingerprint("data", "model", "train") + ("" if weights is None else f"-{weights}")
+    if not force and storage.is_complete(out_dir, fp):
+        log.info("finetune: %s is complete, skipping", out_dir)
+        return storage.read_json(storage.join(out_dir, "metrics.json"))
+    train_path = storage.join(out_dir, TRAIN_DIR)
+    if not resume and storage.exists(train_path):
+        fs, p = storage.resolve(train_path)
+        fs.delete_dir(p)
+    trainer, p, eff = build_trainer(cfg, out_dir, overrides, run_config_extra=run_config_extra,
+                                    data_dir=data_dir, weights=weights, test_hooks=test_hooks)
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise TrainError(f"training finished without a checkpoint in {train_path} (no epochs ran?)")
+    return finalize(eff, out_dir, p, result.checkpoint, fingerprint=fp)
+
+
+def scratch_overrides(cfg: Config) -> dict[str, Any]:
+    """The same network from random weights with the same budget: every layer trains for all epochs at the
+    phase-1 learning rate (a from-scratch net needs the higher rate)."""
+    from transfuse import models
+
+    n = len(models.layer_names_of(cfg.model.backbone, cfg.model.input_size, cfg.model.width))
+    t = cfg.train
+    return {"unfreeze": n, "epochs_frozen": 0, "epochs_unfrozen": t.epochs_frozen + t.epochs_unfrozen,
+            "lr_unfrozen": t.lr_frozen}
+
+
+def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
+    """Train the scratch baseline into ``<run>/scratch`` and compare its test metrics with ``<run>/finetune``."""
+    transfer = storage.read_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"))
+    scratch = finetune(cfg, storage.stage_dir(cfg, "scratch"), scratch_overrides(cfg), weights="none", force=force)
+    out = {"transfer": transfer.get("test", {}), "scratch": scratch.get("test", {}),
+           "weights": cfg.model.weights, "unfreeze": cfg.model.unfreeze,
+           "epochs": cfg.train.epochs_frozen + cfg.train.epochs_unfrozen}
+    storage.write_json(storage.join(storage.run_dir(cfg), "transfer_vs_scratch.json"), out)
+    return out
