@@ -112,6 +112,9 @@ class TrainConfig(_Strict):
     early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs
     cache_frozen: bool = True  # cache activations at the cut point; incompatible with augmentation
+    cache_actors: int = Field(1, ge=1)  # Ray Data actors computing the cache and final outputs (1 per GPU)
+    cache_batch_size: int = Field(256, ge=1)  # images per actor call
+    materialize: bool = True  # keep training inputs in the object store across epochs (small data)
     augment: AugmentConfig = AugmentConfig()
     max_failures: int = Field(2, ge=0)  # worker failures tolerated; training resumes from the checkpoint
     seed: int = 0
