@@ -86,8 +86,11 @@ def trained() -> tuple[Digits, list]:
     return d, train_members(d)
 
 
-def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int = 1) -> list:
-    """Members (transfuse.compress.Member) sharing a backbone trained once; tops fine-tuned per depth."""
+def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int = 2) -> list:
+    """Members (transfuse.compress.Member) sharing a backbone trained once; tops fine-tuned per depth.
+
+    Trained to ~95% test accuracy (base 5 epochs, tops ``epochs``): int8 top-1 agreement is only meaningful on
+    members with real margins, not on near-chance ones."""
     import tensorflow as tf
 
     from transfuse import models
@@ -96,12 +99,12 @@ def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int
     x = preprocess(data.x_train, PreprocessSpec(32, "unit"))
     base = build(spec_for(len(BACKBONE_LAYERS)))  # all trainable: the "pretrained" backbone
     base.compile(tf.keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    base.fit(x, data.y_train, batch_size=64, epochs=epochs + 2, verbose=0)
+    base.fit(x, data.y_train, batch_size=32, epochs=5, verbose=0)  # batch 32: more steps per second of tracing
     out = []
     for i, k in enumerate(unfreezes):
         spec = spec_for(k, seed=i + 1)  # different head initialisations
         m = build(spec, models.get_backbone(base).get_weights())
         m.compile(tf.keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
-        m.fit(x, data.y_train, batch_size=64, epochs=epochs, verbose=0)
+        m.fit(x, data.y_train, batch_size=32, epochs=epochs, verbose=0)
         out.append(Member(f"cnn{i}", m, spec))
     return out

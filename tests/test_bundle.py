@@ -94,11 +94,11 @@ def test_plain_average_without_stacker(ensemble, tmp_path):
 
 def test_tampered_file_refused(ensemble, tmp_path):
     dst = _copy(ensemble, tmp_path)
-    f = dst / "members" / "cnn1.tflite"
+    f = dst / "members" / "01_cnn1.tflite"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
     f.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"members/cnn1.tflite.*altered"):
+    with pytest.raises(BundleError, match=r"members/01_cnn1.tflite.*altered"):
         load_bundle(dst)
 
 

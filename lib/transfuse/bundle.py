@@ -4,8 +4,8 @@ Layout (format_version 1)::
 
     manifest.json           what is below, how to wire it, metrics, versions, sha256 of every other file
     trunk.tflite            shared frozen layers of the CNN members (absent when the members share none)
-    members/<name>.tflite   each CNN member's top: trunk features (or the image) -> logits, embedding
-    sklearn/<name>.onnx     scikit-learn members on one CNN member's embedding -> probabilities
+    members/<i>_<name>.tflite each CNN member's top: trunk features (or the image) -> logits, embedding
+    sklearn/<i>_<name>.onnx scikit-learn members on one CNN member's embedding -> probabilities
     stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
 
 Loading needs numpy, LiteRT (``ai_edge_litert``) and onnxruntime only: no TensorFlow, no pickle
@@ -91,6 +91,7 @@ class Stacker:
     intercept: np.ndarray
     members: list[str]
     features: str = "probs"
+    eps: float = 1e-6  # log_probs: probabilities are clipped to [eps, 1] first (transfuse.stacking.EPS)
 
 
 def _sha256_bytes(b: bytes) -> str:
@@ -104,10 +105,9 @@ def _safe_rel(rel: str) -> str:
     return rel
 
 
-def _check_name(kind: str, name: str) -> str:
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
-        raise BundleError(f"{kind} name must use letters, digits, '-', '_', '.', got {name!r}")
-    return name
+def _file_safe(name: str) -> str:
+    """A member name as part of a file name (the manifest keeps the real name)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
 
 
 def write_bundle(
@@ -142,8 +142,9 @@ def write_bundle(
         raise BundleError(f"class_names must name at least 2 classes, got {class_names}")
     if len(input_shape) != 3 or input_shape[2] not in (1, 3):
         raise BundleError(f"input_shape must be (H, W, C) with C in (1, 3), got {tuple(input_shape)}")
-    names = [_check_name("member", m.name) for m in cnn_members] + [
-        _check_name("member", m.name) for m in sklearn_members]
+    names = [m.name for m in cnn_members] + [m.name for m in sklearn_members]
+    if not all(isinstance(n, str) and n for n in names):
+        raise BundleError(f"member names must be non-empty strings, got {names}")
     if len(set(names)) != len(names):
         raise BundleError(f"member names must be unique, got {names}")
     cnn_names = {m.name for m in cnn_members}
@@ -184,13 +185,13 @@ def write_bundle(
         rel = f"trunk.{trunk_format}"
         files[rel] = trunk
         manifest["trunk"] = {"file": rel, "format": trunk_format}
-    for m in cnn_members:
-        rel = f"members/{m.name}.{m.format}"
+    for i, m in enumerate(cnn_members):
+        rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}"
         files[rel] = m.data
         manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "input": m.input,
                                         "outputs": {"logits": m.logits_output, "embedding": m.embedding_output}})
-    for s in sklearn_members:
-        rel = f"sklearn/{s.name}.onnx"
+    for i, s in enumerate(sklearn_members):
+        rel = f"sklearn/{i:02d}_{_file_safe(s.name)}.onnx"
         files[rel] = s.data
         manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx",
                                             "embedding_of": s.embedding_of,
@@ -213,7 +214,7 @@ def write_bundle(
         np.savez(buf, coef=coef, intercept=intercept)
         files["stacker.npz"] = buf.getvalue()
         manifest["combiner"] = {"kind": "stacker", "file": "stacker.npz", "members": list(stacker.members),
-                                "features": stacker.features}
+                                "features": stacker.features, "eps": float(stacker.eps)}
     manifest["metrics"] = metrics or {}
     manifest["versions"] = storage.versions()
     manifest["git_commit"] = storage.git_commit()
@@ -511,7 +512,7 @@ class Bundle:
         else:
             feats = np.concatenate([probs[n] for n in order], axis=1)
             if comb["features"] == "log_probs":
-                feats = np.log(np.clip(feats, 1e-7, 1.0))  # same clip as the stacker's training
+                feats = np.log(np.clip(feats, float(comb.get("eps", 1e-6)), 1.0))  # the clip used in training
             z = feats @ self._stack["coef"].T + self._stack["intercept"]
             if z.shape[1] == 1:  # binary LogisticRegression: sigmoid over class 1
                 p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))

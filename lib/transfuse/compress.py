@@ -440,3 +440,200 @@ def representative_images(images: np.ndarray, spec: PreprocessSpec, n: int, seed
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
     return preprocess(images[np.sort(idx)], spec)
+
+
+# --------------------------------------------------------------------------------------------- the stage
+STAGE = "compress"
+
+
+@dataclass
+class EnsembleSource:
+    """The ensemble to compress, as read from ``<run>/ensemble/`` (or from the member dirs alone)."""
+
+    members: list[tuple[str, str]]  # (name, member dir) of the CNN members, in order
+    parts: EnsembleParts
+    source: str  # "ensemble" (stacker + sklearn members) or "members" (plain averaging)
+    fingerprint: str
+
+
+def read_ensemble(cfg: Any) -> EnsembleSource:
+    """The CNN member dirs, sklearn members (ONNX) and stacker written by ``jobs.ensemble``
+    (``ensemble.json``, format transfuse.ensemble/v1). Without an ensemble stage: the members chosen by Tune
+    (``tune/members.json``) or the single ``finetune/`` model, combined by plain averaging."""
+    import hashlib
+    import json
+
+    from transfuse import storage
+
+    h = hashlib.sha256(cfg.fingerprint("compress", "data").encode())
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    desc_path = storage.join(ens_dir, "ensemble.json")
+    if storage.exists(desc_path):
+        desc = storage.read_json(desc_path)
+        if desc.get("format") != "transfuse.ensemble/v1":
+            raise CompressError(f"{desc_path}: format {desc.get('format')!r}, expected 'transfuse.ensemble/v1'")
+        members = [(str(m["name"]), str(m["dir"])) for m in desc["cnn_members"]]
+        sk = []
+        for e in desc.get("sklearn_members", []):
+            src = e["embedding_source"]
+            sk.append(SklearnMember(name=str(e["name"]), data=storage.read_bytes(storage.join(ens_dir, e["file"])),
+                                    embedding_of=str(src), probabilities_output=e.get("output", "probabilities")))
+        st = json.loads(storage.read_bytes(storage.join(ens_dir, desc["stacker"]["file"])))
+        stacker = Stacker(coef=np.asarray(st["coef"], np.float64), intercept=np.asarray(st["intercept"], np.float64),
+                          members=[str(m) for m in st["members"]], features=str(st["features"]),
+                          eps=float(st.get("eps", 1e-6)))
+        man = storage.join(ens_dir, storage.MANIFEST)
+        h.update((storage.sha256(man) if storage.exists(man) else storage.sha256(desc_path)).encode())
+        return EnsembleSource(members, EnsembleParts(sk, stacker), "ensemble", h.hexdigest()[:16])
+    listing = storage.join(storage.stage_dir(cfg, "tune"), "members.json")
+    if storage.exists(listing):
+        tune_dir = storage.stage_dir(cfg, "tune")
+        members = []
+        for e in storage.read_json(listing).get("members") or []:
+            d = str(e["dir"])
+            members.append((str(e["name"]), d if (storage.is_uri(d) or d.startswith("/")) else storage.join(tune_dir, d)))
+    else:
+        ft = storage.stage_dir(cfg, "finetune")
+        if not storage.exists(storage.join(ft, "model_spec.json")):
+            raise CompressError(f"nothing to compress: no {desc_path} (jobs.ensemble), no {listing} (jobs.tune) and "
+                                f"no {ft}/model_spec.json (jobs.finetune); run one of them first")
+        members = [("finetune", ft)]
+    for _, d in members:
+        man = storage.join(d, storage.MANIFEST)
+        h.update((storage.sha256(man) if storage.exists(man) else d).encode())
+    log.warning("no ensemble stage output at %s: compressing the CNN members with plain averaging", ens_dir)
+    return EnsembleSource(members, EnsembleParts(), "members", h.hexdigest()[:16])
+
+
+def keras_baseline(members: list[Member], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
+    """The seed-style float32 ensemble: each tf_keras member's ``model.predict`` one after another (whole model,
+    no shared trunk), the same sklearn members (ONNX on the Keras embedding) and the same combiner."""
+    from transfuse import models
+    from transfuse.bundle import _Onnx
+
+    tf = _tf()
+    import tempfile
+    from pathlib import Path
+
+    nets = {m.name: tf.keras.Model(m.model.input, [m.model.output, models.embedding_model(m.model).output])
+            for m in members}
+    tmp = Path(tempfile.mkdtemp(prefix="transfuse-baseline-"))
+    sk = []
+    for i, s in enumerate(parts.sklearn):
+        (tmp / f"{i}.onnx").write_bytes(s.data)
+        sk.append((s, _Onnx(tmp / f"{i}.onnx", 1, s.name)))
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        x = preprocess(images, spec)
+        probs, emb = {}, {}
+        for name, net in nets.items():
+            p, e = net.predict(x, verbose=0, batch_size=256)
+            probs[name], emb[name] = p.astype(np.float64), e
+        for s, r in sk:
+            probs[s.name] = np.asarray(r(emb[s.embedding_of])[s.probabilities_output], np.float64)
+        st = parts.stacker
+        if st is None:
+            return np.mean(list(probs.values()), axis=0).astype(np.float32)
+        f = np.concatenate([probs[n] for n in st.members], axis=1)
+        if st.features == "log_probs":
+            f = np.log(np.clip(f, st.eps, 1.0))
+        from transfuse.bundle import softmax
+
+        return softmax(f @ np.asarray(st.coef).T + np.asarray(st.intercept)).astype(np.float32)
+
+    return predict
+
+
+def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarray, x_train: np.ndarray,
+                   y_train: np.ndarray, ccfg: Any) -> tuple[dict[str, Exported], dict[str, Any]]:
+    """Exported files per variant; pruned members are built once (first listed sparsity) and reused."""
+    exported: dict[str, Exported] = {}
+    pruning: dict[str, Any] = {}
+    pruned: Optional[list[Member]] = None
+    for v in variants:
+        if v not in VARIANTS:
+            raise CompressError(f"compress.variants: {v!r} is not one of {VARIANTS}")
+        if v.startswith("pruned"):
+            if pruned is None:
+                target = ccfg.sparsity[0]
+                pruned = []
+                for m in members:
+                    pm, sp = prune_member(m, x_train, y_train, sparsity=target, epochs=ccfg.prune_epochs,
+                                          batch_size=ccfg.prune_batch_size, lr=ccfg.prune_lr,
+                                          schedule=ccfg.prune_schedule, frequency=ccfg.prune_frequency,
+                                          tolerance=ccfg.sparsity_tolerance)
+                    pruned.append(pm)
+                    pruning[m.name] = {"target": target, "layers": sp}
+            mode = "int8" if v == "pruned_int8" else "float32"
+            exported[v] = export_members(pruned, mode, rep, share_trunk=ccfg.share_trunk)
+            exported[v].mode = v
+        else:
+            exported[v] = export_members(members, v, rep, share_trunk=ccfg.share_trunk)
+    return exported, pruning
+
+
+def run_compress(cfg: Any, *, force: bool = False) -> dict:
+    """The compress stage: every variant as a bundle under ``<run>/compress/<variant>/`` with the measured table in
+    ``compress/metrics.json``, and the ``compress.serve_variant`` bundle in ``<run>/bundle/``. Returns the compress
+    manifest."""
+    from transfuse import models, storage
+    from transfuse.data import data_manifest, read_split_numpy
+
+    ccfg = cfg.compress
+    if ccfg.serve_variant not in ccfg.variants:
+        raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be one of compress.variants "
+                            f"{ccfg.variants}")
+    src = read_ensemble(cfg)
+    out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
+    if not force and storage.is_complete(out, src.fingerprint) and storage.exists(storage.join(bundle_dir, "manifest.json")):
+        log.info("compress stage complete (fingerprint %s): %s", src.fingerprint, out)
+        return storage.read_manifest(out)
+    members = []
+    for name, d in src.members:
+        model, spec = models.load_member(d)
+        members.append(Member(name, model, spec))
+    pspec = PreprocessSpec(**members[0].spec["preprocess"])
+    if any(PreprocessSpec(**m.spec["preprocess"]) != pspec for m in members):
+        raise CompressError("CNN members use different preprocessing; one bundle runs one preprocessing function")
+    data_dir = storage.stage_dir(cfg, "data")
+    dm = data_manifest(data_dir)
+    class_names = list(dm["class_names"])
+    x_tr, y_tr, _ = read_split_numpy(data_dir, "train")
+    x_te, y_te, _ = read_split_numpy(data_dir, "test")
+    input_shape = tuple(int(d) for d in x_tr.shape[1:])
+    rep = representative_images(x_tr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    exported, pruning = build_variants(members, list(ccfg.variants), rep=rep, x_train=preprocess(x_tr, pspec),
+                                       y_train=y_tr, ccfg=ccfg)
+    storage.makedirs(out)
+    fs, p = storage.resolve(out)
+    fs.delete_dir_contents(p)  # no stale variants from an earlier run
+    common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
+                  num_threads=ccfg.num_threads)
+    rows = []
+    for v, ex in exported.items():
+        vdir = storage.join(out, v)
+        write_variant(vdir, ex, members, src.parts, **common, extra={"ensemble_source": src.source})
+        local = vdir if not storage.is_uri(vdir) else None
+        if local is None:
+            from transfuse.bundle import fetch
+
+            local = str(fetch(vdir))
+        row = variant_row(local, x_te, y_te, num_threads=ccfg.num_threads, latency_runs=ccfg.latency_runs,
+                          throughput_runs=ccfg.throughput_runs)
+        row["variant"] = v
+        rows.append(row)
+        log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
+    rows = with_ratios(rows)
+    report = {"variants": rows, "goals": goals(rows, "int8") if "int8" in exported else {},
+              "goals_pruned_int8": goals(rows, "pruned_int8") if "pruned_int8" in exported else {},
+              "pruning": pruning, "ensemble_source": src.source, "num_threads": ccfg.num_threads,
+              "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()}}
+    storage.write_json(storage.join(out, "metrics.json"), report)
+    serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)
+    write_variant(bundle_dir, exported[ccfg.serve_variant], members, src.parts, **common, overwrite=True,
+                  metrics={"test": {k: serve_row[k] for k in ("accuracy", "nll", "ece", "n")}, "variants": rows,
+                           "goals": report["goals"]},
+                  extra={"ensemble_source": src.source, "stage": "bundle", "complete": True,
+                         "fingerprint": src.fingerprint, "config": cfg.model_dump(mode="json")})
+    return storage.write_manifest(out, cfg, STAGE, src.fingerprint, variants=[r["variant"] for r in rows],
+                                  serve_variant=ccfg.serve_variant, bundle=bundle_dir, metrics=report["goals"])

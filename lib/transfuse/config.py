@@ -189,6 +189,13 @@ class CompressConfig(_Strict):
     sparsity: list[float] = [0.5]  # target fractions of zero weights
     prune_epochs: int = Field(1, ge=1)  # fine-tune at the target sparsity
     prune_frequency: int = Field(10, ge=1)  # steps between pruning updates: low, for short fine-tunes
+    prune_schedule: Literal["constant", "polynomial"] = "constant"  # constant: target from step 0; polynomial: ramp
+    prune_lr: float = Field(3e-4, gt=0.0)  # Adam, for the fine-tune at the target sparsity
+    prune_batch_size: int = Field(64, ge=1)
+    sparsity_tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # a layer below target - tolerance fails the run
+    share_trunk: bool = True  # export the members' shared frozen layers once (the trunk runs once per request)
+    latency_runs: int = Field(100, ge=5)  # batch-1 calls timed per variant (p50, p99)
+    throughput_runs: int = Field(10, ge=1)  # batch-32 calls timed per variant
     variants: list[Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]] = [
         "float32", "pruned", "int8", "pruned_int8", "float16",
     ]
