@@ -1,0 +1,509 @@
+"""The run report: ``<storage>/<run>/report/index.html`` with PNG plots beside it, read from the stage files.
+
+A plain HTML page (no JavaScript, no network: the images are files next to it) that people can open after a
+run. Every section reads the files its stage wrote, and is drawn only when they exist; a stage that has not run
+gives the line "stage X not run" instead, so the report can be written at any point of a run (even on an empty
+run folder) and never stops the pipeline for a missing stage. A stage output that exists but cannot be read is
+named on the page with the error (and logged), not raised: the report is the last step of a long run.
+
+Sections:
+1. learning curves of the best trial (member dir: first entry of ``tune/members.json``, else ``finetune/``);
+2. val accuracy against unfreeze depth (``tune/results.json``, ``tune/val_accuracy_vs_depth.png``);
+3. transfer vs scratch (test metrics of ``finetune/`` and ``scratch/``);
+4. every member vs the ensemble, accuracy and ECE (``ensemble/metrics.json``: ``summary``);
+5. the ensemble's confusion matrix (``ensemble/metrics.json``: ``confusion_stack``) and a reliability diagram.
+   The ensemble stage saves no test probabilities, so the diagram is drawn from the best CNN member's
+   ``predictions/test.parquet`` and the caption says so;
+6. the compression table (``compress/metrics.json``: ``variants``);
+7. the pipeline summary (``transfuse.pipeline.summary``), plus stage timings when the caller passes them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import io
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from transfuse import metrics as tm
+from transfuse import storage
+
+log = logging.getLogger(__name__)
+
+STAGE = "report"
+INDEX = "index.html"
+# Stages whose manifest.json is listed in the header (fingerprint, creation time, git commit).
+MANIFEST_STAGES = ("data", "pretrain_data", "pretrain", "finetune", "scratch", "tune", "ensemble", "compress",
+                   "bundle")
+COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.COMBINERS: not members
+DPI = 110  # ~550-800 px wide figures: readable in a browser without zooming
+
+
+def _esc(v: Any) -> str:
+    return html.escape(str(v))
+
+
+def _num(v: Any, fmt: str = "{:.4f}") -> str:
+    """A table cell: numbers formatted, None/NaN as '-'."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        return "-" if math.isnan(v) else fmt.format(v)
+    return _esc(v)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _not_run(*stages: str) -> str:
+    return "".join(f'<p class="missing">stage {_esc(s)} not run</p>' for s in stages)
+
+
+def _read_json(path: str) -> Optional[Any]:
+    return storage.read_json(path) if storage.exists(path) else None
+
+
+class _Page:
+    """Collects HTML sections and writes each figure as a PNG beside index.html."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+        self.parts: list[str] = []
+        self.images: list[str] = []
+
+    def add(self, text: str) -> None:
+        self.parts.append(text)
+
+    def figure(self, fig: Any, name: str, alt: str, caption: str = "") -> None:
+        import matplotlib.pyplot as plt
+
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=DPI)
+        plt.close(fig)
+        self.image_bytes(buf.getvalue(), name, alt, caption)
+
+    def image_bytes(self, data: bytes, name: str, alt: str, caption: str = "") -> None:
+        storage.write_bytes(storage.join(self.out_dir, name), data)
+        self.images.append(name)
+        cap = f"<figcaption>{caption}</figcaption>" if caption else ""
+        self.add(f'<figure><img src="{_esc(name)}" alt="{_esc(alt)}">{cap}</figure>')
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
+    """(dir of the best trial's member, how it was found): tune/members.json's first entry, else finetune/."""
+    tune_dir = storage.stage_dir(cfg, "tune")
+    listing = _read_json(storage.join(tune_dir, "members.json"))
+    if listing and listing.get("members"):
+        first = listing["members"][0]
+        d = str(first["dir"])
+        if not (storage.is_uri(d) or d.startswith("/")):
+            d = storage.join(tune_dir, d)  # relative dirs are relative to the tune stage (as in ensemble.py)
+        return d, f"best tuned trial {first.get('name', '?')} (first entry of tune/members.json)"
+    ft = storage.stage_dir(cfg, "finetune")
+    if storage.exists(storage.join(ft, "metrics.json")):
+        return ft, "the seed's fixed-depth model (finetune/; tune not run)"
+    return None, ""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def _header(cfg: Any, page: _Page) -> None:
+    rows, commits = [], []
+    for s in MANIFEST_STAGES:
+        m = storage.read_manifest(storage.stage_dir(cfg, s))
+        if not m:
+            continue
+        commit = m.get("git_commit")
+        if commit and commit not in commits:
+            commits.append(commit)
+        rows.append([_esc(s), _num(m.get("complete")), f"<code>{_esc(m.get('fingerprint', '-'))}</code>",
+                     _esc(m.get("created", "-")), f"<code>{_esc((commit or '-')[:12])}</code>"])
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    page.add(f"<h1>transfuse run <code>{_esc(cfg.run)}</code></h1>")
+    info = [("storage", storage.run_dir(cfg)), ("config fingerprint", cfg.fingerprint()),
+            ("git commit", ", ".join(commits) if commits else "- (no stage manifest records one)"),
+            ("backbone", f"{cfg.model.backbone} (width {cfg.model.width}, {cfg.model.input_size} px, "
+                         f"weights {cfg.model.weights}, unfreeze {cfg.model.unfreeze})"),
+            ("written", now)]
+    page.add(_table(["", ""], [[_esc(k), f"<code>{_esc(v)}</code>"] for k, v in info]))
+    page.add("<h3>Stage manifests</h3>")
+    page.add(_table(["stage", "complete", "fingerprint", "created", "git commit"], rows) if rows
+             else "<p>no stage has written a manifest yet</p>")
+
+
+def _learning_curves(cfg: Any, page: _Page) -> None:
+    page.add("<h2>1. Learning curves of the best trial</h2>")
+    d, how = _member_dir(cfg)
+    if d is None:
+        page.add(_not_run("tune", "finetune"))
+        return
+    m = storage.read_json(storage.join(d, "metrics.json"))
+    hist = m.get("history") or []
+    if not hist:
+        page.add(f"<p>{_esc(d)}/metrics.json has no per-epoch history</p>")
+        return
+    plt = _plt()
+    epochs = [int(r["epoch"]) for r in hist]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "loss", "loss (cross-entropy)"), (axes[1], "accuracy", "accuracy")):
+        for k, style in ((key, "o-"), (f"val_{key}", "s--")):
+            pts = [(e, r[k]) for e, r in zip(epochs, hist) if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=k.replace("_", " "), ms=4)
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_ylabel(label)
+    phases = [r.get("phase") for r in hist]
+    boundary = next((i for i in range(1, len(phases)) if phases[i] != phases[i - 1]), None)
+    for ax in axes:
+        if boundary is not None:  # between the last epoch of one phase and the first of the next
+            x = (epochs[boundary - 1] + epochs[boundary]) / 2
+            ax.axvline(x, color="grey", ls=":", lw=1.5, label=f"{phases[boundary - 1]} -> {phases[boundary]}")
+        ax.legend(fontsize=8)
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    per_phase = ", ".join(f"{p}: {phases.count(p)} epoch(s)" for p in dict.fromkeys(phases))
+    caption = (f"{_esc(how)}. Phases: {_esc(per_phase)}"
+               + ("; the dotted line marks where the backbone was unfrozen." if boundary is not None
+                  else "; one phase only (no boundary)."))
+    page.figure(fig, "learning_curves.png", "learning curves", caption)
+    rows = [[_esc(split), _num(m[split].get("accuracy")), _num(m[split].get("nll")), _num(m[split].get("ece")),
+             _num(m[split].get("n"))] for split in ("val", "test", "holdout") if isinstance(m.get(split), dict)]
+    if rows:
+        page.add(_table(["split", "accuracy", "NLL", "ECE", "n"], rows))
+
+
+def _depth_search(cfg: Any, page: _Page) -> None:
+    page.add("<h2>2. Val accuracy against unfreeze depth</h2>")
+    tune_dir = storage.stage_dir(cfg, "tune")
+    rows = _read_json(storage.join(tune_dir, "results.json"))
+    if rows is None:
+        page.add(_not_run("tune"))
+        return
+    tune_png = storage.join(tune_dir, "val_accuracy_vs_depth.png")
+    caption = (f"Best val accuracy of every trial by the number of unfrozen backbone layers; crosses were stopped "
+               f"early by the scheduler; dashed line: the seed's depth ({cfg.model.unfreeze}).")
+    if storage.exists(tune_png):  # the search's own plot, copied so the page works from its folder
+        page.image_bytes(storage.read_bytes(tune_png), "val_accuracy_vs_depth.png", "val accuracy vs depth",
+                         caption + " (plot written by the tune stage)")
+    else:
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for stopped in (False, True):
+            pts = [(r["unfreeze"], r["best_val_accuracy"]) for r in rows if bool(r.get("stopped_early")) == stopped
+                   and r.get("best_val_accuracy") is not None and not math.isnan(r["best_val_accuracy"])]
+            if pts:
+                ax.scatter(*zip(*pts), marker="x" if stopped else "o",
+                           label="stopped early" if stopped else "ran to the end", alpha=0.8)
+        ax.axvline(cfg.model.unfreeze, color="grey", ls="--", lw=1, label=f"seed's depth ({cfg.model.unfreeze})")
+        ax.set_xlabel("unfrozen backbone layers (from the top)")
+        ax.set_ylabel("best val accuracy")
+        ax.set_title("Depth search")
+        ax.legend(fontsize=8)
+        page.figure(fig, "val_accuracy_vs_depth.png", "val accuracy vs depth", caption)
+    ordered = sorted(rows, key=lambda r: (r.get("unfreeze", 0), -(r.get("best_val_accuracy") or 0.0)))
+    page.add(_table(
+        ["trial", "unfreeze", "best val acc", "epochs", "stopped early", "finished", "member val acc",
+         "member test acc", "error"],
+        [[_esc(r.get("trial_id", "-")), _num(r.get("unfreeze")), _num(r.get("best_val_accuracy")),
+          _num(r.get("epochs_run")), _num(r.get("stopped_early")), _num(r.get("finished")),
+          _num(r.get("val_accuracy")), _num(r.get("test_accuracy")), _esc(r.get("error") or "")] for r in ordered]))
+
+
+def _transfer_vs_scratch(cfg: Any, page: _Page) -> None:
+    page.add("<h2>3. Transfer vs scratch</h2>")
+    found, missing = {}, []
+    for stage, label in (("finetune", f"transferred weights ({cfg.model.weights}), unfreeze {cfg.model.unfreeze}"),
+                         ("scratch", "same network from random weights")):
+        m = _read_json(storage.join(storage.stage_dir(cfg, stage), "metrics.json"))
+        if m is None or not isinstance(m.get("test"), dict):
+            missing.append(stage)
+        else:
+            found[stage] = (label, m["test"], m.get("epochs"))
+    page.add(_not_run(*missing))
+    if not found:
+        return
+    page.add(_table(["stage", "model", "test accuracy", "NLL", "ECE", "n", "epochs"],
+                    [[_esc(s), _esc(lab), _num(t.get("accuracy")), _num(t.get("nll")), _num(t.get("ece")),
+                      _num(t.get("n")), _num(ep)] for s, (lab, t, ep) in found.items()]))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = list(found)
+    x = np.arange(len(names))
+    w = 0.38
+    for i, (key, label) in enumerate((("accuracy", "test accuracy"), ("ece", "test ECE"))):
+        vals = [float(found[s][1].get(key, float("nan"))) for s in names]
+        bars = ax.bar(x + (i - 0.5) * w, vals, w, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(x, [f"{s}\n({'transfer' if s == 'finetune' else 'random init'})" for s in names])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Transfer vs scratch (test split)")
+    ax.legend(fontsize=8)
+    page.figure(fig, "transfer_vs_scratch.png", "transfer vs scratch",
+                "Same architecture and epoch budget; higher accuracy and lower ECE are better.")
+
+
+def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict]) -> None:
+    page.add("<h2>4. Every member vs the ensemble</h2>")
+    if ens is None:
+        page.add(_not_run("ensemble"))
+        return
+    summary = ens["summary"]
+    models = list(summary)
+    seeds = ens.get("seeds", [])
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(models) + 1.4), sharey=True)
+    y = np.arange(len(models))
+    colors = ["tab:orange" if m in COMBINERS else "tab:blue" for m in models]
+    for ax, metric, label in ((axes[0], "accuracy", "test accuracy (higher is better)"),
+                              (axes[1], "ece", "test ECE (lower is better)")):
+        mean = np.array([summary[m][metric]["mean"] for m in models])
+        lo = mean - np.array([summary[m][metric]["min"] for m in models])
+        hi = np.array([summary[m][metric]["max"] for m in models]) - mean
+        ax.barh(y, mean, color=colors, xerr=[lo, hi] if len(seeds) > 1 else None, capsize=3)
+        for yi, v in zip(y, mean):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(1.0, float(mean.max()) * 1.2) if metric == "accuracy" else float(mean.max()) * 1.35 + 1e-3)
+    axes[0].set_yticks(y, models)
+    axes[0].invert_yaxis()
+    fig.suptitle("Members (blue) and combiners (orange)", fontsize=10)
+    page.figure(fig, "members_vs_ensemble.png", "members vs ensemble",
+                f"Test split, mean over {len(seeds) or 1} ensemble seed(s)"
+                + ("; error bars span the seed range." if len(seeds) > 1 else "."))
+    rows = []
+    for m in models:
+        s = summary[m]
+        cell = lambda k: f"{_num(s[k]['mean'])} [{_num(s[k]['min'])}, {_num(s[k]['max'])}]"  # noqa: E731
+        rows.append([_esc(m), "combiner" if m in COMBINERS else "member", cell("accuracy"), cell("nll"),
+                     cell("ece")])
+    page.add(_table(["model", "kind", "accuracy mean [min, max]", "NLL", "ECE"], rows))
+    best, gain = ens.get("best_member"), ens.get("stack_vs_best_member")
+    if best and gain:
+        page.add(f"<p>Best single member: <b>{_esc(best['name'])}</b> (accuracy {_num(best.get('accuracy'))}). "
+                 f"Stacked ensemble vs it: accuracy {gain['accuracy_gain_mean']:+.4f}, NLL gain "
+                 f"{gain['nll_gain_mean']:+.4f}; beats it on accuracy or NLL: "
+                 f"{_num(bool(gain['beats_on_accuracy_or_nll']))}.</p>")
+    counts = ens.get("counts")
+    if counts:
+        page.add(f"<p>Examples per split: {_esc(', '.join(f'{k} {v}' for k, v in counts.items()))}.</p>")
+
+
+def _best_cnn_member(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> tuple[Optional[str], str]:
+    """The CNN member with the best test accuracy in the ensemble report, else the best trial / finetune."""
+    if ens and desc and desc.get("cnn_members"):
+        summary = ens.get("summary", {})
+        cnn = [c for c in desc["cnn_members"] if c["name"] in summary] or desc["cnn_members"]
+        best = max(cnn, key=lambda c: summary.get(c["name"], {}).get("accuracy", {}).get("mean", -1.0))
+        return str(best["dir"]), f"CNN member {best['name']} (best CNN member on test in the ensemble report)"
+    return _member_dir(cfg)
+
+
+def _calibration(cfg: Any, page: _Page, ens: Optional[dict], desc: Optional[dict]) -> None:
+    page.add("<h2>5. Confusion matrix and reliability</h2>")
+    class_names = (desc or {}).get("class_names")
+    if ens is None or "confusion_stack" not in ens:
+        page.add(_not_run("ensemble"))
+    else:
+        cm = np.asarray(ens["confusion_stack"], dtype=np.int64)
+        k = cm.shape[0]
+        names = [str(c) for c in class_names] if class_names and len(class_names) == k else [str(i) for i in range(k)]
+        plt = _plt()
+        side = min(9.0, 2.5 + 0.45 * k)
+        fig, ax = plt.subplots(figsize=(side + 1.0, side))
+        im = ax.imshow(cm, cmap="Blues")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        if k <= 20:  # counts are readable up to ~20 classes
+            thresh = cm.max() / 2 if cm.size else 0
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if cm[i, j] > thresh else "black")
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        acc = float(np.trace(cm) / max(cm.sum(), 1))
+        ax.set_title(f"Stacked ensemble, test (accuracy {acc:.3f}, n={int(cm.sum())})")
+        page.figure(fig, "confusion_ensemble.png", "confusion matrix of the stacked ensemble",
+                    "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
+                    "predicted), from ensemble/metrics.json.")
+    d, how = _best_cnn_member(cfg, ens, desc)
+    pred = storage.join(d, "predictions", "test.parquet") if d else None
+    if pred is None or not storage.exists(pred):
+        page.add("<p>No test predictions to draw a reliability diagram from "
+                 "(no member dir with predictions/test.parquet).</p>")
+        return
+    from transfuse.ensemble import read_member_split
+
+    _, labels, probs = read_member_split(d, "predictions", "test")
+    rel = tm.reliability(probs, labels)
+    ece = tm.ece(probs, labels)
+    plt = _plt()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    edges = np.asarray(rel["edges"])
+    centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    count = np.asarray(rel["count"])
+    has = count > 0
+    ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.75,
+           label="accuracy in bin")
+    ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o", color="tab:red", ms=4,
+            label="(mean confidence, accuracy)")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Reliability, test (ECE {ece:.3f}, n={len(labels)})")
+    ax.legend(fontsize=8, loc="upper left")
+    axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+    axc.set_xlabel("confidence (max probability)")
+    axc.set_ylabel("examples")
+    axc.set_xlim(0, 1)
+    page.figure(fig, "reliability.png", "reliability diagram",
+                f"Reliability diagram of {_esc(how)}, from its predictions/test.parquet. The ensemble stage saves "
+                "only its confusion matrix, not its test probabilities, so this diagram is of that CNN member, "
+                "not of the stacked ensemble (the ensemble's ECE is in section 4).")
+
+
+def _compression(cfg: Any, page: _Page) -> None:
+    page.add("<h2>6. Compression: size, latency and accuracy per variant</h2>")
+    rep = _read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
+    if rep is None:
+        page.add(_not_run("compress"))
+        return
+    rows = rep.get("variants") or []
+    if not rows:
+        page.add("<p>compress/metrics.json lists no variants</p>")
+        return
+    thr_key = next((k for k in rows[0] if k.startswith("throughput_b")), None)
+    cols = [("variant", "variant", "{}"), ("size_bytes", "bytes", "{}"), ("size_gzip_bytes", "gzip bytes", "{}"),
+            ("p50_ms_b1", "p50 ms (batch 1)", "{:.2f}"), ("p99_ms_b1", "p99 ms (batch 1)", "{:.2f}")]
+    if thr_key:
+        cols.append((thr_key, f"images/s (batch {thr_key[len('throughput_b'):]})", "{:.1f}"))
+    cols += [("accuracy", "accuracy", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
+             ("speedup_b1", "x faster", "{:.2f}"), ("smaller_raw", "x smaller", "{:.2f}"),
+             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("accuracy_delta_points", "accuracy change (points)",
+                                                              "{:+.2f}")]
+    page.add(_table([c[1] for c in cols], [[_num(r.get(k), f) for k, _, f in cols] for r in rows]))
+    serve = getattr(cfg.compress, "serve_variant", None)
+    notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
+             f"threads: {rep.get('num_threads', '-')}", f"served variant: {serve}"]
+    page.add(f"<p>{_esc('; '.join(notes))}. Ratios are against float32, measured in the same run.</p>")
+    for key in ("goals", "goals_pruned_int8"):
+        g = rep.get(key) or {}
+        if g:
+            page.add(f"<p>Goals for {_esc(g['variant'])} vs {_esc(g['against'])}: {g['speedup_b1']:.2f}x faster "
+                     f"(>= 3x: {_num(g['faster_3x'])}), {g['smaller_raw']:.2f}x smaller (>= 4x: "
+                     f"{_num(g['smaller_4x'])}), accuracy {g['accuracy_delta_points']:+.2f} points (within 0.5: "
+                     f"{_num(g['within_0_5_points'])}).</p>")
+    plt = _plt()
+    names = [str(r["variant"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    panels = ((axes[0], [r.get("size_bytes") for r in rows], 1 / 1024, "size (KiB)", "{:.0f}"),
+              (axes[1], [r.get("p50_ms_b1") for r in rows], 1.0, "p50 latency, batch 1 (ms)", "{:.2f}"),
+              (axes[2], [r.get("accuracy") for r in rows], 1.0, "test accuracy", "{:.3f}"))
+    for ax, vals, scale, label, fmt in panels:
+        v = np.array([np.nan if x is None else float(x) * scale for x in vals])
+        bars = ax.bar(names, v, color=["tab:green" if n == serve else "tab:blue" for n in names])
+        ax.bar_label(bars, labels=["" if np.isnan(x) else fmt.format(x) for x in v], fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    page.figure(fig, "compression.png", "compression variants",
+                "Every variant as a full bundle, loaded back and measured (served variant in green).")
+
+
+def _summary(cfg: Any, page: _Page, results: Optional[Sequence[Any]]) -> None:
+    page.add("<h2>7. Pipeline summary</h2>")
+    from transfuse.pipeline import summary
+
+    rows = summary(cfg, list(results or []))
+    if results:
+        page.add(_table(["stage", "status", "seconds"],
+                        [[_esc(r.name), _esc(r.status), _num(float(r.seconds), "{:.1f}")] for r in results]))
+    if not rows:
+        page.add("<p>no model has written test metrics yet (stages finetune, scratch, tune, ensemble and compress "
+                 "not run)</p>")
+        return
+    keys = [("accuracy", "accuracy", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
+            ("bundle_bytes", "bundle bytes", "{}"), ("p50_ms", "p50 ms", "{:.1f}"), ("latency_ms", "latency ms",
+                                                                                     "{:.1f}")]
+    keys = [k for k in keys if any(r.get(k[0]) is not None for r in rows)]
+    page.add(_table(["model", *(k[1] for k in keys)],
+                    [[_esc(r["model"]), *(_num(r.get(k), f) for k, _, f in keys)] for r in rows]))
+
+
+# ------------------------------------------------------------------------------------------------ the page
+_CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.4}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
+figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555;max-width:800px}
+.missing{color:#a33;font-style:italic}.error{color:#a00}code{font-size:.9em}"""
+
+
+def _section(page: _Page, title: str, fn: Callable[[], None]) -> None:
+    """Run one section; a stage output that exists but cannot be read is named on the page, not raised."""
+    start = len(page.parts)
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the report must not fail a finished run; the error is shown + logged
+        log.warning("report section %r failed: %s: %s", title, type(e).__name__, e, exc_info=True)
+        del page.parts[start + 1:]  # keep the heading, drop a half-written section
+        page.add(f'<p class="error">section {_esc(title)} could not be drawn: {_esc(type(e).__name__)}: '
+                 f"{_esc(e)}</p>")
+
+
+def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
+    """Write ``<storage>/<run>/report/index.html`` and its PNGs from whatever stages have run; return its path.
+
+    ``results``: the pipeline's ``StageResult`` list, shown as a timing table when given.
+    """
+    _plt()
+    out = storage.stage_dir(cfg, STAGE)
+    storage.makedirs(out)
+    fs, p = storage.resolve(out)
+    fs.delete_dir_contents(p, missing_dir_ok=True)  # no stale plots from an earlier report
+    page = _Page(out)
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ens: Optional[dict] = None
+    desc: Optional[dict] = None
+    try:
+        ens = _read_json(storage.join(ens_dir, "metrics.json"))
+        desc = _read_json(storage.join(ens_dir, "ensemble.json"))
+    except Exception as e:  # noqa: BLE001 - shown in sections 4 and 5
+        log.warning("report: cannot read %s: %s", ens_dir, e)
+    _section(page, "header", lambda: _header(cfg, page))
+    _section(page, "learning curves", lambda: _learning_curves(cfg, page))
+    _section(page, "depth search", lambda: _depth_search(cfg, page))
+    _section(page, "transfer vs scratch", lambda: _transfer_vs_scratch(cfg, page))
+    _section(page, "members vs ensemble", lambda: _members_vs_ensemble(cfg, page, ens))
+    _section(page, "confusion and reliability", lambda: _calibration(cfg, page, ens, desc))
+    _section(page, "compression", lambda: _compression(cfg, page))
+    _section(page, "pipeline summary", lambda: _summary(cfg, page, results))
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>transfuse report: {_esc(cfg.run)}</title><style>{_CSS}</style></head><body>\n"
+           + "\n".join(page.parts) + "\n</body></html>\n")
+    index = storage.join(out, INDEX)
+    storage.write_bytes(index, doc.encode("utf-8"))
+    log.info("report: %s (%d plots)", index, len(page.images))
+    return index
+
+
+__all__ = ["write_report"]
