@@ -61,7 +61,8 @@ def _train_member(digits, seed: int, epochs: tuple[int, int], alpha: float) -> t
         clf.partial_fit(x, y, classes=np.arange(10))
         phase = "frozen" if e < epochs[0] else "unfrozen"
         pt, pv = clf.predict_proba(x), clf.predict_proba(xv)
-        history.append({"phase": phase, "epoch": e + 1, "phase_epoch": e + 1 if phase == "frozen" else e + 1 - epochs[0],
+        phase_epoch = e + 1 if phase == "frozen" else e + 1 - epochs[0]
+        history.append({"phase": phase, "epoch": e + 1, "phase_epoch": phase_epoch,
                         "loss": tm.nll(pt, y), "accuracy": tm.accuracy(pt, y),
                         "val_loss": tm.nll(pv, yv), "val_accuracy": tm.accuracy(pv, yv)})
     return clf, history
@@ -249,6 +250,10 @@ def test_full_run_report(tmp_path, digits):
         assert f"<td>{model}</td>" in sec[SECTIONS[3]]
         assert f"{s['accuracy']['mean']:.4f}" in sec[SECTIONS[3]] and f"{s['ece']['mean']:.4f}" in sec[SECTIONS[3]]
     assert ens["best_member"]["name"] in sec[SECTIONS[3]]
+    order = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "ensemble.json"))["member_order"]
+    expected = order + ["average", "hard_vote", "greedy", "stack"]  # members in the ensemble's order, then combiners
+    positions = [sec[SECTIONS[3]].index(f"<td>{m}</td>") for m in expected]
+    assert positions == sorted(positions) and len(expected) == len(ens["summary"])
     # 5: the caption says the reliability diagram is of a CNN member, not the ensemble
     assert "not of the stacked ensemble" in sec[SECTIONS[4]]
     # 6: a row per variant with its size and accuracy
@@ -290,6 +295,16 @@ def test_empty_run_every_section_not_run(tmp_path):
     for title in SECTIONS:
         assert "not run" in sec[title], title
     assert "no stage has written a manifest yet" in text and "could not be drawn" not in text
+
+
+def test_command_line_writes_the_report(tmp_path, capsys):
+    from conftest import ROOT
+    from transfuse.report import main
+
+    assert main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"storage={tmp_path}",
+                 "--set", "run=cli"]) == 0
+    path = capsys.readouterr().out.strip()
+    assert path == str(tmp_path / "cli" / "report" / "index.html") and "<h2>7. Pipeline summary</h2>" in _html(path)
 
 
 def test_unreadable_stage_output_is_shown_not_raised(tmp_path, digits):

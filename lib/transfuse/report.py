@@ -215,6 +215,9 @@ def _depth_search(cfg: Any, page: _Page) -> None:
                 ax.scatter(*zip(*pts), marker="x" if stopped else "o",
                            label="stopped early" if stopped else "ran to the end", alpha=0.8)
         ax.axvline(cfg.model.unfreeze, color="grey", ls="--", lw=1, label=f"seed's depth ({cfg.model.unfreeze})")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are layer counts
         ax.set_xlabel("unfrozen backbone layers (from the top)")
         ax.set_ylabel("best val accuracy")
         ax.set_title("Depth search")
@@ -262,13 +265,16 @@ def _transfer_vs_scratch(cfg: Any, page: _Page) -> None:
                 "Same architecture and epoch budget; higher accuracy and lower ECE are better.")
 
 
-def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict]) -> None:
+def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict], desc: Optional[dict]) -> None:
     page.add("<h2>4. Every member vs the ensemble</h2>")
     if ens is None:
         page.add(_not_run("ensemble"))
         return
     summary = ens["summary"]
-    models = list(summary)
+    # metrics.json is written with sorted keys: restore the ensemble's member order, then the combiners
+    order = [m for m in (desc or {}).get("member_order", []) if m in summary]
+    models = order + sorted((m for m in summary if m not in order and m not in COMBINERS), key=str) \
+        + [c for c in COMBINERS if c in summary]
     seeds = ens.get("seeds", [])
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(models) + 1.4), sharey=True)
@@ -286,7 +292,10 @@ def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict]) -> None:
         ax.set_xlim(0, max(1.0, float(mean.max()) * 1.2) if metric == "accuracy" else float(mean.max()) * 1.35 + 1e-3)
     axes[0].set_yticks(y, models)
     axes[0].invert_yaxis()
-    fig.suptitle("Members (blue) and combiners (orange)", fontsize=10)
+    from matplotlib.patches import Patch
+
+    axes[1].legend(handles=[Patch(color="tab:blue", label="member"), Patch(color="tab:orange", label="combiner")],
+                   fontsize=8, loc="lower right")
     page.figure(fig, "members_vs_ensemble.png", "members vs ensemble",
                 f"Test split, mean over {len(seeds) or 1} ensemble seed(s)"
                 + ("; error bars span the seed range." if len(seeds) > 1 else "."))
@@ -370,9 +379,10 @@ def _calibration(cfg: Any, page: _Page, ens: Optional[dict], desc: Optional[dict
             label="(mean confidence, accuracy)")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.3)  # room above 1.0 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_title(f"Reliability, test (ECE {ece:.3f}, n={len(labels)})")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
     axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
     axc.set_xlabel("confidence (max probability)")
     axc.set_ylabel("examples")
@@ -417,8 +427,10 @@ def _compression(cfg: Any, page: _Page) -> None:
     plt = _plt()
     names = [str(r["variant"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-    panels = ((axes[0], [r.get("size_bytes") for r in rows], 1 / 1024, "size (KiB)", "{:.0f}"),
-              (axes[1], [r.get("p50_ms_b1") for r in rows], 1.0, "p50 latency, batch 1 (ms)", "{:.2f}"),
+    sizes = [r.get("size_bytes") for r in rows]
+    mib = max((x or 0) for x in sizes) >= 10 * 2**20  # MiB for real bundles, KiB for tiny ones
+    panels = ((axes[0], sizes, 2.0 ** (-20 if mib else -10), f"size ({'MiB' if mib else 'KiB'})", "{:.3g}"),
+              (axes[1], [r.get("p50_ms_b1") for r in rows], 1.0, "p50 latency, batch 1 (ms)", "{:.3g}"),
               (axes[2], [r.get("accuracy") for r in rows], 1.0, "test accuracy", "{:.3f}"))
     for ax, vals, scale, label, fmt in panels:
         v = np.array([np.nan if x is None else float(x) * scale for x in vals])
@@ -493,7 +505,7 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     _section(page, "learning curves", lambda: _learning_curves(cfg, page))
     _section(page, "depth search", lambda: _depth_search(cfg, page))
     _section(page, "transfer vs scratch", lambda: _transfer_vs_scratch(cfg, page))
-    _section(page, "members vs ensemble", lambda: _members_vs_ensemble(cfg, page, ens))
+    _section(page, "members vs ensemble", lambda: _members_vs_ensemble(cfg, page, ens, desc))
     _section(page, "confusion and reliability", lambda: _calibration(cfg, page, ens, desc))
     _section(page, "compression", lambda: _compression(cfg, page))
     _section(page, "pipeline summary", lambda: _summary(cfg, page, results))
@@ -506,4 +518,22 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     return index
 
 
-__all__ = ["write_report"]
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """(Re)write a run's report without Ray: ``python -m transfuse.report --config FILE [--set key=value ...]``."""
+    import argparse
+
+    from transfuse.config import load_config
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--config", required=True, help="the run's YAML config (storage and run name the run folder)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. storage=s3://bucket/runs (repeatable)")
+    args = ap.parse_args(argv)
+    print(write_report(load_config(args.config, args.overrides)))
+    return 0
+
+
+__all__ = ["main", "write_report"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
