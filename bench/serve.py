@@ -13,7 +13,8 @@ digits, converts them to .tflite (float32 or full-integer int8) and writes a rea
 ``transfuse.bundle.write_bundle``.
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations`: the baseline's FastAPI route needs its `Request` annotation as a
+# real class at runtime (string annotations on a serve.ingress method are not resolvable).
 
 import argparse
 import asyncio
@@ -228,6 +229,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--members", type=int, default=3, help="demo: CNN members in the bundle and the baseline")
     p.add_argument("--bundle", help="an existing int8 bundle (else a demo bundle is built)")
     p.add_argument("--keras", nargs="*", default=None, help="baseline weights (build_cnn's architecture)")
+    p.add_argument("--workdir", help="demo: build here, or reuse the demo already built here")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica, both sides")
     p.add_argument("--threads", type=int, default=2, help="LiteRT threads per model (demo bundle)")
     p.add_argument("--max-batch-size", type=int, default=32)
@@ -241,17 +243,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from serve.app import AppArgs, build_app
     from transfuse.bundle import load_bundle
 
-    tmp = Path(tempfile.mkdtemp(prefix="transfuse-bench-"))
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="transfuse-bench-"))
     if args.bundle:
         if not args.keras:
             p.error("--bundle needs --keras weights for the baseline")
         bundle_dir, weights = args.bundle, args.keras
     else:
-        t0 = time.perf_counter()
         bundle_dir, kdir = str(tmp / "bundle"), str(tmp / "keras")
-        write_demo_bundle(bundle_dir, members=args.members, int8=True, num_threads=args.threads, keras_dir=kdir)
+        if not (Path(bundle_dir) / "manifest.json").is_file():
+            t0 = time.perf_counter()
+            write_demo_bundle(bundle_dir, members=args.members, int8=True, num_threads=args.threads, keras_dir=kdir)
+            print(f"demo: {args.members} members trained and converted in {time.perf_counter() - t0:.1f}s")
         weights = sorted(str(w) for w in Path(kdir).glob("*.weights.h5"))
-        print(f"demo: {args.members} members trained and converted in {time.perf_counter() - t0:.1f}s")
     bundle = load_bundle(bundle_dir)
     images, _, _ = digits_uint8()
     bodies = [json.dumps({"instances": images[i:i + 1].tolist()}).encode() for i in range(256)]

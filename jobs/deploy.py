@@ -18,6 +18,7 @@ from transfuse import storage
 def _args(p) -> None:
     p.add_argument("--bundle", help="bundle directory or URI (default: <storage>/<run>/bundle)")
     p.add_argument("--app-name", default="transfuse", help="Serve application name")
+    p.add_argument("--route-prefix", default="/", help="HTTP route prefix of the application")
     p.add_argument("--block", action="store_true", help="keep this process (and a local Ray) serving until Ctrl-C")
 
 
@@ -27,7 +28,7 @@ def _run(cfg, args) -> None:
 
     bundle = args.bundle or storage.stage_dir(cfg, "bundle")
     try:
-        url = deploy(cfg.serve, bundle, app_name=args.app_name)
+        url = deploy(cfg.serve, bundle, app_name=args.app_name, route_prefix=args.route_prefix)
     except BundleError as e:
         raise SystemExit(f"error: cannot serve {bundle}: {e}") from None
     print(f"serving {cfg.serve.name}: {url}  (POST {url}:predict, POST {url}/images, GET {url})")

@@ -23,6 +23,7 @@ import hmac
 import io
 import json
 import logging
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Union
 
@@ -339,8 +340,7 @@ class TransfuseReplica:
         self._bundle_path = self._args.bundle
         self._from_init = True  # the first reconfigure with the same bundle does not load it again
         self._last_refused: Optional[dict[str, str]] = None
-        self._predict_batched.set_max_batch_size(self._args.max_batch_size)
-        self._predict_batched.set_batch_wait_timeout_s(self._args.batch_wait_timeout_s)
+        self._set_batching(self._args.max_batch_size, self._args.batch_wait_timeout_s)
         logger.info("serving bundle %s version %s (%s)", self._bundle.name, self._bundle.version,
                     self._bundle.checksum)
 
@@ -352,6 +352,15 @@ class TransfuseReplica:
         return bundle
 
     # ---- configuration and hot swap
+
+    def _set_batching(self, max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
+        size, wait = int(max_batch_size), float(batch_wait_timeout_s)
+        if size < 1 or not (wait >= 0.0 and math.isfinite(wait)):
+            raise ValueError(f"max_batch_size must be an integer >= 1 and batch_wait_timeout_s a finite number >= 0, "
+                             f"got {max_batch_size!r} and {batch_wait_timeout_s!r}")
+        self._predict_batched.set_max_batch_size(size)
+        self._predict_batched.set_batch_wait_timeout_s(wait)
+        self._max_batch_size, self._batch_wait_timeout_s = size, wait
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` (bundle, revision, max_batch_size, batch_wait_timeout_s).
@@ -365,10 +374,8 @@ class TransfuseReplica:
             unknown = sorted(set(cfg) - set(USER_CONFIG_KEYS))
             if unknown:
                 raise ValueError(f"unknown user_config key(s) {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
-            if "max_batch_size" in cfg:
-                self._predict_batched.set_max_batch_size(int(cfg["max_batch_size"]))
-            if "batch_wait_timeout_s" in cfg:
-                self._predict_batched.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+            self._set_batching(cfg.get("max_batch_size", self._max_batch_size),
+                               cfg.get("batch_wait_timeout_s", self._batch_wait_timeout_s))
         except (TypeError, ValueError) as e:
             if from_init:  # a replica never starts on a config it cannot apply
                 raise
@@ -417,7 +424,7 @@ class TransfuseReplica:
 
     async def _infer(self, bundle: Any, x: np.ndarray) -> np.ndarray:
         """Chunks of at most max_batch_size images go through the batcher; results in request order."""
-        size = max(1, self._predict_batched._get_max_batch_size())
+        size = self._max_batch_size
         parts = await asyncio.gather(*[self._predict_batched((bundle, x[i:i + size]))
                                        for i in range(0, len(x), size)])
         return np.concatenate(parts)
@@ -490,7 +497,7 @@ class TransfuseReplica:
             "versions": manifest.get("versions"),
             "last_refused_bundle": self._last_refused,
             "limits": {"max_instances": self._args.max_instances, "max_request_bytes": self._args.max_request_bytes,
-                       "max_batch_size": self._predict_batched._get_max_batch_size()},
+                       "max_batch_size": self._max_batch_size, "batch_wait_timeout_s": self._batch_wait_timeout_s},
         }
 
     @api.get("/healthz", summary="Liveness: the replica is up and holds a bundle")

@@ -365,7 +365,9 @@ def test_health_check_and_swap_refuse_a_bundle_that_cannot_predict(bundles, brok
         await m.check_health()
         await m.reconfigure({"bundle": bundles["v2"], "max_batch_size": 4})
         assert m._bundle.version == "2" and m._last_refused is None
-        assert m._predict_batched._get_max_batch_size() == 4
+        assert m._max_batch_size == 4
+        await m.reconfigure({"bundle": bundles["v2"], "max_batch_size": 0})
+        assert "max_batch_size" in m._last_refused["error"] and m._max_batch_size == 4
         m._bundle = load_bundle(broken_bundle)  # a model that stops predicting must fail the health check
         with pytest.raises(BundleError, match="cannot predict"):
             await m.check_health()
@@ -502,3 +504,27 @@ def test_client_cli(server, digits, tmp_path, capsys):
     assert "instance 1:" in capsys.readouterr().out
     assert main(["--url", server, "--model", "nope", str(png)]) == 1
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_jobs_deploy(server, bundles, digits, offline, tmp_path, capsys):
+    """python -m jobs.deploy on the running cluster (the test's Serve proxy), then a real request to its URL."""
+    from ray import serve
+
+    from jobs.deploy import _args as deploy_args, _run
+    from jobs._cli import main
+
+    port = server.rsplit(":", 1)[1]
+    common = ["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"serve.port={port}",
+              "--set", "serve.num_cpus=0.25", "--set", f"serve.name={MODEL}", "--app-name", "job",
+              "--route-prefix", "/job"]
+    with pytest.raises(SystemExit, match="altered"):
+        main("deploy", _run, extra=deploy_args, argv=[*common, "--bundle", bundles["tampered"]])
+    try:
+        assert main("deploy", _run, extra=deploy_args, argv=[*common, "--bundle", bundles["v1"]]) == 0
+        url = capsys.readouterr().out.split(": ", 1)[1].split()[0]
+        assert url == f"{server}/job/v1/models/{MODEL}"
+        x = digits[0][:3]
+        np.testing.assert_allclose(_probs(httpx.post(f"{url}:predict", json={"instances": x.tolist()})),
+                                   offline["v1"].predict_proba(x), rtol=0, atol=1e-6)
+    finally:
+        serve.delete("job")
