@@ -187,7 +187,7 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     m = compress.run_compress(cfg)
     assert m["variants"] == ["float32", "int8"] and m["serve_variant"] == "int8"
     report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
-    assert report["ensemble_source"] == "members" and report["shared_trunk"]["int8"] == "block4_pool"
+    assert report["ensemble_source"] == "members" and report["shared_trunk"]["int8"] == "block3_pool"
     b = load_bundle(storage.stage_dir(cfg, "bundle"))
     assert b.manifest["variant"] == "int8" and b.class_names == dm["class_names"]
     assert b.manifest["metrics"]["variants"][0]["variant"] == "float32"

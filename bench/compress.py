@@ -1,0 +1,200 @@
+"""Compression variants of the ensemble against the seed-style float32 Keras ensemble, measured in one command.
+
+Rows: every variant (float32, pruned, int8, pruned_int8, float16, dynamic_int8) written as a real bundle and
+loaded back with ``load_bundle`` (LiteRT, shared trunk, ``num_threads`` threads), and the seed-style baseline:
+the float32 tf_keras members run one after another with ``model.predict`` (whole models, no shared trunk; the
+same scikit-learn members and combiner). Columns: model bytes raw and gzip, latency at batch 1 (p50, p99 ms),
+throughput at batch 32, test accuracy, NLL, ECE, and ratios against float32 and against the Keras baseline.
+
+    # a run's own ensemble (after jobs.ensemble, or tune/finetune members with plain averaging):
+    .venv/bin/python bench/compress.py --config configs/default.yaml
+    # self-contained: two vgg_small members trained here on a Fashion-MNIST slice (digits if absent)
+    .venv/bin/python bench/compress.py --demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import compress
+from transfuse.preprocess import PreprocessSpec, preprocess
+
+ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]
+
+
+def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
+    """Two vgg_small (width 0.25) members sharing a backbone trained here; a logistic-regression member on the
+    first member's embedding and a stacker fitted on a held-out slice (no train example reaches the stacker)."""
+    import tensorflow as tf
+    from sklearn.linear_model import LogisticRegression
+
+    from transfuse import models
+    from transfuse.bundle import SklearnMember, Stacker
+    from transfuse.config import HeadConfig, ModelConfig
+
+    fm = Path("/usr/share/datasets/fashion-mnist")
+    if (fm / "train-images-idx3-ubyte.gz").is_file():
+        from transfuse.data.sources import read_idx
+
+        x = read_idx(str(fm / "train-images-idx3-ubyte.gz"))[..., None]
+        y = read_idx(str(fm / "train-labels-idx1-ubyte.gz")).astype(np.int64)
+        names, source = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                         "ankle boot"], "fashion_mnist"
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = np.clip(d.images * 16, 0, 255).astype(np.uint8)[..., None], d.target.astype(np.int64)
+        names, source = [str(i) for i in range(10)], "digits"
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(x))
+    n_hold = n_test // 2
+    tr, ho, te = idx[:n_train], idx[n_train:n_train + n_hold], idx[n_train + n_hold:n_train + n_hold + n_test]
+    mc = ModelConfig(backbone="vgg_small", weights="none", input_size=32, width=0.25, head=HeadConfig(dense=[64]),
+                     unfreeze=4)
+    spec_all = models.model_spec(mc, 10, names, seed=seed, unfreeze=18)
+    pspec = PreprocessSpec(**spec_all["preprocess"])
+    xtr = preprocess(x[tr], pspec)
+    base = models.build_model(spec_all)  # the "pretrained" backbone: every layer trained here
+    base.compile(tf.keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    base.fit(xtr, y[tr], batch_size=64, epochs=epochs, verbose=0)
+    members = []
+    for i, k in enumerate((4, 8)):
+        spec = models.model_spec(mc, 10, names, seed=seed + i + 1, unfreeze=k)
+        m = models.build_model(spec)
+        models.get_backbone(m).set_weights(models.get_backbone(base).get_weights())
+        models.set_unfreeze(m, k)
+        m.compile(tf.keras.optimizers.Adam(3e-4), "sparse_categorical_crossentropy")
+        m.fit(xtr, y[tr], batch_size=64, epochs=max(1, epochs // 2), verbose=0)
+        members.append(compress.Member(f"vgg_u{k}", m, spec))
+    emb_net = models.embedding_model(members[0].model)
+    lr = LogisticRegression(max_iter=1000).fit(emb_net.predict(xtr, verbose=0), y[tr])
+    xho = preprocess(x[ho], pspec)
+    hold = [m.model.predict(xho, verbose=0) for m in members] + [lr.predict_proba(emb_net.predict(xho, verbose=0))]
+    feats = np.log(np.clip(np.concatenate(hold, axis=1), 1e-6, 1.0))
+    st = LogisticRegression(max_iter=2000).fit(feats, y[ho])
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    dim = int(emb_net.output.shape[-1])
+    onx = convert_sklearn(lr, initial_types=[("embedding", FloatTensorType([None, dim]))],
+                          options={id(lr): {"zipmap": False}}).SerializeToString()
+    parts = compress.EnsembleParts(
+        sklearn=[SklearnMember("logreg", onx, embedding_of=members[0].name)],
+        stacker=Stacker(st.coef_, st.intercept_, members=[m.name for m in members] + ["logreg"],
+                        features="log_probs", eps=1e-6))
+    info = {"source": source, "train": len(tr), "stacker_holdout": len(ho), "test": len(te), "epochs": epochs,
+            "backbone": "vgg_small width 0.25, 32x32", "members": [m.name for m in members] + ["logreg"]}
+    return members, parts, (x[tr], y[tr]), (x[te], y[te]), names, info
+
+
+def run_members(cfg):
+    """The run's ensemble as jobs.compress reads it, and its prepared train/test splits."""
+    from transfuse import models, storage
+    from transfuse.data import data_manifest, read_split_numpy
+
+    src = compress.read_ensemble(cfg)
+    members = [compress.Member(n, *models.load_member(d)) for n, d in src.members]
+    data_dir = storage.stage_dir(cfg, "data")
+    names = data_manifest(data_dir)["class_names"]
+    xtr, ytr, _ = read_split_numpy(data_dir, "train")
+    xte, yte, _ = read_split_numpy(data_dir, "test")
+    return members, src.parts, (xtr, ytr), (xte, yte), names, {"source": src.source, "run": cfg.run}
+
+
+def keras_bytes(members, parts) -> tuple[int, int]:
+    """Bytes of what the seed ships: each member's .weights.h5 plus the same ONNX sklearn members."""
+    import gzip
+
+    raw = gz = 0
+    with tempfile.TemporaryDirectory() as d:
+        for m in members:
+            p = Path(d) / f"{m.name}.weights.h5"
+            m.model.save_weights(str(p))
+            b = p.read_bytes()
+            raw, gz = raw + len(b), gz + len(gzip.compress(b, 9))
+    for s in parts.sklearn:
+        raw, gz = raw + len(s.data), gz + len(gzip.compress(s.data, 9))
+    return raw, gz
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="run config (reads <run>/ensemble or the tune/finetune members)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--demo", action="store_true", help="train two small members here instead of reading a run")
+    ap.add_argument("--n-train", type=int, default=4000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--variants", default=",".join(ALL))
+    ap.add_argument("--threads", type=int, default=2, help="LiteRT / ONNX Runtime threads per model")
+    ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument("--json", help="also write the rows here")
+    args = ap.parse_args()
+    from transfuse.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    t0 = time.time()
+    if args.demo:
+        members, parts, (xtr, ytr), (xte, yte), names, info = demo_members(args.n_train, args.n_test, args.epochs)
+    elif args.config:
+        members, parts, (xtr, ytr), (xte, yte), names, info = run_members(cfg)
+    else:
+        ap.error("give --config FILE or --demo")
+    print(f"ensemble: {json.dumps(info)}  (ready in {time.time() - t0:.0f} s)")
+    pspec = PreprocessSpec(**members[0].spec["preprocess"])
+    ccfg = cfg.compress
+    rep = compress.representative_images(xtr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    variants = [v for v in args.variants.split(",") if v]
+    exported, pruning = compress.build_variants(members, variants, rep=rep, x_train=preprocess(xtr, pspec),
+                                                y_train=ytr, ccfg=ccfg)
+    for name, p in pruning.items():
+        print(f"pruning {name}: target {p['target']}, measured per layer "
+              f"{ {k: round(v, 3) for k, v in p['layers'].items()} }")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for v, ex in exported.items():
+            compress.write_variant(os.path.join(d, v), ex, members, parts, name="bench", version="0",
+                                   class_names=names, input_shape=tuple(xtr.shape[1:]), num_threads=args.threads)
+            row = compress.variant_row(os.path.join(d, v), xte, yte, num_threads=args.threads,
+                                       latency_runs=args.latency_runs)
+            row["variant"] = v
+            rows.append(row)
+    base = compress.keras_baseline(members, parts, pspec)
+    row = {"variant": "keras_seq"}
+    row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts)
+    row.update(compress.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))
+    rows.append(row)
+    rows = compress.with_ratios(rows, "float32")
+    print(f"\nvariants ({len(yte)} test images; LiteRT num_threads={args.threads}; ratios x* against float32 "
+          f"bundle measured in this command)")
+    print(compress.format_table(rows))
+    kb = next(r for r in rows if r["variant"] == "keras_seq")
+    print("\nagainst the seed-style baseline (float32 tf_keras members, model.predict one after another):")
+    for r in rows:
+        if r["variant"] != "keras_seq":
+            print(f"  {r['variant']:<13} {kb['p50_ms_b1'] / r['p50_ms_b1']:6.1f}x faster at batch 1, "
+                  f"{r['throughput_b32'] / kb['throughput_b32']:6.2f}x throughput at batch 32, "
+                  f"{kb['size_bytes'] / r['size_bytes']:5.2f}x smaller, "
+                  f"accuracy {100 * (r['accuracy'] - kb['accuracy']):+.2f} points")
+    for v in ("int8", "pruned_int8"):
+        g = compress.goals(rows, v)
+        if g:
+            print(f"goals {v} vs float32: {g['speedup_b1']:.2f}x faster at b1 (goal 3x: "
+                  f"{'met' if g['faster_3x'] else 'NOT met'}), {g['smaller_raw']:.2f}x smaller (goal 4x: "
+                  f"{'met' if g['smaller_4x'] else 'NOT met'}), accuracy {g['accuracy_delta_points']:+.2f} points "
+                  f"(goal >= -0.5: {'met' if g['within_0_5_points'] else 'NOT met'})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "pruning": pruning}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
