@@ -1,0 +1,767 @@
+"""Ensembles of fine-tuned CNNs and scikit-learn learners on their embeddings: fitted on Ray, stacked without
+leakage, judged on the test split, saved without pickle.
+
+Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_no_leakage``):
+
+- CNN members were trained on ``train`` (``val`` drove early stopping and the Tune selection). Their ``holdout``
+  and ``test`` predictions are therefore on unseen examples.
+- scikit-learn members are fitted on the embeddings of one CNN member (the best on val), on ``train`` plus
+  ``holdout``. Their holdout predictions for the stacker are out-of-fold: the holdout ids are split into K folds,
+  and fold k's model is fitted on train + the other K-1 holdout folds, then predicts fold k. The member used at
+  test time (and saved) is refitted on all of train + holdout, as scikit-learn's StackingClassifier does. So every
+  holdout row the stacker sees was predicted by models that never saw it, and no model ever sees a test id.
+- The meta-learners (stacker, greedy selection) are fitted on the holdout rows only. ``val`` is not used here: it
+  already picked the CNN members, so scores on it are optimistic.
+
+Fitting runs as one task per (seed, member, fold) behind one interface: ``RayRunner`` puts the embeddings in the
+object store once and hands every task the same reference; ``LocalRunner`` runs the same function in-process.
+Errors raised in a task come back as ``MemberError`` naming the member.
+
+Note: scikit-learn 1.9 deprecates ``SVC(probability=True)`` (removal planned in 1.11, replacement
+``CalibratedClassifierCV(SVC(), ensemble=False)``); the ``svc`` kind still uses it and mutes that one warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from transfuse import metrics as tm
+from transfuse import storage
+from transfuse.config import MEMBER_KINDS, Config, EnsembleConfig, MemberConfig
+from transfuse.stacking import (
+    EnsembleError,
+    FitRecord,
+    GreedyEnsemble,
+    Stacker,
+    average,
+    check_no_leakage,
+    hard_vote,
+    load_sklearn_member,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "ensemble"
+ENSEMBLE_FORMAT = "transfuse.ensemble/v1"
+COMBINERS = ("average", "hard_vote", "greedy", "stack")
+ONNX_INPUT = "embedding"
+ONNX_OUTPUT = "probabilities"
+
+
+class MemberError(EnsembleError):
+    """A scikit-learn member's kind or parameters are invalid, or its fit failed."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Member kinds: one table, enforced in one place
+
+
+def _kind_table() -> dict[str, tuple[type, dict[str, Any]]]:
+    """kind -> (estimator class, base parameters). Imported lazily: the serving side never needs scikit-learn."""
+    from sklearn.ensemble import (
+        AdaBoostClassifier,
+        BaggingClassifier,
+        HistGradientBoostingClassifier,
+        RandomForestClassifier,
+    )
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import SVC
+    from sklearn.tree import DecisionTreeClassifier
+
+    return {
+        "random_forest": (RandomForestClassifier, {}),
+        # explicit base tree so nested parameters (estimator__max_depth) can be set from config
+        "bagging": (BaggingClassifier, {"estimator": DecisionTreeClassifier()}),
+        # decision stumps, as in the seed (base_estimator= was removed in scikit-learn 1.4: it is estimator= now)
+        "adaboost": (AdaBoostClassifier, {"estimator": DecisionTreeClassifier(max_depth=1)}),
+        "hist_gradient_boosting": (HistGradientBoostingClassifier, {}),
+        "svc": (SVC, {"probability": True}),  # Platt-scaled probabilities: members are combined as probabilities
+        "logistic_regression": (LogisticRegression, {"max_iter": 1000}),  # lbfgs: multinomial for K > 2
+    }
+
+
+# Parameters the ensemble sets itself; config may not override them.
+_RESERVED = {
+    "random_state": "it is set from ensemble.seeds (one fit per seed)",
+    "n_jobs": "it is set from ensemble.cpus_per_task",
+    "estimator": "give the base tree's parameters as estimator__<name> (e.g. estimator__max_depth: 2)",
+    "probability": "svc members always use probability=True (members are combined as probabilities)",
+    "verbose": "logging is controlled by the job",
+    "warm_start": "every fit starts fresh",
+}
+
+
+# Kinds whose n_jobs does something (LogisticRegression's n_jobs has had no effect since scikit-learn 1.8).
+_PARALLEL_KINDS = ("random_forest", "bagging")
+
+
+def build_estimator(member: MemberConfig, seed: int = 0, n_jobs: int = 1) -> Any:
+    """The unfitted scikit-learn estimator for ``member``; a bad kind or parameter raises ``MemberError`` naming the
+    member, the parameter and what is allowed. scikit-learn's own value checks run here too (``_validate_params``)
+    so a bad value fails before any Ray work, and again at fit time."""
+    table = _kind_table()
+    if member.kind not in table:
+        raise MemberError(f"member {member.name!r}: unknown kind {member.kind!r}; allowed: {', '.join(MEMBER_KINDS)}")
+    cls, base = table[member.kind]
+    from sklearn.base import clone
+
+    est = cls(**{k: (clone(v) if hasattr(v, "get_params") else v) for k, v in base.items()})
+    defaults = est.get_params(deep=True)
+    where = f"member {member.name!r} ({member.kind}, {cls.__name__})"
+    for key in member.params:
+        if key in _RESERVED:
+            raise MemberError(f"{where}: parameter {key!r} cannot be set in config: {_RESERVED[key]}")
+        if key not in defaults:
+            top = sorted(k for k in defaults if "__" not in k and k not in _RESERVED)
+            nested = sorted(k for k in defaults if "__" in k)
+            allowed = ", ".join(top) + (f"; nested: {', '.join(nested)}" if nested else "")
+            raise MemberError(f"{where}: unknown parameter {key!r}; allowed: {allowed}")
+    engine = {"random_state": seed} if "random_state" in defaults else {}
+    if member.kind in _PARALLEL_KINDS:
+        engine["n_jobs"] = n_jobs
+    est.set_params(**engine, **member.params)
+    for target in (est, getattr(est, "estimator", None)):
+        validate = getattr(target, "_validate_params", None)  # scikit-learn >= 1.2: its parameter-constraint table
+        if validate is not None:
+            try:
+                validate()
+            except (ValueError, TypeError) as e:
+                raise MemberError(f"{where}: {e}") from None
+    return est
+
+
+def validate_members(ecfg: EnsembleConfig) -> None:
+    """Check every configured member before any work starts."""
+    for m in ecfg.members:
+        build_estimator(m, ecfg.seeds[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting tasks and the local/Ray runner pair
+
+
+@dataclass
+class FitTask:
+    """Fit one member on rows ``fit_idx`` of the shared data, then predict the named row sets."""
+
+    member: MemberConfig
+    seed: int
+    fold: Optional[int]  # None: the final model, fitted on every fit row
+    fit_idx: np.ndarray
+    predict: dict[str, np.ndarray]  # name -> row indices
+    num_classes: int
+    n_jobs: int = 1
+    keep_estimator: bool = False
+
+
+@dataclass
+class FitOutput:
+    member: str
+    seed: int
+    fold: Optional[int]
+    fit_ids: np.ndarray  # the ids the estimator was actually fitted on (recorded inside the task)
+    predictions: dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (ids, N x K probabilities)
+    estimator: Any = None
+    data_object_id: Optional[str] = None  # the object-store id the task read its data from (Ray only)
+    seconds: float = 0.0
+
+
+def _aligned_proba(est: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """predict_proba with one column per class 0..K-1 (a fold may lack a class: its column is 0)."""
+    p = est.predict_proba(x)
+    out = np.zeros((len(x), num_classes), dtype=np.float64)
+    out[:, np.asarray(est.classes_, dtype=np.int64)] = p
+    return out
+
+
+def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optional[str] = None) -> FitOutput:
+    """Fit and predict one (member, seed, fold). Runs in-process or inside a Ray task."""
+    t0 = time.perf_counter()
+    est = build_estimator(task.member, task.seed, task.n_jobs)
+    x, y, ids = data["x"], data["y"], data["ids"]
+    fit_idx = np.asarray(task.fit_idx)
+    model = f"{task.member.name}/seed{task.seed}/" + ("final" if task.fold is None else f"fold{task.fold}")
+    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+    try:
+        # OpenMP/BLAS threads capped at the task's CPUs: HistGradientBoosting's OpenMP barriers spin for minutes
+        # when its default (one thread per core) meets other busy processes on the same cores.
+        with warnings.catch_warnings(), threadpool_limits(limits=task.n_jobs):
+            warnings.simplefilter("ignore", category=UserWarning)  # e.g. convergence chatter on tiny folds
+            # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); the issue asks for it
+            # and skl2onnx converts it. Said once in the module docstring instead of once per task.
+            warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated",
+                                    category=FutureWarning)
+            est.fit(x[fit_idx], y[fit_idx])
+        preds = {name: (ids[idx], _aligned_proba(est, x[idx], task.num_classes)) for name, idx in task.predict.items()}
+    except (ValueError, TypeError) as e:
+        raise MemberError(f"member {task.member.name!r} ({task.member.kind}) failed to fit {model}: {e}") from None
+    return FitOutput(task.member.name, task.seed, task.fold, ids[fit_idx].copy(), preds,
+                     est if task.keep_estimator else None, data_object_id, time.perf_counter() - t0)
+
+
+class LocalRunner:
+    """Sequential, in-process: the no-Ray path with the same interface as ``RayRunner``."""
+
+    name = "local"
+
+    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask]) -> list[FitOutput]:
+        return [fit_one(data, t) for t in tasks]
+
+
+def _fit_remote(holder: list, task: FitTask) -> FitOutput:
+    """Ray task body: the data reference arrives nested, so this task reads the one shared object (zero-copy for
+    numpy arrays) and can report which object it read."""
+    import ray
+
+    ref = holder[0]
+    return fit_one(ray.get(ref), task, data_object_id=ref.hex())
+
+
+class RayRunner:
+    """One Ray task per fit. The data go into the object store once (``ray.put``); every task gets that ref."""
+
+    name = "ray"
+
+    def __init__(self, num_cpus: float = 1.0):
+        self.num_cpus = num_cpus
+
+    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask]) -> list[FitOutput]:
+        import ray
+
+        if not ray.is_initialized():
+            raise EnsembleError("RayRunner needs a connected Ray cluster (transfuse.runtime.init_ray), "
+                                "or use ensemble.parallel=local")
+        ref = ray.put(dict(data))
+        remote = ray.remote(_fit_remote).options(num_cpus=self.num_cpus, max_retries=1,
+                                                 retry_exceptions=False)
+        futures = [remote.remote([ref], t) for t in tasks]
+        try:
+            return ray.get(futures)
+        except ray.exceptions.RayTaskError as e:
+            for f in futures:
+                ray.cancel(f)
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, EnsembleError):
+                raise cause from None
+            raise
+
+
+def make_runner(ecfg: EnsembleConfig) -> LocalRunner | RayRunner:
+    return RayRunner(ecfg.cpus_per_task) if ecfg.parallel == "ray" else LocalRunner()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inputs, one seed's fit, several seeds
+
+
+@dataclass
+class EnsembleInputs:
+    """Everything the ensemble needs, aligned by id within each split (ids sorted)."""
+
+    ids: dict[str, np.ndarray]  # split -> ids; needs "train", "holdout", "test"
+    labels: dict[str, np.ndarray]  # split -> int64 labels
+    embeddings: dict[str, np.ndarray]  # split -> N x D float32 (from ``embedding_source``)
+    num_classes: int
+    cnn_probs: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # member -> split -> N x K
+    cnn_fit_ids: dict[str, np.ndarray] = field(default_factory=dict)  # member -> ids it trained/early-stopped on
+    embedding_source: Optional[str] = None
+    class_names: Optional[list[str]] = None
+
+    def check(self) -> None:
+        for split in ("train", "holdout", "test"):
+            if split not in self.ids or len(self.ids[split]) == 0:
+                raise EnsembleError(f"split {split!r} is missing or empty; the ensemble needs train, holdout, test")
+            n = len(self.ids[split])
+            if len(self.labels[split]) != n or self.embeddings[split].shape[0] != n:
+                raise EnsembleError(f"split {split!r}: {n} ids but {len(self.labels[split])} labels and "
+                                    f"{self.embeddings[split].shape[0]} embeddings")
+        for m, probs in self.cnn_probs.items():
+            for split in ("holdout", "test"):
+                if split not in probs:
+                    raise EnsembleError(f"CNN member {m!r} has no {split} predictions")
+                if probs[split].shape != (len(self.ids[split]), self.num_classes):
+                    raise EnsembleError(f"CNN member {m!r}: {split} probabilities have shape {probs[split].shape}, "
+                                        f"expected {(len(self.ids[split]), self.num_classes)}")
+            if m not in self.cnn_fit_ids:
+                raise EnsembleError(f"CNN member {m!r}: the ids it was trained on are not recorded")
+
+
+def _shared_data(inp: EnsembleInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Rows train, holdout, test stacked into one array (put in the object store once) + each split's rows."""
+    splits = ("train", "holdout", "test")
+    x = np.ascontiguousarray(np.concatenate([inp.embeddings[s] for s in splits]), dtype=np.float32)
+    y = np.concatenate([inp.labels[s] for s in splits]).astype(np.int64)
+    ids = np.concatenate([np.asarray(inp.ids[s]).astype(str) for s in splits])
+    rows, start = {}, 0
+    for s in splits:
+        rows[s] = np.arange(start, start + len(inp.ids[s]))
+        start += len(inp.ids[s])
+    return {"x": x, "y": y, "ids": ids}, rows
+
+
+def _holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+    """K stratified folds of the holdout positions (plain K-fold where a class has fewer than K examples)."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    if folds > len(labels):
+        raise EnsembleError(f"ensemble.folds={folds} is more than the {len(labels)} holdout examples")
+    counts = np.bincount(labels)
+    splitter = (StratifiedKFold(folds, shuffle=True, random_state=seed) if counts[counts > 0].min() >= folds
+                else KFold(folds, shuffle=True, random_state=seed))
+    return [test for _, test in splitter.split(np.zeros(len(labels)), labels)]
+
+
+def plan_tasks(inp: EnsembleInputs, ecfg: EnsembleConfig, rows: dict[str, np.ndarray]) -> list[FitTask]:
+    """Per seed and member: K out-of-fold fits over the holdout (each also fits on all of train) + one final fit."""
+    n_jobs = max(1, int(ecfg.cpus_per_task))
+    tasks = []
+    for seed in ecfg.seeds:
+        folds = _holdout_folds(inp.labels["holdout"], ecfg.folds, seed)
+        for m in ecfg.members:
+            for k, held in enumerate(folds):
+                keep = np.setdiff1d(np.arange(len(rows["holdout"])), held)
+                fit_idx = np.concatenate([rows["train"], rows["holdout"][keep]])
+                tasks.append(FitTask(m, seed, k, fit_idx, {"holdout": rows["holdout"][held]}, inp.num_classes,
+                                     n_jobs))
+            tasks.append(FitTask(m, seed, None, np.concatenate([rows["train"], rows["holdout"]]),
+                                 {"test": rows["test"]}, inp.num_classes, n_jobs, keep_estimator=True))
+    return tasks
+
+
+@dataclass
+class SeedFit:
+    """One seed's ensemble: member probabilities on holdout (out-of-fold) and test, combiners, metrics, records."""
+
+    seed: int
+    member_order: list[str]
+    cnn_members: list[str]
+    estimators: dict[str, Any]  # sklearn member -> final fitted estimator
+    holdout_probs: dict[str, np.ndarray]
+    test_probs: dict[str, np.ndarray]
+    stacker: Stacker
+    greedy: GreedyEnsemble
+    records: list[FitRecord]  # models whose predictions fed the meta-learners
+    final_records: list[FitRecord]  # models whose predictions were scored on test
+    metrics: dict[str, dict[str, float]]
+    combined_test: dict[str, np.ndarray]
+    leakage: dict[str, Any]
+
+
+def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput]) -> SeedFit:
+    ho_ids, te_ids = np.asarray(inp.ids["holdout"]).astype(str), np.asarray(inp.ids["test"]).astype(str)
+    ho_pos = {i: p for p, i in enumerate(ho_ids)}
+    cnn = list(inp.cnn_probs)
+    sk = [m.name for m in ecfg.members]
+    clash = set(cnn) & set(sk)
+    if clash:
+        raise EnsembleError(f"scikit-learn member names {sorted(clash)} clash with CNN member names; rename them")
+    order = cnn + sk
+    holdout = {m: np.asarray(inp.cnn_probs[m]["holdout"], dtype=np.float64) for m in cnn}
+    test = {m: np.asarray(inp.cnn_probs[m]["test"], dtype=np.float64) for m in cnn}
+    records = [FitRecord(m, f"cnn:{m}", np.asarray(inp.cnn_fit_ids[m]).astype(str), ho_ids) for m in cnn]
+    finals = [FitRecord(m, f"cnn:{m}", np.asarray(inp.cnn_fit_ids[m]).astype(str), te_ids) for m in cnn]
+    estimators = {}
+    for name in sk:
+        mine = [o for o in outputs if o.member == name and o.seed == seed]
+        oof = np.full((len(ho_ids), inp.num_classes), np.nan)
+        for o in (o for o in mine if o.fold is not None):
+            pids, probs = o.predictions["holdout"]
+            oof[[ho_pos[i] for i in pids]] = probs
+            records.append(FitRecord(name, f"{name}/seed{seed}/fold{o.fold}", o.fit_ids, pids))
+        if np.isnan(oof).any():
+            raise EnsembleError(f"member {name!r} seed {seed}: out-of-fold predictions missing for some holdout rows")
+        (final,) = [o for o in mine if o.fold is None]
+        pids, probs = final.predictions["test"]
+        if not np.array_equal(pids, te_ids):
+            raise EnsembleError(f"member {name!r}: test predictions are not in test-id order")
+        holdout[name], test[name] = oof, probs
+        estimators[name] = final.estimator
+        finals.append(FitRecord(name, f"{name}/seed{seed}/final", final.fit_ids, pids))
+    leakage = check_no_leakage(records, ho_ids, order, test_ids=te_ids, final_records=finals)
+
+    y_ho, y_te = inp.labels["holdout"], inp.labels["test"]
+    stacker = Stacker(order, C=ecfg.stacker_C, features=ecfg.stacker_features).fit(
+        holdout, y_ho, ids=ho_ids, num_classes=inp.num_classes)
+    greedy = GreedyEnsemble(order, rounds=ecfg.greedy_rounds, metric=ecfg.greedy_metric).fit(holdout, y_ho, ho_ids)
+    combined = {"average": average(test, order), "hard_vote": hard_vote(test, order),
+                "greedy": greedy.predict_proba(test), "stack": stacker.predict_proba(test)}
+    scores = {m: tm.evaluate(test[m], y_te) for m in order}
+    scores.update({c: tm.evaluate(p, y_te) for c, p in combined.items()})
+    return SeedFit(seed, order, cnn, estimators, holdout, test, stacker, greedy, records, finals, scores, combined,
+                   leakage)
+
+
+@dataclass
+class EnsembleFit:
+    seeds: list[SeedFit]
+    runner: str
+    fit_seconds: float
+    task_seconds: float  # sum over tasks: with fit_seconds, how much the parallel run overlapped
+    data_object_ids: list[Optional[str]]
+
+    @property
+    def first(self) -> SeedFit:
+        return self.seeds[0]
+
+    def summary(self) -> dict[str, Any]:
+        """Per model and metric over seeds: mean, min, max and the values (the seed range)."""
+        out: dict[str, Any] = {}
+        for model in self.first.metrics:
+            out[model] = {}
+            for metric in ("accuracy", "nll", "ece"):
+                v = [s.metrics[model][metric] for s in self.seeds]
+                out[model][metric] = {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
+                                      "values": v}
+        return out
+
+
+def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None) -> EnsembleFit:
+    """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test."""
+    inp.check()
+    validate_members(ecfg)
+    runner = runner or make_runner(ecfg)
+    data, rows = _shared_data(inp)
+    tasks = plan_tasks(inp, ecfg, rows)
+    t0 = time.perf_counter()
+    outputs = runner.run(data, tasks) if tasks else []
+    wall = time.perf_counter() - t0
+    log.info("fitted %d member tasks with the %s runner in %.1fs", len(tasks), runner.name, wall)
+    seeds = [_assemble_seed(inp, ecfg, s, outputs) for s in ecfg.seeds]
+    return EnsembleFit(seeds, runner.name, wall, float(sum(o.seconds for o in outputs)),
+                       [o.data_object_id for o in outputs])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ONNX export (no pickle in anything a server loads)
+
+
+@functools.lru_cache(maxsize=1)
+def _patch_skl2onnx_hist_gradient_boosting() -> None:
+    """skl2onnx 1.20 passes a Python bool for a leaf's missing-value flag in HistGradientBoosting trees, which
+    onnx >= 1.23's make_attribute refuses in an int list ("Expected an int, got a boolean"). Cast it to int."""
+    import skl2onnx.common.tree_ensemble as te
+
+    original = te.add_node
+    if getattr(original, "_transfuse_int_cast", False):
+        return
+
+    @functools.wraps(original)
+    def add_node(*args: Any, nodes_missing_value_tracks_true: Any = 0, **kwargs: Any) -> Any:
+        return original(*args, nodes_missing_value_tracks_true=int(nodes_missing_value_tracks_true), **kwargs)
+
+    add_node._transfuse_int_cast = True  # type: ignore[attr-defined]
+    te.add_node = add_node
+
+
+def to_onnx_bytes(estimator: Any, dim: int, name: str = "member") -> bytes:
+    """A fitted classifier as an ONNX model: input ``embedding`` (N x dim float32), outputs ``label`` and
+    ``probabilities`` (N x K float32; zipmap off so it is a plain tensor)."""
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    _patch_skl2onnx_hist_gradient_boosting()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = convert_sklearn(estimator, name=name, initial_types=[(ONNX_INPUT, FloatTensorType([None, dim]))],
+                                    options={id(estimator): {"zipmap": False}})
+    except Exception as e:  # skl2onnx raises many types; name the member
+        raise MemberError(f"member {name!r}: ONNX export of {type(estimator).__name__} failed: {e}") from e
+    return model.SerializeToString()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage: read member dirs, fit, save, verify
+
+
+@dataclass
+class CnnMember:
+    name: str
+    dir: str
+    val_accuracy: Optional[float] = None
+
+
+def _read_table(path: str) -> Any:
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    if not storage.exists(path):
+        raise EnsembleError(f"missing file {path}")
+    return pq.read_table(p, filesystem=fs)
+
+
+def _list_column(table: Any, column: str, where: str) -> np.ndarray:
+    """A list<float> column as an N x width float32 array; every row must have the same width."""
+    import pyarrow.compute as pc
+
+    if column not in table.column_names:
+        raise EnsembleError(f"{where}: no column {column!r}; has {table.column_names}")
+    col = table.column(column).combine_chunks()
+    if col.null_count:
+        raise EnsembleError(f"{where}: {col.null_count} rows have a null {column}")
+    lengths = np.asarray(pc.list_value_length(col))
+    if len(lengths) and lengths.min() != lengths.max():
+        raise EnsembleError(f"{where}: {column} rows have different lengths ({lengths.min()}..{lengths.max()})")
+    width = int(lengths[0]) if len(lengths) else 0
+    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), width)
+
+
+def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, values) of ``<member_dir>/<kind>/<split>.parquet`` sorted by id; kind: predictions (probs) or
+    embeddings (embedding)."""
+    path = storage.join(member_dir, kind, f"{split}.parquet")
+    table = _read_table(path)
+    for c in ("id", "label"):
+        if c not in table.column_names:
+            raise EnsembleError(f"{path}: no column {c!r}; has {table.column_names}")
+    ids = np.asarray(table.column("id").to_pylist(), dtype=str)
+    labels = np.asarray(table.column("label"), dtype=np.int64)
+    values = _list_column(table, "probs" if kind == "predictions" else "embedding", path)
+    if len(np.unique(ids)) != len(ids):
+        raise EnsembleError(f"{path}: ids are not unique")
+    order = np.argsort(ids, kind="stable")
+    return ids[order], labels[order], values[order]
+
+
+def find_cnn_members(cfg: Config) -> list[CnnMember]:
+    """The members chosen by Tune (``<run>/tune/members.json``), else the single fine-tuned model."""
+    tune_dir, ft_dir = storage.stage_dir(cfg, "tune"), storage.stage_dir(cfg, "finetune")
+    listing = storage.join(tune_dir, "members.json")
+    if storage.exists(listing):
+        entries = storage.read_json(listing).get("members") or []
+        if not entries:
+            raise EnsembleError(f"{listing} lists no members")
+        out = []
+        for e in entries:
+            d = e["dir"]
+            if not (storage.is_uri(d) or d.startswith("/")):
+                d = storage.join(tune_dir, d)  # relative dirs are relative to the tune stage
+            out.append(CnnMember(str(e["name"]), d, e.get("val_accuracy")))
+        return out
+    if storage.exists(storage.join(ft_dir, "predictions")):
+        return [CnnMember("finetune", ft_dir, None)]
+    raise EnsembleError(f"no CNN members found: expected {listing} (jobs.tune) or {ft_dir}/predictions "
+                        f"(jobs.finetune); run one of them first")
+
+
+def _member_val_accuracy(m: CnnMember) -> float:
+    if m.val_accuracy is not None:
+        return float(m.val_accuracy)
+    path = storage.join(m.dir, "metrics.json")
+    if storage.exists(path):
+        return float(storage.read_json(path).get("val", {}).get("accuracy", float("-inf")))
+    return float("-inf")
+
+
+def _agree(split: str, ref: tuple[str, np.ndarray, np.ndarray], other: tuple[str, np.ndarray, np.ndarray]) -> None:
+    """Members must predict the same ids with the same labels (they come from the same data stage)."""
+    (a, ids_a, lab_a), (b, ids_b, lab_b) = ref, other
+    if not np.array_equal(ids_a, ids_b):
+        only_a, only_b = np.setdiff1d(ids_a, ids_b), np.setdiff1d(ids_b, ids_a)
+        raise EnsembleError(f"split {split!r}: members {a!r} and {b!r} cover different ids ({len(ids_a)} vs "
+                            f"{len(ids_b)}; only in {a!r}: {only_a[:3].tolist()}, only in {b!r}: "
+                            f"{only_b[:3].tolist()}); were they trained on the same prepared data?")
+    bad = np.flatnonzero(lab_a != lab_b)
+    if len(bad):
+        raise EnsembleError(f"split {split!r}: members {a!r} and {b!r} disagree on the labels of {len(bad)} ids, "
+                            f"e.g. {ids_a[bad[:3]].tolist()}")
+
+
+def load_inputs(cfg: Config, members: Optional[list[CnnMember]] = None) -> tuple[EnsembleInputs, list[CnnMember]]:
+    """Read every CNN member's predictions and the best member's embeddings, joined and checked by id."""
+    members = members or find_cnn_members(cfg)
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise EnsembleError(f"CNN member names must be unique, got {names}")
+    best = max(members, key=_member_val_accuracy)
+    inp_ids: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    embeddings: dict[str, np.ndarray] = {}
+    for split in ("train", "holdout", "test"):
+        ids, lab, emb = read_member_split(best.dir, "embeddings", split)
+        inp_ids[split], labels[split], embeddings[split] = ids, lab, emb
+    cnn_probs: dict[str, dict[str, np.ndarray]] = {}
+    fit_ids: dict[str, np.ndarray] = {}
+    k = None
+    for m in members:
+        cnn_probs[m.name] = {}
+        for split in ("holdout", "test"):
+            ids, lab, probs = read_member_split(m.dir, "predictions", split)
+            _agree(split, (best.name, inp_ids[split], labels[split]), (m.name, ids, lab))
+            if k is not None and probs.shape[1] != k:
+                raise EnsembleError(f"member {m.name!r} predicts {probs.shape[1]} classes, others {k}")
+            k = probs.shape[1]
+            cnn_probs[m.name][split] = probs
+        train_ids = read_member_split(m.dir, "embeddings", "train")[0]
+        if not np.array_equal(train_ids, inp_ids["train"]):
+            raise EnsembleError(f"members {best.name!r} and {m.name!r} were trained on different train ids")
+        seen = [train_ids]
+        if storage.exists(storage.join(m.dir, "predictions", "val.parquet")):
+            seen.append(read_member_split(m.dir, "predictions", "val")[0])  # val drove early stopping
+        fit_ids[m.name] = np.concatenate(seen)
+    if labels["train"].size and labels["train"].max() >= k:
+        raise EnsembleError(f"labels go up to {labels['train'].max()} but members predict {k} classes")
+    inp = EnsembleInputs(inp_ids, labels, embeddings, int(k), cnn_probs, fit_ids, best.name,
+                         _class_names(cfg, best, int(k)))
+    inp.check()
+    return inp, members
+
+
+def _class_names(cfg: Config, best: CnnMember, k: int) -> list[str]:
+    for path in (storage.join(best.dir, "model_spec.json"), storage.join(storage.stage_dir(cfg, "data"),
+                                                                         storage.MANIFEST)):
+        if storage.exists(path):
+            names = storage.read_json(path).get("class_names")
+            if names and len(names) == k:
+                return [str(n) for n in names]
+    return [str(i) for i in range(k)]
+
+
+def _fingerprint(cfg: Config, members: list[CnnMember]) -> str:
+    """Same config and the same member files (their manifests' checksums) -> the stage is complete."""
+    h = hashlib.sha256(cfg.fingerprint("ensemble").encode())
+    for m in members:
+        man = storage.join(m.dir, storage.MANIFEST)
+        h.update(m.name.encode() + (storage.sha256(man) if storage.exists(man) else m.dir).encode())
+    return h.hexdigest()[:16]
+
+
+def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: list[CnnMember],
+                  ecfg: EnsembleConfig) -> dict[str, Any]:
+    """Write members/*.onnx, stacker.json, greedy.json, fit_records.json and ensemble.json for the first seed."""
+    s = fit.first
+    dim = int(inp.embeddings["train"].shape[1])
+    sk_entries = []
+    for m in ecfg.members:
+        rel = f"members/{m.name}.onnx"
+        storage.write_bytes(storage.join(out_dir, rel), to_onnx_bytes(s.estimators[m.name], dim, m.name))
+        sk_entries.append({"name": m.name, "kind": m.kind, "params": m.params, "file": rel,
+                           "estimator": type(s.estimators[m.name]).__name__, "embedding_source": inp.embedding_source,
+                           "input": ONNX_INPUT, "output": ONNX_OUTPUT, "embedding_dim": dim})
+    storage.write_bytes(storage.join(out_dir, "stacker.json"), json.dumps(s.stacker.to_arrays()).encode())
+    storage.write_json(storage.join(out_dir, "greedy.json"), s.greedy.to_dict())
+    storage.write_json(storage.join(out_dir, "fit_records.json"), {
+        "seed": s.seed, "stacker_fit_ids": [str(i) for i in s.stacker.fit_ids_],
+        "records": [r.to_dict() for r in s.records], "final_records": [r.to_dict() for r in s.final_records]})
+    desc = {
+        "format": ENSEMBLE_FORMAT, "seed": s.seed, "num_classes": inp.num_classes, "class_names": inp.class_names,
+        "member_order": s.member_order,
+        "cnn_members": [{"name": m.name, "dir": m.dir} for m in members],
+        "embedding_source": {"name": inp.embedding_source,
+                             "dir": next(m.dir for m in members if m.name == inp.embedding_source)},
+        "sklearn_members": sk_entries,
+        "stacker": {"file": "stacker.json", "kind": "multinomial_logistic_regression",
+                    "features": ecfg.stacker_features, "fitted_on": "holdout (out-of-fold for sklearn members)"},
+        "greedy": {"file": "greedy.json", **s.greedy.to_dict()},
+        "combiners": list(COMBINERS), "default_combiner": "stack",
+    }
+    storage.write_json(storage.join(out_dir, "ensemble.json"), desc)
+    return desc
+
+
+def load_saved_members(out_dir: str, num_threads: int = 1) -> tuple[dict[str, Any], Stacker, GreedyEnsemble, dict]:
+    """Reload a saved ensemble with numpy + onnxruntime: (sklearn members by name, stacker, greedy, description)."""
+    desc = storage.read_json(storage.join(out_dir, "ensemble.json"))
+    if desc.get("format") != ENSEMBLE_FORMAT:
+        raise EnsembleError(f"{out_dir}/ensemble.json: format {desc.get('format')!r}, expected {ENSEMBLE_FORMAT!r}")
+    sk = {e["name"]: load_sklearn_member(storage.read_bytes(storage.join(out_dir, e["file"])), num_threads)
+          for e in desc["sklearn_members"]}
+    stacker = Stacker.from_arrays(json.loads(storage.read_bytes(storage.join(out_dir, desc["stacker"]["file"]))))
+    greedy = GreedyEnsemble.from_dict(storage.read_json(storage.join(out_dir, desc["greedy"]["file"])))
+    return sk, stacker, greedy, desc
+
+
+def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_threads: int = 1) -> dict[str, float]:
+    """Reload the saved files (onnxruntime, JSON arrays) and compare their test predictions with the in-memory fit."""
+    s = fit.first
+    sk, stacker, greedy, _ = load_saved_members(out_dir, num_threads)
+    probs = {m: s.test_probs[m] for m in s.cnn_members}
+    diffs = {}
+    for name, member in sk.items():
+        probs[name] = member(inp.embeddings["test"]).astype(np.float64)
+        diffs[name] = float(np.abs(probs[name] - s.test_probs[name]).max())
+    diffs["stack"] = float(np.abs(stacker.predict_proba(probs) - s.combined_test["stack"]).max())
+    diffs["greedy"] = float(np.abs(greedy.predict_proba(probs) - s.combined_test["greedy"]).max())
+    worst = max(diffs.values())
+    if worst > 1e-3:  # float32 ONNX vs float64 scikit-learn differ by ~1e-6; more means a broken export
+        raise EnsembleError(f"reloaded ensemble disagrees with the fitted one: max |diff| {diffs}")
+    return diffs
+
+
+def _report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
+    s = fit.first
+    members = s.member_order
+    best = max(members, key=lambda m: (s.metrics[m]["accuracy"], -s.metrics[m]["nll"]))
+    summary = fit.summary()
+    stack = summary["stack"]
+    return {
+        "seeds": [x.seed for x in fit.seeds],
+        "test": {str(x.seed): x.metrics for x in fit.seeds},
+        "summary": summary,
+        "confusion_stack": tm.confusion(s.combined_test["stack"], inp.labels["test"]),
+        "best_member": {"name": best, **s.metrics[best]},
+        "stack_vs_best_member": {
+            "accuracy_gain_mean": stack["accuracy"]["mean"] - summary[best]["accuracy"]["mean"],
+            "nll_gain_mean": summary[best]["nll"]["mean"] - stack["nll"]["mean"],
+            "beats_on_accuracy_or_nll": bool(stack["accuracy"]["mean"] > summary[best]["accuracy"]["mean"]
+                                             or stack["nll"]["mean"] < summary[best]["nll"]["mean"]),
+        },
+        "greedy_weights": {str(x.seed): dict(zip(x.greedy.members, x.greedy.weights_.tolist())) for x in fit.seeds},
+        "leakage_check": s.leakage,
+        "runner": fit.runner, "fit_seconds": fit.fit_seconds, "task_seconds": fit.task_seconds,
+        "counts": {k: int(len(v)) for k, v in inp.ids.items()},
+    }
+
+
+def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dict[str, Any]:
+    """The ensemble stage: ``<storage>/<run>/ensemble/`` from the CNN members' files. Returns the manifest."""
+    validate_members(cfg.ensemble)
+    members = find_cnn_members(cfg)
+    out = storage.stage_dir(cfg, STAGE)
+    fp = _fingerprint(cfg, members)
+    if not force and storage.is_complete(out, fp):
+        log.info("ensemble stage complete (fingerprint %s): %s", fp, out)
+        return storage.read_manifest(out)
+    inp, members = load_inputs(cfg, members)
+    fit = fit_ensemble(inp, cfg.ensemble, runner)
+    storage.makedirs(out)
+    for stale in storage.list_files(out) + [storage.MANIFEST]:  # a rerun must not leave old members behind
+        path = storage.join(out, stale)
+        if storage.exists(path):
+            fs, p = storage.resolve(path)
+            fs.delete_file(p)
+    desc = save_ensemble(out, fit, inp, members, cfg.ensemble)
+    report = _report(fit, inp)
+    report["reload_max_abs_diff"] = verify_saved(out, fit, inp, cfg.ensemble.onnx_threads)
+    storage.write_json(storage.join(out, "metrics.json"), report)
+    return storage.write_manifest(out, cfg, STAGE, fp, members=desc["member_order"],
+                                  embedding_source=inp.embedding_source, counts=report["counts"],
+                                  metrics={k: v["accuracy"]["mean"] for k, v in report["summary"].items()})
+
+
+def format_table(report: Mapping[str, Any]) -> str:
+    """A plain-text table of test metrics (mean over seeds, and the seed range)."""
+    lines = [f"{'model':<24}{'accuracy':>22}{'nll':>22}{'ece':>10}"]
+    for model, m in report["summary"].items():
+        a, n, e = m["accuracy"], m["nll"], m["ece"]
+        lines.append(f"{model:<24}{a['mean']:>8.4f} [{a['min']:.4f},{a['max']:.4f}]"
+                     f"{n['mean']:>8.4f} [{n['min']:.4f},{n['max']:.4f}]{e['mean']:>10.4f}")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "COMBINERS", "EnsembleError", "EnsembleFit", "EnsembleInputs", "FitTask", "LocalRunner", "MemberError",
+    "RayRunner", "SeedFit", "build_estimator", "fit_ensemble", "fit_one", "find_cnn_members", "format_table",
+    "load_inputs", "load_saved_members", "make_runner", "read_member_split", "run_ensemble", "save_ensemble",
+    "to_onnx_bytes", "validate_members", "verify_saved",
+]

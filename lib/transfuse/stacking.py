@@ -1,0 +1,362 @@
+"""Combining member probabilities, and loading saved ensemble parts, with numpy and onnxruntime only.
+
+This is the inference side of the ensemble: the bundle and the Serve replicas import it, so it must not import
+scikit-learn, TensorFlow or Ray at module level. Everything a server needs is here:
+
+- ``load_sklearn_member(path)`` -> ``OnnxMember``: callable ``(embeddings N x D) -> probs N x K float32``.
+- ``Stacker``: the multinomial logistic meta-learner as plain arrays (``from_arrays`` / ``load`` / ``save`` JSON,
+  ``predict_proba(member_probs)``). Its ``fit`` (training side only) imports scikit-learn lazily.
+- ``GreedyEnsemble``: Caruana et al. (2004) ensemble selection with replacement -> member weights.
+- ``average`` (soft voting, uniform weights) and ``hard_vote`` (majority of argmax).
+- ``check_no_leakage``: proves from recorded ids that no prediction the stacker learned from came from a model
+  that had seen that example.
+
+Member probabilities travel as a mapping ``{member name: N x K array}``; each combiner stores its member order
+and picks members by name, so a caller cannot silently feed them in the wrong order.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+# Probabilities are clipped to [EPS, 1] before taking logs in greedy selection's NLL: a member that says 0 for the
+# true class would otherwise dominate with an infinite loss.
+EPS = 1e-6
+# Log-probability stacker features are clipped higher: tree members output exact zeros, and log(1e-6) = -13.8
+# outliers made the meta-learner worse on digits (measured: clip 1e-6 -> 0.953 test accuracy, 1e-2 -> 0.971).
+LOG_FEATURE_EPS = 1e-2
+STACKER_FORMAT = "transfuse.stacker/v1"
+
+
+class EnsembleError(ValueError):
+    """Ensemble inputs or saved ensemble files are inconsistent."""
+
+
+class LeakageError(EnsembleError):
+    """A model that produced a stacker input (or a test prediction) had been fitted on that example."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Member probabilities
+
+
+def stack_members(member_probs: Mapping[str, np.ndarray], order: Sequence[str]) -> np.ndarray:
+    """M x N x K float64 array of the named members, in ``order``; clear errors on missing or misshaped input."""
+    missing = [m for m in order if m not in member_probs]
+    if missing:
+        raise EnsembleError(f"member probabilities missing for {missing}; got {sorted(member_probs)}, "
+                            f"expected {list(order)}")
+    arrays = [np.asarray(member_probs[m], dtype=np.float64) for m in order]
+    shape = arrays[0].shape
+    for m, a in zip(order, arrays):
+        if a.ndim != 2 or a.shape != shape:
+            raise EnsembleError(f"member {m!r}: probabilities must be N x K like {shape}, got {a.shape}")
+    return np.stack(arrays)
+
+
+def average(member_probs: Mapping[str, np.ndarray], order: Optional[Sequence[str]] = None,
+            weights: Optional[Sequence[float]] = None) -> np.ndarray:
+    """Soft voting: the (weighted) mean of the members' probabilities. Uniform weights = the simple average."""
+    order = list(order or member_probs)
+    p = stack_members(member_probs, order)
+    w = np.ones(len(order)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(order),) or np.any(w < 0) or w.sum() <= 0:
+        raise EnsembleError(f"weights must be {len(order)} non-negative numbers with a positive sum, got {weights}")
+    return np.tensordot(w / w.sum(), p, axes=1)
+
+
+def hard_vote(member_probs: Mapping[str, np.ndarray], order: Optional[Sequence[str]] = None) -> np.ndarray:
+    """Majority vote of the members' argmax. Returned as vote shares with add-one (Laplace) smoothing so NLL stays
+    finite; ties go to the class with the higher mean probability."""
+    order = list(order or member_probs)
+    p = stack_members(member_probs, order)
+    m, n, k = p.shape
+    votes = np.zeros((n, k))
+    for member in p:
+        votes[np.arange(n), member.argmax(1)] += 1.0
+    tie_break = 1e-6 * p.mean(0)  # far below one vote
+    return (votes + 1.0 + tie_break) / (votes + 1.0 + tie_break).sum(1, keepdims=True)
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0))))
+
+
+def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(probs.argmax(1) == labels))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stacker: multinomial logistic regression over member outputs, stored as plain arrays
+
+
+def stacker_features(member_probs: Mapping[str, np.ndarray], order: Sequence[str], kind: str,
+                     eps: float = LOG_FEATURE_EPS) -> np.ndarray:
+    """N x (M*K) meta-features: each member's probabilities (or their logs, clipped at ``eps``), members side by
+    side in ``order``."""
+    p = stack_members(member_probs, order)
+    if kind == "log_probs":
+        p = np.log(np.clip(p, eps, 1.0))
+    elif kind != "probs":
+        raise EnsembleError(f"stacker features must be 'log_probs' or 'probs', got {kind!r}")
+    return np.concatenate(list(p), axis=1)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+@dataclass
+class Stacker:
+    """Multinomial logistic meta-learner over member outputs. Estimator-style: ``fit`` learns ``coef_`` (K x M*K)
+    and ``intercept_`` (K); prediction is numpy-only so a server loads it from JSON without scikit-learn."""
+
+    members: list[str]
+    C: float = 1.0  # inverse L2 strength (scikit-learn's LogisticRegression C)
+    features: str = "probs"  # "probs" as scikit-learn's StackingClassifier and AutoGluon, or "log_probs"
+    eps: float = LOG_FEATURE_EPS  # clip before log, for "log_probs"
+    coef_: Optional[np.ndarray] = None
+    intercept_: Optional[np.ndarray] = None
+    classes_: Optional[np.ndarray] = None
+    fit_ids_: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def fit(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray,
+            ids: Optional[np.ndarray] = None, num_classes: Optional[int] = None) -> "Stacker":
+        """Fit on held-out member predictions (never on predictions for examples a member trained on)."""
+        from sklearn.linear_model import LogisticRegression  # training side only
+
+        x = stacker_features(member_probs, self.members, self.features, self.eps)
+        labels = np.asarray(labels, dtype=np.int64)
+        k = num_classes or int(next(iter(member_probs.values())).shape[1])
+        present = np.unique(labels)
+        if len(present) < 2:
+            raise EnsembleError(f"the stacker needs at least 2 classes among its {len(labels)} rows, got {present}")
+        # lbfgs fits the multinomial (softmax) model for more than two classes.
+        lr = LogisticRegression(C=self.C, max_iter=2000).fit(x, labels)
+        coef = np.zeros((k, x.shape[1]))
+        intercept = np.full(k, -1e3)  # a class absent from the holdout gets ~zero probability
+        if len(lr.classes_) == 2 and k >= 2:  # binary: scikit-learn keeps one row for the positive class
+            coef[lr.classes_[1]], intercept[lr.classes_[1]] = lr.coef_[0], lr.intercept_[0]
+            coef[lr.classes_[0]], intercept[lr.classes_[0]] = 0.0, 0.0
+        else:
+            coef[lr.classes_], intercept[lr.classes_] = lr.coef_, lr.intercept_
+        self.coef_, self.intercept_, self.classes_ = coef, intercept, np.arange(k)
+        self.fit_ids_ = None if ids is None else np.asarray(ids)
+        return self
+
+    def decision_function(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.coef_ is None:
+            raise EnsembleError("the stacker is not fitted")
+        return stacker_features(member_probs, self.members, self.features, self.eps) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return _softmax(self.decision_function(member_probs))
+
+    def predict(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        return self.predict_proba(member_probs).argmax(1)
+
+    # -- plain-array persistence (JSON; floats round-trip exactly) --
+    def to_arrays(self) -> dict[str, Any]:
+        if self.coef_ is None:
+            raise EnsembleError("the stacker is not fitted")
+        return {"format": STACKER_FORMAT, "members": list(self.members), "features": self.features,
+                "eps": self.eps, "C": self.C, "coef": self.coef_.tolist(), "intercept": self.intercept_.tolist(),
+                "classes": [int(c) for c in self.classes_]}
+
+    @classmethod
+    def from_arrays(cls, d: Mapping[str, Any]) -> "Stacker":
+        if d.get("format") != STACKER_FORMAT:
+            raise EnsembleError(f"not a stacker file: format {d.get('format')!r}, expected {STACKER_FORMAT!r}")
+        coef = np.asarray(d["coef"], dtype=np.float64)
+        intercept = np.asarray(d["intercept"], dtype=np.float64)
+        classes = np.asarray(d["classes"], dtype=np.int64)
+        members = [str(m) for m in d["members"]]
+        k = len(classes)
+        if coef.ndim != 2 or coef.shape[0] != k or coef.shape[1] % max(len(members), 1) or intercept.shape != (k,):
+            raise EnsembleError(f"stacker arrays do not fit together: coef {coef.shape}, intercept "
+                                f"{intercept.shape}, {k} classes, {len(members)} members")
+        return cls(members=members, C=float(d.get("C", 1.0)), features=str(d["features"]), eps=float(d["eps"]),
+                   coef_=coef,
+                   intercept_=intercept, classes_=classes)
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_arrays()))
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Stacker":
+        return cls.from_arrays(json.loads(Path(path).read_text()))
+
+
+def stack_predict(stacker: Stacker, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """N x K float32 probabilities of the stacked ensemble (a convenience for servers)."""
+    return stacker.predict_proba(member_probs).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Greedy ensemble selection (Caruana, Niculescu-Mizil, Crew, Ksikes, ICML 2004)
+
+
+@dataclass
+class GreedyEnsemble:
+    """Forward selection with replacement: start empty, repeatedly add the member whose addition most improves the
+    selection metric of the averaged ensemble on held-out data; keep the best prefix. Weights = pick counts."""
+
+    members: list[str]
+    rounds: int = 25
+    metric: str = "nll"  # "nll" (minimised) or "accuracy" (maximised; ties broken by NLL)
+    weights_: Optional[np.ndarray] = None
+    trace_: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    fit_ids_: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def _score(self, probs: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+        """Lower is better: (primary, tie-break)."""
+        nll = _nll(probs, labels)
+        if self.metric == "nll":
+            return nll, 0.0
+        if self.metric == "accuracy":
+            return -_accuracy(probs, labels), nll
+        raise EnsembleError(f"greedy metric must be 'nll' or 'accuracy', got {self.metric!r}")
+
+    def fit(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray,
+            ids: Optional[np.ndarray] = None) -> "GreedyEnsemble":
+        p = stack_members(member_probs, self.members)
+        labels = np.asarray(labels, dtype=np.int64)
+        counts = np.zeros(len(self.members))
+        total = np.zeros_like(p[0])
+        best_score, best_counts = (np.inf, np.inf), None
+        self.trace_ = []
+        for step in range(1, self.rounds + 1):
+            scores = [self._score((total + p[j]) / step, labels) for j in range(len(self.members))]
+            j = min(range(len(scores)), key=lambda i: scores[i])  # first best on ties: deterministic
+            counts[j] += 1
+            total += p[j]
+            self.trace_.append({"step": step, "added": self.members[j], "score": scores[j][0]})
+            if scores[j] < best_score:
+                best_score, best_counts = scores[j], counts.copy()
+        self.weights_ = best_counts / best_counts.sum()
+        self.fit_ids_ = None if ids is None else np.asarray(ids)
+        return self
+
+    def predict_proba(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self.weights_ is None:
+            raise EnsembleError("the greedy ensemble is not fitted")
+        return average(member_probs, self.members, self.weights_)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": list(self.members), "weights": [float(w) for w in self.weights_],
+                "rounds": self.rounds, "metric": self.metric}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "GreedyEnsemble":
+        return cls(members=list(d["members"]), rounds=int(d["rounds"]), metric=str(d["metric"]),
+                   weights_=np.asarray(d["weights"], dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scikit-learn members saved as ONNX, run with onnxruntime
+
+
+class OnnxMember:
+    """A scikit-learn member exported by skl2onnx (zipmap off): embeddings N x D float32 -> probabilities N x K."""
+
+    def __init__(self, path: Union[str, Path, bytes], num_threads: int = 1, output: str = "probabilities"):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = num_threads  # onnxruntime's default takes every core
+        opts.inter_op_num_threads = 1
+        model = path if isinstance(path, bytes) else str(path)
+        try:
+            self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise EnsembleError(f"cannot load ONNX member {path if not isinstance(path, bytes) else '<bytes>'}: "
+                                f"{e}") from e
+        inputs = self.session.get_inputs()
+        outputs = [o.name for o in self.session.get_outputs()]
+        if len(inputs) != 1 or output not in outputs:
+            raise EnsembleError(f"ONNX member must have one input and an output {output!r}; got inputs "
+                                f"{[i.name for i in inputs]}, outputs {outputs}")
+        self.input_name = inputs[0].name
+        self.input_dim = inputs[0].shape[1] if len(inputs[0].shape) == 2 else None
+        self.output = output
+
+    def __call__(self, embeddings: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if x.ndim != 2 or (isinstance(self.input_dim, int) and x.shape[1] != self.input_dim):
+            raise EnsembleError(f"embeddings must be N x {self.input_dim}, got {x.shape}")
+        return self.session.run([self.output], {self.input_name: x})[0]
+
+    predict_proba = __call__
+
+
+def load_sklearn_member(path: Union[str, Path, bytes], num_threads: int = 1) -> OnnxMember:
+    """Load one saved scikit-learn member: ``load_sklearn_member(p)(embeddings) -> N x K float32``."""
+    return OnnxMember(path, num_threads=num_threads)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Leakage check from recorded ids
+
+
+@dataclass
+class FitRecord:
+    """One fitted model: which example ids it was fitted on, and which ids it then predicted for the stacker."""
+
+    member: str
+    model: str  # e.g. "rf/fold2", "rf/final", "cnn:trial_1"
+    fit_ids: np.ndarray
+    predicted_ids: np.ndarray  # ids whose predictions from this model were used downstream
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"member": self.member, "model": self.model, "fit_ids": [str(i) for i in self.fit_ids],
+                "predicted_ids": [str(i) for i in self.predicted_ids]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FitRecord":
+        return cls(d["member"], d["model"], np.asarray(d["fit_ids"]), np.asarray(d["predicted_ids"]))
+
+
+def check_no_leakage(records: Iterable[FitRecord], stacker_ids: np.ndarray, members: Sequence[str],
+                     test_ids: Optional[np.ndarray] = None,
+                     final_records: Iterable[FitRecord] = ()) -> dict[str, Any]:
+    """Raise ``LeakageError`` unless (1) every stacker row has exactly one prediction from each member, (2) the model
+    that made it never saw that id, (3) the stacker's rows are not test ids, and (4) no model used for test
+    predictions (``final_records``) saw a test id. Returns a summary for the metrics file."""
+    stacker = set(map(str, stacker_ids))
+    by_member: dict[str, list[FitRecord]] = {m: [] for m in members}
+    for r in records:
+        by_member.setdefault(r.member, []).append(r)
+    for m in members:
+        covered: dict[str, str] = {}
+        for r in by_member[m]:
+            pred = set(map(str, r.predicted_ids))
+            leaked = pred & set(map(str, r.fit_ids))
+            if leaked:
+                raise LeakageError(f"member {m!r}: model {r.model} predicted {len(leaked)} ids it was fitted on, "
+                                   f"e.g. {sorted(leaked)[:3]}")
+            for i in pred & stacker:
+                if i in covered:
+                    raise LeakageError(f"member {m!r}: id {i} predicted by both {covered[i]} and {r.model}")
+                covered[i] = r.model
+        uncovered = stacker - set(covered)
+        if uncovered:
+            raise LeakageError(f"member {m!r}: {len(uncovered)} stacker rows have no held-out prediction, "
+                               f"e.g. {sorted(uncovered)[:3]}")
+    test = set(map(str, test_ids)) if test_ids is not None else set()
+    if stacker & test:
+        raise LeakageError(f"the stacker was fitted on {len(stacker & test)} test ids")
+    finals = list(final_records)
+    for r in finals:
+        seen = set(map(str, r.fit_ids)) & test
+        if seen:
+            raise LeakageError(f"member {r.member!r}: model {r.model} used for test predictions was fitted on "
+                               f"{len(seen)} test ids, e.g. {sorted(seen)[:3]}")
+    return {"stacker_rows": len(stacker), "members": list(members),
+            "models_checked": sum(len(v) for v in by_member.values()) + len(finals), "leaks": 0}

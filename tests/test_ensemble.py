@@ -1,0 +1,438 @@
+"""Ensemble tests on scikit-learn's digits: member validation, Ray-parallel fitting, no leakage, stacking,
+ONNX round trips, and the ensemble stage end to end on member directories written from real fitted models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from transfuse import metrics as tm
+from transfuse import storage
+from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
+from transfuse.ensemble import (
+    EnsembleInputs,
+    LocalRunner,
+    MemberError,
+    RayRunner,
+    build_estimator,
+    fit_ensemble,
+    fit_one,
+    FitTask,
+    load_saved_members,
+    run_ensemble,
+    to_onnx_bytes,
+    validate_members,
+)
+from transfuse.stacking import (
+    EnsembleError,
+    FitRecord,
+    GreedyEnsemble,
+    LeakageError,
+    Stacker,
+    average,
+    check_no_leakage,
+    hard_vote,
+    load_sklearn_member,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = {  # small settings: the machine is shared
+    "random_forest": {"n_estimators": 20},
+    "bagging": {"n_estimators": 5},
+    "adaboost": {"n_estimators": 20},
+    "hist_gradient_boosting": {"max_iter": 10},
+    "svc": {"C": 1.0},
+    "logistic_regression": {"C": 1.0, "max_iter": 300},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """OpenMP/BLAS in this process capped at one thread: HistGradientBoosting's OpenMP barriers spin for a long time
+    when every core is busy with other work (the member tasks cap themselves the same way)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits pixels scaled to [0, 1] as the "embeddings", split 50/25/25 into train/holdout/test by a fixed
+    permutation; ids are strings as in the data contract."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    ids = np.array([f"digits-{i:04d}" for i in range(len(y))])
+    perm = np.random.default_rng(0).permutation(len(y))
+    n = len(y)
+    parts = {"train": perm[: n // 2], "holdout": perm[n // 2: 3 * n // 4], "test": perm[3 * n // 4:]}
+    out = {}
+    for split, idx in parts.items():
+        idx = idx[np.argsort(ids[idx])]  # sorted by id, like every reader here
+        out[split] = (x[idx], y[idx].astype(np.int64), ids[idx])
+    return out
+
+
+def _inputs(digits, cnn_probs=None, cnn_fit_ids=None, columns=None) -> EnsembleInputs:
+    cols = slice(None) if columns is None else columns
+    return EnsembleInputs(
+        ids={s: v[2] for s, v in digits.items()}, labels={s: v[1] for s, v in digits.items()},
+        embeddings={s: v[0][:, cols] for s, v in digits.items()}, num_classes=10,
+        cnn_probs=cnn_probs or {}, cnn_fit_ids=cnn_fit_ids or {})
+
+
+def _members(*names: str) -> list[MemberConfig]:
+    return [MemberConfig(name=n, kind=n, params=KINDS[n]) for n in names]
+
+
+def _subset_members(digits, row_groups=((0, 1, 2), (3, 4), (5, 6, 7))):
+    """Complementary "CNN" members: logistic regressions that each see only some pixel rows of the 8x8 image,
+    trained on train only. Returns (probs per member and split, the ids each was fitted on)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x_tr, y_tr, ids_tr = digits["train"]
+    probs, seen = {}, {}
+    for g, rows in enumerate(row_groups):
+        cols = np.array([r * 8 + c for r in rows for c in range(8)])
+        lr = LogisticRegression(C=0.5, max_iter=500).fit(x_tr[:, cols], y_tr)
+        probs[f"rows{g}"] = {s: lr.predict_proba(digits[s][0][:, cols]) for s in ("holdout", "test")}
+        seen[f"rows{g}"] = ids_tr
+    return probs, seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Member configuration
+
+
+def test_every_kind_builds_fits_and_follows_the_estimator_api(digits):
+    from sklearn.base import clone
+
+    x, y, _ = digits["train"]
+    for kind, params in KINDS.items():
+        est = build_estimator(MemberConfig(name=f"m_{kind}", kind=kind, params=params), seed=3)
+        assert clone(est).get_params()["random_state"] == 3 if "random_state" in est.get_params() else True
+        p = est.fit(x, y).predict_proba(x[:5])
+        assert p.shape == (5, 10) and np.allclose(p.sum(1), 1.0, atol=1e-6), kind
+    ada = build_estimator(MemberConfig(name="a", kind="adaboost", params={"estimator__max_depth": 2}))
+    assert ada.estimator.max_depth == 2  # nested parameters reach the base tree (estimator=, not base_estimator=)
+
+
+BAD_MEMBERS = [
+    # (ensemble.members override, exception, message pattern)
+    ("[{name: x, kind: xgboost}]", ConfigError, r"member 'x': unknown kind 'xgboost'; allowed: random_forest, "),
+    ("[{name: a/b, kind: svc}]", ConfigError, r"member name must be .* got 'a/b'"),
+    ("[{name: a, kind: svc}, {name: a, kind: random_forest}]", ConfigError, r"member names must be unique"),
+    ("[{name: rf, kind: random_forest, params: {n_trees: 10}}]", MemberError,
+     r"member 'rf' \(random_forest, RandomForestClassifier\): unknown parameter 'n_trees'; allowed: .*n_estimators"),
+    ("[{name: rf, kind: random_forest, params: {n_estimators: 0}}]", MemberError,
+     r"member 'rf' \(random_forest.*'n_estimators' parameter of RandomForestClassifier must be an int in the "
+     r"range \[1, inf\)\. Got 0"),
+    ("[{name: s, kind: svc, params: {kernel: cubic}}]", MemberError, r"member 's' \(svc, SVC\): .*'kernel'.*Got 'cubic'"),
+    ("[{name: s, kind: svc, params: {probability: false}}]", MemberError,
+     r"member 's'.*'probability' cannot be set in config: svc members always use probability=True"),
+    ("[{name: r, kind: random_forest, params: {random_state: 1}}]", MemberError,
+     r"'random_state' cannot be set in config: it is set from ensemble.seeds"),
+    ("[{name: a, kind: adaboost, params: {estimator__max_depth: deep}}]", MemberError,
+     r"member 'a' \(adaboost.*'max_depth' parameter of DecisionTreeClassifier .*Got 'deep'"),
+    ("[{name: a, kind: adaboost, params: {base_estimator: stump}}]", MemberError,
+     r"unknown parameter 'base_estimator'; allowed: .*estimator__max_depth"),
+]
+
+
+@pytest.mark.parametrize("members, exc, pattern", BAD_MEMBERS)
+def test_bad_member_config_fails_with_a_clear_error(members, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cfg = load_config(None, [f"ensemble.members={members}"])
+        validate_members(cfg.ensemble)
+
+
+def test_fit_time_error_is_rewrapped_with_the_member_name(digits):
+    """A value scikit-learn accepts at construction but refuses at fit time still names the member."""
+    data = {"x": digits["train"][0], "y": digits["train"][1], "ids": digits["train"][2]}
+    member = MemberConfig(name="hgb", kind="hist_gradient_boosting", params={"categorical_features": [500]})
+    task = FitTask(member, 0, None, np.arange(50), {}, 10)
+    with pytest.raises(MemberError, match=r"member 'hgb' \(hist_gradient_boosting\) failed to fit hgb/seed0/final"):
+        fit_one(data, task)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting on Ray, and what each model saw
+
+
+@pytest.fixture(scope="module")
+def ray_fit(ray_cluster, digits):
+    """Two members, 3 folds, 2 seeds, fitted as Ray tasks; plus complementary prob-only members."""
+    cnn, seen = _subset_members(digits)
+    ecfg = EnsembleConfig(members=_members("logistic_regression", "random_forest"), folds=3, seeds=[0, 1],
+                          parallel="ray", cpus_per_task=1.0)
+    inp = _inputs(digits, cnn, seen)
+    return inp, ecfg, fit_ensemble(inp, ecfg, RayRunner(num_cpus=1.0))
+
+
+def test_members_fit_in_parallel_on_ray_from_one_shared_object(ray_fit):
+    inp, ecfg, fit = ray_fit
+    assert fit.runner == "ray"
+    # 2 seeds x 2 members x (3 folds + 1 final) tasks, all reading the same object-store entry (put once)
+    assert len(fit.data_object_ids) == 16 and len(set(fit.data_object_ids)) == 1
+    assert fit.data_object_ids[0] is not None
+    # the local path with the same interface gives the same member predictions
+    local = fit_ensemble(inp, ecfg.model_copy(update={"parallel": "local", "seeds": [0]}), LocalRunner())
+    for m in ("logistic_regression", "random_forest"):
+        np.testing.assert_allclose(local.first.test_probs[m], fit.first.test_probs[m], atol=1e-12)
+        np.testing.assert_allclose(local.first.holdout_probs[m], fit.first.holdout_probs[m], atol=1e-12)
+
+
+def test_no_model_saw_the_examples_it_predicted_for_the_stacker(ray_fit, digits):
+    inp, _, fit = ray_fit
+    holdout, test, train = (set(digits[s][2]) for s in ("holdout", "test", "train"))
+    for s in fit.seeds:
+        assert set(s.stacker.fit_ids_) == holdout and set(s.greedy.fit_ids_) == holdout
+        assert not set(s.stacker.fit_ids_) & (train | test)
+        for m in ("logistic_regression", "random_forest"):
+            folds = [r for r in s.records if r.member == m]
+            assert len(folds) == 3
+            covered = set()
+            for r in folds:  # each fold model fitted on train + the other holdout folds, predicted its own fold
+                fit_ids, pred = set(r.fit_ids), set(r.predicted_ids)
+                assert not fit_ids & pred and train <= fit_ids and not fit_ids & test
+                covered |= pred
+            assert covered == holdout
+            (final,) = [r for r in s.final_records if r.member == m]
+            assert set(final.fit_ids) == train | holdout and not set(final.fit_ids) & test
+        for m in inp.cnn_probs:  # prob-only members were trained on train only
+            (r,) = [r for r in s.records if r.member == m]
+            assert set(r.fit_ids) == train and set(r.predicted_ids) == holdout
+        assert s.leakage["leaks"] == 0
+
+
+def test_leakage_check_catches_in_sample_predictions(digits):
+    """Stacking on predictions a model made for its own training examples is refused."""
+    _, _, ids_ho = digits["holdout"]
+    ids_tr = digits["train"][2]
+    good = FitRecord("lr", "lr/fold0", ids_tr, ids_ho)
+    check_no_leakage([good], ids_ho, ["lr"])
+    leaky = FitRecord("lr", "lr/final", np.concatenate([ids_tr, ids_ho]), ids_ho)
+    with pytest.raises(LeakageError, match=r"member 'lr': model lr/final predicted \d+ ids it was fitted on"):
+        check_no_leakage([leaky], ids_ho, ["lr"])
+    with pytest.raises(LeakageError, match=r"stacker rows have no held-out prediction"):
+        check_no_leakage([FitRecord("lr", "lr/fold0", ids_tr, ids_ho[:10])], ids_ho, ["lr"])
+    ids_te = digits["test"][2]
+    with pytest.raises(LeakageError, match=r"the stacker was fitted on 5 test ids"):
+        check_no_leakage([good], ids_ho, ["lr"], test_ids=ids_ho[:5])
+    with pytest.raises(LeakageError, match=r"model lr/final used for test predictions was fitted on 5 test ids"):
+        check_no_leakage([good], ids_ho, ["lr"], test_ids=ids_te,
+                         final_records=[FitRecord("lr", "lr/final", np.concatenate([ids_tr, ids_te[:5]]), ids_te)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Combiners
+
+
+def test_stack_is_at_least_as_good_as_the_best_complementary_member(digits):
+    """Members that each see different pixel rows are weak alone and complementary together."""
+    cnn, seen = _subset_members(digits)
+    fit = fit_ensemble(_inputs(digits, cnn, seen), EnsembleConfig(members=[], seeds=[0], parallel="local"),
+                       LocalRunner())
+    m = fit.first.metrics
+    best_acc = max(m[k]["accuracy"] for k in cnn)
+    best_nll = min(m[k]["nll"] for k in cnn)
+    assert m["stack"]["accuracy"] >= best_acc and m["stack"]["nll"] <= best_nll
+    assert m["greedy"]["nll"] <= best_nll  # greedy can always fall back to the single best member
+    for c in ("average", "hard_vote", "greedy", "stack"):
+        assert set(m[c]) == {"accuracy", "nll", "ece", "n"} and m[c]["n"] == len(digits["test"][1])
+
+
+def test_greedy_selection_with_replacement_and_voting():
+    labels = np.array([0, 1, 1, 0])
+    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    bad = good[:, ::-1].copy()
+    g = GreedyEnsemble(["good", "bad"], rounds=5).fit({"good": good, "bad": bad}, labels)
+    assert g.weights_.tolist() == [1.0, 0.0]  # picked "good" (with replacement), never "bad"
+    np.testing.assert_allclose(g.predict_proba({"good": good, "bad": bad}), good)
+    np.testing.assert_allclose(average({"a": good, "b": bad}), 0.5)
+    hv = hard_vote({"a": good, "b": good, "c": bad})
+    assert (hv.argmax(1) == good.argmax(1)).all() and np.allclose(hv.sum(1), 1.0)
+    with pytest.raises(EnsembleError, match=r"member probabilities missing for \['c'\]"):
+        average({"a": good}, ["a", "c"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving without pickle
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_onnx_member_matches_sklearn(digits, kind):
+    x, y, _ = digits["train"]
+    est = build_estimator(MemberConfig(name="m", kind=kind, params=KINDS[kind]), seed=0).fit(x, y)
+    member = load_sklearn_member(to_onnx_bytes(est, x.shape[1], kind))
+    xt = digits["test"][0]
+    got, want = member(xt), est.predict_proba(xt)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert (got.argmax(1) == want.argmax(1)).mean() > 0.995  # float32 ties may flip the odd argmax
+
+
+def test_stacker_round_trips_through_plain_arrays(digits, tmp_path):
+    cnn, _ = _subset_members(digits)
+    ho = {k: v["holdout"] for k, v in cnn.items()}
+    te = {k: v["test"] for k, v in cnn.items()}
+    s = Stacker(list(cnn), C=0.5).fit(ho, digits["holdout"][1], num_classes=10)
+    s.save(tmp_path / "stacker.json")
+    text = (tmp_path / "stacker.json").read_text()
+    back = Stacker.load(tmp_path / "stacker.json")
+    np.testing.assert_array_equal(back.predict_proba(te), s.predict_proba(te))
+    assert json.loads(text)["members"] == list(cnn)
+    with pytest.raises(EnsembleError, match=r"member probabilities missing"):
+        back.predict_proba({"rows0": te["rows0"]})
+
+
+def test_loading_needs_only_numpy_and_onnxruntime(digits, tmp_path):
+    """A fresh interpreter loads an ONNX member and a stacker without importing scikit-learn."""
+    x, y, _ = digits["train"]
+    est = build_estimator(MemberConfig(name="lr", kind="logistic_regression", params={}), 0).fit(x, y)
+    (tmp_path / "lr.onnx").write_bytes(to_onnx_bytes(est, x.shape[1], "lr"))
+    Stacker(["lr"]).fit({"lr": est.predict_proba(x)}, y, num_classes=10).save(tmp_path / "stacker.json")
+    np.save(tmp_path / "x.npy", digits["test"][0])
+    np.save(tmp_path / "want.npy", est.predict_proba(digits["test"][0]))
+    code = (
+        "import sys, numpy as np\n"
+        "from transfuse.stacking import load_sklearn_member, Stacker, stack_predict\n"
+        f"d = {str(tmp_path)!r}\n"
+        "m = load_sklearn_member(d + '/lr.onnx')\n"
+        "p = m(np.load(d + '/x.npy'))\n"
+        "assert np.abs(p - np.load(d + '/want.npy')).max() < 1e-4\n"
+        "s = stack_predict(Stacker.load(d + '/stacker.json'), {'lr': p})\n"
+        "assert s.shape == p.shape\n"
+        "bad = [k for k in sys.modules if k.split('.')[0] in ('sklearn', 'tensorflow', 'ray', 'skl2onnx')]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The ensemble stage on member directories in the real formats
+
+
+def _write_rows(path: Path, ids, labels, column: str, values: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
+                      "label": pa.array(labels, pa.int64()),
+                      column: pa.array(list(values.astype(np.float32)), pa.list_(pa.float32()))})
+    pq.write_table(table, path)
+
+
+def _write_member_dir(cfg, d: Path, name: str, splits, hidden: int, seed: int) -> float:
+    """A real fitted network (a one-hidden-layer MLP on the prepared images): predictions for val/test/holdout,
+    penultimate-layer embeddings for every split, metrics.json and a manifest, in the member-dir formats."""
+    from sklearn.neural_network import MLPClassifier
+
+    x_tr, y_tr, _ = splits["train"]
+    mlp = MLPClassifier((hidden,), max_iter=150, random_state=seed).fit(x_tr, y_tr)
+    embed = lambda x: np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)  # noqa: E731  (relu hidden layer)
+    scores = {}
+    for split, (x, y, ids) in splits.items():
+        _write_rows(d / "embeddings" / f"{split}.parquet", ids, y, "embedding", embed(x))
+        if split != "train":
+            p = mlp.predict_proba(x)
+            _write_rows(d / "predictions" / f"{split}.parquet", ids, y, "probs", p)
+            scores[split] = tm.evaluate(p, y)
+    storage.write_json(str(d / "metrics.json"), {"history": [], **scores})
+    storage.write_manifest(str(d), cfg, "finetune", f"fixture-{name}")
+    return scores["val"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def member_run(digits_run, tmp_path_factory):
+    """Two fine-tuned members listed in tune/members.json, trained on the session's prepared digits. They live in a
+    run of their own so other test modules' tune outputs in the shared run cannot interfere."""
+    from transfuse.data import read_split_numpy
+
+    data_dir = storage.stage_dir(digits_run, "data")
+    cfg = digits_run.model_copy(update={"storage": str(tmp_path_factory.mktemp("ens")), "run": "ens"})
+    splits = {}
+    for split in ("train", "val", "test", "holdout"):
+        images, labels, ids = read_split_numpy(data_dir, split)
+        splits[split] = (images.reshape(len(images), -1).astype(np.float32) / 255.0, labels, ids)
+    tune = Path(storage.stage_dir(cfg, "tune"))
+    entries = []
+    for name, hidden, seed in (("trial_a", 24, 0), ("trial_b", 16, 1)):
+        acc = _write_member_dir(cfg, tune / "trials" / name, name, splits, hidden, seed)
+        entries.append({"name": name, "dir": f"trials/{name}", "config": {"hidden": hidden}, "val_accuracy": acc})
+    storage.write_json(str(tune / "members.json"), {"members": entries})
+    return cfg, splits
+
+
+def test_ensemble_stage_end_to_end(member_run):
+    cfg, splits = member_run
+    cfg = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"storage={cfg.storage}", f"run={cfg.run}", "ensemble.folds=3", "ensemble.seeds=[0, 1]",
+        "ensemble.members=[{name: rf, kind: random_forest, params: {n_estimators: 20}},"
+        " {name: logreg, kind: logistic_regression, params: {max_iter: 300}}]"])
+    manifest = run_ensemble(cfg, force=True)
+    out = Path(storage.stage_dir(cfg, "ensemble"))
+    desc = json.loads((out / "ensemble.json").read_text())
+    assert desc["member_order"] == ["trial_a", "trial_b", "rf", "logreg"]
+    assert [m["file"] for m in desc["sklearn_members"]] == ["members/rf.onnx", "members/logreg.onnx"]
+    assert desc["embedding_source"]["name"] in ("trial_a", "trial_b")
+    for rel, digest in manifest["files"].items():  # every file checksummed; no pickles anywhere
+        assert storage.sha256(str(out / rel)) == digest and not rel.endswith((".pkl", ".pickle", ".joblib"))
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["summary"]) == {"trial_a", "trial_b", "rf", "logreg", "average", "hard_vote", "greedy",
+                                      "stack"}
+    assert report["summary"]["stack"]["accuracy"]["values"].__len__() == 2
+    assert np.asarray(report["confusion_stack"]).sum() == len(splits["test"][1])
+    assert max(report["reload_max_abs_diff"].values()) < 1e-3
+    records = json.loads((out / "fit_records.json").read_text())
+    assert set(records["stacker_fit_ids"]) == set(splits["holdout"][2])
+    # the saved parts reload with numpy + onnxruntime and give the stack's test predictions
+    sk, stacker, _, _ = load_saved_members(str(out))
+    probs = {m: pq.read_table(Path(storage.stage_dir(cfg, "tune")) / "trials" / m / "predictions" /
+                              "test.parquet").sort_by("id") for m in ("trial_a", "trial_b")}
+    probs = {m: np.asarray(t.column("probs").to_pylist()) for m, t in probs.items()}
+    emb = pq.read_table(Path(desc["embedding_source"]["dir"]) / "embeddings" / "test.parquet").sort_by("id")
+    x = np.asarray(emb.column("embedding").to_pylist(), dtype=np.float32)
+    probs.update({n: m(x) for n, m in sk.items()})
+    acc = tm.accuracy(stacker.predict_proba(probs), splits["test"][1][np.argsort(splits["test"][2])])
+    assert abs(acc - report["test"]["0"]["stack"]["accuracy"]) < 1e-9
+    # complete for the same inputs: not refitted
+    assert run_ensemble(cfg)["created"] == manifest["created"]
+
+
+def test_ensemble_job_cli(member_run, tmp_path):
+    import yaml
+
+    from jobs import ensemble as job
+
+    cfg, _ = member_run
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert job.main(["--config", str(path), "--set", "ensemble.seeds=[0]", "--set", "ensemble.parallel=local"]) == 0
+    bad = ["--config", str(path), "--set", "ensemble.members=[{name: rf, kind: random_forest, params: {trees: 3}}]"]
+    assert job.main(bad) == 2
+
+
+def test_members_that_disagree_on_ids_are_refused(member_run, tmp_path):
+    cfg, splits = member_run
+    other = cfg.model_copy(update={"storage": str(tmp_path), "run": "mismatch"})
+    tune = Path(storage.stage_dir(other, "tune"))
+    shifted = dict(splits)
+    x, y, ids = splits["test"]
+    shifted["test"] = (x[1:], y[1:], ids[1:])  # one test id missing in trial_b
+    _write_member_dir(other, tune / "trials" / "trial_a", "trial_a", splits, 8, 0)
+    _write_member_dir(other, tune / "trials" / "trial_b", "trial_b", shifted, 8, 1)
+    storage.write_json(str(tune / "members.json"), {"members": [
+        {"name": "trial_a", "dir": "trials/trial_a", "val_accuracy": 0.9},
+        {"name": "trial_b", "dir": "trials/trial_b", "val_accuracy": 0.8}]})
+    with pytest.raises(EnsembleError, match=r"split 'test': members 'trial_a' and 'trial_b' cover different ids"):
+        run_ensemble(other)
