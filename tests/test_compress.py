@@ -198,3 +198,39 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     assert storage.is_complete(storage.stage_dir(cfg, "compress"), m["fingerprint"])
     assert compress.run_compress(cfg)["created"] == m["created"]  # complete: not rerun
     assert _run is not None
+
+
+def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
+    """compress reads <run>/ensemble/ as jobs.ensemble writes it: ensemble.json, members/*.onnx, stacker.json."""
+    import json
+
+    stacking = pytest.importorskip("transfuse.stacking")
+    from sklearn.linear_model import LogisticRegression
+    from skl2onnx import to_onnx
+
+    from conftest import smoke_config
+    from transfuse import storage
+
+    cfg = smoke_config(tmp_path)
+    ens = storage.stage_dir(cfg, "ensemble")
+    rng = np.random.default_rng(0)
+    emb, y = rng.normal(size=(60, 8)).astype(np.float32), np.arange(60) % 3
+    lr = LogisticRegression(max_iter=200).fit(emb, y)
+    storage.write_bytes(storage.join(ens, "members", "lr.onnx"),
+                        to_onnx(lr, emb[:1], options={id(lr): {"zipmap": False}}).SerializeToString())
+    st = stacking.Stacker(members=["a", "b", "lr"], features="log_probs")
+    st.fit({"a": np.eye(3)[y], "b": np.eye(3)[y], "lr": lr.predict_proba(emb)}, y)
+    storage.write_bytes(storage.join(ens, "stacker.json"), json.dumps(st.to_arrays()).encode())
+    storage.write_json(storage.join(ens, "ensemble.json"), {
+        "format": "transfuse.ensemble/v1", "member_order": ["a", "b", "lr"],
+        "cnn_members": [{"name": "a", "dir": "/x/a"}, {"name": "b", "dir": "/x/b"}],
+        "sklearn_members": [{"name": "lr", "file": "members/lr.onnx", "embedding_source": "a",
+                             "input": "embedding", "output": "probabilities"}],
+        "stacker": {"file": "stacker.json", "features": "log_probs"}})
+    src = compress.read_ensemble(cfg)
+    assert src.source == "ensemble" and src.members == [("a", "/x/a"), ("b", "/x/b")]
+    (sk,) = src.parts.sklearn
+    assert sk.embedding_of == "a" and sk.probabilities_output == "probabilities" and sk.data[:2] != b""
+    assert src.parts.stacker.members == ["a", "b", "lr"] and src.parts.stacker.features == "log_probs"
+    np.testing.assert_array_equal(src.parts.stacker.coef, st.coef_)
+    assert src.parts.stacker.eps == st.eps  # the clip before log travels with the stacker
