@@ -213,6 +213,9 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     if not force and storage.is_complete(out, fp):
         log.info("tune: %s is complete, skipping", out)
         return storage.read_manifest(out)
+    from transfuse.data import data_manifest
+
+    data_manifest(storage.stage_dir(cfg, "data"))  # fail once, here, rather than in every trial
     if force:
         fs, p = storage.resolve(out)
         fs.delete_dir_contents(p, missing_dir_ok=True)
