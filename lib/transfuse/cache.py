@@ -213,6 +213,18 @@ def read_cache(cache_dir: str, split: str) -> Any:
     return ray.data.read_parquet(p, filesystem=fs)
 
 
+def read_cache_numpy(cache_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(activations float32 N x ..., labels int64) of one split, read with pyarrow in this process, id order."""
+    import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  (registers Ray's Arrow tensor extension types)
+
+    fs, p = storage.resolve(storage.join(cache_dir, split))
+    table = pads.dataset(p, filesystem=fs, format="parquet").to_table().sort_by("id")
+    col = table.column("x")
+    x = np.concatenate([c.to_numpy() for c in col.chunks]) if col.num_chunks else np.zeros((0,), np.float32)
+    return x.astype(np.float32, copy=False), table.column("label").to_numpy().astype(np.int64)
+
+
 def cache_fingerprint(cache_dir: str) -> Optional[str]:
     m = storage.read_manifest(cache_dir)
     return m.get("key") if m else None

@@ -190,8 +190,8 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
     import tensorflow as tf
 
     from transfuse import cache, models
-    from transfuse.data import data_manifest, preprocessed, read_split
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.data import data_manifest, preprocessed, read_split, read_split_numpy
+    from transfuse.preprocess import PreprocessSpec, preprocess
 
     data_dir = data_dir or _data_dir(cfg)
     manifest = data_manifest(data_dir)
@@ -227,12 +227,21 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
         if p["train"] in datasets:
             continue
         for split in ("train", "val"):
-            if tag == "image":
-                ds = preprocessed(read_split(data_dir, split), pspec,
-                                  augment=t.augment if split == "train" else None).select_columns(["x", "label"])
+            augment = t.augment if split == "train" and (t.augment.flip or t.augment.pad_crop) else None
+            if t.materialize and augment is None:
+                # small data: read (and preprocess) here once, keep it in the object store for every epoch;
+                # no per-epoch Ray Data tasks (their worker start-up dominated on a loaded 2-core machine)
+                if tag == "image":
+                    images, labels, _ = read_split_numpy(data_dir, split)
+                    x = preprocess(images, pspec)
+                else:
+                    x, labels = cache.read_cache_numpy(dirs[p["cut_layer"]], split)
+                ds = _in_memory(x, labels)
+            elif tag == "image":
+                ds = preprocessed(read_split(data_dir, split), pspec, augment=augment).select_columns(["x", "label"])
             else:
                 ds = cache.read_cache(dirs[p["cut_layer"]], split).select_columns(["x", "label"])
-            datasets[f"{split}_{tag}"] = ds.materialize() if t.materialize else ds
+            datasets[f"{split}_{tag}"] = ds
     return {"spec": spec, "init_weights": init_path, "phases": phases, "datasets": datasets, "cached": cached,
             "data_dir": data_dir}
 
@@ -256,6 +265,17 @@ def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], 
         train_func, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=run_config, datasets=datasets)
+
+
+def _in_memory(x: np.ndarray, labels: np.ndarray) -> Any:
+    """A Ray Dataset (x float32 tensor, label int64) built from arrays in this process (no read tasks)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return ray.data.from_arrow(pa.table({"x": ArrowTensorArray.from_numpy(x),
+                                         "label": pa.array(labels.astype(np.int64))}))
 
 
 def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]] = None, *,
