@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,15 +24,52 @@ def smoke_config(storage: Path, run: str = "smoke", overrides: list[str] | None 
     return load_config(ROOT / "configs" / "smoke.yaml", [f"storage={storage}", f"run={run}", *(overrides or [])])
 
 
+@dataclass
+class Cluster:
+    address: str
+    dashboard_url: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster. 4 logical CPUs on a 2-core machine: Tune + Train V2 trials deadlock at 2
-    (ray-project/ray#54305), and Serve replicas need room beside them."""
+    """A real local Ray cluster started as users start one (`ray start --head`, with the dashboard for the Jobs
+    API), and this process connected to it. 4 logical CPUs on a 2-core machine: Tune + Train V2 trials deadlock
+    at 2 (ray-project/ray#54305), and Serve replicas need room beside them. Token auth is off for this
+    private, loopback-only test cluster."""
     import ray
 
-    runtime.init_ray(num_cpus=int(os.environ.get("TRANSFUSE_TEST_CPUS", "4")))
-    yield ray
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    port, dash = _free_port(), _free_port()
+    cpus = os.environ.get("TRANSFUSE_TEST_CPUS", "4")
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
+         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+         f"--num-cpus={cpus}", "--disable-usage-stats"],
+        env={**os.environ, **runtime.WORKER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            runtime.init_ray(address)
+            break
+        except (ConnectionError, RuntimeError):
+            if time.time() > deadline or head.poll() is not None:
+                head.kill()
+                raise
+            time.sleep(2)
+    yield Cluster(address, f"http://127.0.0.1:{dash}")
     ray.shutdown()
+    head.terminate()  # `ray start --block` stops the processes it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
 
 
 @pytest.fixture(scope="session")

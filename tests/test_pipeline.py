@@ -1,0 +1,60 @@
+"""The pipeline as users run it: submitted through the Ray Jobs API to a running cluster, ending with a query
+against the live Serve endpoint; stages skipped when complete; bad stage names refused."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from tests.conftest import ROOT, smoke_config
+from transfuse import storage
+from transfuse.pipeline import STAGES, PipelineError, run_pipeline
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"until": "deploi"}, r"--until names unknown stage 'deploi'; stages: prepare, pretrain"),
+    ({"force": ("tunes",)}, r"--force names unknown stage 'tunes'"),
+])
+def test_unknown_stage_names(tmp_path, kwargs, pattern):
+    with pytest.raises(PipelineError, match=pattern):
+        run_pipeline(smoke_config(tmp_path), **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
+    """`ray job submit`'s API: the smoke pipeline runs on the cluster, deploys, and the endpoint answers."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    client = JobSubmissionClient(ray_cluster.dashboard_url)
+    port = _free_port()
+    entrypoint = (f"python -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} --set run=job "
+                  f"--set serve.port={port} --set serve.name=jobtest")
+    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    deadline = time.time() + 1500
+    status = None
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(5)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    for stage in STAGES:
+        assert f"] {stage}" in logs  # a progress line per stage
+    assert "stacked ensemble" in logs and "endpoint http://127.0.0.1:" in logs and "answered" in logs
+    cfg = smoke_config(tmp_path, "job")
+    for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
+        assert storage.read_manifest(storage.stage_dir(cfg, stage)), f"{stage} has no manifest"
+    assert storage.exists(storage.join(storage.stage_dir(cfg, "report"), "index.html"))
+
+    # rerun in this process: every stage with a complete manifest is skipped, not recomputed
+    results = run_pipeline(cfg, until="compress", echo=lambda s: None)
+    assert {r.name: r.status for r in results if r.status != "off"} == {
+        s: "skipped (complete)" for s in ("prepare", "finetune", "tune", "ensemble", "compress")}
