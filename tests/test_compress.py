@@ -30,12 +30,28 @@ def test_pruning_reaches_target_sparsity(setup):
         if type(layer).__name__ in ("Conv2D", "Dense"):
             assert abs(float(np.mean(layer.kernel.numpy() == 0)) - 0.5) < 0.02, layer.name
     assert set(sp) == {"block1_conv1", "block2_conv1", "block3_conv1", "head_dense0", "head_logits"}
+    # a clean graph: it can be cut for export like any member (regression: stripped layers kept 2 nodes)
+    from transfuse import models
+
+    trunk, top = compress.member_graph(pruned.model, "block1_pool")
+    x = preprocess(d.x_test[:8], SPEC)
+    np.testing.assert_allclose(top.predict(trunk.predict(x, verbose=0), verbose=0)[1], _logits(pruned.model, x),
+                               atol=1e-4)
+    assert models.embedding_model(pruned.model).output.shape[-1] == 32
+    assert [l.trainable for l in models.get_backbone(pruned.model).layers[1:]] == \
+        [l.trainable for l in models.get_backbone(members[0].model).layers[1:]]  # frozen stays frozen
     # the pruned member keeps the member's structure and still classifies (chance is 0.1)
     acc = (pruned.model.predict(preprocess(d.x_test, SPEC), verbose=0).argmax(1) == d.y_test).mean()
     assert acc > 0.3
     # frozen layers pruned identically in two members: the trunk is still shared
     pruned1, _ = compress.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5)
     assert compress.shared_cut([pruned, pruned1]) == compress.shared_cut(members)
+
+
+def _logits(model, x):
+    import tensorflow as tf
+
+    return tf.keras.Model(model.input, model.get_layer("head_logits").output).predict(x, verbose=0)
 
 
 def test_schedule_that_prunes_nothing_fails(setup):

@@ -179,7 +179,13 @@ def prune_member(
     for layer in s_head.layers:
         if not isinstance(layer, tf.keras.layers.InputLayer):
             x = layer(x)
-    pruned = tf.keras.Model(inp2, x, name=f"{src.name}_pruned")
+    joined = tf.keras.Model(inp2, x, name=f"{src.name}_pruned")
+    # The stripped layers also belong to the pruning graphs (two inbound nodes each), so ``layer.output`` is
+    # ambiguous and graphs cut at a layer would reach back into the pruning model: clone into fresh layers.
+    pruned = tf.keras.models.clone_model(joined)
+    pruned.set_weights(joined.get_weights())
+    for a, b in zip(_walk(joined), _walk(pruned)):
+        b.trainable = a.trainable
     measured = measure_sparsity(pruned)
     check_sparsity(measured, sparsity, tolerance)
     return Member(member.name, pruned, member.spec), measured
