@@ -136,7 +136,8 @@ BAD_MEMBERS = [
     ("[{name: rf, kind: random_forest, params: {n_estimators: 0}}]", MemberError,
      r"member 'rf' \(random_forest.*'n_estimators' parameter of RandomForestClassifier must be an int in the "
      r"range \[1, inf\)\. Got 0"),
-    ("[{name: s, kind: svc, params: {kernel: cubic}}]", MemberError, r"member 's' \(svc, SVC\): .*'kernel'.*Got 'cubic'"),
+    ("[{name: s, kind: svc, params: {kernel: cubic}}]", MemberError,
+     r"member 's' \(svc, SVC\): .*'kernel'.*Got 'cubic'"),
     ("[{name: s, kind: svc, params: {probability: false}}]", MemberError,
      r"member 's'.*'probability' cannot be set in config: svc members always use probability=True"),
     ("[{name: r, kind: random_forest, params: {random_state: 1}}]", MemberError,

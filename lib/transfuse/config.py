@@ -169,14 +169,20 @@ class MemberConfig(_Strict):
     kind: str
     params: dict[str, Any] = {}
 
-    @model_validator(mode="after")
-    def _kind_and_name(self) -> "MemberConfig":
-        if self.kind not in MEMBER_KINDS:
-            raise ValueError(f"member {self.name!r}: unknown kind {self.kind!r}; allowed: {', '.join(MEMBER_KINDS)}")
-        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
-            raise ValueError(f"member name must be non-empty letters, digits, '_' or '-' (it names a file), "
-                             f"got {self.name!r}")
-        return self
+    @field_validator("name")
+    @classmethod
+    def _file_safe_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "_-" for c in v):
+            raise ValueError(f"member name must be non-empty letters, digits, '_' or '-' (it names a file), got {v!r}")
+        return v
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, v: str, info: Any) -> str:
+        if v not in MEMBER_KINDS:  # the error is located at members.N.kind and names the member
+            name = info.data.get("name")
+            raise ValueError(f"member {name!r}: unknown kind {v!r}; allowed: {', '.join(MEMBER_KINDS)}")
+        return v
 
 
 class EnsembleConfig(_Strict):
