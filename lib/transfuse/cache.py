@@ -185,15 +185,17 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
             log.info("cache: computing %s over %s", names, splits)
             ds = apply_model(data_dir, list(splits), spec, weights_path, names, actors=actors,
                              batch_size=batch_size, use_gpu=use_gpu)
+            counts = dict.fromkeys(splits, 0)
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=4096):
+                for split in splits:
+                    counts[split] += int(np.sum(batch["split"] == split))
             for i, (key, cut) in enumerate(missing.items()):
                 final = dirs[cut]
                 tmp = storage.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}") if not storage.is_uri(root) else final
-                counts = {}
                 for split in splits:
                     part = select(ds, split, {f"out{i}": "x"})
                     fs, p = storage.resolve(storage.join(tmp, split))
                     part.write_parquet(p, filesystem=fs)
-                    counts[split] = part.count()
                 storage.write_manifest(tmp, cfg, CACHE_STAGE, data_fp, cut_layer=cut, key=key, counts=counts,
                                        spec={k: spec[k] for k in ("backbone", "width", "input_size")})
                 if tmp != final:

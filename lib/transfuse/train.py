@@ -354,6 +354,44 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
     return metrics
 
 
+def _fingerprint(eff: Config, weights: Optional[str]) -> str:
+    return eff.fingerprint("data", "model", "train") + ("" if weights is None else f"-{weights}")
+
+
+def latest_checkpoint(out_dir: str, name: str = TRAIN_DIR) -> Any:
+    """The newest Ray Train checkpoint under ``<out_dir>/<name>/`` (None when there is none)."""
+    import ray.train
+
+    base = storage.join(out_dir, name)
+    fs, p = storage.resolve(base)
+    if not storage.exists(base):
+        return None
+    import pyarrow.fs as pafs
+
+    dirs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory
+                  and i.base_name.startswith("checkpoint_"))
+    if not dirs:
+        return None
+    return ray.train.Checkpoint(path=f"{p}/{dirs[-1]}", filesystem=fs)
+
+
+def finalize_member(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]] = None, *,
+                    data_dir: Optional[str] = None, weights: Optional[str] = None) -> dict[str, Any]:
+    """Write the member dir from the newest checkpoint of a run that did not finish (e.g. a Tune trial that
+    ASHA stopped): same outputs as ``finetune``; the history ends where that run stopped."""
+    from transfuse import models
+    from transfuse.data import data_manifest
+
+    eff = effective(cfg, overrides)
+    data_dir = data_dir or _data_dir(eff)
+    names = data_manifest(data_dir)["class_names"]
+    spec = models.model_spec(eff.model, len(names), names, seed=eff.train.seed)
+    ckpt = latest_checkpoint(out_dir)
+    if ckpt is None:
+        raise TrainError(f"no checkpoint under {storage.join(out_dir, TRAIN_DIR)}: nothing to finalize")
+    return finalize(eff, out_dir, {"spec": spec, "data_dir": data_dir}, ckpt, fingerprint=_fingerprint(eff, weights))
+
+
 def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dict[str, Any]] = None, *,
              resume: bool = False, force: bool = False, data_dir: Optional[str] = None,
              weights: Optional[str] = None, run_config_extra: Optional[dict[str, Any]] = None,
@@ -366,7 +404,7 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
     """
     out_dir = out_dir or storage.stage_dir(cfg, STAGE)
     eff = effective(cfg, overrides)
-    fp = eff.fingerprint("data", "model", "train") + ("" if weights is None else f"-{weights}")
+    fp = _fingerprint(eff, weights)
     if not force and storage.is_complete(out_dir, fp):
         log.info("finetune: %s is complete, skipping", out_dir)
         return storage.read_json(storage.join(out_dir, "metrics.json"))
