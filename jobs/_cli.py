@@ -34,7 +34,11 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
         if needs_ray:
             runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         body(cfg, args)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ValueError, RuntimeError) as e:
+        # the library's own errors (bad config, data, members, bundles) say what was wrong: print that, no
+        # traceback; anything else is a bug and keeps its traceback
+        if isinstance(e, (ConfigError, DataError)) or type(e).__module__.startswith("transfuse."):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0

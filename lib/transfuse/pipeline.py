@@ -50,7 +50,7 @@ def _stage_fns(cfg: Config, deploy: Optional[Callable[..., str]]) -> dict[str, C
         return pretrain(cfg, force=force)
 
     def scratch_fn(force: bool) -> Any:
-        return train.finetune(cfg, storage.stage_dir(cfg, "scratch"), weights="none", force=force)
+        return train.transfer_vs_scratch(cfg, force=force)
 
     def deploy_fn(force: bool) -> Any:
         if deploy is None:

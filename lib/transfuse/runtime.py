@@ -26,5 +26,6 @@ def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kw
     if address:
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, runtime_env=runtime_env(), include_dashboard=False, **kwargs)
+        # "local": always a new cluster of our own, never one some other `ray start` left on this machine
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(), include_dashboard=False, **kwargs)
     logging.getLogger(__name__).info("ray: %s", ray.cluster_resources())
