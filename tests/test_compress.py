@@ -24,7 +24,10 @@ def setup():
 def test_pruning_reaches_target_sparsity(setup):
     d, members, x_tr, _ = setup
     x_tr, y_tr = x_tr[:512], d.y_train[:512]  # 8 steps at batch 64: enough for masks at steps 0 and 5
+    before = [w.copy() for w in members[0].model.get_weights()]
     pruned, sp = compress.prune_member(members[0], x_tr, y_tr, sparsity=0.5, frequency=5)
+    # the member itself is untouched (TFMOT writes masks into the layers it wraps: a copy is pruned)
+    assert all(np.array_equal(a, b) for a, b in zip(before, members[0].model.get_weights()))
     # measured again from the pruned model's own weights, not from the function's report
     for layer in compress._walk(pruned.model):
         if type(layer).__name__ in ("Conv2D", "Dense"):

@@ -105,6 +105,21 @@ def check_sparsity(sparsity: dict[str, float], target: float, tolerance: float) 
     log.info("sparsity reached: %s", {k: round(v, 3) for k, v in sparsity.items()})
 
 
+def _copy_model(model: Any) -> Any:
+    """A tf_keras model with fresh layers, the same weights and the same trainable flags (nested included)."""
+    tf = _tf()
+    c = tf.keras.models.clone_model(model)
+    c.set_weights(model.get_weights())
+    for a, b in zip(_walk(model), _walk(c)):
+        b.trainable = a.trainable
+    for a, b in zip(model.layers, c.layers):  # nested models: their own flag, after their layers'
+        if hasattr(a, "layers"):
+            b.trainable = a.trainable
+            for x, y in zip(_walk(a), _walk(b)):
+                y.trainable = x.trainable
+    return c
+
+
 def make_schedule(kind: str, target: float, steps: int, frequency: int) -> Any:
     """A TFMOT sparsity schedule that reaches ``target`` within ``steps`` optimizer steps.
 
@@ -155,7 +170,9 @@ def prune_member(
     sp = tfmot.sparsity.keras
     steps = int(np.ceil(len(x) / batch_size)) * epochs
     sched = schedule_obj if schedule_obj is not None else make_schedule(schedule, sparsity, steps, frequency)
-    src = member.model
+    # TFMOT wraps the model's own layer objects and writes the masks into their kernels: prune a copy, so the
+    # member (and every variant exported from it afterwards) stays intact.
+    src = _copy_model(member.model)
     net = models.get_backbone(src)
     p_net = sp.prune_low_magnitude(net, pruning_schedule=sched)
     head = [l for l in src.layers if l.name.startswith("head_")]
@@ -182,10 +199,7 @@ def prune_member(
     joined = tf.keras.Model(inp2, x, name=f"{src.name}_pruned")
     # The stripped layers also belong to the pruning graphs (two inbound nodes each), so ``layer.output`` is
     # ambiguous and graphs cut at a layer would reach back into the pruning model: clone into fresh layers.
-    pruned = tf.keras.models.clone_model(joined)
-    pruned.set_weights(joined.get_weights())
-    for a, b in zip(_walk(joined), _walk(pruned)):
-        b.trainable = a.trainable
+    pruned = _copy_model(joined)
     measured = measure_sparsity(pruned)
     check_sparsity(measured, sparsity, tolerance)
     return Member(member.name, pruned, member.spec), measured
