@@ -49,7 +49,6 @@ class ApplyModel:
         tf.keras.mixed_precision.set_global_policy("float32")  # cache and evaluate in float32
         model = models.build_model(spec, None)
         models.load_weights(model, weights_path)
-        net = models.get_backbone(model)
         tensors = []
         for name in outputs:
             if name == "probs":
@@ -58,7 +57,6 @@ class ApplyModel:
                 tensors.append(models.embedding_model(model).output)
             else:
                 tensors.append(models.trunk_model(model, name)(model.input))
-        del net
         self._fn = tf.keras.Model(model.input, tensors)
         self._outputs = outputs
         self._spec = PreprocessSpec(**spec["preprocess"])
