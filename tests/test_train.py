@@ -16,7 +16,7 @@ from transfuse import storage
 
 pytest.importorskip("tensorflow")
 
-OVERRIDES = {"epochs_frozen": 2, "epochs_unfrozen": 1}
+OVERRIDES = {"epochs_frozen": 2, "epochs_unfrozen": 1, "unfreeze": 4}  # independent of smoke.yaml
 
 
 def _cfg(digits_run):
