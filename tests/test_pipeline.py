@@ -4,6 +4,7 @@ against the live Serve endpoint; stages skipped when complete; bad stage names r
 from __future__ import annotations
 
 import socket
+import sys
 import time
 
 import pytest
@@ -34,7 +35,8 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
 
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     port = _free_port()
-    entrypoint = (f"python -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} --set run=job "
+    # this interpreter: the one that has transfuse installed, as a cluster's setup commands install it
+    entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} --set run=job "
                   f"--set serve.port={port} --set serve.name=jobtest")
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     deadline = time.time() + 1500
