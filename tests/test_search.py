@@ -49,6 +49,7 @@ SEARCH = ["--set", "tune.num_samples=4", "--set", "tune.unfreeze=[13, 0]", "--se
           "--set", "tune.members=2", "--set", "tune.grace_period=2"]
 
 
+@pytest.mark.slow  # about 8 minutes on 2 cores; the default suite's pipeline job test runs a 2-trial search
 def test_search_interrupted_then_resumed(tmp_path):
     """4 sequential trials over depths 0 and 13; SIGINT once the first trial has written its member dir; rerun
     with --resume: the finished trial is not rerun, the rest complete, ASHA stopped at least one trial, and the

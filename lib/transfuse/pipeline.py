@@ -21,6 +21,9 @@ from transfuse.config import Config
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "pretrain", "finetune", "scratch", "tune", "ensemble", "compress", "deploy", "report")
+# the folder under <storage>/<run>/ whose manifest says a stage is complete (deploy and report have none)
+STAGE_DIRS = {"prepare": "data", "pretrain": "pretrain", "finetune": "finetune", "scratch": "scratch",
+              "tune": "tune", "ensemble": "ensemble", "compress": "compress"}
 
 
 class PipelineError(ValueError):
@@ -119,7 +122,8 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[st
             echo(f"[{i + 1}/{stop + 1}] {name:<9} off")
             continue
         echo(f"[{i + 1}/{stop + 1}] {name:<9} ...")
-        before = storage.read_manifest(storage.stage_dir(cfg, name)) if name not in ("deploy", "report") else None
+        folder = storage.stage_dir(cfg, STAGE_DIRS[name]) if name in STAGE_DIRS else None
+        before = storage.read_manifest(folder) if folder else None
         t = time.time()
         if name == "report":  # the report shows the stage timings so far
             from transfuse.report import write_report
@@ -128,7 +132,7 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[st
         else:
             out = fns[name](name in force)
         seconds = time.time() - t
-        after = storage.read_manifest(storage.stage_dir(cfg, name)) if before is not None else None
+        after = storage.read_manifest(folder) if before is not None else None
         status = "skipped (complete)" if before and after and before.get("created") == after.get("created") \
             else "ran"
         detail = out if name in ("deploy", "report") and isinstance(out, dict) else {}
