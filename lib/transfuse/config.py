@@ -281,6 +281,14 @@ class Config(_Strict):
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
 
+    @field_validator("storage")
+    @classmethod
+    def _absolute_storage(cls, v: str) -> str:
+        """A local folder is made absolute once: Tune trials and Ray workers run in other working dirs."""
+        if "://" in v and not v.startswith("file://"):
+            return v
+        return str(Path(v.removeprefix("file://")).expanduser().absolute())
+
     @field_validator("run")
     @classmethod
     def _run_name(cls, v: str) -> str:
