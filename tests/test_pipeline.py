@@ -3,13 +3,12 @@ against the live Serve endpoint; stages skipped when complete; bad stage names r
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 
 import pytest
 
-from tests.conftest import ROOT, smoke_config
+from tests.conftest import ROOT, _free_port, smoke_config
 from transfuse import storage
 from transfuse.pipeline import STAGES, PipelineError, run_pipeline
 
@@ -23,12 +22,6 @@ def test_unknown_stage_names(tmp_path, kwargs, pattern):
         run_pipeline(smoke_config(tmp_path), **kwargs)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
     """`ray job submit`'s API: the smoke pipeline runs on the cluster, deploys, and the endpoint answers."""
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -36,8 +29,8 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     port = _free_port()
     # this interpreter: the one that has transfuse installed, as a cluster's setup commands install it
-    entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} --set run=job "
-                  f"--set serve.port={port} --set serve.name=jobtest")
+    entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} "
+                  f"--set run=job --set serve.port={port} --set serve.name=jobtest")
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     deadline = time.time() + 1500
     status = None
