@@ -150,7 +150,7 @@ class TuneConfig(_Strict):
     head_dense: list[int] = [128, 256]
     dropout: list[float] = [0.0, 0.3]
     scheduler: Literal["asha", "hyperband", "none"] = "asha"
-    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial
+    grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial (raised to epochs_frozen + 1)
     search_alg: Literal["random", "optuna"] = "random"
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(0.25, gt=0.0)  # the trial function itself; workers ask for train.*

@@ -90,8 +90,13 @@ def _scheduler(cfg: Config) -> Any:
     # in reported epochs; +1 so a trial that runs all its epochs is never stopped at its last report (ASHA
     # stops at max_t, which would kill the trial before it writes its member dir)
     max_t = max(1, cfg.train.epochs_frozen + cfg.train.epochs_unfrozen) + 1
+    # Depth acts only once layers are unfrozen: a rung inside the frozen phase would judge every depth by the
+    # same head-only training, so the first rung comes after at least one unfrozen epoch.
+    grace = t.grace_period
+    if cfg.train.epochs_unfrozen > 0:
+        grace = max(grace, cfg.train.epochs_frozen + 1)
     if t.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(t.grace_period, max_t),
+        return ASHAScheduler(time_attr="training_iteration", max_t=max_t, grace_period=min(grace, max_t),
                              reduction_factor=2)
     if t.scheduler == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=max_t, reduction_factor=2)
