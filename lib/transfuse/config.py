@@ -301,7 +301,12 @@ class Config(_Strict):
         d = self.model_dump(mode="json")
         if sections:
             d = {k: d[k] for k in sections}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return digest(d)
+
+
+def digest(obj: Any) -> str:
+    """A short, stable sha256 of JSON-able ``obj``: the fingerprint stages compare against their manifests."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError, source: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.config import SPLITS, Config, DataConfig
+from transfuse.config import SPLITS, Config, DataConfig, digest
 from transfuse.data.sources import DataError, Source, load_source
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
 
     dcfg = data_cfg or cfg.data
     out = storage.stage_dir(cfg, stage)
-    fingerprint = _fingerprint(dcfg, cfg.seed)
+    fingerprint = digest({"data": dcfg.model_dump(mode="json"), "seed": cfg.seed})
     if not force and storage.is_complete(out, fingerprint):
         log.info("prepare: %s is complete, skipping", out)
         return storage.read_manifest(out)
@@ -186,11 +186,3 @@ def _rows(path: str) -> int:
     fs, p = storage.resolve(path)
     with fs.open_input_file(p) as f:
         return pq.ParquetFile(f).metadata.num_rows
-
-
-def _fingerprint(dcfg: DataConfig, seed: int) -> str:
-    import hashlib
-    import json
-
-    blob = json.dumps({"data": dcfg.model_dump(mode="json"), "seed": seed}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
