@@ -27,7 +27,7 @@ from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before Tenso
 from transfuse import compress
 from transfuse.preprocess import PreprocessSpec, preprocess
 
-ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]
+ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]  # pruned kinds: once per sparsity
 
 
 def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
@@ -153,12 +153,19 @@ def main() -> None:
     pspec = PreprocessSpec(**members[0].spec["preprocess"])
     ccfg = cfg.compress
     rep = compress.representative_images(xtr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    parts0 = parts  # as the ensemble stage wrote them: the seed-style baseline uses these
+    if ccfg.optimize_sklearn and parts.sklearn:
+        parts, sk_info = compress.optimize_parts(parts, members, rep)
+        for name, i in sk_info.items():
+            diff = f", max |diff| {i['max_abs_diff']:.2g} on {i['probe_rows']} rows" if "max_abs_diff" in i else ""
+            print(f"sklearn {name}: {i['bytes_before']} -> {i['bytes_after']} bytes, rewrites {i['applied']}{diff}")
     variants = [v for v in args.variants.split(",") if v]
     exported, pruning = compress.build_variants(members, variants, rep=rep, x_train=preprocess(xtr, pspec),
                                                 y_train=ytr, ccfg=ccfg)
-    for name, p in pruning.items():
-        print(f"pruning {name}: target {p['target']}, measured per layer "
-              f"{ {k: round(v, 3) for k, v in p['layers'].items()} }")
+    for variant, per_member in pruning.items():
+        for name, p in per_member.items():
+            print(f"pruning {variant} {name}: target {p['target']} (scope {p['scope']}), measured per pruned layer "
+                  f"{ {k: round(v, 3) for k, v in p['layers'].items()} }")
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for v, ex in exported.items():
@@ -168,9 +175,9 @@ def main() -> None:
                                        latency_runs=args.latency_runs)
             row["variant"] = v
             rows.append(row)
-    base = compress.keras_baseline(members, parts, pspec)
+    base = compress.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
-    row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts)
+    row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
     row.update(compress.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))
     rows.append(row)
     rows = compress.with_ratios(rows, "float32")

@@ -25,7 +25,7 @@ def test_pruning_reaches_target_sparsity(setup):
     d, members, x_tr, _ = setup
     x_tr, y_tr = x_tr[:512], d.y_train[:512]  # 8 steps at batch 64: enough for masks at steps 0 and 5
     before = [w.copy() for w in members[0].model.get_weights()]
-    pruned, sp = compress.prune_member(members[0], x_tr, y_tr, sparsity=0.5, frequency=5)
+    pruned, sp = compress.prune_member(members[0], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
     # the member itself is untouched (TFMOT writes masks into the layers it wraps: a copy is pruned)
     assert all(np.array_equal(a, b) for a, b in zip(before, members[0].model.get_weights()))
     # measured again from the pruned model's own weights, not from the function's report
@@ -47,8 +47,41 @@ def test_pruning_reaches_target_sparsity(setup):
     acc = (pruned.model.predict(preprocess(d.x_test, SPEC), verbose=0).argmax(1) == d.y_test).mean()
     assert acc > 0.3
     # frozen layers pruned identically in two members: the trunk is still shared
-    pruned1, _ = compress.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5)
+    pruned1, _ = compress.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
     assert compress.shared_cut([pruned, pruned1]) == compress.shared_cut(members)
+
+
+def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
+    """scope=trainable prunes only what each member fine-tuned: its frozen layers keep their exact weights (so
+    the pruned members still share the float members' trunk), the fine-tuned ones reach the target."""
+    from transfuse import models
+
+    d, members, x_tr, _ = setup
+    x_tr, y_tr = x_tr[:512], d.y_train[:512]
+    out = []
+    for m in members:
+        pruned, sp = compress.prune_member(m, x_tr, y_tr, sparsity=0.8, frequency=5, scope="trainable")
+        trainable = {l.name for l in compress._walk(m.model) if l.trainable and type(l).__name__ in ("Conv2D", "Dense")}
+        assert set(sp) == trainable and set(sp) == set(compress.prune_layers(m.model, "trainable"))
+        for a, b in zip(compress._walk(m.model), compress._walk(pruned.model)):
+            if type(a).__name__ not in ("Conv2D", "Dense"):
+                continue
+            k = b.kernel.numpy()
+            if a.name in trainable:
+                assert abs(float(np.mean(k == 0)) - 0.8) < 0.02, a.name
+            else:  # frozen: dense and bit-identical to the member's
+                assert float(np.mean(k == 0)) == 0.0, a.name
+                assert all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights())), a.name
+        out.append(pruned)
+    # members[0] unfreezes 2 layers (block3_conv1 + pool), members[1] 4: block1 stays frozen in both
+    assert "block1_conv1" not in compress.prune_layers(members[1].model, "trainable")
+    assert "block2_conv1" in compress.prune_layers(members[1].model, "trainable")
+    assert "block2_conv1" not in compress.prune_layers(members[0].model, "trainable")
+    assert compress.shared_cut(out) == compress.shared_cut(members) == "block1_pool"
+    assert compress.shared_cut([members[0], out[0]]) == "block2_pool"  # the float member's own trunk is shared
+    assert models.get_backbone(out[0].model).get_layer("block1_conv1").trainable is False
+    with pytest.raises(compress.CompressError, match="prune_scope must be one of"):
+        compress.prune_layers(members[0].model, "frozen")
 
 
 def _logits(model, x):
@@ -200,15 +233,29 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     storage.write_json(storage.join(tune_dir, "members.json"), {"members": entries})
     from jobs.compress import _run
 
-    cfg.compress.variants = ["float32", "int8"]
-    cfg.compress.latency_runs = 5
-    cfg.compress.throughput_runs = 1
+    cfg.compress = cfg.compress.model_copy(update={
+        "variants": ["float32", "pruned", "pruned_int8"], "sparsity": [0.5, 0.8],
+        "serve_variant": "pruned80_int8", "latency_runs": 5, "throughput_runs": 1, "prune_frequency": 1})
     m = compress.run_compress(cfg)
-    assert m["variants"] == ["float32", "int8"] and m["serve_variant"] == "int8"
+    names = ["float32", "pruned50", "pruned80", "pruned50_int8", "pruned80_int8"]
+    assert m["variants"] == names and m["serve_variant"] == "pruned80_int8"
     report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
-    assert report["ensemble_source"] == "members" and report["shared_trunk"]["int8"] == "block3_pool"
+    assert [r["variant"] for r in report["variants"]] == names
+    assert report["ensemble_source"] == "members" and report["shared_trunk"]["pruned50_int8"] == "block3_pool"
+    # every sparsity is pruned and measured on exactly the fine-tuned layers (unfreeze 4 / 8 of vgg_small)
+    assert set(report["pruning"]) == {"pruned50", "pruned80"}
+    for name, target in (("pruned50", 0.5), ("pruned80", 0.8)):
+        for member, p in report["pruning"][name].items():
+            assert p["target"] == target and p["scope"] == "trainable"
+            assert all(abs(v - target) <= cfg.compress.sparsity_tolerance for v in p["layers"].values()), p
+            assert "block1_conv1" not in p["layers"]  # frozen: left dense
+        # the frozen trunk stays shared by the pruned members (it is the float members' trunk)
+        assert report["shared_trunk"][name] == report["shared_trunk"]["float32"]
+        assert load_bundle(storage.join(storage.stage_dir(cfg, "compress"), name)).manifest["variant"] == name
+    assert report["goals_pruned_int8"]["variant"] == "pruned50_int8"
+    assert set(report["goals_by_variant"]) == set(names) - {"float32"}
     b = load_bundle(storage.stage_dir(cfg, "bundle"))
-    assert b.manifest["variant"] == "int8" and b.class_names == dm["class_names"]
+    assert b.manifest["variant"] == "pruned80_int8" and b.class_names == dm["class_names"]
     assert b.manifest["metrics"]["variants"][0]["variant"] == "float32"
     from transfuse.data import read_split_numpy
 
@@ -217,6 +264,26 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     assert storage.is_complete(storage.stage_dir(cfg, "compress"), m["fingerprint"])
     assert compress.run_compress(cfg)["created"] == m["created"]  # complete: not rerun
     assert _run is not None
+
+
+def test_variant_names_and_config_errors():
+    """Pruned kinds expand once per sparsity; serve_variant must be an exported name, the error lists them."""
+    from transfuse.config import CompressConfig, ConfigError, load_config
+
+    c = CompressConfig(sparsity=[0.5, 0.875], variants=["float32", "pruned", "pruned_int8"], serve_variant="float32")
+    assert c.variant_names() == ["float32", "pruned50", "pruned87p5", "pruned50_int8", "pruned87p5_int8"]
+    assert compress.expand_variants(c.variants, c.sparsity) == c.variant_names()
+    assert compress.parse_variant("pruned87p5_int8", c.sparsity) == (0.875, "int8")
+    assert compress.parse_variant("dynamic_int8", c.sparsity) == (None, "dynamic_int8")
+    with pytest.raises(compress.CompressError, match=r"'pruned80' is not one of .*'pruned50'"):
+        compress.parse_variant("pruned80", c.sparsity)
+    with pytest.raises(ConfigError, match=r"serve_variant 'pruned_int8' is not an exported variant; allowed .*"
+                                          r"'pruned50_int8'"):
+        load_config(None, ["compress.serve_variant=pruned_int8"])
+    with pytest.raises(ConfigError, match="sparsity values must be distinct"):
+        load_config(None, ["compress.sparsity=[0.5,0.5]"])
+    assert load_config(None, ["compress.sparsity=[0.5,0.8]", "compress.serve_variant=pruned80_int8"]) \
+        .compress.serve_variant == "pruned80_int8"
 
 
 def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
@@ -253,3 +320,42 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     assert src.parts.stacker.members == ["a", "b", "lr"] and src.parts.stacker.features == "log_probs"
     np.testing.assert_array_equal(src.parts.stacker.coef, st.coef_)
     assert src.parts.stacker.eps == st.eps  # the clip before log travels with the stacker
+
+
+def test_sklearn_onnx_rewrites_are_lossless(setup):
+    """AdaBoost (SAMME) becomes one tree ensemble and tree classifiers lose their zero leaf entries; outputs equal
+    scikit-learn's and the original graph's on embeddings the rewrite never saw."""
+    import onnx
+    from sklearn.ensemble import AdaBoostClassifier, RandomForestClassifier
+    from sklearn.tree import DecisionTreeClassifier
+    from skl2onnx import to_onnx
+
+    from transfuse import models
+
+    d, members, x_tr, _ = setup
+    emb_net = models.embedding_model(members[0].model)
+    e_tr = emb_net.predict(x_tr[:600], verbose=0)
+    e_te = emb_net.predict(preprocess(d.x_test, SPEC), verbose=0)
+    y = d.y_train[:600]
+    for est in (AdaBoostClassifier(DecisionTreeClassifier(max_depth=1), n_estimators=30, random_state=0),
+                RandomForestClassifier(n_estimators=8, random_state=0)):
+        est.fit(e_tr, y)
+        data = to_onnx(est, e_tr[:1], options={id(est): {"zipmap": False}}).SerializeToString()
+        new, info = compress.optimize_sklearn_onnx(data, e_tr[:200])
+        assert info["applied"] and len(new) < len(data), info
+        old_out, new_out = compress._run_onnx(data, e_te), compress._run_onnx(new, e_te)
+        np.testing.assert_allclose(new_out["probabilities"], old_out["probabilities"], atol=1e-5)
+        np.testing.assert_array_equal(new_out["label"], old_out["label"])
+        np.testing.assert_allclose(new_out["probabilities"], est.predict_proba(e_te), atol=1e-4)
+        if isinstance(est, AdaBoostClassifier):
+            g = onnx.load_from_string(new).graph
+            assert [n.op_type for n in g.node].count("TreeEnsembleRegressor") == 1
+            assert not any(n.op_type == "TreeEnsembleClassifier" for n in g.node)
+            assert len(g.node) < 20 < len(onnx.load_from_string(data).graph.node)
+    # a graph with nothing to rewrite comes back as it was
+    from sklearn.linear_model import LogisticRegression
+
+    lr = LogisticRegression(max_iter=300).fit(e_tr, y)
+    data = to_onnx(lr, e_tr[:1], options={id(lr): {"zipmap": False}}).SerializeToString()
+    assert compress.optimize_sklearn_onnx(data, e_tr[:50]) == (data, {"bytes_before": len(data), "applied": [],
+                                                                     "bytes_after": len(data)})

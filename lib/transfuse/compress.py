@@ -1,9 +1,11 @@
 """Prune and quantize the ensemble's CNN members, export a shared trunk once, and measure every variant.
 
-- Pruning: TensorFlow Model Optimization magnitude pruning (tf_keras only) of every Conv2D/Dense kernel of a
-  member, a short fine-tune at the target sparsity, ``strip_pruning``, then the sparsity reached is MEASURED per
-  layer and a layer short of the target raises ``PruningError`` (TFMOT's schedules prune nothing on short runs
-  unless ``frequency`` is low: such a run must fail, not pass).
+- Pruning: TensorFlow Model Optimization magnitude pruning (tf_keras only) of a member's Conv2D/Dense kernels
+  (scope ``trainable``: only the layers the member fine-tuned, so the frozen shared trunk stays dense and shared;
+  ``all``: every layer), a short fine-tune at the target sparsity, ``strip_pruning``, then the sparsity reached
+  is MEASURED per pruned layer and a layer short of the target raises ``PruningError`` (TFMOT's schedules prune
+  nothing on short runs unless ``frequency`` is low: such a run must fail, not pass). Every configured sparsity
+  is its own variant (``pruned50``, ``pruned80_int8``, ...).
 - Quantization: the TFLite converter, run with LiteRT: float32, float16, dynamic-range int8 and full-integer
   int8 (a representative dataset from the train split, preprocessed with the one preprocessing function;
   float input/output, int8 inside).
@@ -31,9 +33,10 @@ from transfuse.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8")
+VARIANTS = ("float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8")  # kinds (config.variants)
 QUANT_MODES = ("float32", "float16", "dynamic_int8", "int8")
 PRUNABLE = ("Conv2D", "Dense", "DepthwiseConv2D", "SeparableConv2D")
+PRUNE_SCOPES = ("trainable", "all")
 
 
 class PruningError(RuntimeError):
@@ -81,11 +84,12 @@ def _walk(model: Any) -> list[Any]:
     return out
 
 
-def measure_sparsity(model: Any) -> dict[str, float]:
-    """Fraction of exactly-zero kernel weights per prunable layer (nested backbones included)."""
+def measure_sparsity(model: Any, layers: Optional[set[str]] = None) -> dict[str, float]:
+    """Fraction of exactly-zero kernel weights per prunable layer (nested backbones included; only ``layers`` when
+    given)."""
     out = {}
     for layer in _walk(model):
-        if _prunable(layer):
+        if _prunable(layer) and (layers is None or layer.name in layers):
             k = _kernel(layer)
             if k is not None:
                 out[layer.name] = float(np.mean(k == 0.0))
@@ -118,6 +122,29 @@ def _copy_model(model: Any) -> Any:
             for x, y in zip(_walk(a), _walk(b)):
                 y.trainable = x.trainable
     return c
+
+
+def prune_layers(model: Any, scope: str) -> list[str]:
+    """Names of the prunable layers of a member in ``scope``: ``trainable`` (what the member fine-tuned: backbone
+    layers above its cut and the head) or ``all``."""
+    if scope not in PRUNE_SCOPES:
+        raise CompressError(f"compress.prune_scope must be one of {PRUNE_SCOPES}, got {scope!r}")
+    return [l.name for l in _walk(model) if _prunable(l) and (scope == "all" or l.trainable)]
+
+
+def _wrap_for_pruning(model: Any, names: set[str], sched: Any) -> Any:
+    """A clone of a functional model whose layers in ``names`` are wrapped by TFMOT (the others are the same
+    layer objects, as TFMOT itself does)."""
+    import tensorflow_model_optimization as tfmot
+
+    tf = _tf()
+
+    def wrap(layer: Any) -> Any:
+        if layer.name in names:
+            return tfmot.sparsity.keras.prune_low_magnitude(layer, pruning_schedule=sched)
+        return layer
+
+    return tf.keras.models.clone_model(model, clone_function=wrap)
 
 
 def make_schedule(kind: str, target: float, steps: int, frequency: int) -> Any:
@@ -154,13 +181,16 @@ def prune_member(
     frequency: int = 10,
     tolerance: float = 0.02,
     schedule_obj: Any = None,
+    scope: str = "trainable",
 ) -> tuple[Member, dict[str, float]]:
-    """Magnitude-prune every Conv2D/Dense kernel to ``sparsity``, fine-tune, strip, measure. Returns the pruned
-    member (same architecture, rebuilt from its spec) and the sparsity per layer.
+    """Magnitude-prune the Conv2D/Dense kernels in ``scope`` to ``sparsity``, fine-tune, strip, measure. Returns
+    the pruned member (same architecture) and the sparsity reached per pruned layer.
 
-    ``x``: preprocessed train images; ``y``: int labels. Frozen layers stay frozen: their masks depend only on
-    their (identical) weights, so members keep sharing their trunk. The nested backbone is pruned as its own
-    functional model, since TFMOT does not descend into nested models.
+    ``x``: preprocessed train images; ``y``: int labels. ``scope="trainable"`` prunes only the layers the member
+    fine-tuned and leaves its frozen layers dense and untouched, so the pruned members still share the float
+    members' trunk; ``"all"`` also prunes frozen layers (their masks depend only on their identical weights, so
+    members keep sharing a (pruned) trunk). Frozen layers stay frozen either way. The nested backbone is wrapped
+    as its own functional model, since TFMOT does not descend into nested models.
     """
     import tensorflow_model_optimization as tfmot
 
@@ -173,14 +203,18 @@ def prune_member(
     # TFMOT wraps the model's own layer objects and writes the masks into their kernels: prune a copy, so the
     # member (and every variant exported from it afterwards) stays intact.
     src = _copy_model(member.model)
+    names = set(prune_layers(src, scope))
+    if not names:
+        raise PruningError(f"member {member.name}: no prunable (Conv2D/Dense) layer in scope {scope!r}: nothing "
+                           f"would be pruned")
     net = models.get_backbone(src)
-    p_net = sp.prune_low_magnitude(net, pruning_schedule=sched)
+    p_net = _wrap_for_pruning(net, names, sched)
     head = [l for l in src.layers if l.name.startswith("head_")]
     h_in = tf.keras.layers.Input(shape=tuple(net.output.shape[1:]), name="head_in")
     h = h_in
     for layer in head:
         h = layer(h)
-    p_head = sp.prune_low_magnitude(tf.keras.Model(h_in, h, name="head"), pruning_schedule=sched)
+    p_head = _wrap_for_pruning(tf.keras.Model(h_in, h, name="head"), names, sched)
     inp = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
     # training follows fit(): the pruning wrappers update their masks only in training mode. Frozen BatchNorm
     # layers (trainable=False) run in inference mode regardless.
@@ -200,7 +234,7 @@ def prune_member(
     # The stripped layers also belong to the pruning graphs (two inbound nodes each), so ``layer.output`` is
     # ambiguous and graphs cut at a layer would reach back into the pruning model: clone into fresh layers.
     pruned = _copy_model(joined)
-    measured = measure_sparsity(pruned)
+    measured = measure_sparsity(pruned, names)
     check_sparsity(measured, sparsity, tolerance)
     return Member(member.name, pruned, member.spec), measured
 
@@ -338,6 +372,184 @@ def export_members(members: list[Member], mode: str, representative: Optional[np
     return out
 
 
+# --------------------------------------------------------------------------------------------- sklearn ONNX
+# Lossless rewrites of the scikit-learn members' ONNX graphs (skl2onnx output). Each is checked by running the old
+# and the new graph on the same embeddings; a rewrite whose outputs differ is dropped, never shipped.
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _set_attrs(node: Any, values: dict[str, Any]) -> None:
+    from onnx import helper
+
+    del node.attribute[:]
+    for k, v in values.items():
+        node.attribute.append(helper.make_attribute(k, v))
+
+
+def _compact_tree_classifier(node: Any) -> bool:
+    """TreeEnsembleClassifier: drop leaf entries of weight 0 (the scores are sums over entries, and a class without
+    entries scores 0), hit rates that are all 1 and missing-value flags that are all 0 (both the defaults)."""
+    a = _attrs(node)
+    if a.get("post_transform", b"NONE") not in (b"NONE", "NONE") or len(a.get("classlabels_int64s", [])) < 3:
+        return False  # ORT treats binary classifiers specially: leave them as written
+    keep = [i for i, w in enumerate(a["class_weights"]) if w != 0.0]
+    changed = len(keep) < len(a["class_weights"])
+    for k in ("class_treeids", "class_nodeids", "class_ids", "class_weights"):
+        a[k] = [a[k][i] for i in keep]
+    if "nodes_hitrates" in a and all(h == 1.0 for h in a["nodes_hitrates"]):
+        del a["nodes_hitrates"]
+        changed = True
+    if "nodes_missing_value_tracks_true" in a and not any(a["nodes_missing_value_tracks_true"]):
+        del a["nodes_missing_value_tracks_true"]
+        changed = True
+    if changed:
+        _set_attrs(node, a)
+    return changed
+
+
+def _merge_samme(model: Any) -> bool:
+    """skl2onnx's AdaBoost (SAMME) graph runs one TreeEnsembleClassifier per estimator, then ArgMax -> Equal ->
+    Where(1, -1/(K-1)) -> Mul(weight) per estimator and a Sum: hundreds of nodes at batch 1. Each estimator's term
+    depends only on the leaf reached, so the Sum equals one TreeEnsembleRegressor (aggregate SUM) whose leaf values
+    are weight * (1 at the leaf's argmax class, -1/(K-1) elsewhere). Returns True when the pattern was replaced."""
+    from onnx import helper, numpy_helper
+
+    g = model.graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    sums = [n for n in g.node if n.op_type == "Sum" and len(n.input) >= 2]
+    for total in sums:
+        trees, terms = [], []
+        for t in total.input:
+            mul = prod.get(t)
+            if mul is None or mul.op_type != "Mul":
+                break
+            where = prod.get(mul.input[0])
+            w = inits.get(mul.input[1])
+            if where is None or where.op_type != "Where" or w is None or w.size != 1:
+                break
+            eq, sym = prod.get(where.input[0]), inits.get(where.input[2])
+            one = prod.get(where.input[1])
+            if eq is None or eq.op_type != "Equal" or sym is None or sym.size != 1 or one is None or \
+                    one.op_type != "ConstantOfShape" or numpy_helper.to_array(_attrs(one)["value"]).item() != 1.0:
+                break
+            am, cls = prod.get(eq.input[0]), inits.get(eq.input[1])
+            if am is None or am.op_type != "ArgMax" or cls is None or _attrs(am).get("axis", 0) != 1 or \
+                    _attrs(am).get("keepdims", 1) != 1 or _attrs(am).get("select_last_index", 0) != 0:
+                break
+            tree = prod.get(am.input[0])
+            if tree is None or tree.op_type != "TreeEnsembleClassifier" or am.input[0] != tree.output[1]:
+                break
+            ta = _attrs(tree)
+            k = len(ta.get("classlabels_int64s", []))
+            if ta.get("post_transform", b"NONE") not in (b"NONE", "NONE") or k < 3 or \
+                    not np.array_equal(np.asarray(cls).reshape(-1), np.arange(k)) or "base_values" in ta:
+                break
+            trees.append((tree, ta))
+            terms.append((float(w.reshape(-1)[0]), float(sym.reshape(-1)[0]), k, tree.input[0]))
+        else:
+            if not trees or len({(t[2], t[3]) for t in terms}) != 1:
+                continue
+            k, x_name = terms[0][2], terms[0][3]
+            nodes = {f: [] for f in ("nodes_treeids", "nodes_nodeids", "nodes_featureids", "nodes_modes",
+                                     "nodes_values", "nodes_truenodeids", "nodes_falsenodeids")}
+            targets = {f: [] for f in ("target_treeids", "target_nodeids", "target_ids", "target_weights")}
+            next_tree = 0
+            for (tree, ta), (w, sym, _, _) in zip(trees, terms):
+                ids = sorted(set(ta["nodes_treeids"]))
+                remap = {t: next_tree + i for i, t in enumerate(ids)}
+                next_tree += len(ids)
+                for f in nodes:
+                    vals = ta[f]
+                    nodes[f] += [remap[v] for v in vals] if f == "nodes_treeids" else list(vals)
+                leaf_scores: dict[tuple[int, int], np.ndarray] = {}
+                for t, n_, c, cw in zip(ta["class_treeids"], ta["class_nodeids"], ta["class_ids"], ta["class_weights"]):
+                    leaf_scores.setdefault((t, n_), np.zeros(k, np.float32))[c] += np.float32(cw)
+                for t, n_, mode in zip(ta["nodes_treeids"], ta["nodes_nodeids"], ta["nodes_modes"]):
+                    if mode not in (b"LEAF", "LEAF"):
+                        continue
+                    top = int(np.argmax(leaf_scores.get((t, n_), np.zeros(k, np.float32))))  # ArgMax: first max
+                    for c in range(k):
+                        targets["target_treeids"].append(remap[t])
+                        targets["target_nodeids"].append(n_)
+                        targets["target_ids"].append(c)
+                        targets["target_weights"].append(w * (1.0 if c == top else sym))
+            merged = helper.make_node("TreeEnsembleRegressor", [x_name], [total.output[0]], domain="ai.onnx.ml",
+                                      name="samme_merged", n_targets=k, aggregate_function="SUM",
+                                      post_transform="NONE", **nodes, **targets)
+            idx = list(g.node).index(total)
+            g.node.insert(idx, merged)
+            g.node.remove(total)
+            _prune_graph(model)
+            return True
+    return False
+
+
+def _prune_graph(model: Any) -> None:
+    """Remove nodes and initializers that no graph output depends on."""
+    g = model.graph
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(list(g.node)):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep_ids = {id(n) for n in keep}
+    for n in [n for n in g.node if id(n) not in keep_ids]:
+        g.node.remove(n)
+    for i in [i for i in g.initializer if i.name not in needed]:
+        g.initializer.remove(i)
+
+
+def _run_onnx(data: bytes, x: np.ndarray) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {name: np.asarray(x, np.float32)})))
+
+
+def optimize_sklearn_onnx(data: bytes, probe: np.ndarray, *, atol: float = 1e-5) -> tuple[bytes, dict[str, Any]]:
+    """Lossless rewrites of one skl2onnx graph (AdaBoost SAMME merged into one tree ensemble; tree classifiers
+    without zero leaf entries and default attributes), checked on ``probe`` (embeddings): every output equal within
+    ``atol`` and the same labels, or the original bytes are returned. Returns (bytes, info)."""
+    import onnx
+
+    model = onnx.load_from_string(data)
+    applied = []
+    if _merge_samme(model):
+        applied.append("samme_merged")
+    n_compact = sum(_compact_tree_classifier(n) for n in model.graph.node if n.op_type == "TreeEnsembleClassifier")
+    if n_compact:
+        applied.append(f"tree_compact x{n_compact}")
+    info: dict[str, Any] = {"bytes_before": len(data), "applied": applied}
+    if not applied:
+        return data, {**info, "bytes_after": len(data)}
+    new = model.SerializeToString()
+    try:
+        onnx.checker.check_model(model)
+        old_out, new_out = _run_onnx(data, probe), _run_onnx(new, probe)
+        worst = 0.0
+        for k, v in old_out.items():
+            w = new_out[k]
+            if v.dtype.kind in "iu" or v.dtype == object:
+                if not np.array_equal(v, w):
+                    raise ValueError(f"output {k} differs on {int(np.sum(v != w))} of {len(v)} probe rows")
+            else:
+                worst = max(worst, float(np.max(np.abs(v.astype(np.float64) - w))))
+        if worst > atol:
+            raise ValueError(f"outputs differ by up to {worst:.3g} > {atol}")
+    except Exception as e:  # any failure keeps the graph as the ensemble stage wrote it
+        log.warning("sklearn ONNX rewrite %s dropped: %s", applied, e)
+        return data, {**info, "applied": [], "dropped": str(e), "bytes_after": len(data)}
+    return new, {**info, "bytes_after": len(new), "max_abs_diff": worst, "probe_rows": int(len(probe))}
+
+
 # --------------------------------------------------------------------------------------------- ensemble
 @dataclass
 class EnsembleParts:
@@ -345,6 +557,27 @@ class EnsembleParts:
 
     sklearn: list[SklearnMember] = field(default_factory=list)
     stacker: Optional[Stacker] = None
+
+
+def optimize_parts(parts: EnsembleParts, members: list[Member], images: np.ndarray) -> tuple[EnsembleParts, dict]:
+    """``optimize_sklearn_onnx`` on every sklearn member, checked on the embeddings its CNN member gives for
+    ``images`` (preprocessed train images). The same members, equal outputs: used by every variant alike."""
+    from transfuse import models
+
+    emb: dict[str, np.ndarray] = {}
+    out, info = [], {}
+    for sk in parts.sklearn:
+        if sk.embedding_of not in emb:
+            m = next((m for m in members if m.name == sk.embedding_of), None)
+            if m is None:
+                raise CompressError(f"sklearn member {sk.name} reads {sk.embedding_of!r}, not a CNN member "
+                                    f"{[m.name for m in members]}")
+            emb[sk.embedding_of] = models.embedding_model(m.model).predict(images, batch_size=256, verbose=0)
+        data, info[sk.name] = optimize_sklearn_onnx(sk.data, emb[sk.embedding_of])
+        out.append(SklearnMember(name=sk.name, data=data, embedding_of=sk.embedding_of,
+                                 probabilities_output=sk.probabilities_output))
+        log.info("sklearn member %s: %s", sk.name, info[sk.name])
+    return EnsembleParts(out, parts.stacker), info
 
 
 def write_variant(directory: str, exported: Exported, members: list[Member], parts: EnsembleParts, *,
@@ -564,31 +797,66 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
     return predict
 
 
+def expand_variants(variants: list[str], sparsity: list[float]) -> list[str]:
+    """Variant names from kinds: ``pruned``/``pruned_int8`` once per sparsity (``pruned50``, ``pruned50_int8``);
+    names already expanded pass through."""
+    from transfuse.config import pruned_name
+
+    out: list[str] = []
+    for v in variants:
+        if v in ("pruned", "pruned_int8"):
+            out += [pruned_name(s) + v[len("pruned"):] for s in sparsity]
+        else:
+            out.append(v)
+    return list(dict.fromkeys(out))
+
+
+def parse_variant(name: str, sparsity: list[float]) -> tuple[Optional[float], str]:
+    """(sparsity or None, quantization mode) of a variant name; CompressError listing the allowed names."""
+    from transfuse.config import pruned_name
+
+    if name in QUANT_MODES:
+        return None, name
+    for s in sparsity:
+        base = pruned_name(s)
+        if name == base:
+            return s, "float32"
+        if name == base + "_int8":
+            return s, "int8"
+    allowed = list(QUANT_MODES) + expand_variants(["pruned", "pruned_int8"], sparsity)
+    raise CompressError(f"variant {name!r} is not one of {allowed} (kinds {VARIANTS}; pruned variants are named by "
+                        f"compress.sparsity {sparsity})")
+
+
 def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarray, x_train: np.ndarray,
                    y_train: np.ndarray, ccfg: Any) -> tuple[dict[str, Exported], dict[str, Any]]:
-    """Exported files per variant; pruned members are built once (first listed sparsity) and reused."""
+    """Exported files per variant (kinds expanded over ``ccfg.sparsity``); the pruned members of each sparsity
+    are built once and shared by its float32 and int8 variants. Returns (exported by name, pruning report by
+    pruned name -> member -> {target, scope, layers})."""
+    names = expand_variants(list(variants), list(ccfg.sparsity))
+    plan = [(v, *parse_variant(v, list(ccfg.sparsity))) for v in names]
     exported: dict[str, Exported] = {}
     pruning: dict[str, Any] = {}
-    pruned: Optional[list[Member]] = None
-    for v in variants:
-        if v not in VARIANTS:
-            raise CompressError(f"compress.variants: {v!r} is not one of {VARIANTS}")
-        if v.startswith("pruned"):
-            if pruned is None:
-                target = ccfg.sparsity[0]
-                pruned = []
-                for m in members:
-                    pm, sp = prune_member(m, x_train, y_train, sparsity=target, epochs=ccfg.prune_epochs,
-                                          batch_size=ccfg.prune_batch_size, lr=ccfg.prune_lr,
-                                          schedule=ccfg.prune_schedule, frequency=ccfg.prune_frequency,
-                                          tolerance=ccfg.sparsity_tolerance)
-                    pruned.append(pm)
-                    pruning[m.name] = {"target": target, "layers": sp}
-            mode = "int8" if v == "pruned_int8" else "float32"
-            exported[v] = export_members(pruned, mode, rep, share_trunk=ccfg.share_trunk)
-            exported[v].mode = v
-        else:
-            exported[v] = export_members(members, v, rep, share_trunk=ccfg.share_trunk)
+    pruned: dict[float, list[Member]] = {}
+    scope = getattr(ccfg, "prune_scope", "all")
+    for v, target, mode in plan:
+        if target is None:
+            exported[v] = export_members(members, mode, rep, share_trunk=ccfg.share_trunk)
+            continue
+        if target not in pruned:
+            from transfuse.config import pruned_name
+
+            pruned[target], report = [], {}
+            for m in members:
+                pm, sp = prune_member(m, x_train, y_train, sparsity=target, epochs=ccfg.prune_epochs,
+                                      batch_size=ccfg.prune_batch_size, lr=ccfg.prune_lr,
+                                      schedule=ccfg.prune_schedule, frequency=ccfg.prune_frequency,
+                                      tolerance=ccfg.sparsity_tolerance, scope=scope)
+                pruned[target].append(pm)
+                report[m.name] = {"target": target, "scope": scope, "layers": sp}
+            pruning[pruned_name(target)] = report
+        exported[v] = export_members(pruned[target], mode, rep, share_trunk=ccfg.share_trunk)
+        exported[v].mode = v
     return exported, pruning
 
 
@@ -600,9 +868,9 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
     from transfuse.data import data_manifest, read_split_numpy
 
     ccfg = cfg.compress
-    if ccfg.serve_variant not in ccfg.variants:
-        raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be one of compress.variants "
-                            f"{ccfg.variants}")
+    names = expand_variants(list(ccfg.variants), list(ccfg.sparsity))
+    if ccfg.serve_variant not in names:
+        raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src = read_ensemble(cfg)
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
     if not force and storage.is_complete(out, src.fingerprint) and storage.exists(storage.join(bundle_dir, "manifest.json")):
@@ -622,6 +890,10 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
     x_te, y_te, _ = read_split_numpy(data_dir, "test")
     input_shape = tuple(int(d) for d in x_tr.shape[1:])
     rep = representative_images(x_tr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    sk_info: dict = {}
+    if ccfg.optimize_sklearn and src.parts.sklearn:
+        parts, sk_info = optimize_parts(src.parts, members, rep)
+        src = EnsembleSource(src.members, parts, src.source, src.fingerprint)
     exported, pruning = build_variants(members, list(ccfg.variants), rep=rep, x_train=preprocess(x_tr, pspec),
                                        y_train=y_tr, ccfg=ccfg)
     storage.makedirs(out)
@@ -644,9 +916,12 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
         rows.append(row)
         log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
     rows = with_ratios(rows)
+    pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
     report = {"variants": rows, "goals": goals(rows, "int8") if "int8" in exported else {},
-              "goals_pruned_int8": goals(rows, "pruned_int8") if "pruned_int8" in exported else {},
-              "pruning": pruning, "ensemble_source": src.source, "num_threads": ccfg.num_threads,
+              # the first pruned int8 variant (the report reads this key); every one in goals_by_variant
+              "goals_pruned_int8": goals(rows, pruned_int8[0]) if pruned_int8 else {},
+              "goals_by_variant": {v: goals(rows, v) for v in exported if v != "float32" and "float32" in exported},
+              "pruning": pruning, "sklearn_rewrites": sk_info, "ensemble_source": src.source, "num_threads": ccfg.num_threads,
               "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()}}
     storage.write_json(storage.join(out, "metrics.json"), report)
     serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)

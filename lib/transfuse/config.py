@@ -214,7 +214,11 @@ class EnsembleConfig(_Strict):
 
 
 class CompressConfig(_Strict):
-    sparsity: list[float] = [0.5]  # target fractions of zero weights
+    """Pruning, quantization and the bundle. ``variants`` lists kinds; ``pruned`` and ``pruned_int8`` expand to one
+    variant per ``sparsity`` named by it (``pruned50``, ``pruned80_int8``): see ``variant_names()``."""
+
+    sparsity: list[float] = [0.5]  # target fractions of zero weights; each one is exported
+    prune_scope: Literal["trainable", "all"] = "trainable"  # trainable: only the layers each member fine-tuned
     prune_epochs: int = Field(1, ge=1)  # fine-tune at the target sparsity
     prune_frequency: int = Field(10, ge=1)  # steps between pruning updates: low, for short fine-tunes
     prune_schedule: Literal["constant", "polynomial"] = "constant"  # constant: target from step 0; polynomial: ramp
@@ -222,12 +226,13 @@ class CompressConfig(_Strict):
     prune_batch_size: int = Field(64, ge=1)
     sparsity_tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # a layer below target - tolerance fails the run
     share_trunk: bool = True  # export the members' shared frozen layers once (the trunk runs once per request)
+    optimize_sklearn: bool = True  # lossless, verified rewrites of the sklearn ONNX graphs (every variant)
     latency_runs: int = Field(100, ge=5)  # batch-1 calls timed per variant (p50, p99)
     throughput_runs: int = Field(10, ge=1)  # batch-32 calls timed per variant
     variants: list[Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]] = [
         "float32", "pruned", "int8", "pruned_int8", "float16",
     ]
-    serve_variant: Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"] = "int8"
+    serve_variant: str = "int8"  # one of variant_names(), e.g. int8 or pruned50_int8
     representative_examples: int = Field(200, ge=1)  # drawn from train for int8 calibration
     num_threads: int = Field(2, ge=1)  # LiteRT interpreter threads
 
@@ -237,7 +242,33 @@ class CompressConfig(_Strict):
         for s in v:
             if not 0.0 < s < 1.0:
                 raise ValueError(f"each sparsity must be in (0, 1), got {s}")
+        names = [pruned_name(s) for s in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sparsity values must be distinct (variants are named by them), got {v}")
         return v
+
+    def variant_names(self) -> list[str]:
+        """The exported variants in order: pruned kinds once per sparsity."""
+        out: list[str] = []
+        for kind in self.variants:
+            if kind in ("pruned", "pruned_int8"):
+                out += [pruned_name(s) + kind[len("pruned"):] for s in self.sparsity]
+            else:
+                out.append(kind)
+        return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _serve_variant(self) -> "CompressConfig":
+        names = self.variant_names()
+        if self.serve_variant not in names:
+            raise ValueError(f"serve_variant {self.serve_variant!r} is not an exported variant; allowed (from "
+                             f"variants {self.variants} and sparsity {self.sparsity}): {names}")
+        return self
+
+
+def pruned_name(sparsity: float) -> str:
+    """The variant name of a pruned member set: 0.5 -> pruned50, 0.875 -> pruned87p5."""
+    return "pruned" + f"{100 * sparsity:g}".replace(".", "p")
 
 
 class ServeConfig(_Strict):
