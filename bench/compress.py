@@ -137,6 +137,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(ALL))
     ap.add_argument("--threads", type=int, default=2, help="LiteRT / ONNX Runtime threads per model")
     ap.add_argument("--latency-runs", type=int, default=100)
+    ap.add_argument("--breakdown", default="float32,int8",
+                    help="variants whose batch-1 time and bytes are split by component (trunk, tops, sklearn, ...)")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     from transfuse.config import load_config
@@ -164,9 +166,10 @@ def main() -> None:
                                                 y_train=ytr, ccfg=ccfg)
     for variant, per_member in pruning.items():
         for name, p in per_member.items():
-            print(f"pruning {variant} {name}: target {p['target']} (scope {p['scope']}), measured per pruned layer "
-                  f"{ {k: round(v, 3) for k, v in p['layers'].items()} }")
-    rows = []
+            print(f"pruning {variant} {name}: target {p['target']} (scope {p['scope']}, distill {p['distill']}), "
+                  f"top-1 agreement with the float member on train {p['train_agreement_with_float']:.3f}, measured "
+                  f"per pruned layer { {k: round(v, 3) for k, v in p['layers'].items()} }")
+    rows, breakdown = [], {}
     with tempfile.TemporaryDirectory() as d:
         for v, ex in exported.items():
             compress.write_variant(os.path.join(d, v), ex, members, parts, name="bench", version="0",
@@ -175,14 +178,22 @@ def main() -> None:
                                        latency_runs=args.latency_runs)
             row["variant"] = v
             rows.append(row)
+            if v in args.breakdown.split(","):
+                breakdown[v] = compress.component_breakdown(os.path.join(d, v), xte, num_threads=args.threads,
+                                                            runs=args.latency_runs)
+        if len(exported) > 1:  # batch-1 latency again, every variant in turn (robust to load from others)
+            lat = compress.interleaved_latency({v: os.path.join(d, v) for v in exported}, xte,
+                                               num_threads=args.threads, runs=args.latency_runs)
+            for r in rows:
+                r.update(lat[r["variant"]], latency="interleaved")
     base = compress.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
     row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
     row.update(compress.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))
     rows.append(row)
     rows = compress.with_ratios(rows, "float32")
-    print(f"\nvariants ({len(yte)} test images; LiteRT num_threads={args.threads}; ratios x* against float32 "
-          f"bundle measured in this command)")
+    print(f"\nvariants ({len(yte)} test images; LiteRT num_threads={args.threads}; batch-1 latency of the bundles "
+          f"timed in turns; ratios x* against the float32 bundle measured in this command)")
     print(compress.format_table(rows))
     kb = next(r for r in rows if r["variant"] == "keras_seq")
     print("\nagainst the seed-style baseline (float32 tf_keras members, model.predict one after another):")
@@ -199,8 +210,12 @@ def main() -> None:
                   f"{'met' if g['faster_3x'] else 'NOT met'}), {g['smaller_raw']:.2f}x smaller (goal 4x: "
                   f"{'met' if g['smaller_4x'] else 'NOT met'}), accuracy {g['accuracy_delta_points']:+.2f} points "
                   f"(goal >= -0.5: {'met' if g['within_0_5_points'] else 'NOT met'})")
+    for v, b in breakdown.items():
+        print(f"\nwhere batch-1 time and bytes go: {v} (num_threads={args.threads}; each part timed alone)")
+        print(compress.format_breakdown(b))
     if args.json:
-        Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "pruning": pruning}, indent=2))
+        Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "pruning": pruning,
+                                               "breakdown": breakdown}, indent=2))
 
 
 if __name__ == "__main__":

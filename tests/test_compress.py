@@ -209,6 +209,17 @@ def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     assert set(g) >= {"speedup_b1", "smaller_raw", "accuracy_delta_points", "faster_3x", "smaller_4x"}
     text = compress.format_table(rows)
     assert "float32" in text and "int8" in text
+    lat = compress.interleaved_latency({"f": str(tmp_path / "f"), "q": str(int8_bundle)}, d.x_test, runs=6)
+    assert set(lat) == {"f", "q"} and all(0 < v["p50_ms_b1"] <= v["p99_ms_b1"] for v in lat.values())
+    # where the batch-1 time and the bytes go, part by part
+    parts = compress.component_breakdown(str(int8_bundle), d.x_test, runs=5)
+    names = [r["component"] for r in parts]
+    assert names == ["preprocess", "trunk", "cnn cnn0", "cnn cnn1", "combiner (average)", "predict_proba (total)",
+                     "glue (total - parts)"]
+    total = parts[names.index("predict_proba (total)")]
+    assert total["bytes"] == compress.model_bytes(str(int8_bundle))[0]
+    assert all(r["p50_ms_b1"] > 0 for r in parts[:-1])
+    assert "trunk" in compress.format_breakdown(parts)
 
 
 def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
@@ -241,12 +252,14 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     assert m["variants"] == names and m["serve_variant"] == "pruned80_int8"
     report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
     assert [r["variant"] for r in report["variants"]] == names
+    assert all(r["latency"] == "interleaved" and r["p50_ms_b1"] > 0 for r in report["variants"])
     assert report["ensemble_source"] == "members" and report["shared_trunk"]["pruned50_int8"] == "block3_pool"
     # every sparsity is pruned and measured on exactly the fine-tuned layers (unfreeze 4 / 8 of vgg_small)
     assert set(report["pruning"]) == {"pruned50", "pruned80"}
     for name, target in (("pruned50", 0.5), ("pruned80", 0.8)):
         for member, p in report["pruning"][name].items():
-            assert p["target"] == target and p["scope"] == "trainable"
+            assert p["target"] == target and p["scope"] == "trainable" and p["distill"] is True
+            assert 0.0 <= p["train_agreement_with_float"] <= 1.0
             assert all(abs(v - target) <= cfg.compress.sparsity_tolerance for v in p["layers"].values()), p
             assert "block1_conv1" not in p["layers"]  # frozen: left dense
         # the frozen trunk stays shared by the pruned members (it is the float members' trunk)

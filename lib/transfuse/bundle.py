@@ -504,7 +504,10 @@ class Bundle:
         return {k: np.concatenate(v) for k, v in outs.items()}
 
     def predict_proba(self, images: Any) -> np.ndarray:
-        probs = self.member_probs(images)
+        return self.combine(self.member_probs(images))
+
+    def combine(self, probs: dict[str, np.ndarray]) -> np.ndarray:
+        """The combiner (stacker or average) over the members' probabilities -> N x K float32."""
         comb = self.manifest["combiner"]
         order = comb["members"]
         if comb["kind"] == "average":

@@ -147,11 +147,12 @@ def _wrap_for_pruning(model: Any, names: set[str], sched: Any) -> Any:
     return tf.keras.models.clone_model(model, clone_function=wrap)
 
 
-def make_schedule(kind: str, target: float, steps: int, frequency: int) -> Any:
+def make_schedule(kind: str, target: float, steps: int, frequency: int, ramp: float = 1.0) -> Any:
     """A TFMOT sparsity schedule that reaches ``target`` within ``steps`` optimizer steps.
 
     constant: prune to the target at step 0 and keep the mask (the fine-tune repairs the damage).
-    polynomial: ramp from 0 to the target; its last mask update lands on the last multiple of ``frequency``.
+    polynomial: ramp from 0 to the target over the first ``ramp`` fraction of the steps (the rest trains at the
+    target); its last mask update lands on a multiple of ``frequency``.
     """
     import tensorflow_model_optimization as tfmot
 
@@ -159,7 +160,7 @@ def make_schedule(kind: str, target: float, steps: int, frequency: int) -> Any:
     if kind == "constant":
         return sp.ConstantSparsity(target, begin_step=0, frequency=frequency)
     if kind == "polynomial":
-        end = ((steps - 1) // frequency) * frequency
+        end = ((max(1, int(round(steps * ramp))) - 1) // frequency) * frequency
         if end <= 0:
             raise CompressError(f"compress.prune_frequency = {frequency} leaves no mask update after step 0 in a "
                                 f"fine-tune of {steps} steps; allowed: a frequency < {steps}, or more prune_epochs")
@@ -182,6 +183,8 @@ def prune_member(
     tolerance: float = 0.02,
     schedule_obj: Any = None,
     scope: str = "trainable",
+    distill: bool = True,
+    ramp: float = 1.0,
 ) -> tuple[Member, dict[str, float]]:
     """Magnitude-prune the Conv2D/Dense kernels in ``scope`` to ``sparsity``, fine-tune, strip, measure. Returns
     the pruned member (same architecture) and the sparsity reached per pruned layer.
@@ -191,6 +194,10 @@ def prune_member(
     members' trunk; ``"all"`` also prunes frozen layers (their masks depend only on their identical weights, so
     members keep sharing a (pruned) trunk). Frozen layers stay frozen either way. The nested backbone is wrapped
     as its own functional model, since TFMOT does not descend into nested models.
+
+    ``distill``: the fine-tune fits the float member's embedding (relative MSE) and a 50/50 mix of the labels and
+    the float member's probabilities, instead of the labels alone: the sklearn members and the stacker were fitted
+    on the float member's embedding and probabilities, and few labels alone cannot repair a pruned member.
     """
     import tensorflow_model_optimization as tfmot
 
@@ -199,7 +206,7 @@ def prune_member(
     tf = _tf()
     sp = tfmot.sparsity.keras
     steps = int(np.ceil(len(x) / batch_size)) * epochs
-    sched = schedule_obj if schedule_obj is not None else make_schedule(schedule, sparsity, steps, frequency)
+    sched = schedule_obj if schedule_obj is not None else make_schedule(schedule, sparsity, steps, frequency, ramp)
     # TFMOT wraps the model's own layer objects and writes the masks into their kernels: prune a copy, so the
     # member (and every variant exported from it afterwards) stays intact.
     src = _copy_model(member.model)
@@ -211,26 +218,39 @@ def prune_member(
     p_net = _wrap_for_pruning(net, names, sched)
     head = [l for l in src.layers if l.name.startswith("head_")]
     h_in = tf.keras.layers.Input(shape=tuple(net.output.shape[1:]), name="head_in")
-    h = h_in
+    dense = [l.name for l in head if l.name.startswith("head_dense")]
+    emb_name = dense[-1] if dense else "head_pool"  # what the sklearn members read (as in member_graph)
+    h, emb = h_in, None
     for layer in head:
         h = layer(h)
-    p_head = _wrap_for_pruning(tf.keras.Model(h_in, h, name="head"), names, sched)
+        if layer.name == emb_name:
+            emb = h
+    p_head = _wrap_for_pruning(tf.keras.Model(h_in, [emb, h] if distill else h, name="head"), names, sched)
     inp = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
     # training follows fit(): the pruning wrappers update their masks only in training mode. Frozen BatchNorm
     # layers (trainable=False) run in inference mode regardless.
     full = tf.keras.Model(inp, p_head(p_net(inp)))
-    full.compile(optimizer=tf.keras.optimizers.Adam(lr), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
-    full.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
-             callbacks=[sp.UpdatePruningStep()])
+    opt = tf.keras.optimizers.Adam(lr)
+    if distill:
+        t_emb = models.embedding_model(member.model).predict(x, batch_size=256, verbose=0)
+        t_prob = member.model.predict(x, batch_size=256, verbose=0)
+        target = 0.5 * np.eye(t_prob.shape[1], dtype=np.float32)[np.asarray(y)] + 0.5 * t_prob
+        w_emb = 1.0 / max(float(np.mean(t_emb ** 2)), 1e-8)  # relative MSE: ~1 for an embedding of the wrong scale
+        full.compile(optimizer=opt, loss=["mse", "categorical_crossentropy"], loss_weights=[w_emb, 1.0])
+        full.fit(x, [t_emb, target], batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
+                 callbacks=[sp.UpdatePruningStep()])
+    else:
+        full.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        full.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
+                 callbacks=[sp.UpdatePruningStep()])
     s_net, s_head = sp.strip_pruning(p_net), sp.strip_pruning(p_head)
     s_net._name = "backbone"  # transfuse.models finds the backbone by this name
-    x = inp2 = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
-    x = s_net(x, training=False)
-    for layer in s_head.layers:
+    z = inp2 = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
+    z = s_net(z, training=False)
+    for layer in s_head.layers:  # the head is a chain (the embedding output is an intermediate of it)
         if not isinstance(layer, tf.keras.layers.InputLayer):
-            x = layer(x)
-    joined = tf.keras.Model(inp2, x, name=f"{src.name}_pruned")
+            z = layer(z)
+    joined = tf.keras.Model(inp2, z, name=f"{src.name}_pruned")
     # The stripped layers also belong to the pruning graphs (two inbound nodes each), so ``layer.output`` is
     # ambiguous and graphs cut at a layer would reach back into the pruning model: clone into fresh layers.
     pruned = _copy_model(joined)
@@ -561,7 +581,8 @@ class EnsembleParts:
 
 def optimize_parts(parts: EnsembleParts, members: list[Member], images: np.ndarray) -> tuple[EnsembleParts, dict]:
     """``optimize_sklearn_onnx`` on every sklearn member, checked on the embeddings its CNN member gives for
-    ``images`` (preprocessed train images). The same members, equal outputs: used by every variant alike."""
+    ``images`` (preprocessed train images) and on those with each column shuffled. The same members, equal
+    outputs: used by every variant alike."""
     from transfuse import models
 
     emb: dict[str, np.ndarray] = {}
@@ -572,7 +593,11 @@ def optimize_parts(parts: EnsembleParts, members: list[Member], images: np.ndarr
             if m is None:
                 raise CompressError(f"sklearn member {sk.name} reads {sk.embedding_of!r}, not a CNN member "
                                     f"{[m.name for m in members]}")
-            emb[sk.embedding_of] = models.embedding_model(m.model).predict(images, batch_size=256, verbose=0)
+            e = models.embedding_model(m.model).predict(images, batch_size=256, verbose=0)
+            # plus the same values with every column shuffled on its own: feature combinations the real rows lack
+            rng = np.random.default_rng(0)
+            mixed = np.stack([rng.permutation(c) for c in e.T], axis=1) if len(e) > 1 else e
+            emb[sk.embedding_of] = np.concatenate([e, mixed]).astype(np.float32)
         data, info[sk.name] = optimize_sklearn_onnx(sk.data, emb[sk.embedding_of])
         out.append(SklearnMember(name=sk.name, data=data, embedding_of=sk.embedding_of,
                                  probabilities_output=sk.probabilities_output))
@@ -643,6 +668,80 @@ def variant_row(directory: str, images: np.ndarray, labels: np.ndarray, *, num_t
     row.update(measure_predictor(b.predict_proba, images, labels, latency_runs=latency_runs,
                                  throughput_runs=throughput_runs))
     return row
+
+
+def interleaved_latency(directories: dict[str, str], images: np.ndarray, *, num_threads: int = 1, runs: int = 100,
+                        warmup: int = 5) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of several bundles timed in turns (A B C, C B A, ...) rather than one after another, so
+    that load from other processes on a shared machine falls on every variant alike and the ratios between them
+    hold. Returns {name: {p50_ms_b1, p99_ms_b1}}."""
+    bundles = {k: load_bundle(d, num_threads=num_threads) for k, d in directories.items()}
+    one = np.asarray(images[:1])
+    for b in bundles.values():
+        for _ in range(warmup):
+            b.predict_proba(one)
+    order = list(bundles)
+    t = {k: np.empty(runs) for k in order}
+    for i in range(runs):
+        for k in (order if i % 2 == 0 else order[::-1]):
+            t0 = time.perf_counter()
+            bundles[k].predict_proba(one)
+            t[k][i] = time.perf_counter() - t0
+    return {k: {"p50_ms_b1": float(np.percentile(v, 50) * 1e3), "p99_ms_b1": float(np.percentile(v, 99) * 1e3)}
+            for k, v in t.items()}
+
+
+def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int = 1,
+                        runs: int = 200) -> list[dict[str, Any]]:
+    """Where a bundle's batch-1 latency and bytes go: preprocessing, the trunk, each CNN top, each sklearn member
+    and the combiner, each timed alone on the first image (p50 ms), then the whole ``predict_proba`` and what is
+    left of it (Python glue: validation, softmax, concatenation, the lock)."""
+    from pathlib import Path
+
+    b = load_bundle(directory, num_threads=num_threads)
+    m, root = b.manifest, Path(b.path)
+    one = np.asarray(images[:1])
+    spec = b.preprocess_spec
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, file: Optional[str], fn: Callable[[], Any]) -> None:
+        t = time_calls(fn, runs)
+        rows.append({"component": name, "file": file, "bytes": (root / file).stat().st_size if file else 0,
+                     "p50_ms_b1": float(np.median(t) * 1e3)})
+
+    x = preprocess(one, spec)
+    add("preprocess", None, lambda: preprocess(one, spec))
+    feats = None
+    if b._trunk is not None:
+        feats = b._trunk(x)[b._trunk_output]
+        add("trunk", m["trunk"]["file"], lambda: b._trunk(x))
+    emb: dict[str, np.ndarray] = {}
+    for meta, r in b._cnn:
+        inp = feats if meta["input"] == "trunk" else x
+        res = r(inp)
+        if meta["outputs"].get("embedding"):
+            emb[meta["name"]] = res[meta["outputs"]["embedding"]]
+        add(f"cnn {meta['name']}", meta["file"], lambda r=r, inp=inp: r(inp))
+    for meta, r in b._sk:
+        e = emb[meta["embedding_of"]]
+        add(f"sklearn {meta['name']}", meta["file"], lambda r=r, e=e: r(e))
+    probs = b.member_probs(one)
+    add(f"combiner ({m['combiner']['kind']})", m["combiner"].get("file"), lambda: b.combine(probs))
+    parts = sum(r["p50_ms_b1"] for r in rows)
+    add("predict_proba (total)", None, lambda: b.predict_proba(one))
+    rows[-1]["bytes"] = sum(r["bytes"] for r in rows[:-1])
+    rows.append({"component": "glue (total - parts)", "file": None, "bytes": 0,
+                 "p50_ms_b1": rows[-1]["p50_ms_b1"] - parts})
+    return rows
+
+
+def format_breakdown(rows: list[dict[str, Any]]) -> str:
+    total = next(r for r in rows if r["component"].startswith("predict_proba"))
+    lines = [f"{'component':<28}{'bytes':>10}{'%bytes':>8}{'p50 ms':>9}{'%time':>7}"]
+    for r in rows:
+        lines.append(f"{r['component'][:28]:<28}{r['bytes']:>10}{100 * r['bytes'] / max(total['bytes'], 1):>7.1f}%"
+                     f"{r['p50_ms_b1']:>9.3f}{100 * r['p50_ms_b1'] / total['p50_ms_b1']:>6.1f}%")
+    return "\n".join(lines)
 
 
 def with_ratios(rows: list[dict], base: str = "float32") -> list[dict]:
@@ -839,6 +938,7 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
     pruning: dict[str, Any] = {}
     pruned: dict[float, list[Member]] = {}
     scope = getattr(ccfg, "prune_scope", "all")
+    distill = bool(getattr(ccfg, "prune_distill", False))
     for v, target, mode in plan:
         if target is None:
             exported[v] = export_members(members, mode, rep, share_trunk=ccfg.share_trunk)
@@ -851,9 +951,14 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
                 pm, sp = prune_member(m, x_train, y_train, sparsity=target, epochs=ccfg.prune_epochs,
                                       batch_size=ccfg.prune_batch_size, lr=ccfg.prune_lr,
                                       schedule=ccfg.prune_schedule, frequency=ccfg.prune_frequency,
-                                      tolerance=ccfg.sparsity_tolerance, scope=scope)
+                                      tolerance=ccfg.sparsity_tolerance, scope=scope, distill=distill,
+                                      ramp=float(getattr(ccfg, "prune_ramp", 1.0)))
                 pruned[target].append(pm)
-                report[m.name] = {"target": target, "scope": scope, "layers": sp}
+                # top-1 agreement with the float member on the train images: how much the member itself moved
+                agree = float(np.mean(pm.model.predict(x_train, batch_size=256, verbose=0).argmax(1)
+                                      == m.model.predict(x_train, batch_size=256, verbose=0).argmax(1)))
+                report[m.name] = {"target": target, "scope": scope, "distill": distill, "layers": sp,
+                                  "train_agreement_with_float": agree}
             pruning[pruned_name(target)] = report
         exported[v] = export_members(pruned[target], mode, rep, share_trunk=ccfg.share_trunk)
         exported[v].mode = v
@@ -915,6 +1020,14 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
         row["variant"] = v
         rows.append(row)
         log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
+    if len(rows) > 1:  # batch-1 latency again, every variant in turn: ratios robust to load from other processes
+        from transfuse.bundle import fetch
+
+        dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
+                for v in exported}
+        lat = interleaved_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
+        for r in rows:
+            r.update(lat[r["variant"]], latency="interleaved")
     rows = with_ratios(rows)
     pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
     report = {"variants": rows, "goals": goals(rows, "int8") if "int8" in exported else {},

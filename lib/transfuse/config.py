@@ -219,9 +219,11 @@ class CompressConfig(_Strict):
 
     sparsity: list[float] = [0.5]  # target fractions of zero weights; each one is exported
     prune_scope: Literal["trainable", "all"] = "trainable"  # trainable: only the layers each member fine-tuned
+    prune_distill: bool = True  # fine-tune toward the float member's embedding + probabilities (what sklearn reads)
     prune_epochs: int = Field(1, ge=1)  # fine-tune at the target sparsity
     prune_frequency: int = Field(10, ge=1)  # steps between pruning updates: low, for short fine-tunes
     prune_schedule: Literal["constant", "polynomial"] = "constant"  # constant: target from step 0; polynomial: ramp
+    prune_ramp: float = Field(1.0, gt=0.0, le=1.0)  # polynomial: fraction of the fine-tune spent ramping up
     prune_lr: float = Field(3e-4, gt=0.0)  # Adam, for the fine-tune at the target sparsity
     prune_batch_size: int = Field(64, ge=1)
     sparsity_tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # a layer below target - tolerance fails the run
