@@ -85,15 +85,29 @@ def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
     np.testing.assert_allclose(np.stack(t.column("probs").to_numpy(zero_copy_only=False)), probs, atol=1e-5)
 
 
+def _optimizer_step(out) -> int:
+    """Adam's step counter in the newest checkpoint of the member dir's Ray Train run."""
+    from transfuse.train import OPT_STATE, latest_checkpoint
+
+    with latest_checkpoint(out).as_directory() as d:
+        with np.load(f"{d}/{OPT_STATE}", allow_pickle=False) as z:
+            return int(z[sorted(z.files)[0]])  # the optimizer's first variable is its iteration count
+
+
 def test_resume_continues_from_the_last_checkpoint(finetuned):
     from transfuse.train import finetune
 
     cfg, out, first, _ = finetuned
+    steps = _optimizer_step(out)  # after the one unfrozen epoch
+    assert steps > 0
     more = dict(OVERRIDES, epochs_unfrozen=2)
     metrics = finetune(cfg, out, more, resume=True)
     hist = metrics["history"]
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]  # only epoch 4 ran
     assert hist[:3] == first["history"]
+    # the resumed phase went on with the checkpointed Adam state: its step count doubled (a fresh optimizer
+    # would be back at one epoch's steps)
+    assert _optimizer_step(out) == 2 * steps
 
 
 def test_bad_overrides_are_refused(digits_run):
@@ -149,3 +163,63 @@ def test_overrides_and_scratch_budget(digits_run):
     assert s["unfreeze"] == 18 and s["epochs_frozen"] == 0
     assert s["epochs_unfrozen"] == digits_run.train.epochs_frozen + digits_run.train.epochs_unfrozen
     assert mixed_policy("auto", True) == "mixed_float16" and mixed_policy("auto", False) == "float32"
+
+
+def _shifted_train_labels(digits_run, dest) -> str:
+    """A copy of the prepared digits whose TRAIN labels are shifted by one class ((y + 1) mod 10); val, test and
+    holdout keep the true labels. The more the model learns, the worse its validation loss: a run whose best
+    epoch by val loss is its first and whose last is clearly worse, whatever the learning rate's noise."""
+    import json
+    import shutil
+
+    import pyarrow as pa
+
+    src = storage.stage_dir(digits_run, "data")
+    dst = str(dest / "data")
+    shutil.copytree(src, dst)
+    for f in sorted((dest / "data" / "train").glob("*.parquet")):
+        t = pq.read_table(f)
+        i = t.column_names.index("label")
+        shifted = pa.array((t.column("label").to_numpy() + 1) % 10, pa.int64())
+        pq.write_table(t.set_column(i, "label", shifted), f)
+    man = json.loads((dest / "data" / "manifest.json").read_text())
+    man["fingerprint"] = man.get("fingerprint", "") + "-shifted"  # its own cache key
+    (dest / "data" / "manifest.json").write_text(json.dumps(man))
+    return dst
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "full"])
+def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
+    """A phase whose validation loss gets worse after its best epoch ends with that epoch's weights, on every
+    worker: the saved member's val NLL is the history's minimum, not the last epoch's. Both the cached path
+    (head on cached activations, two workers) and the full model (images, one worker).
+    """
+    from transfuse.train import finetune
+
+    data = _cfg(digits_run).model_dump(mode="json")
+    data["storage"] = str(tmp_path / "runs")
+    data["train"].update(lr_frozen=0.02, early_stopping_patience=10, cache_frozen=cached,
+                         num_workers=2 if cached else 1)
+    cfg = type(digits_run).model_validate(data)
+    data_dir = _shifted_train_labels(digits_run, tmp_path)
+    digests = tmp_path / "digests"
+    digests.mkdir()
+    out = str(tmp_path / "member")
+    metrics = finetune(cfg, out, {"epochs_frozen": 4, "epochs_unfrozen": 0, "unfreeze": 4}, force=True,
+                       data_dir=data_dir, test_hooks={"weights_digest": {"dir": str(digests)}})
+    hist = metrics["history"]
+    val = [h["val_loss"] for h in hist]
+    best = int(np.argmin(val))
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert best < len(val) - 1 and val[-1] > val[best] + 0.02, f"val loss did not get worse: {val}"
+    # the saved model's val NLL (recomputed from its weights by finalize) is the best epoch's val loss
+    assert metrics["val"]["nll"] == pytest.approx(val[best], abs=5e-3)
+    assert metrics["val"]["nll"] < val[-1] - 0.015
+    assert metrics["restored"] == [{"phase": "frozen", "best_epoch": best + 1, "last_epoch": 4,
+                                    "val_loss": pytest.approx(val[best])}]
+    # every worker holds the same weights after the restore, and they are the saved member's
+    from transfuse.models import load_member, weights_digest
+
+    final = sorted(digests.glob("epoch4-rank*.txt"))
+    assert len(final) == cfg.train.num_workers
+    assert {f.read_text() for f in final} == {weights_digest(load_member(out)[0])}

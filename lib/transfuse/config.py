@@ -110,10 +110,14 @@ class TrainConfig(_Strict):
     lr_frozen: float = Field(1e-3, gt=0.0)  # Adam
     lr_unfrozen: float = Field(1e-4, gt=0.0)  # lower, as in the seed
     early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
+    restore_best_weights: bool = True  # each phase ends with its best epoch's weights (lowest val loss)
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs
     cache_frozen: bool = True  # cache activations at the cut point; incompatible with augmentation
     cache_actors: int = Field(1, ge=1)  # Ray Data actors computing the cache and final outputs (1 per GPU)
     cache_batch_size: int = Field(256, ge=1)  # images per actor call
+    # without GPUs and with one cache actor, splits of at most this many rows are cached by the driver itself
+    # (an actor's start-up, a second TensorFlow import, dominated small passes); 0: always the actor pool
+    cache_in_driver_max_rows: int = Field(20000, ge=0)
     materialize: bool = True  # keep training inputs in the object store across epochs (small data)
     augment: AugmentConfig = AugmentConfig()
     max_failures: int = Field(2, ge=0)  # worker failures tolerated; training resumes from the checkpoint

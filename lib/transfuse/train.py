@@ -10,8 +10,11 @@ Ray Tune reuses ``build_trainer`` from a trial function with per-trial overrides
 With ``train.cache_frozen`` (default), each phase trains only the part above its cut point on activations
 cached once (``transfuse.cache``); the full model's layers are shared with that top part, so the saved
 weights are the full model's. Every epoch reports ``epoch`` (global, across both phases), ``phase``,
-``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and a checkpoint (weights + loop state), so
-``FailureConfig(max_failures)`` and a rerun with the same storage path and name resume from it.
+``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and a checkpoint (weights + loop state + optimizer
+state + the phase's best weights so far), so ``FailureConfig(max_failures)`` and a rerun with the same storage
+path and name resume from it with the same Adam state. With ``train.restore_best_weights`` (default) each
+phase ends with the weights of its best epoch by validation loss; the checkpoint of a phase's last epoch, the
+metrics reported with it and the saved member are that best epoch's.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ TRAIN_DIR = ".ray_train"  # Ray Train's storage under the member dir (dot: not l
 INIT_DIR = ".init"  # initial full-model weights shared by the cache builder and the workers
 STATE_FILE = "state.json"
 CKPT_WEIGHTS = "model.weights.h5"
+BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
+OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
 # Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
 OVERRIDES = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed", "epochs_frozen",
              "epochs_unfrozen", "batch_size")
@@ -83,8 +88,60 @@ def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int) -> Any:
     return ds.with_options(options)
 
 
+def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
+    """Arrays in order as a plain .npz (a checkpoint-private file; loaded with allow_pickle=False)."""
+    np.savez(path, **{f"a{i:05d}": a for i, a in enumerate(arrays)})
+
+
+def _load_arrays(path: str) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return [z[k] for k in sorted(z.files)]
+
+
+def _restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bool:
+    """Load a checkpointed optimizer state (Adam's step, m and v) into ``model``'s freshly compiled optimizer.
+
+    The optimizer's slots are created first (``build`` on the trainable variables, in the strategy's scope),
+    then assigned; a state whose shapes do not match (a different model or trainable set) is refused and the
+    phase continues with a fresh optimizer. Returns whether the state was loaded.
+    """
+    opt = model.optimizer
+    try:
+        with strategy.scope():
+            opt.build(model.trainable_variables)
+        variables = list(opt.variables)
+    except (AttributeError, TypeError, ValueError) as e:  # e.g. an optimizer wrapper without build()
+        log.warning("cannot restore the optimizer state (%s): continuing with a fresh optimizer", e)
+        return False
+    if len(variables) != len(arrays) or any(tuple(v.shape) != a.shape for v, a in zip(variables, arrays)):
+        log.warning("optimizer state in the checkpoint does not match this model (%d vs %d variables): "
+                    "continuing with a fresh optimizer", len(arrays), len(variables))
+        return False
+    for v, a in zip(variables, arrays):
+        v.assign(a)
+    return True
+
+
+def _write_weights_digest(hook: Optional[dict[str, Any]], full: Any, rank: int, epoch: int) -> None:
+    """Test hook: each rank writes the digest of its weights after a checkpoint (all ranks must agree)."""
+    if hook:
+        from transfuse import models
+
+        with open(os.path.join(hook["dir"], f"epoch{epoch}-rank{rank}.txt"), "w") as f:
+            f.write(models.weights_digest(full))
+
+
 def train_func(config: dict[str, Any]) -> None:
-    """Per-worker loop. ``config``: spec, init_weights, phases, batch_size, patience, policy, seed, cached."""
+    """Per-worker loop. ``config``: spec, init_weights, phases, batch_size, patience, restore_best, policy,
+    seed, cached.
+
+    Early stopping per phase on validation loss. With ``restore_best``, the weights of the phase's best epoch
+    (lowest val loss) are kept in memory on every worker (the val loss Keras reports is reduced across workers
+    and the weights are mirrored, so every worker picks the same epoch and holds the same arrays) and put back
+    when the phase ends, before that epoch's checkpoint is written: the checkpoint, the next phase and the saved
+    member all start from the best epoch. Each checkpoint also holds the best weights so far (when they are not
+    the current ones) and the optimizer state, so a resumed run keeps both.
+    """
     import ray.train
     import tensorflow as tf
 
@@ -96,8 +153,12 @@ def train_func(config: dict[str, Any]) -> None:
     tf.keras.utils.set_random_seed(int(config["seed"]) + rank)
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     per_worker = max(1, int(config["batch_size"]) // world)
+    restore_best = bool(config.get("restore_best", True))
 
-    state = {"phase": 0, "phase_epoch": 0, "epoch": 0, "best": None, "bad": 0, "stopped": False, "history": []}
+    state: dict[str, Any] = {"phase": 0, "phase_epoch": 0, "epoch": 0, "best": None, "best_epoch": None, "bad": 0,
+                             "stopped": False, "history": [], "restored": []}
+    best_weights: Optional[list[np.ndarray]] = None  # the current phase's best epoch (restore_best only)
+    opt_state: Optional[list[np.ndarray]] = None  # optimizer state to load into the resumed phase's optimizer
     with strategy.scope():
         full = models.build_model(config["spec"], None, bn_training=bool(config.get("bn_training")))
         models.load_weights(full, config["init_weights"])
@@ -105,23 +166,36 @@ def train_func(config: dict[str, Any]) -> None:
     if ckpt:
         with ckpt.as_directory() as d:
             with open(os.path.join(d, STATE_FILE)) as f:
-                state = json.load(f)
+                state = {"best_epoch": None, "restored": [], **json.load(f)}
+            if restore_best and os.path.exists(os.path.join(d, BEST_WEIGHTS)):
+                best_weights = _load_arrays(os.path.join(d, BEST_WEIGHTS))
+            if os.path.exists(os.path.join(d, OPT_STATE)):
+                opt_state = _load_arrays(os.path.join(d, OPT_STATE))
             full.load_weights(os.path.join(d, CKPT_WEIGHTS))
-        log.info("rank %d: resumed at global epoch %d (phase %d)", rank, state["epoch"], state["phase"])
+        if restore_best and best_weights is None and \
+                state["best_epoch"] == state.get("weights_epoch", state["epoch"]):
+            best_weights = full.get_weights()  # the checkpoint's own weights are the best so far
+        log.info("rank %d: resumed at global epoch %d (phase %d)%s", rank, state["epoch"], state["phase"],
+                 " with optimizer state" if opt_state is not None else "")
 
     fail = config.get("kill_at_epoch")  # test hook: SIGKILL this worker once, at a chosen global epoch
+    digest_hook = config.get("weights_digest")  # test hook: every rank writes its weights' digest
     phases = config["phases"]
     for pi, phase in enumerate(phases):
         if pi < state["phase"]:
             continue
         if pi > state["phase"]:
-            state.update(phase=pi, phase_epoch=0, best=None, bad=0, stopped=False)
+            state.update(phase=pi, phase_epoch=0, best=None, best_epoch=None, bad=0, stopped=False)
+            best_weights, opt_state = None, None  # a new phase: fresh optimizer, its own best epoch
         if state["phase_epoch"] >= phase["epochs"] or state["stopped"]:
             continue
         with strategy.scope():
             model = _phase_model(full, phase, config["cached"])
             model.compile(optimizer=tf.keras.optimizers.Adam(phase["lr"]),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        if opt_state is not None:
+            _restore_optimizer(model, opt_state, strategy)
+            opt_state = None
         train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"])
         val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0)
         while state["phase_epoch"] < phase["epochs"] and not state["stopped"]:
@@ -132,22 +206,43 @@ def train_func(config: dict[str, Any]) -> None:
             state["epoch"] += 1
             state["phase_epoch"] += 1
             if state["best"] is None or row["val_loss"] < state["best"] - 1e-6:
-                state["best"], state["bad"] = row["val_loss"], 0
+                state["best"], state["best_epoch"], state["bad"] = row["val_loss"], state["epoch"], 0
+                if restore_best:
+                    best_weights = full.get_weights()
             else:
                 state["bad"] += 1
                 if state["bad"] >= config["patience"]:
                     state["stopped"] = True  # early stopping on val loss: this phase ends here
-            metrics = {"epoch": state["epoch"], "phase": phase["name"], "loss": row["loss"],
-                       "accuracy": row.get("accuracy"), "val_loss": row["val_loss"],
-                       "val_accuracy": row.get("val_accuracy")}
+            phase_end = state["stopped"] or state["phase_epoch"] >= phase["epochs"]
+            reported = row
+            if phase_end and restore_best and state["best_epoch"] != state["epoch"]:
+                full.set_weights(best_weights)  # every worker: same epoch, same arrays
+                reported = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
+                state["restored"].append({"phase": phase["name"], "best_epoch": state["best_epoch"],
+                                          "last_epoch": state["epoch"], "val_loss": reported["val_loss"]})
+                log.info("rank %d: phase %s ends at epoch %d; restored epoch %d (val loss %.4f)", rank,
+                         phase["name"], state["epoch"], state["best_epoch"], reported["val_loss"])
+            # the metrics describe the weights in this epoch's checkpoint (the best epoch's at a phase end)
+            metrics = {"epoch": state["epoch"], "phase": phase["name"], "loss": reported["loss"],
+                       "accuracy": reported.get("accuracy"), "val_loss": reported["val_loss"],
+                       "val_accuracy": reported.get("val_accuracy")}
+            if reported is not row:
+                metrics["restored_from_epoch"] = reported["epoch"]
+            state["weights_epoch"] = reported["epoch"]  # whose weights this checkpoint holds
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
                     full.save_weights(os.path.join(d, CKPT_WEIGHTS))
+                    # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
+                    # same Adam state and still knows its best epoch
+                    _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
+                    if restore_best and state["best_epoch"] != state["weights_epoch"]:
+                        _save_arrays(os.path.join(d, BEST_WEIGHTS), best_weights)
                     with open(os.path.join(d, STATE_FILE), "w") as f:
                         json.dump(state, f)
                     checkpoint = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(metrics, checkpoint=checkpoint)
+            _write_weights_digest(digest_hook, full, rank, state["epoch"])
             if fail and fail["epoch"] == state["epoch"] and fail["rank"] == rank and not os.path.exists(fail["marker"]):
                 open(fail["marker"], "w").close()
                 log.warning("rank %d: killing myself at epoch %d (test hook)", rank, state["epoch"])
@@ -292,6 +387,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
     p = plan(cfg, out_dir, data_dir=data_dir, weights=weights)
     loop_config = {"spec": p["spec"], "init_weights": p["init_weights"], "phases": p["phases"],
                    "batch_size": t.batch_size, "patience": t.early_stopping_patience, "seed": t.seed,
+                   "restore_best": t.restore_best_weights,
                    "policy": mixed_policy(t.mixed_precision, t.use_gpu), "cached": p["cached"],
                    **(test_hooks or {})}
     trainer = make_trainer(t, loop_config, p["datasets"], out_dir, name=name, run_config_extra=run_config_extra)
@@ -336,10 +432,16 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
     spec = p["spec"]
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, STATE_FILE)) as f:
-            state = json.load(f)
+            state = {"restored": [], "best_epoch": None, **json.load(f)}
         tf.keras.mixed_precision.set_global_policy("float32")
         model = models.build_model(spec, None)
         model.load_weights(os.path.join(d, CKPT_WEIGHTS))
+        best = os.path.join(d, BEST_WEIGHTS)
+        if cfg.train.restore_best_weights and os.path.exists(best):
+            # a run stopped inside a phase (e.g. by ASHA): its phase ends here, at its best epoch so far
+            model.set_weights(_load_arrays(best))
+            state["restored"].append({"phase": state["history"][-1]["phase"], "best_epoch": state["best_epoch"],
+                                      "last_epoch": state["epoch"], "val_loss": state["best"]})
     models.save_member(model, spec, out_dir)
     weights = storage.join(out_dir, models.WEIGHTS_FILE)
     t = cfg.train
@@ -347,7 +449,8 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
     ds = cache.apply_model(p["data_dir"], splits, spec, weights, ["probs", "embedding"], actors=t.cache_actors,
                            batch_size=t.cache_batch_size, use_gpu=t.use_gpu)
     evals = _write_split_outputs(out_dir, ds, splits, spec["num_classes"])
-    metrics = {"history": state["history"], **evals, "epochs": state["epoch"]}
+    # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
+    metrics = {"history": state["history"], **evals, "epochs": state["epoch"], "restored": state["restored"]}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     storage.write_manifest(out_dir, cfg, STAGE, fingerprint, metrics={k: v for k, v in evals.items()},
                            epochs=state["epoch"], **(extra_manifest or {}))
