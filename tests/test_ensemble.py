@@ -40,6 +40,8 @@ from transfuse.stacking import (
     check_no_leakage,
     hard_vote,
     load_sklearn_member,
+    select_stacker,
+    stacker_candidates,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,6 +252,53 @@ def test_stack_is_at_least_as_good_as_the_best_complementary_member(digits):
     assert m["greedy"]["nll"] <= best_nll  # greedy can always fall back to the single best member
     for c in ("average", "hard_vote", "greedy", "stack"):
         assert set(m[c]) == {"accuracy", "nll", "ece", "n"} and m[c]["n"] == len(digits["test"][1])
+
+
+def test_log_pool_stacker_weights_members_and_contains_the_best_one(digits):
+    """The log-linear pool learns one non-negative weight per member: a member that is pure noise gets the least
+    weight, and the pool is at least as good as the best member on the rows it was fitted on (the best member alone,
+    weight 1, is one of its solutions)."""
+    cnn, _ = _subset_members(digits)
+    rng = np.random.default_rng(0)
+    noise = {s: rng.dirichlet(np.ones(10), size=len(cnn["rows0"][s])) for s in ("holdout", "test")}
+    ho = {**{k: v["holdout"] for k, v in cnn.items()}, "noise": noise["holdout"]}
+    y = digits["holdout"][1]
+    pool = Stacker(list(ho), C=10.0, features="log_probs", eps=1e-4, method="log_pool").fit(ho, y, num_classes=10)
+    w = pool.member_weights
+    assert set(w) == set(ho) and min(w.values()) >= 0.0
+    assert w["noise"] == min(w.values()) and w["noise"] < 0.3 * max(w.values()), w  # in-sample: not exactly 0
+    best_nll = min(tm.evaluate(ho[k], y)["nll"] for k in cnn)
+    assert tm.evaluate(pool.predict_proba(ho), y)["nll"] <= best_nll
+    back = Stacker.from_arrays(json.loads(json.dumps(pool.to_arrays())))  # the server's JSON path
+    assert back.method == "log_pool" and back.member_weights == pytest.approx(w)
+    np.testing.assert_array_equal(back.predict_proba(ho), pool.predict_proba(ho))
+    with pytest.raises(EnsembleError, match=r"log_pool stacker reads log_probs"):
+        Stacker(list(ho), method="log_pool").fit(ho, y)
+    with pytest.raises(EnsembleError, match=r"stacker method must be one of \('logistic', 'log_pool'\)"):
+        Stacker(list(ho), method="mlp").fit(ho, y)
+
+
+def test_stacker_selection_by_cross_validated_nll_on_holdout(digits):
+    cnn, _ = _subset_members(digits)
+    ho = {k: v["holdout"] for k, v in cnn.items()}
+    y = digits["holdout"][1]
+    cands = stacker_candidates("auto", 1.0, "probs", [0.1, 10.0])
+    assert [(c.method, c.features, c.C) for c in cands] == [
+        ("logistic", "probs", 0.1), ("logistic", "probs", 10.0), ("logistic", "log_probs", 0.1),
+        ("logistic", "log_probs", 10.0), ("log_pool", "log_probs", 0.1), ("log_pool", "log_probs", 10.0)]
+    chosen, table = select_stacker(ho, y, list(cnn), cands, folds=3, ids=digits["holdout"][2], num_classes=10)
+    assert len(table) == len(cands) and all(np.isfinite(r["cv_nll"]) for r in table)
+    best = min(table, key=lambda r: r["cv_nll"])
+    assert (chosen.method, chosen.features, chosen.C) == (best["method"], best["features"], best["C"])
+    assert set(chosen.fit_ids_) == set(digits["holdout"][2])  # refitted on every holdout row
+    # a named stacker is used as given, without cross-validation
+    only, table = select_stacker(ho, y, list(cnn), stacker_candidates("log_pool", 3.0, "probs", [1.0]))
+    assert table == [] and (only.method, only.features, only.C) == ("log_pool", "log_probs", 3.0)
+    y_few = y[:41].copy()
+    y_few[y_few == 9] = 0
+    y_few[-1] = 9  # class 9 has one row: no 2-fold split can hold it out and fit on it
+    with pytest.raises(EnsembleError, match=r"a class has 1 holdout rows"):
+        select_stacker({k: v[:41] for k, v in ho.items()}, y_few, list(cnn), cands)
 
 
 def test_greedy_selection_with_replacement_and_voting():

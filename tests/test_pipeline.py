@@ -24,7 +24,7 @@ def test_unknown_stage_names(tmp_path, kwargs, pattern):
 
 def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
     """`ray job submit`'s API: the smoke pipeline runs on the cluster, deploys, and the endpoint answers."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(ray_cluster.dashboard_url)
     port = _free_port()
@@ -32,6 +32,19 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
     entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} "
                   f"--set run=job --set serve.port={port} --set serve.name=jobtest")
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    try:
+        _check_job(client, job, tmp_path)
+    finally:
+        # the job left its app (and Serve's proxy on its port) running, as a user's job does; later tests on this
+        # cluster start Serve on their own port with an app at the same prefix, so take it down
+        from ray import serve
+
+        serve.shutdown()
+
+
+def _check_job(client, job: str, tmp_path) -> None:
+    from ray.job_submission import JobStatus
+
     deadline = time.time() + 1500
     status = None
     while time.time() < deadline:

@@ -197,7 +197,12 @@ class EnsembleConfig(_Strict):
         MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 1000}),
     ]
     folds: int = Field(5, ge=2)  # K: out-of-fold predictions on the holdout split for the stacker
-    stacker_C: float = Field(1.0, gt=0.0)  # inverse L2 strength of the logistic meta-learner
+    # the meta-learner: "auto" picks, by K-fold cross-validated NLL on the holdout, among the logistic stacker on
+    # probs and on log-probs and the log-linear pool, each at every C in stacker_grid_C; or name one (then
+    # stacker_C and stacker_features are used as given)
+    stacker: Literal["auto", "logistic", "log_pool"] = "auto"
+    stacker_grid_C: list[float] = Field([0.1, 1.0, 10.0], min_length=1)
+    stacker_C: float = Field(1.0, gt=0.0)  # inverse L2 strength of the meta-learner
     # member outputs fed to the meta-learner: probabilities (as scikit-learn's StackingClassifier and AutoGluon) or
     # their logs clipped at 1e-2; on digits pixels probs gave 0.980 test accuracy vs 0.971 (NLL 0.111 vs 0.091)
     stacker_features: Literal["log_probs", "probs"] = "probs"
@@ -207,6 +212,13 @@ class EnsembleConfig(_Strict):
     parallel: Literal["ray", "local"] = "ray"  # ray: one Ray task per (member, fold); local: sequential
     cpus_per_task: float = Field(1.0, gt=0.0)  # Ray CPUs per fitting task
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads when reloading members
+
+    @field_validator("stacker_grid_C")
+    @classmethod
+    def _positive_grid(cls, v: list[float]) -> list[float]:
+        if any(c <= 0 for c in v):
+            raise ValueError(f"every C must be > 0, got {v}")
+        return v
 
     @field_validator("members")
     @classmethod

@@ -46,6 +46,8 @@ from transfuse.stacking import (
     check_no_leakage,
     hard_vote,
     load_sklearn_member,
+    select_stacker,
+    stacker_candidates,
 )
 
 log = logging.getLogger(__name__)
@@ -355,6 +357,7 @@ class SeedFit:
     metrics: dict[str, dict[str, float]]
     combined_test: dict[str, np.ndarray]
     leakage: dict[str, Any]
+    stacker_selection: list[dict[str, Any]] = field(default_factory=list)  # candidates' CV scores on holdout
 
 
 def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput]) -> SeedFit:
@@ -390,15 +393,17 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
     leakage = check_no_leakage(records, ho_ids, order, test_ids=te_ids, final_records=finals)
 
     y_ho, y_te = inp.labels["holdout"], inp.labels["test"]
-    stacker = Stacker(order, C=ecfg.stacker_C, features=ecfg.stacker_features).fit(
-        holdout, y_ho, ids=ho_ids, num_classes=inp.num_classes)
+    stacker, selection = select_stacker(
+        holdout, y_ho, order, stacker_candidates(ecfg.stacker, ecfg.stacker_C, ecfg.stacker_features,
+                                                 ecfg.stacker_grid_C),
+        folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes)
     greedy = GreedyEnsemble(order, rounds=ecfg.greedy_rounds, metric=ecfg.greedy_metric).fit(holdout, y_ho, ho_ids)
     combined = {"average": average(test, order), "hard_vote": hard_vote(test, order),
                 "greedy": greedy.predict_proba(test), "stack": stacker.predict_proba(test)}
     scores = {m: tm.evaluate(test[m], y_te) for m in order}
     scores.update({c: tm.evaluate(p, y_te) for c, p in combined.items()})
     return SeedFit(seed, order, cnn, estimators, holdout, test, stacker, greedy, records, finals, scores, combined,
-                   leakage)
+                   leakage, selection)
 
 
 @dataclass
@@ -660,8 +665,9 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
         "embedding_source": {"name": inp.embedding_source,
                              "dir": next(m.dir for m in members if m.name == inp.embedding_source)},
         "sklearn_members": sk_entries,
-        "stacker": {"file": "stacker.json", "kind": "multinomial_logistic_regression",
-                    "features": ecfg.stacker_features, "fitted_on": "holdout (out-of-fold for sklearn members)"},
+        "stacker": {"file": "stacker.json", "method": s.stacker.method, "features": s.stacker.features,
+                    "C": s.stacker.C, "member_weights": s.stacker.member_weights,
+                    "fitted_on": "holdout (out-of-fold for sklearn members)", "selection": s.stacker_selection},
         "greedy": {"file": "greedy.json", **s.greedy.to_dict()},
         "combiners": list(COMBINERS), "default_combiner": "stack",
     }
@@ -717,6 +723,9 @@ def _report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
                                              or stack["nll"]["mean"] < summary[best]["nll"]["mean"]),
         },
         "greedy_weights": {str(x.seed): dict(zip(x.greedy.members, x.greedy.weights_.tolist())) for x in fit.seeds},
+        "stacker": {str(x.seed): {"method": x.stacker.method, "features": x.stacker.features, "C": x.stacker.C,
+                                  "member_weights": x.stacker.member_weights, "selection": x.stacker_selection}
+                    for x in fit.seeds},
         "leakage_check": s.leakage,
         "runner": fit.runner, "fit_seconds": fit.fit_seconds, "task_seconds": fit.task_seconds,
         "counts": {k: int(len(v)) for k, v in inp.ids.items()},
