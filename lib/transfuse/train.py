@@ -314,7 +314,8 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
                 cuts[cache.cache_key(spec, p["cut_layer"], cache.trunk_digest(full, p["cut_layer"]),
                                      manifest.get("fingerprint", ""))] = p["cut_layer"]
         dirs = cache.ensure_cache(cfg, data_dir, spec, init_path, cuts, actors=t.cache_actors,
-                                  batch_size=t.cache_batch_size, use_gpu=t.use_gpu) if cuts else {}
+                                  batch_size=t.cache_batch_size, use_gpu=t.use_gpu,
+                                  in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
     for p in phases:
         tag = p["cut_layer"] if cached and p["cut_layer"] is not None else "image"
@@ -341,15 +342,22 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
             "data_dir": data_dir}
 
 
-def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], out_dir: str, *,
-                 name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None) -> Any:
-    """A TensorflowTrainer running ``train_func``: the one place train config becomes Ray's objects."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.tensorflow import TensorflowTrainer
+def scaling_config(t: Any) -> Any:
+    """Ray Train's ScalingConfig from the train config: workers, GPUs, and resources per worker."""
+    from ray.train import ScalingConfig
 
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
+
+
+def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], out_dir: str, *,
+                 name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None) -> Any:
+    """A TensorflowTrainer running ``train_func``: the one place train config becomes Ray's objects."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.tensorflow import TensorflowTrainer
+
     fs, path = storage.resolve(out_dir)
     run_config = RunConfig(
         name=name, storage_path=path, storage_filesystem=fs,
@@ -358,7 +366,7 @@ def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], 
         worker_runtime_env=runtime.runtime_env(), **dict(run_config_extra or {}))
     return TensorflowTrainer(
         train_func, train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(t),
         run_config=run_config, datasets=datasets)
 
 
@@ -394,16 +402,16 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
     return trainer, p, cfg
 
 
-def _write_split_outputs(out_dir: str, ds: Any, splits: list[str], num_classes: int) -> dict[str, dict]:
+def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], splits: list[str],
+                         num_classes: int) -> dict[str, dict]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from transfuse import cache
     from transfuse.metrics import evaluate
 
     results = {}
     for split in splits:
-        a = cache.to_numpy(ds, split, ["out0", "out1"])
+        a = outs[split]
         ids = pa.array(a["id"].astype(str))
         labels = pa.array(a["label"].astype(np.int64))
         probs = a["out0"].reshape(len(a["id"]), num_classes).astype(np.float32)
@@ -446,9 +454,10 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
     weights = storage.join(out_dir, models.WEIGHTS_FILE)
     t = cfg.train
     splits = ["train", "val", "test", "holdout"]
-    ds = cache.apply_model(p["data_dir"], splits, spec, weights, ["probs", "embedding"], actors=t.cache_actors,
-                           batch_size=t.cache_batch_size, use_gpu=t.use_gpu)
-    evals = _write_split_outputs(out_dir, ds, splits, spec["num_classes"])
+    outs = cache.apply_model_numpy(p["data_dir"], splits, spec, weights, ["probs", "embedding"],
+                                   actors=t.cache_actors, in_driver_max_rows=t.cache_in_driver_max_rows,
+                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu)
+    evals = _write_split_outputs(out_dir, outs, splits, spec["num_classes"])
     # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
     metrics = {"history": state["history"], **evals, "epochs": state["epoch"], "restored": state["restored"]}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
