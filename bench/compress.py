@@ -135,7 +135,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--variants", default=",".join(ALL))
-    ap.add_argument("--threads", type=int, default=2, help="LiteRT / ONNX Runtime threads per model")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="LiteRT / ONNX Runtime threads per model (default: compress.num_threads)")
     ap.add_argument("--latency-runs", type=int, default=100)
     ap.add_argument("--breakdown", default="float32,int8",
                     help="variants whose batch-1 time and bytes are split by component (trunk, tops, sklearn, ...)")
@@ -154,6 +155,7 @@ def main() -> None:
     print(f"ensemble: {json.dumps(info)}  (ready in {time.time() - t0:.0f} s)")
     pspec = PreprocessSpec(**members[0].spec["preprocess"])
     ccfg = cfg.compress
+    args.threads = args.threads or ccfg.num_threads
     rep = compress.representative_images(xtr, pspec, ccfg.representative_examples, seed=cfg.seed)
     parts0 = parts  # as the ensemble stage wrote them: the seed-style baseline uses these
     if ccfg.optimize_sklearn and parts.sklearn:
@@ -211,7 +213,7 @@ def main() -> None:
                   f"{'met' if g['smaller_4x'] else 'NOT met'}), accuracy {g['accuracy_delta_points']:+.2f} points "
                   f"(goal >= -0.5: {'met' if g['within_0_5_points'] else 'NOT met'})")
     for v, b in breakdown.items():
-        print(f"\nwhere batch-1 time and bytes go: {v} (num_threads={args.threads}; each part timed alone)")
+        print(f"\nwhere batch-1 time and bytes go: {v} (num_threads={args.threads}; parts timed in pipeline order)")
         print(compress.format_breakdown(b))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "pruning": pruning,

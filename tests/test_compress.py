@@ -219,6 +219,7 @@ def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     total = parts[names.index("predict_proba (total)")]
     assert total["bytes"] == compress.model_bytes(str(int8_bundle))[0]
     assert all(r["p50_ms_b1"] > 0 for r in parts[:-1])
+    assert sum(r["p50_ms_b1"] for r in parts[:-2]) + parts[-1]["p50_ms_b1"] == pytest.approx(total["p50_ms_b1"])
     assert "trunk" in compress.format_breakdown(parts)
 
 

@@ -252,7 +252,7 @@ class CompressConfig(_Strict):
     ]
     serve_variant: str = "int8"  # one of variant_names(), e.g. int8 or pruned50_int8
     representative_examples: int = Field(200, ge=1)  # drawn from train for int8 calibration
-    num_threads: int = Field(2, ge=1)  # LiteRT interpreter threads
+    num_threads: int = Field(1, ge=1)  # threads per LiteRT/ORT model; batch 1, shared 2 cores: 2 measured 15x slower
 
     @field_validator("sparsity")
     @classmethod
