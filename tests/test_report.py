@@ -317,3 +317,17 @@ def test_unreadable_stage_output_is_shown_not_raised(tmp_path, digits):
     assert "could not be drawn: KeyError" in sec[SECTIONS[3]] and "summary" in sec[SECTIONS[3]]
     assert "stage ensemble not run" in sec[SECTIONS[4]]  # no confusion matrix in it
     assert "learning_curves.png" in _check_images(index)
+
+
+def test_seed_range_of_equal_values_draws(tmp_path):
+    """Three seeds with the same accuracy: np.mean([0.1] * 3) is one ulp above 0.1, which once made a negative
+    error bar and cost the default run's report its 'members vs ensemble' plot."""
+    cfg = smoke_config(tmp_path, "equal")
+    values = [0.1, 0.1, 0.1]
+    assert float(np.mean(values)) > min(values)  # the rounding this test is about
+    stat = {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "values": values}
+    summary = {m: {"accuracy": stat, "nll": stat, "ece": stat} for m in ("logreg", "average", "stack")}
+    storage.write_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"),
+                       {"seeds": [0, 1, 2], "summary": summary})
+    sec = _sections(_html(write_report(cfg)))
+    assert "members_vs_ensemble.png" in sec[SECTIONS[3]] and "could not be drawn" not in sec[SECTIONS[3]]

@@ -283,8 +283,10 @@ def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict], desc: Optio
     for ax, metric, label in ((axes[0], "accuracy", "test accuracy (higher is better)"),
                               (axes[1], "ece", "test ECE (lower is better)")):
         mean = np.array([summary[m][metric]["mean"] for m in models])
-        lo = mean - np.array([summary[m][metric]["min"] for m in models])
-        hi = np.array([summary[m][metric]["max"] for m in models]) - mean
+        # clipped: the mean of equal seed values can round one ulp above their min, and matplotlib refuses a
+        # negative error bar (it did, in a default run where a member gave the same accuracy on every seed)
+        lo = np.clip(mean - np.array([summary[m][metric]["min"] for m in models]), 0.0, None)
+        hi = np.clip(np.array([summary[m][metric]["max"] for m in models]) - mean, 0.0, None)
         ax.barh(y, mean, color=colors, xerr=[lo, hi] if len(seeds) > 1 else None, capsize=3)
         for yi, v in zip(y, mean):
             ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
