@@ -62,6 +62,8 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--cache", choices=["both", "default", "actors"], default="both",
                    help="cached path(s) timed: the default (driver for small CPU data) and/or the actor pool")
+    p.add_argument("--actor-cpus", type=float, default=1.0,
+                   help="CPUs per cache actor in [actors] mode (train.cache_actor_cpus; sets its threads)")
     p.add_argument("--ray-train", action="store_true", help="also time transfuse.train.finetune end to end")
     args = p.parse_args()
 
@@ -131,7 +133,8 @@ def main() -> int:
         key = cache.cache_key(spec, cut, cache.trunk_digest(cached, cut), man.get("fingerprint", ""))
         t = time.perf_counter()
         dirs = cache.ensure_cache(mcfg, data_dir, spec, init_path, {key: cut}, splits=("train",),
-                                  batch_size=cfg.train.cache_batch_size, in_driver_max_rows=modes[mode])
+                                  batch_size=cfg.train.cache_batch_size, in_driver_max_rows=modes[mode],
+                                  actor_cpus=args.actor_cpus)
         ftr, ytr_c = cache.read_cache_numpy(dirs[cut], "train")  # counted: the head needs the activations
         t_cache = time.perf_counter() - t
         assert np.array_equal(ytr_c, ytr), "cache rows must be in the same (id) order as the arrays"
@@ -145,7 +148,8 @@ def main() -> int:
         acc_cached = evaluate(cached.predict(xte, verbose=0), yte)["accuracy"]
         ips_cached = n_train * args.epochs / t_cached
         frac_cached = n_train * flops / t_cache / 1e9 / peak
-        where = "Ray Data actor pool" if prof.get("where") == "actors" else "in the driver process"
+        where = (f"Ray Data actor pool, {args.actor_cpus:g} CPU/actor" if prof.get("where") == "actors"
+                 else "in the driver process")
         print(f"cached [{mode}] (base once, {where}): {t_cached:7.1f} s  test acc {acc_cached:.4f}  "
               f"{ips_cached:7.1f} img/s  (cache {t_cache:.1f} s, backbone at {100 * frac_cached:.1f}% of peak "
               f"incl. start-up; head {t_top:.1f} s)")

@@ -156,7 +156,7 @@ def _compute_in_driver(data_dir: str, splits: tuple[str, ...], spec: dict[str, A
 
 def _compute_with_actors(data_dir: str, splits: tuple[str, ...], spec: dict[str, Any], weights_path: str,
                          names: list[str], out_dirs: list[str], actors: int, batch_size: int,
-                         use_gpu: bool) -> dict[str, int]:
+                         use_gpu: bool, actor_cpus: float) -> dict[str, int]:
     """One Ray Data pass: read every split's parquet, ``CacheWriter`` actors (one per GPU on a cluster) write
     the activations; only the rows' split names (and the actors' timings) come back. Returns rows per split."""
     import ray.data
@@ -170,7 +170,7 @@ def _compute_with_actors(data_dir: str, splits: tuple[str, ...], spec: dict[str,
         CacheWriter, fn_constructor_kwargs={"spec": spec, "weights_path": weights_path, "outputs": names,
                                             "out_dirs": out_dirs},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
-        **gpu)
+        num_cpus=actor_cpus, **gpu)
     counts = dict.fromkeys(splits, 0)
     spent = {"init_s": 0.0, "model_s": 0.0, "write_s": 0.0}
     t0, first = time.perf_counter(), None
@@ -196,7 +196,7 @@ def _split_of(paths: np.ndarray) -> np.ndarray:
 
 
 def apply_model(data_dir: str, splits: list[str], spec: dict[str, Any], weights_path: str, outputs: list[str],
-                *, actors: int = 1, batch_size: int = 256, use_gpu: bool = False) -> Any:
+                *, actors: int = 1, batch_size: int = 256, use_gpu: bool = False, actor_cpus: float = 1.0) -> Any:
     """One Ray Data pass over ``splits``: a materialized dataset with out0.., label, id, split columns.
 
     One read over all the splits' folders (not a union of reads: fewer operators competing for CPUs).
@@ -211,13 +211,14 @@ def apply_model(data_dir: str, splits: list[str], spec: dict[str, Any], weights_
     gpu = {"num_gpus": 1} if use_gpu else {}
     return ds.map_batches(
         ApplyModel, fn_constructor_kwargs={"spec": spec, "weights_path": weights_path, "outputs": outputs},
-        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy", **gpu,
+        compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
+        num_cpus=actor_cpus, **gpu,
     ).materialize()
 
 
 def apply_model_numpy(data_dir: str, splits: list[str], spec: dict[str, Any], weights_path: str,
                       outputs: list[str], *, actors: int = 1, batch_size: int = 256, use_gpu: bool = False,
-                      in_driver_max_rows: int = 0) -> dict[str, dict[str, np.ndarray]]:
+                      in_driver_max_rows: int = 0, actor_cpus: float = 1.0) -> dict[str, dict[str, np.ndarray]]:
     """A model's outputs on every split as arrays in id order: ``{split: {out0.., label, id}}`` (small outputs:
     probabilities, embeddings). The actor pool (``apply_model``), or, without GPUs, with one actor and at most
     ``in_driver_max_rows`` rows, the same ``ApplyModel`` in this process (no actor start-up)."""
@@ -228,7 +229,7 @@ def apply_model_numpy(data_dir: str, splits: list[str], spec: dict[str, Any], we
     cols = [f"out{i}" for i in range(len(outputs))]
     if not (not use_gpu and actors == 1 and totals and rows <= in_driver_max_rows):
         ds = apply_model(data_dir, splits, spec, weights_path, outputs, actors=actors, batch_size=batch_size,
-                         use_gpu=use_gpu)
+                         use_gpu=use_gpu, actor_cpus=actor_cpus)
         return {split: to_numpy(ds, split, cols) for split in splits}
     fn = ApplyModel(spec, weights_path, outputs)
     result = {}
@@ -294,7 +295,7 @@ def _lock(path: str) -> Iterator[None]:
 
 def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: str, cuts: dict[str, str],
                  *, splits: tuple[str, ...] = ("train", "val"), actors: int = 1, batch_size: int = 256,
-                 use_gpu: bool = False, in_driver_max_rows: int = 0) -> dict[str, str]:
+                 use_gpu: bool = False, in_driver_max_rows: int = 0, actor_cpus: float = 1.0) -> dict[str, str]:
     """Make sure a cache exists for every ``{key: cut_layer}``; returns ``{cut_layer: cache_dir}``.
 
     Missing caches are computed in one Ray Data pass (all their cut points as outputs of one model): the
@@ -326,7 +327,7 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
                          PROFILE["actor_write_s"])
             else:
                 counts = _compute_with_actors(data_dir, splits, spec, weights_path, names, list(tmps.values()),
-                                              actors, batch_size, use_gpu)
+                                              actors, batch_size, use_gpu, actor_cpus)
             for key, cut in missing.items():
                 final, tmp = dirs[cut], tmps[key]
                 storage.write_manifest(tmp, cfg, CACHE_STAGE, data_fp, cut_layer=cut, key=key, counts=counts,

@@ -314,7 +314,7 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
                 cuts[cache.cache_key(spec, p["cut_layer"], cache.trunk_digest(full, p["cut_layer"]),
                                      manifest.get("fingerprint", ""))] = p["cut_layer"]
         dirs = cache.ensure_cache(cfg, data_dir, spec, init_path, cuts, actors=t.cache_actors,
-                                  batch_size=t.cache_batch_size, use_gpu=t.use_gpu,
+                                  batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus,
                                   in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
     for p in phases:
@@ -456,7 +456,7 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
     splits = ["train", "val", "test", "holdout"]
     outs = cache.apply_model_numpy(p["data_dir"], splits, spec, weights, ["probs", "embedding"],
                                    actors=t.cache_actors, in_driver_max_rows=t.cache_in_driver_max_rows,
-                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu)
+                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus)
     evals = _write_split_outputs(out_dir, outs, splits, spec["num_classes"])
     # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
     metrics = {"history": state["history"], **evals, "epochs": state["epoch"], "restored": state["restored"]}
