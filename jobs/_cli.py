@@ -23,7 +23,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def main(description: str, body: Callable[[Config, argparse.Namespace], object],
          extra: Optional[Callable[[argparse.ArgumentParser], None]] = None, argv: Optional[list[str]] = None,
-         needs_ray: bool = True) -> int:
+         needs_ray: bool | Callable[[argparse.Namespace], bool] = True) -> int:
     p = parser(description)
     if extra:
         extra(p)
@@ -31,7 +31,7 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = load_config(args.config, args.overrides)
-        if needs_ray:
+        if needs_ray(args) if callable(needs_ray) else needs_ray:
             runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
         body(cfg, args)
     except (ValueError, RuntimeError) as e:

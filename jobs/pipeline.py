@@ -1,7 +1,8 @@
 """Run the whole pipeline as one Ray job: prepare -> pretrain -> finetune -> tune -> ensemble -> compress ->
 deploy -> query the live endpoint -> report. Complete stages are skipped; an interrupted run continues.
 
-    python -m jobs.pipeline --config configs/default.yaml [--force STAGE ...] [--until STAGE] [--no-deploy]
+    python -m jobs.pipeline --config configs/default.yaml [--force-stage STAGE ...] [--until STAGE] [--no-deploy]
+    python -m jobs.pipeline --config configs/cifar10_vgg16.yaml --plan   # what each stage would do; runs nothing
 """
 
 from __future__ import annotations
@@ -17,9 +18,19 @@ def _args(p) -> None:
                    metavar="STAGE", help=f"rerun this stage even when complete (repeatable): {', '.join(STAGES)}")
     p.add_argument("--until", choices=STAGES, help="stop after this stage")
     p.add_argument("--no-deploy", action="store_true", help="skip deploying and querying the Serve endpoint")
+    p.add_argument("--plan", action="store_true",
+                   help="print every stage's plan (shapes, workers, resources, search space, members) as JSON and "
+                        "exit: no Ray, no data read or downloaded, nothing written")
 
 
 def _run(cfg, args) -> None:
+    if args.plan:
+        import json
+
+        from transfuse.plan import plan
+
+        print(json.dumps(plan(cfg), indent=2, default=str))
+        return
     deploy = None
     if not args.no_deploy:
         from serve.app import deploy
@@ -36,4 +47,4 @@ def _run(cfg, args) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, _run, extra=_args))
+    sys.exit(main(__doc__, _run, extra=_args, needs_ray=lambda args: not args.plan))

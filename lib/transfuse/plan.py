@@ -1,0 +1,168 @@
+"""What every stage would do for a config, built by the stages' own code, with nothing run, written or downloaded.
+
+``python -m jobs.pipeline --config FILE --plan`` prints it. It answers "will this config do what I mean on that
+cluster?" before any GPU is rented: data source and splits, the model's shapes and which layers each phase trains,
+Ray Train's scaling config, Tune's search space, scheduler and per-trial resources, the scikit-learn members as
+built estimators, the compression variants and the Serve deployment. The one step a plan never takes is fetching
+data or weights (CIFAR-10, ImageNet): it says what would be fetched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import storage
+from transfuse.config import Config
+
+# classes of the built-in sources when data.classes does not pick a subset (image folders and parquet files only
+# know theirs once prepare has read them)
+SOURCE_CLASSES = {"cifar10": 10, "fashion_mnist": 10, "digits": 10}
+
+
+class PlanError(ValueError):
+    """A plan cannot be built from this config without reading the data first."""
+
+
+def num_classes(cfg: Config) -> int:
+    """Classes of the target task: the chosen subset, the built-in source's count, or the prepared data's."""
+    if cfg.data.classes:
+        return len(cfg.data.classes)
+    if cfg.data.source in SOURCE_CLASSES:
+        return SOURCE_CLASSES[cfg.data.source]
+    manifest = storage.join(storage.stage_dir(cfg, "data"), storage.MANIFEST)
+    if storage.exists(manifest):
+        return len(storage.read_json(manifest)["class_names"])
+    raise PlanError(f"data.source {cfg.data.source!r}: its classes are known once prepare has read the data; run "
+                    f"`python -m jobs.prepare` first or list them in data.classes")
+
+
+def data_plan(cfg: Config) -> dict[str, Any]:
+    from transfuse.data import sources
+
+    d = cfg.data
+    fetch = None
+    if d.source == "cifar10" and d.download:
+        local = sources._find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
+        fetch = None if local else f"skipped by the plan: prepare downloads {sources.CIFAR10_URL}"
+    return {"source": d.source, "path": d.path, "download": fetch, "classes": d.classes or "all",
+            "split": d.split.model_dump(), "rows_per_shard": d.rows_per_shard,
+            "output": storage.stage_dir(cfg, "data")}
+
+
+def model_plan(cfg: Config, k: int) -> dict[str, Any]:
+    """The network as the fine-tune stage builds it (random weights: shapes and layers only)."""
+    from transfuse import models
+
+    spec = models.model_spec(cfg.model, k, [str(i) for i in range(k)], seed=cfg.train.seed)
+    model = models.build_model(spec, None)
+    models.set_unfreeze(model, 0)  # phase 1: the head only
+    frozen_trainable = _trainable_params(model)
+    unfrozen = models.set_unfreeze(model, spec["unfreeze"])
+    weights = cfg.model.weights
+    return {
+        "backbone": spec["backbone"], "input_shape": list(model.input_shape[1:]),
+        "output_shape": list(model.output_shape[1:]),
+        "embedding_dim": int(models.embedding_model(model).output_shape[-1]),
+        "backbone_layers": len(spec["backbone_layers"]), "params": int(model.count_params()),
+        "weights": weights if weights not in ("imagenet",) else "imagenet (Keras downloads them on the workers; "
+                                                                  "skipped by the plan)",
+        "preprocess": spec["preprocess"],
+        "phases": {"frozen": {"trainable_params": frozen_trainable, "unfrozen_layers": []},
+                   "unfrozen": {"trainable_params": _trainable_params(model), "unfrozen_layers": unfrozen,
+                                "cut_layer": spec["cut_layer"]}},
+    }
+
+
+def _trainable_params(model: Any) -> int:
+    return int(sum(int(w.shape.num_elements()) for w in model.trainable_weights))
+
+
+def train_plan_resources(t: Any) -> dict[str, float]:
+    """What one fine-tuning run's Ray Train workers hold together (a Tune trial holds this besides its own CPU)."""
+    from transfuse import train
+
+    sc = train.scaling_config(t)
+    return {k: v * sc.num_workers for k, v in sc.resources_per_worker.items()}
+
+
+def finetune_plan(cfg: Config) -> dict[str, Any]:
+    from transfuse import train
+
+    t = cfg.train
+    sc = train.scaling_config(t)
+    return {"scaling_config": {"num_workers": sc.num_workers, "use_gpu": sc.use_gpu,
+                               "resources_per_worker": sc.resources_per_worker},
+            "strategy": "MultiWorkerMirroredStrategy" if t.num_workers > 1 else "default (one worker)",
+            "global_batch_size": t.batch_size, "batch_per_worker": t.batch_size // t.num_workers,
+            "mixed_precision": train.mixed_policy(t.mixed_precision, t.use_gpu),
+            "epochs": {"frozen": t.epochs_frozen, "unfrozen": t.epochs_unfrozen},
+            "lr": {"frozen": t.lr_frozen, "unfrozen": t.lr_unfrozen}, "cache_frozen": t.cache_frozen,
+            "max_failures": t.max_failures, "output": storage.stage_dir(cfg, "finetune")}
+
+
+def describe(domain: Any) -> Any:
+    """A Tune search-space entry in words: ``loguniform(1e-06, 0.0001)``, ``choice([256, 512])``, ``grid([0, 4])``."""
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    if isinstance(domain, dict) and "grid_search" in domain:
+        return f"grid({list(domain['grid_search'])})"
+    if isinstance(domain, Categorical):
+        return f"choice({list(domain.categories)})"
+    if isinstance(domain, (Float, Integer)):
+        log = "log" in type(domain.get_sampler()).__name__.lower()
+        kind = ("lograndint" if log else "randint") if isinstance(domain, Integer) else (
+            "loguniform" if log else "uniform")
+        return f"{kind}({domain.lower}, {domain.upper})"
+    return domain
+
+
+def tune_plan(cfg: Config) -> dict[str, Any]:
+    from transfuse import search
+
+    t, tr = cfg.tune, cfg.train
+    space = search.search_space(cfg)
+    grid = len(t.unfreeze) if t.search_alg == "random" else 1
+    per_trial_gpus = tr.num_workers * (tr.gpus_per_worker if tr.use_gpu else 0)
+    sched, alg = search._scheduler(cfg), search._search_alg(cfg)
+    inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
+    return {"param_space": {k: describe(v) for k, v in space.items()},
+            "trials": search.samples_per_grid(cfg) * grid, "max_concurrent": t.max_concurrent,
+            "scheduler": type(sched).__name__,
+            "scheduler_max_t": getattr(sched, "_max_t", None),
+            "search_alg": type(alg).__name__ + (f"({type(inner).__name__})" if inner is not None else ""),
+            "resources_per_trial": {"trial": {"CPU": t.cpus_per_trial},
+                                    "train_workers": train_plan_resources(tr)},
+            "gpus_at_full_concurrency": per_trial_gpus * t.max_concurrent, "members": t.members}
+
+
+def ensemble_plan(cfg: Config) -> dict[str, Any]:
+    from transfuse import ensemble
+    from transfuse.stacking import stacker_candidates
+
+    e = cfg.ensemble
+    ensemble.validate_members(e)
+    return {"members": {m.name: repr(ensemble.build_estimator(m, seed=e.seeds[0])) for m in e.members},
+            "fit_tasks": len(e.members) * (e.folds + 1) * len(e.seeds), "folds": e.folds, "seeds": e.seeds,
+            "stacker_candidates": [(c.method, c.features, c.C) for c in
+                                   stacker_candidates(e.stacker, e.stacker_C, e.stacker_features, e.stacker_grid_C)],
+            "runner": e.parallel, "cpus_per_task": e.cpus_per_task}
+
+
+def compress_plan(cfg: Config) -> dict[str, Any]:
+    from transfuse import compress
+
+    c = cfg.compress
+    return {"variants": compress.expand_variants(list(c.variants), list(c.sparsity)), "sparsity": c.sparsity,
+            "serve_variant": c.serve_variant, "num_threads": c.num_threads,
+            "output": storage.stage_dir(cfg, "bundle")}
+
+
+def plan(cfg: Config) -> dict[str, Any]:
+    """Every stage's plan. Raises the stage's own error where the config cannot work (e.g. an unfreeze depth
+    beyond the backbone, an unknown scikit-learn parameter)."""
+    k = num_classes(cfg)
+    return {"run": storage.run_dir(cfg), "data": data_plan(cfg), "model": model_plan(cfg, k),
+            "finetune": finetune_plan(cfg), "tune": tune_plan(cfg), "ensemble": ensemble_plan(cfg),
+            "compress": compress_plan(cfg), "serve": cfg.serve.model_dump(mode="json"),
+            "ray": cfg.ray.model_dump(mode="json")}
