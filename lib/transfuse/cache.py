@@ -126,28 +126,52 @@ def _write_parts(out_dirs: list[str], res: dict[str, Any]) -> None:
                 pq.write_table(table, f)
 
 
+def _driver_rows(data_dir: str, splits: Any, *, actors: int, use_gpu: bool, max_rows: int) -> Optional[int]:
+    """Rows of ``splits`` when they are small enough to run ``ApplyModel`` in this process (no GPU, one actor
+    asked for, at most ``max_rows`` rows by the data manifest's totals); None: use the actor pool."""
+    from transfuse.data import data_manifest
+
+    if use_gpu or actors != 1:
+        return None
+    totals = data_manifest(data_dir).get("totals", {})
+    rows = sum(int(totals.get(s, 0)) for s in splits)
+    return rows if totals and rows <= max_rows else None
+
+
+def _driver_batches(fn: ApplyModel, data_dir: str, split: str, batch_size: int) -> Iterator[dict[str, Any]]:
+    """``fn``'s outputs on one split, batch by batch, in id order (the driver path). The split is read before the
+    first batch is asked for, so a caller timing each batch times the model alone."""
+    from transfuse.data import read_split_numpy
+
+    images, labels, ids = read_split_numpy(data_dir, split)
+    return _batches(fn, images, labels, ids, batch_size)
+
+
+def _batches(fn: ApplyModel, images: np.ndarray, labels: np.ndarray, ids: np.ndarray,
+             batch_size: int) -> Iterator[dict[str, Any]]:
+    for i in range(0, len(labels), batch_size):
+        yield fn({"image": images[i:i + batch_size], "label": labels[i:i + batch_size], "id": ids[i:i + batch_size]})
+
+
 def _compute_in_driver(data_dir: str, splits: tuple[str, ...], spec: dict[str, Any], weights_path: str,
                        names: list[str], out_dirs: list[str], batch_size: int) -> dict[str, int]:
     """The same model and files as the actor pool, computed in this process (small data on CPUs: no actor
     start-up, no second TensorFlow import). Returns rows per split."""
-    from transfuse.data import read_split_numpy
-
     t0 = time.perf_counter()
     fn = ApplyModel(spec, weights_path, names)
     spent = {"init_s": time.perf_counter() - t0, "model_s": 0.0, "write_s": 0.0}
-    counts = {}
+    counts = dict.fromkeys(splits, 0)
     for split in splits:
-        images, labels, ids = read_split_numpy(data_dir, split)
-        for i in range(0, len(labels), batch_size):
-            t = time.perf_counter()
-            res = fn({"image": images[i:i + batch_size], "label": labels[i:i + batch_size],
-                      "id": ids[i:i + batch_size]})
+        batches = _driver_batches(fn, data_dir, split, batch_size)  # reads the split (not timed as model)
+        t = time.perf_counter()
+        for res in batches:
             res["split"] = np.full(len(res["label"]), split)
             spent["model_s"] += time.perf_counter() - t
             t = time.perf_counter()
             _write_parts(out_dirs, res)
             spent["write_s"] += time.perf_counter() - t
-        counts[split] = len(labels)
+            counts[split] += len(res["label"])
+            t = time.perf_counter()
     PROFILE.clear()
     PROFILE.update(where="driver", pass_s=time.perf_counter() - t0, first_batch_s=spent["init_s"],
                    rows=sum(counts.values()), **{f"actor_{k}": v for k, v in spent.items()})
@@ -222,21 +246,15 @@ def apply_model_numpy(data_dir: str, splits: list[str], spec: dict[str, Any], we
     """A model's outputs on every split as arrays in id order: ``{split: {out0.., label, id}}`` (small outputs:
     probabilities, embeddings). The actor pool (``apply_model``), or, without GPUs, with one actor and at most
     ``in_driver_max_rows`` rows, the same ``ApplyModel`` in this process (no actor start-up)."""
-    from transfuse.data import data_manifest, read_split_numpy
-
-    totals = data_manifest(data_dir).get("totals", {})
-    rows = sum(int(totals.get(s, 0)) for s in splits)
     cols = [f"out{i}" for i in range(len(outputs))]
-    if not (not use_gpu and actors == 1 and totals and rows <= in_driver_max_rows):
+    if _driver_rows(data_dir, splits, actors=actors, use_gpu=use_gpu, max_rows=in_driver_max_rows) is None:
         ds = apply_model(data_dir, splits, spec, weights_path, outputs, actors=actors, batch_size=batch_size,
                          use_gpu=use_gpu, actor_cpus=actor_cpus)
         return {split: to_numpy(ds, split, cols) for split in splits}
     fn = ApplyModel(spec, weights_path, outputs)
     result = {}
     for split in splits:
-        images, labels, ids = read_split_numpy(data_dir, split)  # id order
-        parts = [fn({"image": images[i:i + batch_size], "label": labels[i:i + batch_size],
-                     "id": ids[i:i + batch_size]}) for i in range(0, len(labels), batch_size)]
+        parts = list(_driver_batches(fn, data_dir, split, batch_size))
         result[split] = {c: np.concatenate([q[c] for q in parts]) if parts else np.zeros(0)
                          for c in [*cols, "label", "id"]}
     return result
@@ -301,8 +319,7 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
     Missing caches are computed in one Ray Data pass (all their cut points as outputs of one model): the
     ``CacheWriter`` actors write the parquet files themselves, the driver only counts rows per split. Without
     GPUs, with one actor asked for and at most ``in_driver_max_rows`` rows, the same model writes the same files
-    from this process
-    instead (the actor's start-up, a second TensorFlow import, was most of a small pass's time).
+    from this process instead (the actor's start-up, a second TensorFlow import, was most of a small pass's time).
     """
     from transfuse.data import data_manifest
 
@@ -317,9 +334,8 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
             log.info("cache: computing %s over %s", names, splits)
             tmps = {key: storage.join(root, f".tmp-{key}-{uuid.uuid4().hex[:8]}") if not storage.is_uri(root)
                     else dirs[cut] for key, cut in missing.items()}
-            totals = data_manifest(data_dir).get("totals", {})
-            rows = sum(int(totals.get(s_, 0)) for s_ in splits)
-            if not use_gpu and actors == 1 and totals and rows <= in_driver_max_rows:
+            rows = _driver_rows(data_dir, splits, actors=actors, use_gpu=use_gpu, max_rows=in_driver_max_rows)
+            if rows is not None:
                 counts = _compute_in_driver(data_dir, splits, spec, weights_path, names, list(tmps.values()),
                                             batch_size)
                 log.info("cache: computed %d rows in the driver in %.1f s (model build %.1f, model %.1f, writes "
