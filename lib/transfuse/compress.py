@@ -29,6 +29,7 @@ import numpy as np
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import metrics as _metrics
 from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, softmax, write_bundle
+from transfuse.config import expand_variants
 from transfuse.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
@@ -659,9 +660,13 @@ def measure_predictor(predict: Callable[[np.ndarray], np.ndarray], images: np.nd
     lat = time_calls(lambda: predict(one), latency_runs)
     xb = images[:batch] if len(images) >= batch else np.concatenate([images] * (batch // len(images) + 1))[:batch]
     thr = time_calls(lambda: predict(xb), throughput_runs)
-    row.update({"p50_ms_b1": float(np.percentile(lat, 50) * 1e3), "p99_ms_b1": float(np.percentile(lat, 99) * 1e3),
-                f"throughput_b{batch}": float(batch / np.median(thr))})
+    row.update({**_latency_ms(lat), f"throughput_b{batch}": float(batch / np.median(thr))})
     return row
+
+
+def _latency_ms(seconds: np.ndarray) -> dict[str, float]:
+    """p50 and p99 of batch-1 call times, in milliseconds."""
+    return {"p50_ms_b1": float(np.percentile(seconds, 50) * 1e3), "p99_ms_b1": float(np.percentile(seconds, 99) * 1e3)}
 
 
 def variant_row(directory: str, images: np.ndarray, labels: np.ndarray, *, num_threads: int = 1,
@@ -692,8 +697,7 @@ def interleaved_latency(directories: dict[str, str], images: np.ndarray, *, num_
             t0 = time.perf_counter()
             bundles[k].predict_proba(one)
             t[k][i] = time.perf_counter() - t0
-    return {k: {"p50_ms_b1": float(np.percentile(v, 50) * 1e3), "p99_ms_b1": float(np.percentile(v, 99) * 1e3)}
-            for k, v in t.items()}
+    return {k: _latency_ms(v) for k, v in t.items()}
 
 
 def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int = 1,
@@ -921,20 +925,6 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
         return softmax(f @ np.asarray(st.coef).T + np.asarray(st.intercept)).astype(np.float32)
 
     return predict
-
-
-def expand_variants(variants: list[str], sparsity: list[float]) -> list[str]:
-    """Variant names from kinds: ``pruned``/``pruned_int8`` once per sparsity (``pruned50``, ``pruned50_int8``);
-    names already expanded pass through."""
-    from transfuse.config import pruned_name
-
-    out: list[str] = []
-    for v in variants:
-        if v in ("pruned", "pruned_int8"):
-            out += [pruned_name(s) + v[len("pruned"):] for s in sparsity]
-        else:
-            out.append(v)
-    return list(dict.fromkeys(out))
 
 
 def parse_variant(name: str, sparsity: list[float]) -> tuple[Optional[float], str]:

@@ -271,13 +271,7 @@ class CompressConfig(_Strict):
 
     def variant_names(self) -> list[str]:
         """The exported variants in order: pruned kinds once per sparsity."""
-        out: list[str] = []
-        for kind in self.variants:
-            if kind in ("pruned", "pruned_int8"):
-                out += [pruned_name(s) + kind[len("pruned"):] for s in self.sparsity]
-            else:
-                out.append(kind)
-        return list(dict.fromkeys(out))
+        return expand_variants(list(self.variants), list(self.sparsity))
 
     @model_validator(mode="after")
     def _serve_variant(self) -> "CompressConfig":
@@ -286,6 +280,18 @@ class CompressConfig(_Strict):
             raise ValueError(f"serve_variant {self.serve_variant!r} is not an exported variant; allowed (from "
                              f"variants {self.variants} and sparsity {self.sparsity}): {names}")
         return self
+
+
+def expand_variants(variants: list[str], sparsity: list[float]) -> list[str]:
+    """Variant names from kinds: ``pruned``/``pruned_int8`` once per sparsity (``pruned50``, ``pruned50_int8``);
+    names already expanded pass through."""
+    out: list[str] = []
+    for v in variants:
+        if v in ("pruned", "pruned_int8"):
+            out += [pruned_name(s) + v[len("pruned"):] for s in sparsity]
+        else:
+            out.append(v)
+    return list(dict.fromkeys(out))
 
 
 def pruned_name(sparsity: float) -> str:

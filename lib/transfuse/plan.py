@@ -123,7 +123,7 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
     t, tr = cfg.tune, cfg.train
     space = search.search_space(cfg)
     grid = len(t.unfreeze) if t.search_alg == "random" else 1
-    per_trial_gpus = tr.num_workers * (tr.gpus_per_worker if tr.use_gpu else 0)
+    workers = train_plan_resources(tr)  # what one trial's Ray Train workers hold together
     sched, alg = search._scheduler(cfg), search._search_alg(cfg)
     inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
     return {"param_space": {k: describe(v) for k, v in space.items()},
@@ -131,9 +131,8 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
             "scheduler": type(sched).__name__,
             "scheduler_max_t": getattr(sched, "_max_t", None),
             "search_alg": type(alg).__name__ + (f"({type(inner).__name__})" if inner is not None else ""),
-            "resources_per_trial": {"trial": {"CPU": t.cpus_per_trial},
-                                    "train_workers": train_plan_resources(tr)},
-            "gpus_at_full_concurrency": per_trial_gpus * t.max_concurrent, "members": t.members}
+            "resources_per_trial": {"trial": {"CPU": t.cpus_per_trial}, "train_workers": workers},
+            "gpus_at_full_concurrency": workers.get("GPU", 0.0) * t.max_concurrent, "members": t.members}
 
 
 def ensemble_plan(cfg: Config) -> dict[str, Any]:
@@ -150,10 +149,8 @@ def ensemble_plan(cfg: Config) -> dict[str, Any]:
 
 
 def compress_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse import compress
-
     c = cfg.compress
-    return {"variants": compress.expand_variants(list(c.variants), list(c.sparsity)), "sparsity": c.sparsity,
+    return {"variants": c.variant_names(), "sparsity": c.sparsity,
             "serve_variant": c.serve_variant, "num_threads": c.num_threads,
             "output": storage.stage_dir(cfg, "bundle")}
 
