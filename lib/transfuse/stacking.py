@@ -21,7 +21,7 @@ and picks members by name, so a caller cannot silently feed them in the wrong or
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
@@ -294,14 +294,13 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
         for cand in candidates:
             oof = np.zeros((len(labels), k))
             for fit_rows, score_rows in splits:
-                part = Stacker(list(order), C=cand.C, features=cand.features, eps=cand.eps, method=cand.method)
+                part = replace(cand, members=list(order))
                 part.fit({m: member_probs[m][fit_rows] for m in order}, labels[fit_rows], num_classes=k)
                 oof[score_rows] = part.predict_proba({m: member_probs[m][score_rows] for m in order})
             table.append({"method": cand.method, "features": cand.features, "C": cand.C,
                           "cv_nll": _nll(oof, labels), "cv_accuracy": _accuracy(oof, labels)})
         best = candidates[min(range(len(table)), key=lambda i: table[i]["cv_nll"])]
-    stacker = Stacker(list(order), C=best.C, features=best.features, eps=best.eps, method=best.method)
-    return stacker.fit(member_probs, labels, ids=ids, num_classes=k), table
+    return replace(best, members=list(order)).fit(member_probs, labels, ids=ids, num_classes=k), table
 
 
 def stack_predict(stacker: Stacker, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
