@@ -102,12 +102,16 @@ def run_members(cfg):
     from transfuse.data import data_manifest, read_split_numpy
 
     src = compress.read_ensemble(cfg)
+    dropped = {"dropped": []}
+    if cfg.compress.drop_zero_weight_members:
+        src, dropped = compress.drop_zero_weight_members(src)
     members = [compress.Member(n, *models.load_member(d)) for n, d in src.members]
     data_dir = storage.stage_dir(cfg, "data")
     names = data_manifest(data_dir)["class_names"]
     xtr, ytr, _ = read_split_numpy(data_dir, "train")
     xte, yte, _ = read_split_numpy(data_dir, "test")
-    return members, src.parts, (xtr, ytr), (xte, yte), names, {"source": src.source, "run": cfg.run}
+    return members, src.parts, (xtr, ytr), (xte, yte), names, {"source": src.source, "run": cfg.run,
+                                                                "zero_weight_members": dropped}
 
 
 def keras_bytes(members, parts) -> tuple[int, int]:
@@ -156,10 +160,11 @@ def main() -> None:
     pspec = PreprocessSpec(**members[0].spec["preprocess"])
     ccfg = cfg.compress
     args.threads = args.threads or ccfg.num_threads
-    rep = compress.representative_images(xtr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    rep_raw = compress.representative_raw(xtr, ccfg.representative_examples, seed=cfg.seed)
+    rep = preprocess(rep_raw, pspec)
     parts0 = parts  # as the ensemble stage wrote them: the seed-style baseline uses these
     if ccfg.optimize_sklearn and parts.sklearn:
-        parts, sk_info = compress.optimize_parts(parts, members, rep)
+        parts, sk_info = compress.optimize_parts(parts, members, rep_raw)
         for name, i in sk_info.items():
             diff = f", max |diff| {i['max_abs_diff']:.2g} on {i['probe_rows']} rows" if "max_abs_diff" in i else ""
             print(f"sklearn {name}: {i['bytes_before']} -> {i['bytes_after']} bytes, rewrites {i['applied']}{diff}")

@@ -17,14 +17,15 @@ from _compress_helpers import CLASS_NAMES, trained
 from transfuse import compress
 from transfuse.bundle import (BundleError, BundleInputError, SklearnMember, Stacker, load_bundle, softmax,
                               write_bundle)
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
 
 SPEC = PreprocessSpec(32, "unit")
 
 
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory):
-    """Two CNN members (shared trunk), a logistic-regression member on cnn0's embedding (ONNX) and a stacker."""
+    """Two CNN members (shared trunk), a logistic-regression member on cnn0's embedding and one on the pixels
+    (ONNX), and a stacker."""
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
@@ -35,16 +36,21 @@ def ensemble(tmp_path_factory):
     emb = models.embedding_model(members[0].model).predict(x_tr, verbose=0)
     lr = LogisticRegression(max_iter=500).fit(emb, d.y_train)
     onx = to_onnx(lr, emb[:1].astype(np.float32), options={id(lr): {"zipmap": False}}).SerializeToString()
-    probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb)]
+    pix = pixel_features(d.x_train, 6)  # 8 x 8 digits resized to 6 x 6: 36 inputs
+    px = LogisticRegression(C=0.1, max_iter=500).fit(pix, d.y_train)
+    px_onx = to_onnx(px, pix[:1], options={id(px): {"zipmap": False}}).SerializeToString()
+    probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb), px.predict_proba(pix)]
     stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)
     parts = compress.EnsembleParts(
-        sklearn=[SklearnMember("logreg_cnn0", onx, embedding_of="cnn0")],
-        stacker=Stacker(stacker.coef_, stacker.intercept_, members=["cnn0", "cnn1", "logreg_cnn0"]))
+        sklearn=[SklearnMember("logreg_cnn0", onx, embedding_of="cnn0"),
+                 SklearnMember("px", px_onx, features="pixels", pixel_size=6)],
+        stacker=Stacker(stacker.coef_, stacker.intercept_, members=["cnn0", "cnn1", "logreg_cnn0", "px"]))
     exported = compress.export_members(members, "float32")
     path = tmp_path_factory.mktemp("bundle") / "b"
     compress.write_variant(str(path), exported, members, parts, name="digits", version="7",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)
-    return {"path": path, "data": d, "members": members, "lr": lr, "stacker": stacker, "exported": exported}
+    return {"path": path, "data": d, "members": members, "lr": lr, "px": px, "stacker": stacker,
+            "exported": exported}
 
 
 def _reference(ens, images):
@@ -55,7 +61,7 @@ def _reference(ens, images):
     m0, m1 = ens["members"]
     emb = models.embedding_model(m0.model).predict(x, verbose=0)
     feats = np.concatenate([m0.model.predict(x, verbose=0), m1.model.predict(x, verbose=0),
-                            ens["lr"].predict_proba(emb)], axis=1)
+                            ens["lr"].predict_proba(emb), ens["px"].predict_proba(pixel_features(images, 6))], axis=1)
     return ens["stacker"].predict_proba(feats)
 
 
@@ -77,6 +83,8 @@ def test_round_trip_matches_float_models(ensemble):
     assert b.name == "digits" and b.version == "7" and b.class_names == CLASS_NAMES
     assert b.manifest["trunk"] is not None and b.manifest["shared_trunk"]["cut_layer"] == "block1_pool"
     assert b.input_spec["shape"] == [8, 8, 1] and len(b.checksum) == 64
+    assert [(e["features"], e.get("pixel_size")) for e in b.manifest["sklearn_members"]] == [
+        ("embedding", None), ("pixels", 6)]
     # float [0, 1] images give the same answer as uint8 ones
     np.testing.assert_allclose(b.predict_proba(d.x_test[:5].astype(np.float32) / 255.0), p[:5], atol=1e-5)
 
@@ -129,6 +137,8 @@ def test_unlisted_file_refused(ensemble, tmp_path):
     (lambda m: m["files"].update({"../outside": "0" * 64}), r"relative path inside the bundle"),
     (lambda m: m["combiner"].update(members=["cnn0"]), r"combiner.members"),
     (lambda m: m["cnn_members"][0]["outputs"].update(logits="nope"), r"output 'nope'"),
+    (lambda m: m["sklearn_members"][1].update(features="voxels"), r"sklearn member px .*features must be one of"),
+    (lambda m: m["sklearn_members"][1].update(pixel_size=-3), r"sklearn member px .*pixel_size must be a positive"),
 ])
 def test_bad_manifest_refused(ensemble, tmp_path, edit, pattern):
     dst = _copy(ensemble, tmp_path)
@@ -160,6 +170,10 @@ def test_write_refuses_non_empty_dir(ensemble, tmp_path):
         write_bundle(str(tmp_path / "w2"), preprocess_spec=SPEC, trunk=ex.trunk,
                      cnn_members=[compress.CNNMember("a", ex.tops["cnn0"])],
                      sklearn_members=[SklearnMember("s", b"", embedding_of="zzz")], **kw)
+    with pytest.raises(BundleError, match=r"features must be one of \('embedding', 'pixels'\), got 'pixel'"):
+        write_bundle(str(tmp_path / "w3"), preprocess_spec=SPEC, trunk=ex.trunk,
+                     cnn_members=[compress.CNNMember("a", ex.tops["cnn0"])],
+                     sklearn_members=[SklearnMember("s", b"", features="pixel")], **kw)
 
 
 def test_http_bundle_is_fetched_and_verified(ensemble, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
 from transfuse import compress
-from transfuse.bundle import load_bundle
+from transfuse.bundle import SklearnMember, load_bundle
 from transfuse.preprocess import PreprocessSpec, preprocess
 
 SPEC = PreprocessSpec(32, "unit")
@@ -325,15 +325,51 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
         "format": "transfuse.ensemble/v1", "member_order": ["a", "b", "lr"],
         "cnn_members": [{"name": "a", "dir": "/x/a"}, {"name": "b", "dir": "/x/b"}],
         "sklearn_members": [{"name": "lr", "file": "members/lr.onnx", "embedding_source": "a",
+                             "input": "embedding", "output": "probabilities"},
+                            {"name": "px", "file": "members/lr.onnx", "features": "pixels", "pixel_size": 4,
                              "input": "embedding", "output": "probabilities"}],
         "stacker": {"file": "stacker.json", "features": "log_probs"}})
     src = compress.read_ensemble(cfg)
     assert src.source == "ensemble" and src.members == [("a", "/x/a"), ("b", "/x/b")]
-    (sk,) = src.parts.sklearn
+    sk, px = src.parts.sklearn
     assert sk.embedding_of == "a" and sk.probabilities_output == "probabilities" and sk.data[:2] != b""
+    assert sk.features == "embedding" and (px.features, px.pixel_size, px.embedding_of) == ("pixels", 4, None)
     assert src.parts.stacker.members == ["a", "b", "lr"] and src.parts.stacker.features == "log_probs"
     np.testing.assert_array_equal(src.parts.stacker.coef, st.coef_)
     assert src.parts.stacker.eps == st.eps  # the clip before log travels with the stacker
+
+
+def test_zero_weight_members_are_left_out_losslessly():
+    """Members whose stacker columns are all zero are dropped from the bundle's parts; a zero-weight CNN member
+    whose embedding a kept member reads stays; the reduced stacker gives the same probabilities."""
+    from transfuse.bundle import Stacker, softmax
+
+    k, names = 3, ["a", "b", "lr", "px", "sv"]
+    rng = np.random.default_rng(0)
+    coef = rng.normal(size=(k, k * len(names)))
+    for dead in ("a", "b", "sv"):
+        j = names.index(dead)
+        coef[:, j * k:(j + 1) * k] = 0.0
+    parts = compress.EnsembleParts(
+        sklearn=[SklearnMember("lr", b"1", embedding_of="a"), SklearnMember("px", b"2", features="pixels"),
+                 SklearnMember("sv", b"3", embedding_of="b")],
+        stacker=Stacker(coef, rng.normal(size=k), members=names))
+    src = compress.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
+    out, info = compress.drop_zero_weight_members(src)
+    assert out.members == [("a", "/a")] and [s.name for s in out.parts.sklearn] == ["lr", "px"]
+    assert info["dropped"] == ["b", "sv"] and info["kept_at_zero_weight"] == ["a"]
+    assert out.parts.stacker.members == ["a", "lr", "px"] and out.parts.stacker.coef.shape == (k, 3 * k)
+    probs = {m: rng.dirichlet(np.ones(k), size=20) for m in names}
+    full = softmax(np.concatenate([probs[m] for m in names], 1) @ coef.T + parts.stacker.intercept)
+    kept = out.parts.stacker
+    reduced = softmax(np.concatenate([probs[m] for m in kept.members], 1) @ kept.coef.T + kept.intercept)
+    np.testing.assert_allclose(reduced, full, atol=1e-12)
+    # nothing at zero: nothing dropped; no stacker (plain averaging): nothing dropped
+    live = compress.EnsembleSource(src.members, compress.EnsembleParts(parts.sklearn, Stacker(
+        rng.normal(size=(k, k * len(names))), np.zeros(k), members=names)), "ensemble", "f")
+    assert compress.drop_zero_weight_members(live)[1]["dropped"] == []
+    avg = compress.EnsembleSource(src.members, compress.EnsembleParts(), "members", "f")
+    assert compress.drop_zero_weight_members(avg)[0] is avg
 
 
 def test_sklearn_onnx_rewrites_are_lossless(setup):

@@ -459,6 +459,53 @@ def test_ensemble_stage_end_to_end(member_run):
     assert run_ensemble(cfg)["created"] == manifest["created"]
 
 
+def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, digits_run, tmp_path):
+    """``features: pixels``: the member is fitted (on Ray, from the shared object) on ``pixel_features`` of the
+    prepared split's images, joined by id with the CNN members' rows, saved as ONNX over that view, and reloads to
+    the same predictions; scikit-learn fitted here on the same rows and view agrees."""
+    import shutil
+
+    from sklearn.linear_model import LogisticRegression
+
+    from transfuse.data import read_split_numpy
+    from transfuse.ensemble import read_pixels
+    from transfuse.preprocess import pixel_features
+
+    cfg, splits = member_run
+    run = cfg.model_copy(update={"storage": str(tmp_path), "run": "px"})
+    shutil.copytree(storage.stage_dir(cfg, "tune"), storage.stage_dir(run, "tune"))
+    data_dir = storage.stage_dir(digits_run, "data")
+    shutil.copytree(data_dir, storage.stage_dir(run, "data"))
+    run = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"storage={tmp_path}", "run=px", "ensemble.folds=3", "ensemble.seeds=[0]", "ensemble.pixel_size=4",
+        "ensemble.members=[{name: logreg, kind: logistic_regression, params: {max_iter: 300}},"
+        " {name: px, kind: logistic_regression, params: {C: 0.5, max_iter: 500}, features: pixels}]"])
+    run_ensemble(run, force=True)
+    out = Path(storage.stage_dir(run, "ensemble"))
+    desc = json.loads((out / "ensemble.json").read_text())
+    px = next(e for e in desc["sklearn_members"] if e["name"] == "px")
+    assert (px["features"], px["pixel_size"], px["pixels_dim"]) == ("pixels", 4, 16)  # 8x8 digits at 4x4
+    assert "embedding_source" not in px
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["leakage_check"]["leaks"] == 0 and max(report["reload_max_abs_diff"].values()) < 1e-3
+
+    images = {}
+    for split in ("train", "holdout", "test"):
+        x, y, ids = read_split_numpy(data_dir, split)
+        images[split] = (pixel_features(x, 4), y)
+    ref = LogisticRegression(C=0.5, max_iter=500, random_state=0).fit(
+        np.concatenate([images["train"][0], images["holdout"][0]]),
+        np.concatenate([images["train"][1], images["holdout"][1]]))
+    sk, _, _, _ = load_saved_members(str(out))
+    np.testing.assert_allclose(sk["px"](images["test"][0]), ref.predict_proba(images["test"][0]), atol=1e-4)
+    assert report["test"]["0"]["px"]["accuracy"] > 0.5  # 16 pixels still read digits well above chance (0.1)
+
+    ids = {"test": np.append(splits["test"][2][:3], "no-such-id")}
+    labels = {"test": np.zeros(4, np.int64)}
+    with pytest.raises(EnsembleError, match=r"1 of the members' test ids are not in the prepared data.*no-such-id"):
+        read_pixels(data_dir, ids, labels, None)
+
+
 def test_ensemble_job_cli(member_run, tmp_path):
     import yaml
 

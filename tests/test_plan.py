@@ -79,6 +79,7 @@ def test_ensemble_compress_serve_plans(cifar_plan):
     e = cifar_plan["ensemble"]
     assert e["members"] == {"svc": "SVC(probability=True, random_state=0)",
                             "logreg": "LogisticRegression(max_iter=2000, random_state=0)"}
+    assert e["features"] == {"svc": "embedding", "logreg": "embedding"}
     assert e["fit_tasks"] == 2 * (5 + 1) * 3  # members x (5 folds + the final fit) x 3 seeds
     c = cifar_plan["compress"]
     assert c["variants"] == ["float32", "pruned50", "pruned80", "int8", "pruned50_int8", "pruned80_int8", "float16"]

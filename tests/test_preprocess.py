@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transfuse.metrics import ece, evaluate, nll
-from transfuse.preprocess import PreprocessSpec, preprocess, resize_bilinear
+from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess, resize_bilinear
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,23 @@ def test_matches_keras_reference(images):
     resized = resize_bilinear(rgb, 64)
     ref = tf.image.resize(rgb, (64, 64), method="bilinear").numpy()
     np.testing.assert_allclose(resized, ref, atol=1e-3)
+
+
+def test_pixel_features_keep_channels_and_scale(images):
+    """The pixel view: [0, 1], grey stays one channel, uint8 and float inputs agree, optional resize."""
+    f = pixel_features(images)
+    assert f.shape == (4, 28 * 28) and f.dtype == np.float32
+    np.testing.assert_allclose(f, images.reshape(4, -1) / 255.0, atol=1e-7)
+    np.testing.assert_allclose(pixel_features(images.astype(np.float32) / 255.0), f, atol=1e-6)
+    assert pixel_features(images[..., 0]).shape == (4, 784)  # N x H x W grey
+    small = pixel_features(images, 7)
+    assert small.shape == (4, 49) and 0.0 <= small.min() and small.max() <= 1.0
+    np.testing.assert_allclose(small, resize_bilinear(images.astype(np.float32), 7).reshape(4, -1) / 255.0,
+                               atol=1e-6)
+    rgb = np.repeat(images, 3, axis=-1)
+    assert pixel_features(rgb).shape == (4, 28 * 28 * 3)
+    with pytest.raises(ValueError, match=r"got dtype int32"):
+        pixel_features(images.astype(np.int32))
 
 
 @pytest.mark.parametrize("bad, pattern", [

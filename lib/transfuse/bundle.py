@@ -5,7 +5,8 @@ Layout (format_version 1)::
     manifest.json           what is below, how to wire it, metrics, versions, sha256 of every other file
     trunk.tflite            shared frozen layers of the CNN members (absent when the members share none)
     members/<i>_<name>.tflite each CNN member's top: trunk features (or the image) -> logits, embedding
-    sklearn/<i>_<name>.onnx scikit-learn members on one CNN member's embedding -> probabilities
+    sklearn/<i>_<name>.onnx scikit-learn members on one CNN member's embedding, or on the image's pixels
+                            (``transfuse.preprocess.pixel_features``) -> probabilities
     stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
 
 Loading needs numpy, LiteRT (``ai_edge_litert``) and onnxruntime only: no TensorFlow, no pickle
@@ -32,7 +33,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from transfuse import storage
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
 
 FORMAT = "transfuse.bundle"
 FORMAT_VERSION = 1
@@ -70,12 +71,29 @@ class CNNMember:
 
 @dataclass
 class SklearnMember:
-    """A scikit-learn member exported to ONNX (skl2onnx, ``zipmap=False``), fed ``embedding_of``'s embedding."""
+    """A scikit-learn member exported to ONNX (skl2onnx, ``zipmap=False``), fed ``embedding_of``'s embedding
+    (``features="embedding"``) or the images' ``pixel_features`` at ``pixel_size`` (``features="pixels"``)."""
 
     name: str
     data: bytes
-    embedding_of: str
+    embedding_of: Optional[str] = None
     probabilities_output: str = "probabilities"
+    features: str = "embedding"
+    pixel_size: Optional[int] = None
+
+    def inputs(self, images: np.ndarray, embeddings: dict[str, np.ndarray]) -> np.ndarray:
+        return sklearn_inputs(self.features, self.pixel_size, self.embedding_of, images, embeddings)
+
+
+SKLEARN_FEATURES = ("embedding", "pixels")
+
+
+def sklearn_inputs(features: str, pixel_size: Optional[int], embedding_of: Optional[str], images: np.ndarray,
+                   embeddings: dict[str, np.ndarray]) -> np.ndarray:
+    """What one sklearn member reads: its CNN member's embedding, or the raw images' pixel features."""
+    if features == "pixels":
+        return pixel_features(images, pixel_size)
+    return embeddings[embedding_of]
 
 
 @dataclass
@@ -156,6 +174,14 @@ def write_bundle(
         if m.input == "trunk" and trunk is None:
             raise BundleError(f"member {m.name} reads the trunk but no trunk was given")
     for s in sklearn_members:
+        if s.features not in SKLEARN_FEATURES:
+            raise BundleError(f"sklearn member {s.name}: features must be one of {SKLEARN_FEATURES}, "
+                              f"got {s.features!r}")
+        if s.features == "pixels":
+            if s.pixel_size is not None and (not isinstance(s.pixel_size, int) or s.pixel_size < 1):
+                raise BundleError(f"sklearn member {s.name}: pixel_size must be a positive int or None, "
+                                  f"got {s.pixel_size!r}")
+            continue
         if s.embedding_of not in cnn_names:
             raise BundleError(f"sklearn member {s.name}: embedding_of must be one of {sorted(cnn_names)}, "
                               f"got {s.embedding_of!r}")
@@ -193,9 +219,9 @@ def write_bundle(
     for i, s in enumerate(sklearn_members):
         rel = f"sklearn/{i:02d}_{_file_safe(s.name)}.onnx"
         files[rel] = s.data
-        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx",
-                                            "embedding_of": s.embedding_of,
-                                            "outputs": {"probabilities": s.probabilities_output}})
+        src = ({"embedding_of": s.embedding_of} if s.features == "embedding" else {"pixel_size": s.pixel_size})
+        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx", "features": s.features,
+                                            **src, "outputs": {"probabilities": s.probabilities_output}})
     if stacker is None:
         manifest["combiner"] = {"kind": "average", "members": names}
     else:
@@ -499,7 +525,8 @@ class Bundle:
                     if meta["outputs"].get("embedding"):
                         emb[meta["name"]] = res[meta["outputs"]["embedding"]]
                 for meta, r in self._sk:
-                    p = r(emb[meta["embedding_of"]])[meta["outputs"]["probabilities"]]
+                    p = r(sklearn_inputs(meta["features"], meta.get("pixel_size"), meta.get("embedding_of"),
+                                         x[start:start + MAX_BATCH], emb))[meta["outputs"]["probabilities"]]
                     outs.setdefault(meta["name"], []).append(np.asarray(p, dtype=np.float64))
         return {k: np.concatenate(v) for k, v in outs.items()}
 
@@ -566,8 +593,14 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         names.add(meta["name"])
     for meta in m.get("sklearn_members", []):
         what = f"sklearn member {meta.get('name')} ({meta.get('file')})"
+        meta.setdefault("features", "embedding")  # bundles written before pixel members existed
+        if meta["features"] not in SKLEARN_FEATURES:
+            raise BundleError(f"{what}: features must be one of {SKLEARN_FEATURES}, got {meta['features']!r}")
+        size = meta.get("pixel_size")
+        if meta["features"] == "pixels" and size is not None and (not isinstance(size, int) or size < 1):
+            raise BundleError(f"{what}: pixel_size must be a positive int or null, got {size!r}")
         src = next((c for c, _ in b._cnn if c["name"] == meta.get("embedding_of")), None)
-        if src is None or not src["outputs"].get("embedding"):
+        if meta["features"] == "embedding" and (src is None or not src["outputs"].get("embedding")):
             raise BundleError(f"{what}: embedding_of {meta.get('embedding_of')!r} is not a CNN member with an "
                               f"embedding output")
         r = _runner(local / meta["file"], "onnx", threads, what)

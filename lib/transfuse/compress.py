@@ -12,6 +12,9 @@
 - Shared trunk: members fine-tuned from the same backbone share the frozen layers below the lowest cut. The
   trunk (image -> activations at that layer) is exported once and each member's top (activations -> logits,
   embedding) separately, so a request runs the trunk once. Sharing is checked on the weights, never assumed.
+- Dead members: a member whose stacker columns are all exactly zero (the log-linear pool gives w_m = 0 to
+  members that do not help) cannot change a prediction, so no variant carries it (``drop_zero_weight_members``):
+  lossless, and it shrinks float32 and int8 alike.
 - Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured:
   file size raw and gzip, latency at batch 1 (p50, p99), throughput at batch 32, test accuracy / NLL / ECE.
 """
@@ -28,7 +31,7 @@ import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import metrics as _metrics
-from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, softmax, write_bundle
+from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, sklearn_inputs, softmax, write_bundle
 from transfuse.config import expand_variants
 from transfuse.preprocess import PreprocessSpec, preprocess
 
@@ -375,11 +378,12 @@ class Exported:
 
 def export_members(members: list[Member], mode: str, representative: Optional[np.ndarray] = None,
                    share_trunk: bool = True) -> Exported:
-    """Export the members as one shared trunk + tops (or whole models when nothing is shared).
+    """Export the members as one shared trunk + tops (or whole models when nothing is shared, or when there is one
+    member: a split buys nothing then and costs a second interpreter call per request).
 
     ``representative``: preprocessed train images (int8 calibration); tops calibrate on the float trunk's output.
     """
-    cut = shared_cut(members) if share_trunk else None
+    cut = shared_cut(members) if share_trunk and len(members) > 1 else None
     out = Exported(mode=mode, cut_layer=cut, trunk=None)
     feats = None
     for i, m in enumerate(members):
@@ -585,28 +589,30 @@ class EnsembleParts:
     stacker: Optional[Stacker] = None
 
 
-def optimize_parts(parts: EnsembleParts, members: list[Member], images: np.ndarray) -> tuple[EnsembleParts, dict]:
-    """``optimize_sklearn_onnx`` on every sklearn member, checked on the embeddings its CNN member gives for
-    ``images`` (preprocessed train images) and on those with each column shuffled. The same members, equal
-    outputs: used by every variant alike."""
+def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray) -> tuple[EnsembleParts, dict]:
+    """``optimize_sklearn_onnx`` on every sklearn member, checked on what it reads for ``raw`` (train images as
+    prepared): its CNN member's embeddings or the pixel features, plus those with each column shuffled. The same
+    members, equal outputs: used by every variant alike."""
+    import dataclasses
+
     from transfuse import models
 
+    x = preprocess(raw, PreprocessSpec(**members[0].spec["preprocess"]))
     emb: dict[str, np.ndarray] = {}
     out, info = [], {}
     for sk in parts.sklearn:
-        if sk.embedding_of not in emb:
+        if sk.features == "embedding" and sk.embedding_of not in emb:
             m = next((m for m in members if m.name == sk.embedding_of), None)
             if m is None:
                 raise CompressError(f"sklearn member {sk.name} reads {sk.embedding_of!r}, not a CNN member "
                                     f"{[m.name for m in members]}")
-            e = models.embedding_model(m.model).predict(images, batch_size=256, verbose=0)
-            # plus the same values with every column shuffled on its own: feature combinations the real rows lack
-            rng = np.random.default_rng(0)
-            mixed = np.stack([rng.permutation(c) for c in e.T], axis=1) if len(e) > 1 else e
-            emb[sk.embedding_of] = np.concatenate([e, mixed]).astype(np.float32)
-        data, info[sk.name] = optimize_sklearn_onnx(sk.data, emb[sk.embedding_of])
-        out.append(SklearnMember(name=sk.name, data=data, embedding_of=sk.embedding_of,
-                                 probabilities_output=sk.probabilities_output))
+            emb[sk.embedding_of] = models.embedding_model(m.model).predict(x, batch_size=256, verbose=0)
+        v = sk.inputs(raw, emb)
+        # plus the same values with every column shuffled on its own: feature combinations the real rows lack
+        rng = np.random.default_rng(0)
+        mixed = np.stack([rng.permutation(c) for c in v.T], axis=1) if len(v) > 1 else v
+        data, info[sk.name] = optimize_sklearn_onnx(sk.data, np.concatenate([v, mixed]).astype(np.float32))
+        out.append(dataclasses.replace(sk, data=data))
         log.info("sklearn member %s: %s", sk.name, info[sk.name])
     return EnsembleParts(out, parts.stacker), info
 
@@ -741,7 +747,8 @@ def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int 
             t0, t1 = t1, time.perf_counter()
             t[f"cnn {meta['name']}"].append(t1 - t0)
         for meta, r in b._sk:
-            probs[meta["name"]] = np.asarray(r(emb[meta["embedding_of"]])[meta["outputs"]["probabilities"]], np.float64)
+            v = sklearn_inputs(meta["features"], meta.get("pixel_size"), meta.get("embedding_of"), one, emb)
+            probs[meta["name"]] = np.asarray(r(v)[meta["outputs"]["probabilities"]], np.float64)
             t0, t1 = t1, time.perf_counter()
             t[f"sklearn {meta['name']}"].append(t1 - t0)
         b.combine(probs)
@@ -818,11 +825,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def representative_images(images: np.ndarray, spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` train images drawn at random (seeded), through the one preprocessing function."""
+def representative_raw(images: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` train images drawn at random (seeded), as prepared (what a client sends)."""
     rng = np.random.default_rng(seed)
-    idx = rng.choice(len(images), size=min(n, len(images)), replace=False)
-    return preprocess(images[np.sort(idx)], spec)
+    return images[np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))]
+
+
+def representative_images(images: np.ndarray, spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
+    """``representative_raw`` through the one preprocessing function: the int8 calibration set."""
+    return preprocess(representative_raw(images, n, seed), spec)
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -858,9 +869,11 @@ def read_ensemble(cfg: Any) -> EnsembleSource:
         members = [(str(m["name"]), str(m["dir"])) for m in desc["cnn_members"]]
         sk = []
         for e in desc.get("sklearn_members", []):
-            src = e["embedding_source"]
+            features = e.get("features", "embedding")
             sk.append(SklearnMember(name=str(e["name"]), data=storage.read_bytes(storage.join(ens_dir, e["file"])),
-                                    embedding_of=str(src), probabilities_output=e.get("output", "probabilities")))
+                                    embedding_of=str(e["embedding_source"]) if features == "embedding" else None,
+                                    probabilities_output=e.get("output", "probabilities"), features=features,
+                                    pixel_size=e.get("pixel_size")))
         st = json.loads(storage.read_bytes(storage.join(ens_dir, desc["stacker"]["file"])))
         stacker = Stacker(coef=np.asarray(st["coef"], np.float64), intercept=np.asarray(st["intercept"], np.float64),
                           members=[str(m) for m in st["members"]], features=str(st["features"]),
@@ -888,6 +901,34 @@ def read_ensemble(cfg: Any) -> EnsembleSource:
     return EnsembleSource(members, EnsembleParts(), "members", h.hexdigest()[:16])
 
 
+def drop_zero_weight_members(src: EnsembleSource) -> tuple[EnsembleSource, dict[str, Any]]:
+    """``src`` without the members whose stacker coefficients are all exactly zero: the stacker's output does not
+    depend on them. A CNN member whose embedding a kept sklearn member reads stays (its weight stays 0). Without a
+    stacker (plain averaging) nothing is dropped. Returns the new source and what was dropped and kept."""
+    import dataclasses
+
+    st = src.parts.stacker
+    if st is None:
+        return src, {"dropped": [], "reason": "no stacker (plain averaging): every member counts"}
+    k = st.coef.shape[1] // len(st.members)
+    coef = np.asarray(st.coef)
+    dead = {m for j, m in enumerate(st.members) if not np.any(coef[:, j * k:(j + 1) * k])}
+    sk = [s for s in src.parts.sklearn if s.name not in dead]
+    needed = {s.embedding_of for s in sk if s.features == "embedding"}
+    cnn = [(n, d) for n, d in src.members if n not in dead or n in needed]
+    if not cnn:  # a bundle needs a CNN member for its input pipeline: keep the first, weight 0
+        cnn = src.members[:1]
+    keep = [m for m in st.members if m in {n for n, _ in cnn} | {s.name for s in sk}]
+    if len(keep) == len(st.members):
+        return src, {"dropped": [], "kept": keep}
+    cols = np.concatenate([np.arange(st.members.index(m) * k, (st.members.index(m) + 1) * k) for m in keep])
+    stacker = dataclasses.replace(st, coef=coef[:, cols], members=keep)
+    info = {"dropped": [m for m in st.members if m not in keep], "kept": keep,
+            "kept_at_zero_weight": sorted(dead & set(keep))}
+    log.info("members with zero stacker weight left out of every variant: %s", info)
+    return EnsembleSource(cnn, EnsembleParts(sk, stacker), src.source, src.fingerprint), info
+
+
 def keras_baseline(members: list[Member], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
     """The seed-style float32 ensemble: each tf_keras member's ``model.predict`` one after another (whole model,
     no shared trunk), the same sklearn members (ONNX on the Keras embedding) and the same combiner."""
@@ -913,7 +954,7 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
             p, e = net.predict(x, verbose=0, batch_size=256)
             probs[name], emb[name] = p.astype(np.float64), e
         for s, r in sk:
-            probs[s.name] = np.asarray(r(emb[s.embedding_of])[s.probabilities_output], np.float64)
+            probs[s.name] = np.asarray(r(s.inputs(images, emb))[s.probabilities_output], np.float64)
         st = parts.stacker
         if st is None:
             return np.mean(list(probs.values()), axis=0).astype(np.float32)
@@ -994,6 +1035,7 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
     if ccfg.serve_variant not in names:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src = read_ensemble(cfg)
+    src, dropped = drop_zero_weight_members(src) if ccfg.drop_zero_weight_members else (src, {"dropped": []})
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
     if not force and storage.is_complete(out, src.fingerprint) and storage.exists(storage.join(bundle_dir, "manifest.json")):
         log.info("compress stage complete (fingerprint %s): %s", src.fingerprint, out)
@@ -1011,10 +1053,11 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
     x_tr, y_tr, _ = read_split_numpy(data_dir, "train")
     x_te, y_te, _ = read_split_numpy(data_dir, "test")
     input_shape = tuple(int(d) for d in x_tr.shape[1:])
-    rep = representative_images(x_tr, pspec, ccfg.representative_examples, seed=cfg.seed)
+    rep_raw = representative_raw(x_tr, ccfg.representative_examples, seed=cfg.seed)
+    rep = preprocess(rep_raw, pspec)
     sk_info: dict = {}
     if ccfg.optimize_sklearn and src.parts.sklearn:
-        parts, sk_info = optimize_parts(src.parts, members, rep)
+        parts, sk_info = optimize_parts(src.parts, members, rep_raw)
         src = EnsembleSource(src.members, parts, src.source, src.fingerprint)
     exported, pruning = build_variants(members, list(ccfg.variants), rep=rep, x_train=preprocess(x_tr, pspec),
                                        y_train=y_tr, ccfg=ccfg)
@@ -1051,7 +1094,8 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
               # the first pruned int8 variant (the report reads this key); every one in goals_by_variant
               "goals_pruned_int8": goals(rows, pruned_int8[0]) if pruned_int8 else {},
               "goals_by_variant": {v: goals(rows, v) for v in exported if v != "float32" and "float32" in exported},
-              "pruning": pruning, "sklearn_rewrites": sk_info, "ensemble_source": src.source, "num_threads": ccfg.num_threads,
+              "pruning": pruning, "sklearn_rewrites": sk_info, "ensemble_source": src.source,
+              "zero_weight_members": dropped, "num_threads": ccfg.num_threads,
               "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()}}
     storage.write_json(storage.join(out, "metrics.json"), report)
     serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)

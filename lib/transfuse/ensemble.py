@@ -5,7 +5,8 @@ Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_n
 
 - CNN members were trained on ``train`` (``val`` drove early stopping and the Tune selection). Their ``holdout``
   and ``test`` predictions are therefore on unseen examples.
-- scikit-learn members are fitted on the embeddings of one CNN member (the best on val), on ``train`` plus
+- scikit-learn members are fitted on the embeddings of one CNN member (the best on val), or on the images'
+  pixels (``features: pixels``: a second view whose errors differ from the CNNs'), on ``train`` plus
   ``holdout``. Their holdout predictions for the stacker are out-of-fold: the holdout ids are split into K folds,
   and fold k's model is fitted on train + the other K-1 holdout folds, then predicts fold k. The member used at
   test time (and saved) is refitted on all of train + holdout, as scikit-learn's StackingClassifier does. So every
@@ -14,7 +15,7 @@ Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_n
   already picked the CNN members, so scores on it are optimistic.
 
 Fitting runs as one task per (seed, member, fold) behind one interface: ``RayRunner`` puts the embeddings in the
-object store once and hands every task the same reference; ``LocalRunner`` runs the same function in-process.
+object store once (and the pixel view, when a member reads it) and hands every task the same reference; ``LocalRunner`` runs the same function in-process.
 Errors raised in a task come back as ``MemberError`` naming the member.
 
 Note: scikit-learn 1.9 deprecates ``SVC(probability=True)`` (removal planned in 1.11, replacement
@@ -37,6 +38,7 @@ import numpy as np
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import MEMBER_KINDS, Config, EnsembleConfig, MemberConfig
+from transfuse.preprocess import pixel_features
 from transfuse.stacking import (
     EnsembleError,
     FitRecord,
@@ -185,11 +187,14 @@ def _aligned_proba(est: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+_DATA_KEY = {"embedding": "x", "pixels": "pixels"}  # member features -> the shared data's array
+
+
 def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optional[str] = None) -> FitOutput:
     """Fit and predict one (member, seed, fold). Runs in-process or inside a Ray task."""
     t0 = time.perf_counter()
     est = build_estimator(task.member, task.seed, task.n_jobs)
-    x, y, ids = data["x"], data["y"], data["ids"]
+    x, y, ids = data[_DATA_KEY[task.member.features]], data["y"], data["ids"]
     fit_idx = np.asarray(task.fit_idx)
     model = f"{task.member.name}/seed{task.seed}/" + ("final" if task.fold is None else f"fold{task.fold}")
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
@@ -278,6 +283,7 @@ class EnsembleInputs:
     cnn_fit_ids: dict[str, np.ndarray] = field(default_factory=dict)  # member -> ids it trained/early-stopped on
     embedding_source: Optional[str] = None
     class_names: Optional[list[str]] = None
+    pixels: dict[str, np.ndarray] = field(default_factory=dict)  # split -> N x P float32 (pixel_features), if used
 
     def check(self) -> None:
         for split in ("train", "holdout", "test"):
@@ -287,6 +293,9 @@ class EnsembleInputs:
             if len(self.labels[split]) != n or self.embeddings[split].shape[0] != n:
                 raise EnsembleError(f"split {split!r}: {n} ids but {len(self.labels[split])} labels and "
                                     f"{self.embeddings[split].shape[0]} embeddings")
+            if self.pixels and (split not in self.pixels or self.pixels[split].shape[0] != n):
+                got = self.pixels[split].shape[0] if split in self.pixels else "no"
+                raise EnsembleError(f"split {split!r}: {n} ids but {got} rows of pixel features")
         for m, probs in self.cnn_probs.items():
             for split in ("holdout", "test"):
                 if split not in probs:
@@ -308,7 +317,10 @@ def _shared_data(inp: EnsembleInputs) -> tuple[dict[str, np.ndarray], dict[str, 
     for s in splits:
         rows[s] = np.arange(start, start + len(inp.ids[s]))
         start += len(inp.ids[s])
-    return {"x": x, "y": y, "ids": ids}, rows
+    data = {"x": x, "y": y, "ids": ids}
+    if inp.pixels:
+        data["pixels"] = np.ascontiguousarray(np.concatenate([inp.pixels[s] for s in splits]), dtype=np.float32)
+    return data, rows
 
 
 def _holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
@@ -434,6 +446,9 @@ def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None) 
     """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test."""
     inp.check()
     validate_members(ecfg)
+    wants = [m.name for m in ecfg.members if m.features == "pixels"]
+    if wants and not inp.pixels:
+        raise EnsembleError(f"members {wants} read pixels, but the ensemble inputs carry no pixel features")
     runner = runner or make_runner(ecfg)
     data, rows = _shared_data(inp)
     tasks = plan_tasks(inp, ecfg, rows)
@@ -616,10 +631,33 @@ def load_inputs(cfg: Config, members: Optional[list[CnnMember]] = None) -> tuple
         fit_ids[m.name] = np.concatenate(seen)
     if labels["train"].size and labels["train"].max() >= k:
         raise EnsembleError(f"labels go up to {labels['train'].max()} but members predict {k} classes")
+    pixels = (read_pixels(storage.stage_dir(cfg, "data"), inp_ids, labels, cfg.ensemble.pixel_size)
+              if any(m.features == "pixels" for m in cfg.ensemble.members) else {})
     inp = EnsembleInputs(inp_ids, labels, embeddings, int(k), cnn_probs, fit_ids, best.name,
-                         _class_names(cfg, best, int(k)))
+                         _class_names(cfg, best, int(k)), pixels)
     inp.check()
     return inp, members
+
+
+def read_pixels(data_dir: str, ids: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
+                size: Optional[int]) -> dict[str, np.ndarray]:
+    """``pixel_features`` of the prepared images, per split, in the order of ``ids`` (the CNN members' rows); an
+    id the prepared split lacks, or a label that differs, is an error (the members were built on other data)."""
+    from transfuse.data.dataset import read_split_numpy
+
+    out = {}
+    for split, want in ids.items():
+        images, lab, have = read_split_numpy(data_dir, split)
+        pos = {str(i): p for p, i in enumerate(have)}
+        missing = [str(i) for i in want if str(i) not in pos]
+        if missing:
+            raise EnsembleError(f"{data_dir}/{split}: {len(missing)} of the members' {split} ids are not in the "
+                                f"prepared data (first: {missing[:3]}); rerun the ensemble on the data they used")
+        rows = np.array([pos[str(i)] for i in want], dtype=np.int64)
+        if not np.array_equal(lab[rows], labels[split]):
+            raise EnsembleError(f"{data_dir}/{split}: labels differ from the CNN members' for the same ids")
+        out[split] = pixel_features(images[rows], size)
+    return out
 
 
 def _class_names(cfg: Config, best: CnnMember, k: int) -> list[str]:
@@ -641,18 +679,25 @@ def _fingerprint(cfg: Config, members: list[CnnMember]) -> str:
     return h.hexdigest()[:16]
 
 
+def member_inputs(inp: EnsembleInputs, features: str, split: str) -> np.ndarray:
+    """What a member with ``features`` (embedding | pixels) reads for ``split``."""
+    return inp.pixels[split] if features == "pixels" else inp.embeddings[split]
+
+
 def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: list[CnnMember],
                   ecfg: EnsembleConfig) -> dict[str, Any]:
     """Write members/*.onnx, stacker.json, greedy.json, fit_records.json and ensemble.json for the first seed."""
     s = fit.first
-    dim = int(inp.embeddings["train"].shape[1])
     sk_entries = []
     for m in ecfg.members:
         rel = f"members/{m.name}.onnx"
+        dim = int(member_inputs(inp, m.features, "train").shape[1])
         storage.write_bytes(storage.join(out_dir, rel), to_onnx_bytes(s.estimators[m.name], dim, m.name))
-        sk_entries.append({"name": m.name, "kind": m.kind, "params": m.params, "file": rel,
-                           "estimator": type(s.estimators[m.name]).__name__, "embedding_source": inp.embedding_source,
-                           "input": ONNX_INPUT, "output": ONNX_OUTPUT, "embedding_dim": dim})
+        src = {"embedding_source": inp.embedding_source, "embedding_dim": dim} if m.features == "embedding" else {
+            "pixel_size": ecfg.pixel_size, "pixels_dim": dim}
+        sk_entries.append({"name": m.name, "kind": m.kind, "params": m.params, "file": rel, "features": m.features,
+                           "estimator": type(s.estimators[m.name]).__name__, **src,
+                           "input": ONNX_INPUT, "output": ONNX_OUTPUT})
     storage.write_bytes(storage.join(out_dir, "stacker.json"), json.dumps(s.stacker.to_arrays()).encode())
     storage.write_json(storage.join(out_dir, "greedy.json"), s.greedy.to_dict())
     storage.write_json(storage.join(out_dir, "fit_records.json"), {
@@ -690,11 +735,12 @@ def load_saved_members(out_dir: str, num_threads: int = 1) -> tuple[dict[str, An
 def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_threads: int = 1) -> dict[str, float]:
     """Reload the saved files (onnxruntime, JSON arrays) and compare their test predictions with the in-memory fit."""
     s = fit.first
-    sk, stacker, greedy, _ = load_saved_members(out_dir, num_threads)
+    sk, stacker, greedy, desc = load_saved_members(out_dir, num_threads)
     probs = {m: s.test_probs[m] for m in s.cnn_members}
     diffs = {}
+    features = {e["name"]: e.get("features", "embedding") for e in desc["sklearn_members"]}
     for name, member in sk.items():
-        probs[name] = member(inp.embeddings["test"]).astype(np.float64)
+        probs[name] = member(member_inputs(inp, features[name], "test")).astype(np.float64)
         diffs[name] = float(np.abs(probs[name] - s.test_probs[name]).max())
     diffs["stack"] = float(np.abs(stacker.predict_proba(probs) - s.combined_test["stack"]).max())
     diffs["greedy"] = float(np.abs(greedy.predict_proba(probs) - s.combined_test["greedy"]).max())
@@ -771,6 +817,7 @@ def format_table(report: Mapping[str, Any]) -> str:
 __all__ = [
     "COMBINERS", "EnsembleError", "EnsembleFit", "EnsembleInputs", "FitTask", "LocalRunner", "MemberError",
     "RayRunner", "SeedFit", "build_estimator", "fit_ensemble", "fit_one", "find_cnn_members", "format_table",
-    "load_inputs", "load_saved_members", "make_runner", "read_member_split", "run_ensemble", "save_ensemble",
+    "load_inputs", "load_saved_members", "make_runner", "member_inputs", "read_member_split", "read_pixels",
+    "run_ensemble", "save_ensemble",
     "to_onnx_bytes", "validate_members", "verify_saved",
 ]

@@ -142,6 +142,7 @@ def ensemble_plan(cfg: Config) -> dict[str, Any]:
     e = cfg.ensemble
     ensemble.validate_members(e)
     return {"members": {m.name: repr(ensemble.build_estimator(m, seed=e.seeds[0])) for m in e.members},
+            "features": {m.name: m.features for m in e.members}, "pixel_size": e.pixel_size,
             "fit_tasks": len(e.members) * (e.folds + 1) * len(e.seeds), "folds": e.folds, "seeds": e.seeds,
             "stacker_candidates": [(c.method, c.features, c.C) for c in
                                    stacker_candidates(e.stacker, e.stacker_C, e.stacker_features, e.stacker_grid_C)],

@@ -2,7 +2,8 @@
 
 Numpy only, so a Serve replica and a Ray Data worker run it without TensorFlow. Input: a batch of images as
 uint8 (0..255) or float in [0, 1], shaped N x H x W, N x H x W x 1 or N x H x W x 3. Output: float32
-N x S x S x 3 in the backbone's own input normalisation.
+N x S x S x 3 in the backbone's own input normalisation. ``pixel_features`` is the second view (the image's own
+pixels in [0, 1]) that pixel-reading scikit-learn members get, in training and serving alike.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class PreprocessSpec:
         return asdict(self)
 
 
-def _as_nhwc_uint8_range(images: np.ndarray) -> np.ndarray:
-    """float32 N x H x W x 3 in 0..255, from uint8 or [0, 1] floats, grey or RGB."""
+def _as_nhwc_uint8_range(images: np.ndarray, rgb: bool = True) -> np.ndarray:
+    """float32 N x H x W x 3 (grey kept as 1 channel unless ``rgb``) in 0..255, from uint8 or [0, 1] floats."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -50,7 +51,7 @@ def _as_nhwc_uint8_range(images: np.ndarray) -> np.ndarray:
         x = x.astype(np.float32) * 255.0
     else:
         raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
-    if x.shape[-1] == 1:
+    if rgb and x.shape[-1] == 1:
         x = np.repeat(x, 3, axis=-1)
     return x
 
@@ -84,6 +85,16 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
     if mode == "unit":
         return x / 255.0
     raise ValueError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit")
+
+
+def pixel_features(images: np.ndarray, size: Optional[int] = None) -> np.ndarray:
+    """Images -> N x (S * S * C) float32 in [0, 1]: the pixel view that scikit-learn members with
+    ``features: pixels`` read, in training (the ensemble stage) and in serving (the bundle) alike. Grey stays one
+    channel; ``size``: bilinear resize to size x size first (None: as given)."""
+    x = _as_nhwc_uint8_range(images, rgb=False)
+    if size is not None:
+        x = resize_bilinear(x, int(size))
+    return np.ascontiguousarray((x / 255.0).reshape(len(x), -1), dtype=np.float32)
 
 
 def augment(x: np.ndarray, rng: np.random.Generator, flip: bool, pad_crop: int) -> np.ndarray:
