@@ -134,7 +134,7 @@ def _write_ensemble(cfg, digits) -> dict:
                                                 params={"C": 1.0, "max_iter": 300})],
                           folds=2, seeds=[0, 1], parallel="local")
     members = find_cnn_members(cfg)
-    inp, members = load_inputs(cfg, members)
+    inp, members = load_inputs(cfg.model_copy(update={"ensemble": ecfg}), members)
     fit = fit_ensemble(inp, ecfg, LocalRunner())
     out = storage.stage_dir(cfg, "ensemble")
     save_ensemble(out, fit, inp, members, ecfg)
@@ -171,7 +171,8 @@ def _write_compress(cfg, digits, clf) -> dict:
     rows = with_ratios(rows)
     report = {"variants": rows, "goals": goals(rows, "int8"), "goals_pruned_int8": {}, "pruning": {},
               "ensemble_source": "ensemble", "num_threads": 1, "test_n": int(len(y)),
-              "shared_trunk": {"float32": None, "int8": None}}
+              "shared_trunk": {"float32": None, "int8": None},
+              "zero_weight_members": {"dropped": ["svc_on_cnn", "cnn_u2"], "kept": ["cnn_u4", "logreg"]}}
     out = storage.stage_dir(cfg, "compress")
     storage.write_json(storage.join(out, "metrics.json"), report)
     storage.write_manifest(out, cfg, "compress", "fp-comp")
@@ -256,7 +257,8 @@ def test_full_run_report(tmp_path, digits):
     assert positions == sorted(positions) and len(expected) == len(ens["summary"])
     # 5: the caption says the reliability diagram is of a CNN member, not the ensemble
     assert "not of the stacked ensemble" in sec[SECTIONS[4]]
-    # 6: a row per variant with its size and accuracy
+    # 6: a row per variant with its size and accuracy; the members left out at zero stacker weight are named
+    assert "zero stacker weight" in sec[SECTIONS[5]] and "svc_on_cnn, cnn_u2" in sec[SECTIONS[5]]
     for r in comp["variants"]:
         assert f"<td>{r['variant']}</td>" in sec[SECTIONS[5]]
         assert f"{r['size_bytes']:,}" in sec[SECTIONS[5]] and f"{r['accuracy']:.4f}" in sec[SECTIONS[5]]

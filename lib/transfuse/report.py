@@ -419,6 +419,10 @@ def _compression(cfg: Any, page: _Page) -> None:
     notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
              f"threads: {rep.get('num_threads', '-')}", f"served variant: {serve}"]
     page.add(f"<p>{_esc('; '.join(notes))}. Ratios are against float32, measured in the same run.</p>")
+    dropped = (rep.get("zero_weight_members") or {}).get("dropped")
+    if dropped:
+        page.add(f"<p>Left out of every variant (zero stacker weight: they cannot change a prediction): "
+                 f"{_esc(', '.join(dropped))}.</p>")
     for key in ("goals", "goals_pruned_int8"):
         g = rep.get(key) or {}
         if g:
