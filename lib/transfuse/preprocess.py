@@ -8,6 +8,7 @@ pixels in [0, 1]) that pixel-reading scikit-learn members get, in training and s
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -56,23 +57,30 @@ def _as_nhwc_uint8_range(images: np.ndarray, rgb: bool = True) -> np.ndarray:
     return x
 
 
+@functools.lru_cache(maxsize=64)
+def _interpolation_matrix(src: int, size: int) -> np.ndarray:
+    """size x src weights of 1-D linear interpolation with half-pixel centres (as tf.image.resize, no antialias)."""
+    pos = (np.arange(size, dtype=np.float32) + 0.5) * (src / size) - 0.5
+    pos = np.clip(pos, 0, src - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, src - 1)
+    w = (pos - lo).astype(np.float32)
+    m = np.zeros((size, src), dtype=np.float32)
+    np.add.at(m, (np.arange(size), lo), 1.0 - w)
+    np.add.at(m, (np.arange(size), hi), w)
+    m.setflags(write=False)
+    return m
+
+
 def resize_bilinear(x: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of N x H x W x C float32 to N x size x size x C (half-pixel centres, as tf.image)."""
+    """Bilinear resize of N x H x W x C float32 to N x size x size x C (half-pixel centres, as tf.image): two small
+    matrix products per image (rows, then columns), ~10x faster at batch 1 than gathering pixel by pixel."""
     n, h, w, c = x.shape
     if h == size and w == size:
         return x
-
-    def coords(src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        pos = (np.arange(size, dtype=np.float32) + 0.5) * (src / size) - 0.5
-        pos = np.clip(pos, 0, src - 1)
-        lo = np.floor(pos).astype(np.int64)
-        hi = np.minimum(lo + 1, src - 1)
-        return lo, hi, (pos - lo).astype(np.float32)
-
-    y0, y1, wy = coords(h)
-    x0, x1, wx = coords(w)
-    top = x[:, y0] * (1 - wy)[None, :, None, None] + x[:, y1] * wy[None, :, None, None]
-    return top[:, :, x0] * (1 - wx)[None, None, :, None] + top[:, :, x1] * wx[None, None, :, None]
+    rows, cols = _interpolation_matrix(h, size), _interpolation_matrix(w, size)
+    out = np.matmul(np.matmul(rows, x.transpose(0, 3, 1, 2)), cols.T)  # N x C x size x size
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1))
 
 
 def normalize(x: np.ndarray, mode: str) -> np.ndarray:
@@ -121,8 +129,10 @@ def preprocess(
     pad_crop: int = 0,
 ) -> np.ndarray:
     """Images -> the backbone's float32 input. Augmentation only when ``rng`` is given (training)."""
-    x = _as_nhwc_uint8_range(images)
+    x = _as_nhwc_uint8_range(images, rgb=False)
     if rng is not None and (flip or pad_crop):
         x = augment(x, rng, flip, pad_crop)
     x = resize_bilinear(x, spec.input_size)
+    if x.shape[-1] == 1:  # grey -> RGB after resizing: the same values, a third of the work
+        x = np.repeat(x, 3, axis=-1)
     return np.ascontiguousarray(normalize(x, spec.normalization), dtype=np.float32)
