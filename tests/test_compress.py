@@ -170,6 +170,29 @@ def test_shared_trunk_equals_members_run_separately(setup, tmp_path, int8_bundle
         assert float(np.mean(q[name].argmax(1) == p.argmax(1))) >= 0.95
 
 
+def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_path, int8_bundle):
+    """compress.merge_members: one multi-output graph (trunk once inside) in one file that both members read; the
+    same outputs as the Keras members (float) and the same top-1 as the split int8 export on >= 99%."""
+    d, members, _, rep = setup
+    x = preprocess(d.x_test, SPEC)
+    ex = compress.export_members(members, "float32", merge=True)
+    assert ex.merged is not None and not ex.tops and ex.trunk is None and ex.cut_layer == "block1_pool"
+    b = _bundle(tmp_path, "fm", members, ex)
+    assert b.manifest["trunk"] is None and {e["file"] for e in b.manifest["cnn_members"]} == {"members/00_merged.tflite"}
+    assert len({id(r) for _, r in b._cnn}) == 1  # one interpreter for both members
+    merged = b.member_probs(d.x_test)
+    for m in members:
+        np.testing.assert_allclose(merged[m.name], m.model.predict(x, verbose=0), atol=1e-4)
+    q = _bundle(tmp_path, "qm", members, compress.export_members(members, "int8", rep, merge=True)).member_probs(d.x_test)
+    q_split = load_bundle(int8_bundle).member_probs(d.x_test)
+    for m in members:
+        assert float(np.mean(q[m.name].argmax(1) == q_split[m.name].argmax(1))) >= 0.99
+    # the breakdown counts the shared file once
+    rows = compress.component_breakdown(str(tmp_path / "fm"), d.x_test, runs=3)
+    total = next(r for r in rows if r["component"] == "predict_proba (total)")
+    assert total["bytes"] == compress.model_bytes(str(tmp_path / "fm"))[0]
+
+
 @pytest.mark.parametrize("mode", ["float16", "dynamic_int8"])
 def test_quantized_variant_loads_and_predicts(setup, tmp_path, mode):
     d, members, _, rep = setup

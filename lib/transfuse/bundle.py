@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
@@ -211,8 +211,13 @@ def write_bundle(
         rel = f"trunk.{trunk_format}"
         files[rel] = trunk
         manifest["trunk"] = {"file": rel, "format": trunk_format}
+    shared: dict[str, str] = {}  # sha256 -> file: members exported as one graph share one file
     for i, m in enumerate(cnn_members):
-        rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}"
+        digest = _sha256_bytes(m.data)
+        if sum(_sha256_bytes(o.data) == digest for o in cnn_members) > 1:
+            rel = shared.setdefault(digest, f"members/{len(shared):02d}_merged.{m.format}")
+        else:
+            rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}"
         files[rel] = m.data
         manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "input": m.input,
                                         "outputs": {"logits": m.logits_output, "embedding": m.embedding_output}})
@@ -509,25 +514,42 @@ class Bundle:
                 raise BundleInputError(f"float images must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
         return x
 
+    def batch_probs(self, raw: np.ndarray, tick: Optional[Callable[[str], None]] = None) -> dict[str, np.ndarray]:
+        """Every member's probabilities for one batch of validated images, in pipeline order: preprocess, trunk,
+        CNN members (a graph several members share runs once), sklearn members. ``tick(part)`` is called after each
+        part (``compress.component_breakdown`` times the parts with it). Not locked: see ``member_probs``."""
+        tick = tick or (lambda part: None)
+        xb = preprocess(raw, self.preprocess_spec)
+        tick("preprocess")
+        feats = None
+        if self._trunk is not None:
+            feats = self._trunk(xb)[self._trunk_output]
+            tick("trunk")
+        out: dict[str, np.ndarray] = {}
+        emb: dict[str, np.ndarray] = {}
+        ran: dict[str, dict[str, np.ndarray]] = {}
+        for meta, r in self._cnn:
+            if meta["file"] not in ran:
+                ran[meta["file"]] = r(feats if meta["input"] == "trunk" else xb)
+            res = ran[meta["file"]]
+            out[meta["name"]] = softmax(res[meta["outputs"]["logits"]])
+            if meta["outputs"].get("embedding"):
+                emb[meta["name"]] = res[meta["outputs"]["embedding"]]
+            tick(f"cnn {meta['name']}")
+        for meta, r in self._sk:
+            v = sklearn_inputs(meta["features"], meta.get("pixel_size"), meta.get("embedding_of"), raw, emb)
+            out[meta["name"]] = np.asarray(r(v)[meta["outputs"]["probabilities"]], dtype=np.float64)
+            tick(f"sklearn {meta['name']}")
+        return out
+
     def member_probs(self, images: Any) -> dict[str, np.ndarray]:
         """Each member's N x K probabilities (float64), by member name: what the combiner reads."""
         x = self.validate(images)
         outs: dict[str, list[np.ndarray]] = {}
-        spec = self.preprocess_spec
         with self._lock:  # interpreters are not thread-safe
             for start in range(0, len(x), MAX_BATCH):
-                xb = preprocess(x[start:start + MAX_BATCH], spec)
-                feats = self._trunk(xb)[self._trunk_output] if self._trunk else None
-                emb: dict[str, np.ndarray] = {}
-                for meta, r in self._cnn:
-                    res = r(feats if meta["input"] == "trunk" else xb)
-                    outs.setdefault(meta["name"], []).append(softmax(res[meta["outputs"]["logits"]]))
-                    if meta["outputs"].get("embedding"):
-                        emb[meta["name"]] = res[meta["outputs"]["embedding"]]
-                for meta, r in self._sk:
-                    p = r(sklearn_inputs(meta["features"], meta.get("pixel_size"), meta.get("embedding_of"),
-                                         x[start:start + MAX_BATCH], emb))[meta["outputs"]["probabilities"]]
-                    outs.setdefault(meta["name"], []).append(np.asarray(p, dtype=np.float64))
+                for k, v in self.batch_probs(x[start:start + MAX_BATCH]).items():
+                    outs.setdefault(k, []).append(v)
         return {k: np.concatenate(v) for k, v in outs.items()}
 
     def predict_proba(self, images: Any) -> np.ndarray:
@@ -580,13 +602,20 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
             raise BundleError(f"trunk ({t['file']}): must have one output, has {outs}")
         b._trunk_output = outs[0]
     names = set()
+    runners: dict[str, tuple[dict, Any]] = {}  # file -> (first member's meta, runner): one graph, one interpreter
     for meta in m["cnn_members"]:
         what = f"member {meta.get('name')} ({meta.get('file')})"
         if meta.get("input") not in ("trunk", "image"):
             raise BundleError(f"{what}: input must be 'trunk' or 'image', got {meta.get('input')!r}")
         if meta["input"] == "trunk" and b._trunk is None:
             raise BundleError(f"{what}: reads the trunk, but the manifest has no trunk")
-        r = _runner(local / meta["file"], meta["format"], threads, what)
+        if meta["file"] in runners:
+            first, r = runners[meta["file"]]
+            if (first["input"], first["format"]) != (meta["input"], meta["format"]):
+                raise BundleError(f"{what}: shares its file with member {first['name']} but not its input/format")
+        else:
+            r = _runner(local / meta["file"], meta["format"], threads, what)
+            runners[meta["file"]] = (meta, r)
         _need_output(r, meta["outputs"]["logits"], what)
         _need_output(r, meta["outputs"].get("embedding"), what)
         b._cnn.append((meta, r))

@@ -295,7 +295,7 @@ def shared_cut(members: list[Member]) -> Optional[str]:
     return None if last is None else layers[last]
 
 
-def member_graph(model: Any, cut_layer: Optional[str]) -> tuple[Optional[Any], Any]:
+def member_graph(model: Any, cut_layer: Optional[str], name: str = "top") -> tuple[Optional[Any], Any]:
     """(trunk, top) Keras models for export: trunk = image -> cut activations (None when ``cut_layer`` is None);
     top = cut activations (or the image) -> outputs ``embedding`` (the last hidden Dense, what the sklearn members
     read) and ``logits`` (pre-softmax; the bundle applies softmax in float, which keeps int8 NLL honest)."""
@@ -335,7 +335,7 @@ def member_graph(model: Any, cut_layer: Optional[str]) -> tuple[Optional[Any], A
     if emb is None or logits is None:
         raise CompressError(f"model {model.name} has no head_logits / {emb_name} layer (not a transfuse member)")
     top = tf.keras.Model(inp, [L.Activation("linear", name="embedding")(emb), L.Activation("linear", name="logits")(logits)],
-                         name="top")
+                         name=name)
     return trunk, top
 
 
@@ -368,23 +368,45 @@ def to_tflite(model: Any, mode: str, representative: Optional[np.ndarray] = None
 
 @dataclass
 class Exported:
-    """The TFLite files of one variant: the trunk (or None) and each member's top, by member name."""
+    """The TFLite files of one variant: the trunk (or None) and each member's top, by member name; or, merged,
+    one graph image -> every member's outputs ``m<i>_logits``, ``m<i>_embedding`` (``merged``; ``tops`` empty)."""
 
     mode: str
     cut_layer: Optional[str]
     trunk: Optional[bytes]
     tops: dict[str, bytes] = field(default_factory=dict)
+    merged: Optional[bytes] = None
+
+
+def merged_graph(members: list[Member], cut_layer: Optional[str]) -> Any:
+    """One Keras model: image -> the shared trunk (once) -> every member's top. Outputs, in member order:
+    ``m<i>_embedding`` and ``m<i>_logits``."""
+    tf = _tf()
+    L = tf.keras.layers
+    inp = L.Input(shape=tuple(members[0].model.input.shape[1:]), name="image")
+    trunk, _ = member_graph(members[0].model, cut_layer)
+    feats = trunk(inp, training=False) if trunk is not None else inp
+    outs = []
+    for i, m in enumerate(members):
+        emb, logits = member_graph(m.model, cut_layer, name=f"top_{i}")[1](feats, training=False)
+        outs += [L.Activation("linear", name=f"m{i}_embedding")(emb), L.Activation("linear", name=f"m{i}_logits")(logits)]
+    return tf.keras.Model(inp, outs, name="members")
 
 
 def export_members(members: list[Member], mode: str, representative: Optional[np.ndarray] = None,
-                   share_trunk: bool = True) -> Exported:
+                   share_trunk: bool = True, merge: bool = False) -> Exported:
     """Export the members as one shared trunk + tops (or whole models when nothing is shared, or when there is one
-    member: a split buys nothing then and costs a second interpreter call per request).
+    member: a split buys nothing then and costs a second interpreter call per request). ``merge``: one graph for
+    every member instead (the trunk still runs once inside it), so a request makes one interpreter call.
 
     ``representative``: preprocessed train images (int8 calibration); tops calibrate on the float trunk's output.
     """
     cut = shared_cut(members) if share_trunk and len(members) > 1 else None
     out = Exported(mode=mode, cut_layer=cut, trunk=None)
+    if merge and len(members) > 1:
+        out.merged = to_tflite(merged_graph(members, cut), mode, representative)
+        log.info("exported %d members (%s) as one graph, shared trunk up to %s", len(members), mode, cut)
+        return out
     feats = None
     for i, m in enumerate(members):
         trunk, top = member_graph(m.model, cut)
@@ -622,8 +644,12 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
                   num_threads: int = 1, metrics: Optional[dict] = None, extra: Optional[dict] = None,
                   overwrite: bool = True) -> dict:
     spec = members[0].spec
-    cnn = [CNNMember(name=m.name, data=exported.tops[m.name], format="tflite",
-                     input="trunk" if exported.trunk is not None else "image") for m in members]
+    if exported.merged is not None:
+        cnn = [CNNMember(name=m.name, data=exported.merged, format="tflite", input="image",
+                         logits_output=f"m{i}_logits", embedding_output=f"m{i}_embedding") for i, m in enumerate(members)]
+    else:
+        cnn = [CNNMember(name=m.name, data=exported.tops[m.name], format="tflite",
+                         input="trunk" if exported.trunk is not None else "image") for m in members]
     return write_bundle(
         directory, name=name, version=version, class_names=class_names, input_shape=input_shape,
         preprocess_spec=PreprocessSpec(**spec["preprocess"]), cnn_members=cnn, trunk=exported.trunk,
@@ -708,8 +734,8 @@ def interleaved_latency(directories: dict[str, str], images: np.ndarray, *, num_
 
 def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int = 1,
                         runs: int = 200) -> list[dict[str, Any]]:
-    """Where a bundle's batch-1 latency and bytes go: preprocessing, the trunk, each CNN top, each sklearn member
-    and the combiner, timed IN PIPELINE ORDER on the first image (p50 ms of each part over ``runs`` passes), then
+    """Where a bundle's batch-1 latency and bytes go: validation + preprocessing, the trunk, each CNN top (members
+    exported as one graph: the first pays for it), each sklearn member and the combiner, timed IN PIPELINE ORDER on the first image (p50 ms of each part over ``runs`` passes), then
     the whole ``predict_proba`` in the same passes and what is left of it (Python glue). Timing a part alone in
     a tight loop reads 2-10x lower (its weights and code stay in cache); in order they pay the cold caches that a
     real request pays."""
@@ -718,44 +744,28 @@ def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int 
     b = load_bundle(directory, num_threads=num_threads)
     m, root = b.manifest, Path(b.path)
     one = np.asarray(images[:1])
-    spec = b.preprocess_spec
     files: dict[str, Optional[str]] = {"preprocess": None}
     if b._trunk is not None:
         files["trunk"] = m["trunk"]["file"]
     files.update({f"cnn {meta['name']}": meta["file"] for meta, _ in b._cnn})
     files.update({f"sklearn {meta['name']}": meta["file"] for meta, _ in b._sk})
-    files[f"combiner ({m['combiner']['kind']})"] = m["combiner"].get("file")
+    combiner = f"combiner ({m['combiner']['kind']})"
+    files[combiner] = m["combiner"].get("file")
     t: dict[str, list[float]] = {k: [] for k in [*files, "predict_proba (total)"]}
 
     def one_pass() -> None:
+        last = [time.perf_counter()]
+
+        def tick(part: str) -> None:
+            now = time.perf_counter()
+            t[part].append(now - last[0])
+            last[0] = now
+
+        b.combine(b.batch_probs(b.validate(one), tick))
+        tick(combiner)
         t0 = time.perf_counter()
-        x = preprocess(b.validate(one), spec)
-        t1 = time.perf_counter()
-        t["preprocess"].append(t1 - t0)
-        feats = None
-        if b._trunk is not None:
-            feats = b._trunk(x)[b._trunk_output]
-            t0, t1 = t1, time.perf_counter()
-            t["trunk"].append(t1 - t0)
-        probs: dict[str, np.ndarray] = {}
-        emb: dict[str, np.ndarray] = {}
-        for meta, r in b._cnn:
-            res = r(feats if meta["input"] == "trunk" else x)
-            probs[meta["name"]] = softmax(res[meta["outputs"]["logits"]])
-            if meta["outputs"].get("embedding"):
-                emb[meta["name"]] = res[meta["outputs"]["embedding"]]
-            t0, t1 = t1, time.perf_counter()
-            t[f"cnn {meta['name']}"].append(t1 - t0)
-        for meta, r in b._sk:
-            v = sklearn_inputs(meta["features"], meta.get("pixel_size"), meta.get("embedding_of"), one, emb)
-            probs[meta["name"]] = np.asarray(r(v)[meta["outputs"]["probabilities"]], np.float64)
-            t0, t1 = t1, time.perf_counter()
-            t[f"sklearn {meta['name']}"].append(t1 - t0)
-        b.combine(probs)
-        t0, t1 = t1, time.perf_counter()
-        t[f"combiner ({m['combiner']['kind']})"].append(t1 - t0)
         b.predict_proba(one)
-        t["predict_proba (total)"].append(time.perf_counter() - t1)
+        t["predict_proba (total)"].append(time.perf_counter() - t0)
 
     for _ in range(3):
         one_pass()
@@ -763,8 +773,12 @@ def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int 
         v.clear()
     for _ in range(runs):
         one_pass()
-    rows = [{"component": k, "file": f, "bytes": (root / f).stat().st_size if f else 0,
-             "p50_ms_b1": float(np.median(t[k]) * 1e3)} for k, f in files.items()]
+    seen: set[str] = set()  # a graph several CNN members share counts once (with the first of them)
+    rows = []
+    for k, f in files.items():
+        rows.append({"component": k, "file": f, "bytes": (root / f).stat().st_size if f and f not in seen else 0,
+                     "p50_ms_b1": float(np.median(t[k]) * 1e3)})
+        seen.add(f)
     parts = sum(r["p50_ms_b1"] for r in rows)
     total = float(np.median(t["predict_proba (total)"]) * 1e3)
     rows.append({"component": "predict_proba (total)", "file": None, "bytes": sum(r["bytes"] for r in rows),
@@ -999,7 +1013,7 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
     distill = bool(getattr(ccfg, "prune_distill", False))
     for v, target, mode in plan:
         if target is None:
-            exported[v] = export_members(members, mode, rep, share_trunk=ccfg.share_trunk)
+            exported[v] = export_members(members, mode, rep, share_trunk=ccfg.share_trunk, merge=ccfg.merge_members)
             continue
         if target not in pruned:
             from transfuse.config import pruned_name
@@ -1018,7 +1032,8 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
                 report[m.name] = {"target": target, "scope": scope, "distill": distill, "layers": sp,
                                   "train_agreement_with_float": agree}
             pruning[pruned_name(target)] = report
-        exported[v] = export_members(pruned[target], mode, rep, share_trunk=ccfg.share_trunk)
+        exported[v] = export_members(pruned[target], mode, rep, share_trunk=ccfg.share_trunk,
+                                     merge=ccfg.merge_members)
         exported[v].mode = v
     return exported, pruning
 

@@ -261,6 +261,9 @@ class CompressConfig(_Strict):
     prune_batch_size: int = Field(64, ge=1)
     sparsity_tolerance: float = Field(0.02, ge=0.0, lt=0.5)  # a layer below target - tolerance fails the run
     share_trunk: bool = True  # export the members' shared frozen layers once (the trunk runs once per request)
+    # every CNN member in one multi-output graph (trunk once inside): one interpreter call per request instead of
+    # trunk + one per member (measured on the default's 3 members: int8 0.34 -> 0.27 ms, float32 0.76 -> 0.72 ms)
+    merge_members: bool = True
     optimize_sklearn: bool = True  # lossless, verified rewrites of the sklearn ONNX graphs (every variant)
     # members the stacker gives exactly zero weight (the log pool's w_m = 0) cannot change a prediction: every
     # variant leaves them out (a CNN member stays while a kept sklearn member reads its embedding)
