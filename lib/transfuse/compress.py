@@ -31,7 +31,7 @@ import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import metrics as _metrics
-from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, sklearn_inputs, softmax, write_bundle
+from transfuse.bundle import CNNMember, SklearnMember, Stacker, load_bundle, softmax, write_bundle
 from transfuse.config import expand_variants
 from transfuse.preprocess import PreprocessSpec, preprocess
 
@@ -389,7 +389,8 @@ def merged_graph(members: list[Member], cut_layer: Optional[str]) -> Any:
     outs = []
     for i, m in enumerate(members):
         emb, logits = member_graph(m.model, cut_layer, name=f"top_{i}")[1](feats, training=False)
-        outs += [L.Activation("linear", name=f"m{i}_embedding")(emb), L.Activation("linear", name=f"m{i}_logits")(logits)]
+        outs += [L.Activation("linear", name=f"m{i}_embedding")(emb),
+                 L.Activation("linear", name=f"m{i}_logits")(logits)]
     return tf.keras.Model(inp, outs, name="members")
 
 
@@ -646,7 +647,8 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
     spec = members[0].spec
     if exported.merged is not None:
         cnn = [CNNMember(name=m.name, data=exported.merged, format="tflite", input="image",
-                         logits_output=f"m{i}_logits", embedding_output=f"m{i}_embedding") for i, m in enumerate(members)]
+                         logits_output=f"m{i}_logits", embedding_output=f"m{i}_embedding")
+               for i, m in enumerate(members)]
     else:
         cnn = [CNNMember(name=m.name, data=exported.tops[m.name], format="tflite",
                          input="trunk" if exported.trunk is not None else "image") for m in members]
@@ -735,10 +737,11 @@ def interleaved_latency(directories: dict[str, str], images: np.ndarray, *, num_
 def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int = 1,
                         runs: int = 200) -> list[dict[str, Any]]:
     """Where a bundle's batch-1 latency and bytes go: validation + preprocessing, the trunk, each CNN top (members
-    exported as one graph: the first pays for it), each sklearn member and the combiner, timed IN PIPELINE ORDER on the first image (p50 ms of each part over ``runs`` passes), then
-    the whole ``predict_proba`` in the same passes and what is left of it (Python glue). Timing a part alone in
-    a tight loop reads 2-10x lower (its weights and code stay in cache); in order they pay the cold caches that a
-    real request pays."""
+    exported as one graph: the first pays for it), each sklearn member and the combiner, timed IN PIPELINE ORDER
+    on the first image (p50 ms of each part over ``runs`` passes, through ``Bundle.batch_probs``), then the whole
+    ``predict_proba`` in the same passes and what is left of it (Python glue). Timing a part alone in a tight loop
+    reads 2-10x lower (its weights and code stay in cache); in order they pay the cold caches that a real request
+    pays."""
     from pathlib import Path
 
     b = load_bundle(directory, num_threads=num_threads)
@@ -975,8 +978,6 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
         f = np.concatenate([probs[n] for n in st.members], axis=1)
         if st.features == "log_probs":
             f = np.log(np.clip(f, st.eps, 1.0))
-        from transfuse.bundle import softmax
-
         return softmax(f @ np.asarray(st.coef).T + np.asarray(st.intercept)).astype(np.float32)
 
     return predict

@@ -14,8 +14,9 @@ Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_n
 - The meta-learners (stacker, greedy selection) are fitted on the holdout rows only. ``val`` is not used here: it
   already picked the CNN members, so scores on it are optimistic.
 
-Fitting runs as one task per (seed, member, fold) behind one interface: ``RayRunner`` puts the embeddings in the
-object store once (and the pixel view, when a member reads it) and hands every task the same reference; ``LocalRunner`` runs the same function in-process.
+Fitting runs as one task per (seed, member, fold) behind one interface: ``RayRunner`` puts the embeddings (and
+the pixel view, when a member reads it) in the object store once and hands every task the same reference;
+``LocalRunner`` runs the same function in-process.
 Errors raised in a task come back as ``MemberError`` naming the member.
 
 Note: scikit-learn 1.9 deprecates ``SVC(probability=True)`` (removal planned in 1.11, replacement
