@@ -405,11 +405,15 @@ def _write_member_dir(cfg, d: Path, name: str, splits, hidden: int, seed: int) -
 @pytest.fixture(scope="module")
 def member_run(digits_run, tmp_path_factory):
     """Two fine-tuned members listed in tune/members.json, trained on the session's prepared digits. They live in a
-    run of their own so other test modules' tune outputs in the shared run cannot interfere."""
+    run of their own (with a copy of the prepared data, which pixel members read) so other test modules' tune
+    outputs in the shared run cannot interfere."""
+    import shutil
+
     from transfuse.data import read_split_numpy
 
     data_dir = storage.stage_dir(digits_run, "data")
     cfg = digits_run.model_copy(update={"storage": str(tmp_path_factory.mktemp("ens")), "run": "ens"})
+    shutil.copytree(data_dir, storage.stage_dir(cfg, "data"))
     splits = {}
     for split in ("train", "val", "test", "holdout"):
         images, labels, ids = read_split_numpy(data_dir, split)
@@ -459,7 +463,7 @@ def test_ensemble_stage_end_to_end(member_run):
     assert run_ensemble(cfg)["created"] == manifest["created"]
 
 
-def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, digits_run, tmp_path):
+def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, tmp_path):
     """``features: pixels``: the member is fitted (on Ray, from the shared object) on ``pixel_features`` of the
     prepared split's images, joined by id with the CNN members' rows, saved as ONNX over that view, and reloads to
     the same predictions; scikit-learn fitted here on the same rows and view agrees."""
@@ -473,9 +477,9 @@ def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, d
 
     cfg, splits = member_run
     run = cfg.model_copy(update={"storage": str(tmp_path), "run": "px"})
-    shutil.copytree(storage.stage_dir(cfg, "tune"), storage.stage_dir(run, "tune"))
-    data_dir = storage.stage_dir(digits_run, "data")
-    shutil.copytree(data_dir, storage.stage_dir(run, "data"))
+    data_dir = storage.stage_dir(cfg, "data")
+    for stage in ("tune", "data"):
+        shutil.copytree(storage.stage_dir(cfg, stage), storage.stage_dir(run, stage))
     run = load_config(ROOT / "configs" / "smoke.yaml", [
         f"storage={tmp_path}", "run=px", "ensemble.folds=3", "ensemble.seeds=[0]", "ensemble.pixel_size=4",
         "ensemble.members=[{name: logreg, kind: logistic_regression, params: {max_iter: 300}},"
