@@ -101,10 +101,7 @@ def run_members(cfg):
     from transfuse import models, storage
     from transfuse.data import data_manifest, read_split_numpy
 
-    src = compress.read_ensemble(cfg)
-    dropped = {"dropped": []}
-    if cfg.compress.drop_zero_weight_members:
-        src, dropped = compress.drop_zero_weight_members(src)
+    src, dropped = compress.ensemble_to_compress(cfg)
     members = [compress.Member(n, *models.load_member(d)) for n, d in src.members]
     data_dir = storage.stage_dir(cfg, "data")
     names = data_manifest(data_dir)["class_names"]

@@ -18,7 +18,7 @@ SPEC = PreprocessSpec(32, "unit")
 def setup():
     d, members = trained()
     # 400 calibration images: with 64, per-tensor activation ranges were visibly worse (top-1 agreement -1 pt)
-    return d, members, preprocess(d.x_train, SPEC), compress.representative_images(d.x_train, SPEC, 400)
+    return d, members, preprocess(d.x_train, SPEC), preprocess(compress.representative_raw(d.x_train, 400), SPEC)
 
 
 def test_pruning_reaches_target_sparsity(setup):

@@ -88,6 +88,14 @@ class SklearnMember:
 SKLEARN_FEATURES = ("embedding", "pixels")
 
 
+def _check_sklearn_features(features: Any, pixel_size: Any, what: str) -> None:
+    """A sklearn member's ``features`` and (for pixels) ``pixel_size``, as written and as loaded."""
+    if features not in SKLEARN_FEATURES:
+        raise BundleError(f"{what}: features must be one of {SKLEARN_FEATURES}, got {features!r}")
+    if features == "pixels" and pixel_size is not None and (not isinstance(pixel_size, int) or pixel_size < 1):
+        raise BundleError(f"{what}: pixel_size must be a positive int or None, got {pixel_size!r}")
+
+
 def sklearn_inputs(features: str, pixel_size: Optional[int], embedding_of: Optional[str], images: np.ndarray,
                    embeddings: dict[str, np.ndarray]) -> np.ndarray:
     """What one sklearn member reads: its CNN member's embedding, or the raw images' pixel features."""
@@ -174,13 +182,8 @@ def write_bundle(
         if m.input == "trunk" and trunk is None:
             raise BundleError(f"member {m.name} reads the trunk but no trunk was given")
     for s in sklearn_members:
-        if s.features not in SKLEARN_FEATURES:
-            raise BundleError(f"sklearn member {s.name}: features must be one of {SKLEARN_FEATURES}, "
-                              f"got {s.features!r}")
+        _check_sklearn_features(s.features, s.pixel_size, f"sklearn member {s.name}")
         if s.features == "pixels":
-            if s.pixel_size is not None and (not isinstance(s.pixel_size, int) or s.pixel_size < 1):
-                raise BundleError(f"sklearn member {s.name}: pixel_size must be a positive int or None, "
-                                  f"got {s.pixel_size!r}")
             continue
         if s.embedding_of not in cnn_names:
             raise BundleError(f"sklearn member {s.name}: embedding_of must be one of {sorted(cnn_names)}, "
@@ -211,10 +214,10 @@ def write_bundle(
         rel = f"trunk.{trunk_format}"
         files[rel] = trunk
         manifest["trunk"] = {"file": rel, "format": trunk_format}
+    digests = [_sha256_bytes(m.data) for m in cnn_members]
     shared: dict[str, str] = {}  # sha256 -> file: members exported as one graph share one file
-    for i, m in enumerate(cnn_members):
-        digest = _sha256_bytes(m.data)
-        if sum(_sha256_bytes(o.data) == digest for o in cnn_members) > 1:
+    for i, (m, digest) in enumerate(zip(cnn_members, digests)):
+        if digests.count(digest) > 1:
             rel = shared.setdefault(digest, f"members/{len(shared):02d}_merged.{m.format}")
         else:
             rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}"
@@ -623,11 +626,7 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
     for meta in m.get("sklearn_members", []):
         what = f"sklearn member {meta.get('name')} ({meta.get('file')})"
         meta.setdefault("features", "embedding")  # bundles written before pixel members existed
-        if meta["features"] not in SKLEARN_FEATURES:
-            raise BundleError(f"{what}: features must be one of {SKLEARN_FEATURES}, got {meta['features']!r}")
-        size = meta.get("pixel_size")
-        if meta["features"] == "pixels" and size is not None and (not isinstance(size, int) or size < 1):
-            raise BundleError(f"{what}: pixel_size must be a positive int or null, got {size!r}")
+        _check_sklearn_features(meta["features"], meta.get("pixel_size"), what)
         src = next((c for c, _ in b._cnn if c["name"] == meta.get("embedding_of")), None)
         if meta["features"] == "embedding" and (src is None or not src["outputs"].get("embedding")):
             raise BundleError(f"{what}: embedding_of {meta.get('embedding_of')!r} is not a CNN member with an "

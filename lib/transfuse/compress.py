@@ -843,14 +843,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def representative_raw(images: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
-    """``n`` train images drawn at random (seeded), as prepared (what a client sends)."""
+    """``n`` train images drawn at random (seeded), as prepared (what a client sends); through ``preprocess``
+    they are the int8 calibration set, as they are the sklearn rewrites' probe."""
     rng = np.random.default_rng(seed)
     return images[np.sort(rng.choice(len(images), size=min(n, len(images)), replace=False))]
-
-
-def representative_images(images: np.ndarray, spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
-    """``representative_raw`` through the one preprocessing function: the int8 calibration set."""
-    return preprocess(representative_raw(images, n, seed), spec)
 
 
 # --------------------------------------------------------------------------------------------- the stage
@@ -944,6 +940,13 @@ def drop_zero_weight_members(src: EnsembleSource) -> tuple[EnsembleSource, dict[
             "kept_at_zero_weight": sorted(dead & set(keep))}
     log.info("members with zero stacker weight left out of every variant: %s", info)
     return EnsembleSource(cnn, EnsembleParts(sk, stacker), src.source, src.fingerprint), info
+
+
+def ensemble_to_compress(cfg: Any) -> tuple[EnsembleSource, dict[str, Any]]:
+    """``read_ensemble``, less the zero-weight members when ``compress.drop_zero_weight_members``: what the stage
+    and bench/compress.py compress. Returns (source, what was dropped)."""
+    src = read_ensemble(cfg)
+    return drop_zero_weight_members(src) if cfg.compress.drop_zero_weight_members else (src, {"dropped": []})
 
 
 def keras_baseline(members: list[Member], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
@@ -1050,8 +1053,7 @@ def run_compress(cfg: Any, *, force: bool = False) -> dict:
     names = expand_variants(list(ccfg.variants), list(ccfg.sparsity))
     if ccfg.serve_variant not in names:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
-    src = read_ensemble(cfg)
-    src, dropped = drop_zero_weight_members(src) if ccfg.drop_zero_weight_members else (src, {"dropped": []})
+    src, dropped = ensemble_to_compress(cfg)
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
     if not force and storage.is_complete(out, src.fingerprint) and storage.exists(storage.join(bundle_dir, "manifest.json")):
         log.info("compress stage complete (fingerprint %s): %s", src.fingerprint, out)

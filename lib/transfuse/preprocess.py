@@ -39,8 +39,8 @@ class PreprocessSpec:
         return asdict(self)
 
 
-def _as_nhwc_uint8_range(images: np.ndarray, rgb: bool = True) -> np.ndarray:
-    """float32 N x H x W x 3 (grey kept as 1 channel unless ``rgb``) in 0..255, from uint8 or [0, 1] floats."""
+def _as_nhwc_uint8_range(images: np.ndarray) -> np.ndarray:
+    """float32 N x H x W x C (C = 1 for grey, 3 for RGB) in 0..255, from uint8 or [0, 1] floats."""
     x = np.asarray(images)
     if x.ndim == 3:
         x = x[..., None]
@@ -52,8 +52,6 @@ def _as_nhwc_uint8_range(images: np.ndarray, rgb: bool = True) -> np.ndarray:
         x = x.astype(np.float32) * 255.0
     else:
         raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
-    if rgb and x.shape[-1] == 1:
-        x = np.repeat(x, 3, axis=-1)
     return x
 
 
@@ -99,7 +97,7 @@ def pixel_features(images: np.ndarray, size: Optional[int] = None) -> np.ndarray
     """Images -> N x (S * S * C) float32 in [0, 1]: the pixel view that scikit-learn members with
     ``features: pixels`` read, in training (the ensemble stage) and in serving (the bundle) alike. Grey stays one
     channel; ``size``: bilinear resize to size x size first (None: as given)."""
-    x = _as_nhwc_uint8_range(images, rgb=False)
+    x = _as_nhwc_uint8_range(images)
     if size is not None:
         x = resize_bilinear(x, int(size))
     return np.ascontiguousarray((x / 255.0).reshape(len(x), -1), dtype=np.float32)
@@ -129,7 +127,7 @@ def preprocess(
     pad_crop: int = 0,
 ) -> np.ndarray:
     """Images -> the backbone's float32 input. Augmentation only when ``rng`` is given (training)."""
-    x = _as_nhwc_uint8_range(images, rgb=False)
+    x = _as_nhwc_uint8_range(images)
     if rng is not None and (flip or pad_crop):
         x = augment(x, rng, flip, pad_crop)
     x = resize_bilinear(x, spec.input_size)
