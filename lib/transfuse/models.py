@@ -7,7 +7,10 @@ models, so its BatchNorm layers stay in inference mode however many layers are u
 transfer-learning recipe); the pretrain stage builds with ``bn_training=True``.
 
 ``unfreeze=k`` makes the last k backbone layers trainable, counted like the seed's
-``base_model.layers[-k:]`` with the input layer excluded. The *cut layer* is the last frozen backbone layer;
+``base_model.layers[-k:]`` with the input layer excluded; with ``unfreeze_unit: blocks`` k counts whole blocks
+(``backbone_blocks``: VGG's conv blocks, ResNet's residual blocks, MBConv blocks, stem and head), which the
+spec turns into the same layer count, so every cut falls on a block boundary. The *cut layer* is the last frozen
+backbone layer;
 ``split_model`` returns the frozen ``trunk`` (input -> cut) and the trainable ``top`` (cut -> softmax) sharing
 the same layer objects, so training ``top`` on cached trunk activations trains the full model.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from typing import Any, Optional
 
@@ -107,6 +111,13 @@ def build_backbone(backbone: str, input_size: int, width: float = 0.25, weights:
         if weights == "imagenet":
             raise ModelError("vgg_small has no ImageNet weights: use weights none, pretrain or a file path")
         net = vgg_small(shape, width)
+    elif backbone.startswith("efficientnet_lite"):
+        from transfuse import efficientnet_lite
+
+        torch_file = weights if weights is not None and weights.endswith(".pth") else None
+        net = efficientnet_lite.backbone(backbone, shape, "imagenet" if weights == "imagenet" else torch_file)
+        if torch_file:
+            weights = None  # converted and loaded above
     else:
         net = _application(backbone, shape, "imagenet" if weights == "imagenet" else None)
     if weights not in (None, "imagenet"):
@@ -138,12 +149,58 @@ def cut_layer_for(layer_names: list[str], unfreeze: int) -> Optional[str]:
     return layer_names[len(layer_names) - unfreeze - 1]
 
 
+# block of a backbone layer, by name: (pattern, block) in order, the first match wins; a layer that matches none
+# belongs to the block of the layer before it (the stem when it comes first)
+_BLOCK_PATTERNS = (
+    (r"^(block\d+[a-z]?)_", r"\1"),  # VGG16 / vgg_small (block3_conv1), EfficientNet-Lite (block7_dwconv), B0 (block2a_)
+    (r"^(conv\d_block\d+)_", r"\1"),  # ResNet50's residual blocks (conv4_block2_out)
+    (r"^(block_\d+)_", r"\1"),  # MobileNetV2 (block_5_expand)
+    (r"^expanded_conv_", "block_0"),  # MobileNetV2's first inverted residual
+    (r"^(stem_|conv1_|pool1_|Conv1|bn_Conv1)", "stem"),
+    (r"^(top_|Conv_1|out_relu)", "top"),
+)
+
+
+def backbone_blocks(layer_names: list[str]) -> list[tuple[str, list[str]]]:
+    """The backbone's layers grouped into whole blocks, in order: [(block, [layer, ...]), ...]."""
+    blocks: list[tuple[str, list[str]]] = []
+    for name in layer_names:
+        key = next((re.sub(pat + ".*", rep, name) for pat, rep in _BLOCK_PATTERNS if re.match(pat, name)), None)
+        if key is None:
+            key = blocks[-1][0] if blocks else "stem"
+        if blocks and blocks[-1][0] == key:
+            blocks[-1][1].append(name)
+        elif any(b == key for b, _ in blocks):
+            raise ModelError(f"layer {name} belongs to block {key}, which ended earlier: blocks are not contiguous")
+        else:
+            blocks.append((key, [name]))
+    return blocks
+
+
+def unfreeze_units(mcfg: ModelConfig) -> int:
+    """How many units ``model.unfreeze`` can count: backbone layers, or blocks (``model.unfreeze_unit``)."""
+    names = layer_names_of(mcfg.backbone, mcfg.input_size, mcfg.width)
+    return len(names) if mcfg.unfreeze_unit == "layers" else len(backbone_blocks(names))
+
+
 def model_spec(mcfg: ModelConfig, num_classes: int, class_names: list[str], seed: int = 0,
                unfreeze: Optional[int] = None) -> dict[str, Any]:
-    """The architecture as plain JSON (model_spec.json): enough to rebuild the model without running code."""
+    """The architecture as plain JSON (model_spec.json): enough to rebuild the model without running code.
+
+    ``unfreeze`` (default ``mcfg.unfreeze``) counts ``mcfg.unfreeze_unit``; the spec's ``unfreeze`` is always the
+    number of backbone layers it makes trainable (with ``unfreeze_blocks`` and the block names beside it)."""
     unfreeze = mcfg.unfreeze if unfreeze is None else unfreeze
     names = layer_names_of(mcfg.backbone, mcfg.input_size, mcfg.width)
-    if unfreeze > len(names):
+    extra: dict[str, Any] = {"unfreeze_unit": mcfg.unfreeze_unit}
+    if mcfg.unfreeze_unit == "blocks":
+        blocks = backbone_blocks(names)
+        if unfreeze > len(blocks):
+            raise ModelError(f"model.unfreeze = {unfreeze} blocks, but {mcfg.backbone} has only {len(blocks)} blocks "
+                             f"({blocks[0][0]} .. {blocks[-1][0]}); allowed: 0..{len(blocks)}")
+        chosen = blocks[len(blocks) - unfreeze:] if unfreeze else []
+        extra.update(unfreeze_blocks=unfreeze, trainable_blocks=[b for b, _ in chosen])
+        unfreeze = sum(len(layers) for _, layers in chosen)
+    elif unfreeze > len(names):
         raise ModelError(f"model.unfreeze = {unfreeze}, but {mcfg.backbone} has only {len(names)} backbone layers "
                          f"(input excluded); allowed: 0..{len(names)}")
     return {
@@ -151,7 +208,7 @@ def model_spec(mcfg: ModelConfig, num_classes: int, class_names: list[str], seed
         "head": mcfg.head.model_dump(mode="json"), "unfreeze": unfreeze, "num_classes": int(num_classes),
         "class_names": list(class_names),
         "preprocess": PreprocessSpec.for_model(mcfg.backbone, mcfg.input_size).to_dict(),
-        "cut_layer": cut_layer_for(names, unfreeze), "backbone_layers": names, "seed": seed,
+        "cut_layer": cut_layer_for(names, unfreeze), "backbone_layers": names, "seed": seed, **extra,
     }
 
 
@@ -178,6 +235,12 @@ def build_model(spec: dict[str, Any], weights: Optional[str] = None, *, bn_train
         tf.keras.utils.set_random_seed(int(spec["seed"]))  # same spec + seed -> same initial weights
     net = backbone if backbone is not None else build_backbone(spec["backbone"], spec["input_size"],
                                                                spec.get("width", 0.25), weights)
+    if bn_training:
+        # short from-scratch runs (a few hundred steps): Keras' default 0.99 would leave the moving statistics
+        # mostly at their initial values, and inference would use those
+        for layer in net.layers:
+            if isinstance(layer, layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
     inp = layers.Input(shape=(spec["input_size"], spec["input_size"], 3), name="image")
     x = net(inp, training=None if bn_training else False)
     for layer in head_layers(spec):

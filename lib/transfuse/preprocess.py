@@ -22,6 +22,9 @@ NORMALIZATION = {
     "resnet50": "caffe",
     "mobilenet_v2": "tf",  # x / 127.5 - 1
     "efficientnet_b0": "raw",  # the Keras model rescales internally; it takes 0..255
+    # EfficientNet-Lite's ImageNet weights were trained on (x - 127) / 128 (ImageNet mean/std normalisation
+    # classified the sample photos worse)
+    "efficientnet_lite0": "lite", "efficientnet_lite1": "lite", "efficientnet_lite2": "lite",
     "vgg_small": "unit",  # x / 255
 }
 
@@ -29,7 +32,7 @@ NORMALIZATION = {
 @dataclass(frozen=True)
 class PreprocessSpec:
     input_size: int
-    normalization: str  # caffe | tf | raw | unit
+    normalization: str  # caffe | tf | raw | unit | lite
 
     @classmethod
     def for_model(cls, backbone: str, input_size: int) -> "PreprocessSpec":
@@ -90,7 +93,9 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
         return x
     if mode == "unit":
         return x / 255.0
-    raise ValueError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit")
+    if mode == "lite":
+        return (x - 127.0) / 128.0
+    raise ValueError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit, lite")
 
 
 def pixel_features(images: np.ndarray, size: Optional[int] = None) -> np.ndarray:

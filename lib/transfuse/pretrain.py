@@ -43,7 +43,8 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     class_names = manifest["class_names"]
     names = models.layer_names_of(cfg.model.backbone, cfg.model.input_size, cfg.model.width)
     # the whole backbone trains from random initialisation; BatchNorm (where the backbone has it) in training mode
-    spec = models.model_spec(cfg.model, len(class_names), class_names, seed=cfg.seed, unfreeze=len(names))
+    spec = models.model_spec(cfg.model, len(class_names), class_names, seed=cfg.seed,
+                             unfreeze=models.unfreeze_units(cfg.model))
     tf.keras.mixed_precision.set_global_policy("float32")
     init_path = storage.join(out_dir, train.INIT_DIR, "initial.weights.h5")
     models.save_weights(models.build_model(spec, None, bn_training=True), init_path)

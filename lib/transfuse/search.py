@@ -78,6 +78,8 @@ def trial_fn(config: dict[str, Any], cfg_json: dict[str, Any]) -> None:
 
     cfg = Config.model_validate(cfg_json)
     overrides = {k: config[k] for k in SEARCHED if k in config}
+    if cfg.tune.unfreeze_unit is not None:  # the searched depths may count blocks where the seed's counts layers
+        overrides["unfreeze_unit"] = cfg.tune.unfreeze_unit
     out = trial_dir(cfg, tune.get_context().get_trial_id())
     # resume=True: a trial restarted after an interruption continues from its last Train checkpoint
     finetune(cfg, out, overrides, resume=True, run_config_extra={"callbacks": [TuneReportCallback()]})

@@ -73,19 +73,60 @@ def validate(meta: Any, class_names: list[str], cfg: DataConfig) -> tuple[Any, l
     return good, rows
 
 
+def _budget_class(cls_ids: np.ndarray, is_test: Optional[np.ndarray], cfg: DataConfig, old: int,
+                  new_label: int, out: dict[str, tuple[str, int]], excluded: Counter) -> None:
+    """One class under the label budget: test_per_class test images, then labelled_per_class labelled ones split
+    into val / holdout / train, the rest of the pool unlabelled. ``cls_ids`` in the class's seeded order."""
+    b, n_test = int(cfg.labelled_per_class), int(cfg.test_per_class)
+    test_pool, pool = (cls_ids[is_test], cls_ids[~is_test]) if is_test is not None else (cls_ids, cls_ids)
+    # the source's test set: its first n_test per class in id order, the same for every seed (label draw)
+    test = np.sort(test_pool)[:n_test] if is_test is not None else test_pool[:n_test]
+    if is_test is None:
+        pool = pool[n_test:]
+    if len(test) < n_test or len(pool) < b:
+        raise DataError(f"class {old}: test_per_class {n_test} and labelled_per_class {b} need that many images, "
+                        f"the source has {len(test_pool)} for test and {len(pool)} left for the budget")
+    n_val = max(1, int(round(cfg.budget_split.val * b)))
+    n_holdout = int(round(cfg.budget_split.holdout * b))
+    parts = {"test": test, "val": pool[:n_val], "holdout": pool[n_val:n_val + n_holdout],
+             "train": pool[n_val + n_holdout:b]}
+    for split, part in parts.items():
+        for i in part:
+            out[i] = (split, new_label)
+    excluded["unlabelled"] += len(pool) - b
+    excluded["test_cap"] += len(test_pool) - n_test if is_test is not None else 0
+
+
+def label_budget(cfg: DataConfig, counts: dict[str, dict[str, int]]) -> Optional[dict[str, Any]]:
+    """The manifest's record of the label budget: B per class and how it was split (None without one)."""
+    if cfg.labelled_per_class is None:
+        return None
+    tot = {s: sum(counts.get(s, {}).values()) for s in ("train", "val", "holdout", "test")}
+    return {"per_class": cfg.labelled_per_class, "total": tot["train"] + tot["val"] + tot["holdout"],
+            "train": tot["train"], "val": tot["val"], "holdout": tot["holdout"], "test": tot["test"],
+            "test_from": "the source's own test set" if cfg.test_from_source else "the pool",
+            "note": "every model (CNNs, scikit-learn members, stacker) learns only from train + val + holdout"}
+
+
 def assign_splits(labels: np.ndarray, ids: np.ndarray, cfg: DataConfig, seed: int,
-                  n_classes: int) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
+                  n_classes: int, test_prefix: Optional[str] = None) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
     """id -> (split, new label), per class in a seeded order; plus counts of what each cap excluded."""
     keep = cfg.classes if cfg.classes is not None else list(range(n_classes))
     rng = np.random.default_rng(seed)
     out: dict[str, tuple[str, int]] = {}
     excluded = Counter()
     excluded["not_in_classes"] = int(np.sum(~np.isin(labels, keep)))
+    if cfg.test_from_source and not test_prefix:
+        raise DataError(f"data.test_from_source: the {cfg.source} source has no test set of its own; set it false")
     for new_label, old in enumerate(keep):
         cls_ids = np.sort(ids[labels == old])
         if len(cls_ids) == 0:
             raise DataError(f"class {old} has no examples; every class kept must have some")
         cls_ids = cls_ids[rng.permutation(len(cls_ids))]
+        if cfg.labelled_per_class is not None:
+            is_test = np.array([str(i).startswith(test_prefix) for i in cls_ids]) if cfg.test_from_source else None
+            _budget_class(cls_ids, is_test, cfg, old, new_label, out, excluded)
+            continue
         if cfg.limit_per_class is not None and len(cls_ids) > cfg.limit_per_class:
             excluded["limit_per_class"] += len(cls_ids) - cfg.limit_per_class
             cls_ids = cls_ids[: cfg.limit_per_class]
@@ -138,7 +179,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     meta = scan(source)
     good, skipped = validate(meta, source.class_names, dcfg)
     assignment, excluded = assign_splits(good["label"].to_numpy(), good["id"].to_numpy(dtype=object), dcfg,
-                                         cfg.seed, len(source.class_names))
+                                         cfg.seed, len(source.class_names), source.test_prefix)
     ref = ray.put(assignment)
     tagged = source.dataset.map_batches(
         lambda b, a: _tag_split(b, ray.get(a) if isinstance(a, ray.ObjectRef) else a),
@@ -177,6 +218,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
         skipped={"count": len(skipped), "rows": skipped},
         ignored_files={"count": len(source.ignored), "files": source.ignored},
         excluded=excluded,
+        label_budget=label_budget(dcfg, counts),
     )
 
 

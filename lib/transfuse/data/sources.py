@@ -45,6 +45,7 @@ class Source:
     class_names: list[str]
     description: dict[str, Any]
     ignored: list[dict[str, str]] = field(default_factory=list)
+    test_prefix: Optional[str] = None  # ids of the source's own test set start with this (data.test_from_source)
 
 
 def _tensor_table(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> pa.Table:
@@ -147,7 +148,8 @@ def load_fashion_mnist_source(cfg: DataConfig) -> Source:
         labels.append(y.astype(np.int64))
         ids += [f"fashion_mnist/{part}/{i:05d}" for i in range(len(y))]
     return Source(from_arrays(np.concatenate(images)[..., None], np.concatenate(labels), ids),
-                  list(FASHION_MNIST_CLASSES), {"source": "fashion_mnist", "path": folder, "n": len(ids)})
+                  list(FASHION_MNIST_CLASSES), {"source": "fashion_mnist", "path": folder, "n": len(ids)},
+                  test_prefix="fashion_mnist/test/")
 
 
 # ---------------------------------------------------------------- CIFAR-10 python batches
@@ -233,7 +235,7 @@ def load_cifar10_source(cfg: DataConfig) -> Source:
         labels.append(y)
         ids += [f"cifar10/{b}/{i:05d}" for i in range(len(y))]
     return Source(from_arrays(np.concatenate(images), np.concatenate(labels), ids), names,
-                  {"source": "cifar10", "path": folder, "n": len(ids)})
+                  {"source": "cifar10", "path": folder, "n": len(ids)}, test_prefix="cifar10/test_batch/")
 
 
 # ---------------------------------------------------------------- image folder
