@@ -16,7 +16,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "vgg_small")
+BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
+             "efficientnet_lite2", "vgg_small")
+UNFREEZE_UNITS = ("layers", "blocks")
 SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
 SPLITS = ("train", "val", "test", "holdout")
 STAGES = ("prepare", "pretrain", "tune", "ensemble", "compress", "deploy")
@@ -45,6 +47,20 @@ class SplitConfig(_Strict):
         return self
 
 
+class BudgetSplitConfig(_Strict):
+    """How the label budget is divided, as fractions of it per class; train gets the rest."""
+
+    val: float = Field(0.2, gt=0.0, lt=1.0)  # early stopping, best epoch, Tune's trial choice
+    holdout: float = Field(0.4, ge=0.0, lt=1.0)  # the stacker's out-of-fold predictions
+
+    @model_validator(mode="after")
+    def _leave_train(self) -> "BudgetSplitConfig":
+        if self.val + self.holdout >= 0.9:
+            raise ValueError(f"val + holdout must be < 0.9 of the budget so train keeps labels, got "
+                             f"{self.val + self.holdout:.3f}")
+        return self
+
+
 class DataConfig(_Strict):
     source: Literal[SOURCES] = "fashion_mnist"  # type: ignore[valid-type]
     path: Optional[str] = None  # folder or URI; None: the source's default locations
@@ -57,6 +73,28 @@ class DataConfig(_Strict):
     rows_per_shard: int = Field(4096, gt=0)  # parquet rows per file
     on_bad_file: Literal["error", "skip"] = "error"  # skip: record each bad file in the manifest
     image_extensions: list[str] = [".png", ".jpg", ".jpeg"]
+    # One label budget: B labelled images per class are all that any model (CNNs, scikit-learn members, the
+    # stacker) learns from; train, val and holdout are carved from them (budget_split), the test split is apart
+    # and the rest of the pool stays unlabelled (counted in the manifest). Replaces split/train_per_class.
+    labelled_per_class: Optional[int] = Field(None, ge=5)
+    budget_split: BudgetSplitConfig = BudgetSplitConfig()
+    test_per_class: Optional[int] = Field(None, gt=0)  # with labelled_per_class: test images per class
+    # with labelled_per_class: the test split comes from the source's own test set (Fashion-MNIST's t10k files,
+    # CIFAR-10's test_batch), the budget from its training set
+    test_from_source: bool = False
+
+    @model_validator(mode="after")
+    def _budget(self) -> "DataConfig":
+        if self.labelled_per_class is None:
+            if self.test_per_class is not None or self.test_from_source:
+                raise ValueError("test_per_class and test_from_source need labelled_per_class (the label budget)")
+            return self
+        if self.train_per_class is not None or self.train_fraction != 1.0:
+            raise ValueError("labelled_per_class (the label budget) replaces train_per_class/train_fraction: "
+                             "set one or the other")
+        if self.test_per_class is None:
+            raise ValueError("labelled_per_class needs test_per_class (how many test images per class)")
+        return self
 
     @field_validator("classes")
     @classmethod
@@ -87,7 +125,10 @@ class ModelConfig(_Strict):
     input_size: int = Field(32, ge=32, le=512)  # pixels; images are resized to input_size x input_size
     width: float = Field(0.25, gt=0.0, le=1.0)  # vgg_small only: fraction of VGG16's filters
     head: HeadConfig = HeadConfig()
-    unfreeze: int = Field(4, ge=0)  # backbone layers trainable in phase 2, counted from the top
+    unfreeze: int = Field(4, ge=0)  # backbone layers (or blocks, see unfreeze_unit) trainable in phase 2, from the top
+    # what `unfreeze` counts: single layers (the seed's base_model.layers[-k:]) or whole blocks (a VGG conv block,
+    # a ResNet residual block, an MBConv block; stem and head are blocks too): cutting inside a block harms
+    unfreeze_unit: Literal[UNFREEZE_UNITS] = "layers"  # type: ignore[valid-type]
 
     @field_validator("weights")
     @classmethod
@@ -126,6 +167,9 @@ class TrainConfig(_Strict):
     augment: AugmentConfig = AugmentConfig()
     max_failures: int = Field(2, ge=0)  # worker failures tolerated; training resumes from the checkpoint
     seed: int = 0
+    # TensorFlow's deterministic ops (tf.config.experimental.enable_op_determinism) in every worker: the same
+    # config and seed give the same weights, at some cost in speed on GPUs
+    op_determinism: bool = False
 
     @model_validator(mode="after")
     def _cache_vs_augment(self) -> "TrainConfig":
@@ -152,10 +196,11 @@ class PretrainConfig(_Strict):
 
 class TuneConfig(_Strict):
     num_samples: int = Field(6, ge=1)  # trials
-    unfreeze: list[int] = [0, 4, 8, 13]  # depths searched, in backbone layers from the top
+    unfreeze: list[int] = [0, 4, 8, 13]  # depths searched, from the top, in unfreeze_unit
+    unfreeze_unit: Optional[Literal[UNFREEZE_UNITS]] = None  # type: ignore[valid-type]  # None: model.unfreeze_unit
     lr_frozen: tuple[float, float] = (3e-4, 3e-3)  # log-uniform range
     lr_unfrozen: tuple[float, float] = (3e-5, 3e-4)
-    head_dense: list[int] = [128, 256]
+    head_dense: list[int] = [128, 256]  # units of the head's hidden layer; 0: none (pooled features -> softmax)
     dropout: list[float] = [0.0, 0.3]
     scheduler: Literal["asha", "hyperband", "none"] = "asha"
     grace_period: int = Field(1, ge=1)  # epochs before ASHA may stop a trial (raised to epochs_frozen + 1)
@@ -332,6 +377,11 @@ class ServeConfig(_Strict):
     max_instances: int = Field(256, ge=1)  # per request
     max_request_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     api_key: Optional[str] = None
+    max_pixels: int = Field(16_000_000, ge=1)  # per encoded image (PNG/JPEG), read from its header before decoding
+    max_queued_requests: int = Field(256, ge=-1)  # per proxy, waiting for a replica; -1: unbounded; past it: 503
+    retry_after_s: float = Field(1.0, ge=0.0)  # seconds, the Retry-After header of that 503
+    request_timeout_s: float = Field(30.0, gt=0.0)  # seconds a request may spend in a replica; past it: 504
+    grpc_port: Optional[int] = Field(None, ge=1, le=65535)  # Open Inference Protocol over gRPC (tritonclient[grpc])
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeConfig":
@@ -343,6 +393,20 @@ class ServeConfig(_Strict):
 class RayConfig(_Strict):
     address: Optional[str] = None  # None: connect to RAY_ADDRESS or start a local cluster
     num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local cluster
+
+
+class GoalsConfig(_Strict):
+    """What the report's verdict checks; each row is marked met or missed. Accuracy margins are in points (1 point
+    = 0.01 test accuracy, the first model minus the second, at least this); the served variant (compress.
+    serve_variant, int8 by default) is held to its ratios against float32 measured in the same run."""
+
+    transfer_vs_scratch_points: float = 0.0  # the seed recipe (transferred weights) minus the same net from scratch
+    transfer_vs_pixels_points: float = 0.0  # the seed recipe minus a logistic regression on the pixels
+    searched_vs_seed_points: float = 0.0  # the best searched unfreeze depth minus the seed's fixed depth
+    stack_vs_best_member_points: float = 0.0  # the stacked ensemble minus its best single member
+    served_accuracy_points: float = Field(-0.5, le=0.0)  # served variant minus float32: at most 0.5 points lost
+    served_smaller: float = Field(4.0, gt=0.0)  # float32 model bytes / the served variant's, at least
+    served_faster: float = Field(3.0, gt=0.0)  # batch-1 speed-up of the served variant over float32, at least
 
 
 class Config(_Strict):
@@ -358,6 +422,7 @@ class Config(_Strict):
     compress: CompressConfig = CompressConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
+    goals: GoalsConfig = GoalsConfig()
 
     @field_validator("storage")
     @classmethod

@@ -43,7 +43,7 @@ CKPT_WEIGHTS = "model.weights.h5"
 BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
 OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
 # Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
-OVERRIDES = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed", "epochs_frozen",
+OVERRIDES = ("unfreeze", "unfreeze_unit", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed", "epochs_frozen",
              "epochs_unfrozen", "batch_size")
 
 
@@ -151,6 +151,8 @@ def train_func(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tf.keras.mixed_precision.set_global_policy(config["policy"])
     tf.keras.utils.set_random_seed(int(config["seed"]) + rank)
+    if config.get("op_determinism"):
+        tf.config.experimental.enable_op_determinism()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     per_worker = max(1, int(config["batch_size"]) // world)
     restore_best = bool(config.get("restore_best", True))
@@ -262,8 +264,10 @@ def effective(cfg: Config, overrides: Optional[dict[str, Any]] = None) -> Config
     for k, v in overrides.items():
         if k == "unfreeze":
             data["model"]["unfreeze"] = int(v)
+        elif k == "unfreeze_unit":
+            data["model"]["unfreeze_unit"] = v
         elif k == "head_dense":
-            data["model"]["head"]["dense"] = [int(u) for u in (v if isinstance(v, (list, tuple)) else [v])]
+            data["model"]["head"]["dense"] = [int(u) for u in (v if isinstance(v, (list, tuple)) else [v]) if int(u)]
         elif k == "dropout":
             data["model"]["head"]["dropout"] = float(v)
         elif k == "seed":
@@ -397,6 +401,9 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
                    "batch_size": t.batch_size, "patience": t.early_stopping_patience, "seed": t.seed,
                    "restore_best": t.restore_best_weights,
                    "policy": mixed_policy(t.mixed_precision, t.use_gpu), "cached": p["cached"],
+                   # from random weights BatchNorm learns its statistics (training mode, as the pretrain stage);
+                   # transferred backbones keep theirs (inference mode, however deep the unfreeze)
+                   "bn_training": (weights or cfg.model.weights) == "none", "op_determinism": t.op_determinism,
                    **(test_hooks or {})}
     trainer = make_trainer(t, loop_config, p["datasets"], out_dir, name=name, run_config_extra=run_config_extra)
     return trainer, p, cfg
@@ -537,7 +544,7 @@ def scratch_overrides(cfg: Config) -> dict[str, Any]:
     phase-1 learning rate (a from-scratch net needs the higher rate)."""
     from transfuse import models
 
-    n = len(models.layer_names_of(cfg.model.backbone, cfg.model.input_size, cfg.model.width))
+    n = models.unfreeze_units(cfg.model)
     t = cfg.train
     return {"unfreeze": n, "epochs_frozen": 0, "epochs_unfrozen": t.epochs_frozen + t.epochs_unfrozen,
             "lr_unfrozen": t.lr_frozen}
