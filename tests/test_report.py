@@ -1,182 +1,42 @@
-"""The run report on run folders written in the real formats (no Ray): every section drawn from real files, missing
-stages named as "not run", an empty run folder, and an unreadable stage output shown rather than raised.
-
-The stage files are produced with the producers' own functions where that is cheap: member metrics with
-``transfuse.metrics.evaluate`` on real scikit-learn digits predictions, the ensemble's metrics.json and
-ensemble.json with ``transfuse.ensemble.fit_ensemble`` / ``_report`` / ``save_ensemble`` (local runner), the compress
-table with ``transfuse.compress.measure_predictor`` / ``with_ratios`` / ``goals``, the depth plot with
-``transfuse.search.plot_depth`` and manifests with ``transfuse.storage.write_manifest``.
+"""The run report on run folders written in the real formats (no Ray): the verdict first, each row against the
+config's goals and the files it reads; every section drawn from real files, missing stages named as "not run", an
+empty run folder, and an unreadable stage output shown rather than raised. The run folders come from
+tests/_report_helpers.py (the producers' own functions where that is cheap).
 """
 
 from __future__ import annotations
 
-import gzip
+import json
 import re
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+import _report_helpers as H
 from conftest import smoke_config
-from transfuse import metrics as tm
 from transfuse import storage
-from transfuse.report import write_report
+from transfuse.report import verdict, verdict_lines, write_report
 
-SECTIONS = ("1. Learning curves", "2. Val accuracy against unfreeze depth", "3. Transfer vs scratch",
+SECTIONS = ("Verdict", "1. Learning curves", "2. Val accuracy against unfreeze depth", "3. Transfer vs scratch",
             "4. Every member vs the ensemble", "5. Confusion matrix and reliability", "6. Compression",
-            "7. Pipeline summary")
-CLASS_NAMES = [f"digit_{i}" for i in range(10)]
+            "7. Precision and recall per class", "8. Pipeline summary", "Appendix")
+KEYS = ("Verdict", "1", "2", "3", "4", "5", "6", "7", "8", "Appendix")  # what _sections keys them by
 
 
 @pytest.fixture(scope="module")
 def digits() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """scikit-learn's digits as (x in [0,1], labels, ids) per split, ids sorted like every reader here."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    ids = np.array([f"digits-{i:04d}" for i in range(len(y))])
-    perm = np.random.default_rng(0).permutation(len(y))
-    cuts = {"train": perm[:700], "val": perm[700:950], "holdout": perm[950:1300], "test": perm[1300:]}
-    out = {}
-    for split, idx in cuts.items():
-        idx = idx[np.argsort(ids[idx])]
-        out[split] = (x[idx], y[idx].astype(np.int64), ids[idx])
-    return out
+    return H.digits()
 
 
-def _train_member(digits, seed: int, epochs: tuple[int, int], alpha: float) -> tuple[object, list[dict]]:
-    """A linear softmax model trained epoch by epoch (SGD): a real per-epoch history in train.py's row format.
-    The first ``epochs[0]`` epochs are called phase "frozen", the rest "unfrozen" (as train.py names them)."""
-    from sklearn.linear_model import SGDClassifier
-
-    x, y, _ = digits["train"]
-    xv, yv, _ = digits["val"]
-    clf = SGDClassifier(loss="log_loss", alpha=alpha, learning_rate="constant", eta0=0.05, random_state=seed)
-    history = []
-    for e in range(sum(epochs)):
-        clf.partial_fit(x, y, classes=np.arange(10))
-        phase = "frozen" if e < epochs[0] else "unfrozen"
-        pt, pv = clf.predict_proba(x), clf.predict_proba(xv)
-        phase_epoch = e + 1 if phase == "frozen" else e + 1 - epochs[0]
-        history.append({"phase": phase, "epoch": e + 1, "phase_epoch": phase_epoch,
-                        "loss": tm.nll(pt, y), "accuracy": tm.accuracy(pt, y),
-                        "val_loss": tm.nll(pv, yv), "val_accuracy": tm.accuracy(pv, yv)})
-    return clf, history
-
-
-def _write_member(cfg, out_dir: str, digits, seed: int, epochs=(3, 2), alpha: float = 1e-3) -> dict:
-    """A member dir as transfuse.train.finalize writes it: metrics.json, predictions/*.parquet, embeddings, manifest."""
-    clf, history = _train_member(digits, seed, epochs, alpha)
-    evals = {}
-    for split in ("train", "val", "test", "holdout"):
-        x, y, ids = digits[split]
-        probs = clf.predict_proba(x).astype(np.float32)
-        cols = [("embeddings", "embedding", x)] + ([] if split == "train" else [("predictions", "probs", probs)])
-        for sub, col, arr in cols:
-            table = pa.table({"id": pa.array(ids.astype(str)), "label": pa.array(y.astype(np.int64)),
-                              col: pa.array(list(arr), type=pa.list_(pa.float32()))})
-            path = Path(out_dir) / sub / f"{split}.parquet"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(table, path)
-        if split != "train":
-            evals[split] = tm.evaluate(probs, y)
-    metrics = {"history": history, **evals, "epochs": len(history)}
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
-    storage.write_json(storage.join(out_dir, "model_spec.json"), {"class_names": CLASS_NAMES, "num_classes": 10})
-    storage.write_manifest(out_dir, cfg, "finetune", f"fp-{seed}", metrics=evals, epochs=len(history))
-    return {"clf": clf, "metrics": metrics}
-
-
-def _write_tune(cfg, digits, *, plot: bool) -> list[dict]:
-    """tune/: trials' member dirs, results.json rows in search._row's format, members.json, the depth plot."""
-    from transfuse.search import SEARCHED, plot_depth
-
-    tune = storage.stage_dir(cfg, "tune")
-    rows, members = [], []
-    for i, (unfreeze, finished) in enumerate(((0, True), (4, True), (4, False), (2, False))):
-        trial = f"abcde_{i:05d}"
-        conf = {"unfreeze": unfreeze, "lr_frozen": 1e-3, "lr_unfrozen": 1e-4, "head_dense": 64, "dropout": 0.0,
-                "seed": i}
-        row = {"trial_id": trial, **{k: conf[k] for k in SEARCHED}, "time_s": 3.0 + i, "planned_epochs": 5,
-               "error": None, "finished": finished, "stopped_early": not finished, "dir": None,
-               "val_accuracy": None, "test_accuracy": None}
-        if finished:
-            d = storage.join(tune, "trials", trial)
-            m = _write_member(cfg, d, digits, seed=i, alpha=1e-3 * (i + 1))["metrics"]
-            row.update(best_val_accuracy=max(h["val_accuracy"] for h in m["history"]), epochs_run=len(m["history"]),
-                       val_accuracy=m["val"]["accuracy"], test_accuracy=m["test"]["accuracy"], dir=d)
-            members.append(row)
-        else:  # stopped by the scheduler after one epoch; the last one reported nothing (NaN, as _row writes)
-            row.update(best_val_accuracy=0.31 if i == 2 else float("nan"), epochs_run=1 if i == 2 else 0)
-        rows.append(row)
-    members.sort(key=lambda r: -r["val_accuracy"])
-    storage.write_json(storage.join(tune, "results.json"), rows)
-    storage.write_json(storage.join(tune, "members.json"), {"members": [
-        {"name": f"cnn_{i}_u{r['unfreeze']}", "dir": r["dir"], "trial_id": r["trial_id"],
-         "config": {k: r[k] for k in SEARCHED}, "val_accuracy": r["val_accuracy"]} for i, r in enumerate(members)]})
-    if plot:
-        plot_depth(rows, storage.join(tune, "val_accuracy_vs_depth.png"), cfg.model.unfreeze)
-    storage.write_manifest(tune, cfg, "tune", "fp-tune")
-    return rows
-
-
-def _write_ensemble(cfg, digits) -> dict:
-    """ensemble/: fitted with the real ensemble code on the tune members' predictions (local runner, 2 seeds)."""
-    from transfuse.config import EnsembleConfig, MemberConfig
-    from transfuse.ensemble import (LocalRunner, _report, find_cnn_members, fit_ensemble, load_inputs,
-                                    save_ensemble, verify_saved)
-
-    ecfg = EnsembleConfig(members=[MemberConfig(name="logreg", kind="logistic_regression",
-                                                params={"C": 1.0, "max_iter": 300})],
-                          folds=2, seeds=[0, 1], parallel="local")
-    members = find_cnn_members(cfg)
-    inp, members = load_inputs(cfg.model_copy(update={"ensemble": ecfg}), members)
-    fit = fit_ensemble(inp, ecfg, LocalRunner())
-    out = storage.stage_dir(cfg, "ensemble")
-    save_ensemble(out, fit, inp, members, ecfg)
-    report = _report(fit, inp)
-    report["reload_max_abs_diff"] = verify_saved(out, fit, inp)
-    storage.write_json(storage.join(out, "metrics.json"), report)
-    storage.write_manifest(out, cfg, "ensemble", "fp-ens")
-    return report
-
-
-def _write_compress(cfg, digits, clf) -> dict:
-    """compress/metrics.json as run_compress writes it: rows measured by compress.measure_predictor on two real
-    numpy predictors (float32 weights and weights rounded to int8 steps), ratios and goals from compress."""
-    from transfuse.compress import goals, measure_predictor, with_ratios
-
-    x, y, _ = digits["test"]
-    w, b = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
-    scale = float(np.abs(w).max() / 127)
-    w8 = np.round(w / scale).astype(np.int8)
-
-    def softmax(z):
-        z = z - z.max(1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(1, keepdims=True)
-
-    predictors = {"float32": (lambda im: softmax(im.reshape(len(im), -1) @ w.T + b), w.tobytes() + b.tobytes()),
-                  "int8": (lambda im: softmax(im.reshape(len(im), -1) @ (w8.astype(np.float32) * scale).T + b),
-                           w8.tobytes() + b.tobytes())}
-    rows = []
-    for name, (predict, blob) in predictors.items():
-        row = {"variant": name, "size_bytes": len(blob), "size_gzip_bytes": len(gzip.compress(blob))}
-        row.update(measure_predictor(predict, x, y, latency_runs=5, throughput_runs=2))
-        rows.append(row)
-    rows = with_ratios(rows)
-    report = {"variants": rows, "goals": goals(rows, "int8"), "goals_pruned_int8": {}, "pruning": {},
-              "ensemble_source": "ensemble", "num_threads": 1, "test_n": int(len(y)),
-              "shared_trunk": {"float32": None, "int8": None},
-              "zero_weight_members": {"dropped": ["svc_on_cnn", "cnn_u2"], "kept": ["cnn_u4", "logreg"]}}
-    out = storage.stage_dir(cfg, "compress")
-    storage.write_json(storage.join(out, "metrics.json"), report)
-    storage.write_manifest(out, cfg, "compress", "fp-comp")
-    return report
+@pytest.fixture(scope="module")
+def full(tmp_path_factory, digits) -> tuple[object, H.FullRun, str]:
+    """(config, the stage files, index.html) of one run folder with every stage, written once for the module;
+    tests that change it work on a copy."""
+    cfg = smoke_config(tmp_path_factory.mktemp("runs"), "full")
+    run = H.write_full_run(cfg, digits)
+    return cfg, run, write_report(cfg)
 
 
 def _html(path: str) -> str:
@@ -201,26 +61,52 @@ def _check_images(index: str) -> list[str]:
 
 
 def _sections(text: str) -> dict[str, str]:
-    """Section heading -> its HTML (up to the next heading)."""
-    parts = re.split(r"<h2>", text)[1:]
+    """Section key ("Verdict", "1" .. "8", "Appendix") -> its HTML (up to the next heading), in page order."""
+    parts = re.split(r"<h2[^>]*>", text)[1:]
     out = {}
     for part in parts:
         title = part.split("</h2>")[0]
-        key = next(s for s in SECTIONS if title.startswith(s))
-        out[key] = part
-    assert list(out) == list(SECTIONS)
+        out[KEYS[next(i for i, s in enumerate(SECTIONS) if title.startswith(s))]] = part
+    assert list(out) == list(KEYS)
     return out
 
 
-def test_full_run_report(tmp_path, digits):
-    cfg = smoke_config(tmp_path, "full")
-    ft = _write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=10)
-    scratch = _write_member(cfg, storage.stage_dir(cfg, "scratch"), digits, seed=11, epochs=(0, 2), alpha=1e-1)
-    rows = _write_tune(cfg, digits, plot=True)
-    ens = _write_ensemble(cfg, digits)
-    comp = _write_compress(cfg, digits, ft["clf"])
+def expected_verdict(cfg, run: H.FullRun) -> dict[str, tuple[float, bool]]:
+    """Each verdict row's difference and met flag, computed here from the stage files the run wrote."""
+    g = cfg.goals
+    acc = lambda m: m["metrics"]["test"]["accuracy"]  # noqa: E731
+    summ = run.ensemble["summary"]
+    members = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"]
+    searched = storage.read_json(storage.join(members[0]["dir"], "metrics.json"))["test"]["accuracy"]
+    best = run.ensemble["best_member"]["name"]
+    int8 = next(r for r in run.compress["variants"] if r["variant"] == "int8")
+    values = {
+        "transfer_vs_scratch": (100 * (acc(run.finetune) - acc(run.scratch)), g.transfer_vs_scratch_points),
+        "transfer_vs_pixels": (100 * (acc(run.finetune) - summ["px_logreg"]["accuracy"]["mean"]),
+                               g.transfer_vs_pixels_points),
+        "searched_vs_seed": (100 * (searched - acc(run.finetune)), g.searched_vs_seed_points),
+        "stack_vs_best_member": (100 * (summ["stack"]["accuracy"]["mean"] - summ[best]["accuracy"]["mean"]),
+                                 g.stack_vs_best_member_points),
+        "served_accuracy": (int8["accuracy_delta_points"], g.served_accuracy_points),
+        "served_size": (int8["smaller_raw"], g.served_smaller),
+        "served_speed": (int8["speedup_b1"], g.served_faster),
+    }
+    return {k: (v, round(v, 6) >= goal) for k, (v, goal) in values.items()}
 
-    index = write_report(cfg)
+
+def verdict_rows(section: str) -> dict[str, dict[str, str]]:
+    """The verdict table's rows from the HTML: key -> its data attributes and cells."""
+    out = {}
+    for attrs, cells in re.findall(r"<tr (data-key=[^>]*)>(.*?)</tr>", section):
+        d = dict(re.findall(r'data-([a-z]+)="([^"]*)"', attrs))
+        d["cells"] = re.findall(r"<td[^>]*>(.*?)</td>", cells)
+        out[d["key"]] = d
+    return out
+
+
+def test_full_run_report(full):
+    cfg, run, index = full
+    ft, scratch, rows, ens, comp = run.finetune, run.scratch, run.tune_rows, run.ensemble, run.compress
     text = _html(index)
     images = _check_images(index)
     assert images == sorted(["learning_curves.png", "val_accuracy_vs_depth.png", "transfer_vs_scratch.png",
@@ -228,63 +114,144 @@ def test_full_run_report(tmp_path, digits):
                              "compression.png"])
     sec = _sections(text)
     assert "not run" not in text and "could not be drawn" not in text
-    # header: run name, config fingerprint, the git commit the manifests recorded
-    assert "full" in text and cfg.fingerprint() in text
+    # the verdict: a row per comparison, its difference and met/missed as computed here from the files
+    want = expected_verdict(cfg, run)
+    got = verdict_rows(sec["Verdict"])
+    assert list(got) == list(want)
+    for key, (value, met) in want.items():
+        assert float(got[key]["difference"]) == pytest.approx(value, abs=1e-9), key
+        assert got[key]["met"] == ("met" if met else "missed"), key
+        assert got[key]["cells"][5] == "1"  # draws: this run's own files
+    n_met = sum(met for _, met in want.values())
+    assert f"{n_met} of 7 goals met (1 draw; label budget: train 700, val 250, holdout 350)." in sec["Verdict"]
+    missed = [k for k, (_, met) in want.items() if not met]
+    assert ("Missed: " in sec["Verdict"]) == bool(missed)
+    # the appendix: run name, config fingerprint, the git commit the manifests recorded, package versions
+    assert "full" in text and cfg.fingerprint() in sec["Appendix"]
     commit = storage.read_manifest(storage.stage_dir(cfg, "ensemble"))["git_commit"]
     if commit:
-        assert commit in text
+        assert commit in sec["Appendix"]
+    ray_version = storage.read_manifest(storage.stage_dir(cfg, "ensemble"))["versions"]["ray"]
+    assert f"<td>ray</td><td>{ray_version}</td>" in sec["Appendix"]
     # 1: the best trial is the first entry of members.json; its phases are named and the boundary is drawn
     best = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"][0]
-    assert best["name"] in sec[SECTIONS[0]] and "frozen: 3 epoch(s), unfrozen: 2 epoch(s)" in sec[SECTIONS[0]]
+    s1 = sec["1"]
+    assert best["name"] in s1 and "frozen: 3 epoch(s), unfrozen: 2 epoch(s)" in s1
     best_m = storage.read_json(storage.join(best["dir"], "metrics.json"))
-    assert f"{best_m['test']['accuracy']:.4f}" in sec[SECTIONS[0]]
+    assert f"{best_m['test']['accuracy']:.4f}" in s1
     # 2: a table row per trial, the tune stage's own plot copied byte for byte
     for r in rows:
-        assert r["trial_id"] in sec[SECTIONS[1]]
+        assert r["trial_id"] in sec["2"]
     tune_png = Path(storage.stage_dir(cfg, "tune")) / "val_accuracy_vs_depth.png"
     assert (Path(index).parent / "val_accuracy_vs_depth.png").read_bytes() == tune_png.read_bytes()
     # 3: both test accuracies
     for m in (ft, scratch):
-        assert f"{m['metrics']['test']['accuracy']:.4f}" in sec[SECTIONS[2]]
+        assert f"{m['metrics']['test']['accuracy']:.4f}" in sec["3"]
     # 4: every member and combiner with its mean accuracy and ECE
+    s4 = sec["4"]
     for model, s in ens["summary"].items():
-        assert f"<td>{model}</td>" in sec[SECTIONS[3]]
-        assert f"{s['accuracy']['mean']:.4f}" in sec[SECTIONS[3]] and f"{s['ece']['mean']:.4f}" in sec[SECTIONS[3]]
-    assert ens["best_member"]["name"] in sec[SECTIONS[3]]
+        assert f"<td>{model}</td>" in s4
+        assert f"{s['accuracy']['mean']:.4f}" in s4 and f"{s['ece']['mean']:.4f}" in s4
+    assert ens["best_member"]["name"] in s4
     order = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "ensemble.json"))["member_order"]
     expected = order + ["average", "hard_vote", "greedy", "stack"]  # members in the ensemble's order, then combiners
-    positions = [sec[SECTIONS[3]].index(f"<td>{m}</td>") for m in expected]
+    positions = [s4.index(f"<td>{m}</td>") for m in expected]
     assert positions == sorted(positions) and len(expected) == len(ens["summary"])
     # 5: the caption says the reliability diagram is of a CNN member, not the ensemble
-    assert "not of the stacked ensemble" in sec[SECTIONS[4]]
+    assert "not of the stacked ensemble" in sec["5"]
     # 6: a row per variant with its size and accuracy; the members left out at zero stacker weight are named
-    assert "zero stacker weight" in sec[SECTIONS[5]] and "svc_on_cnn, cnn_u2" in sec[SECTIONS[5]]
+    s6 = sec["6"]
+    assert "zero stacker weight" in s6 and "svc_on_cnn, cnn_u2" in s6
     for r in comp["variants"]:
-        assert f"<td>{r['variant']}</td>" in sec[SECTIONS[5]]
-        assert f"{r['size_bytes']:,}" in sec[SECTIONS[5]] and f"{r['accuracy']:.4f}" in sec[SECTIONS[5]]
-    # 7: the pipeline's own summary rows
-    assert "stacked ensemble" in sec[SECTIONS[6]] and "same network from scratch" in sec[SECTIONS[6]]
+        assert f"<td>{r['variant']}</td>" in s6
+        assert f"{r['size_bytes']:,}" in s6 and f"{r['accuracy']:.4f}" in s6
+    # 8: the pipeline's own summary rows
+    assert "stacked ensemble" in sec["8"] and "same network from scratch" in sec["8"]
+
+
+def test_per_class_table_float32_vs_int8(full, digits):
+    """Section 7 runs both bundles on the prepared test split: its cells are scikit-learn's precision and recall of
+    numpy's own predictions with the float32 and the int8 weights."""
+    from sklearn.metrics import precision_score, recall_score
+
+    _, run, index = full
+    sec = _sections(_html(index))["7"]
+    x, y, _ = digits["test"]
+    pred = {q: run.linear.probs(x, quantized=q).argmax(1) for q in (False, True)}
+    rows = re.findall(r"<tr><td>(digit_\d)</td>(.*?)</tr>", sec)
+    assert [r[0] for r in rows] == H.CLASS_NAMES
+    for k, (_, cells) in enumerate(rows):
+        c = re.findall(r"<td>(.*?)</td>", cells)
+        assert c[0] == str(int((y == k).sum()))
+        for offset, score in ((1, precision_score), (4, recall_score)):
+            f32, i8 = (float(score(y, pred[q], labels=[k], average=None, zero_division=np.nan)[0]) for q in
+                       (False, True))
+            assert c[offset] == f"{f32:.4f}" and c[offset + 1] == f"{i8:.4f}", (k, offset)
+            assert c[offset + 2] == f"{100 * (i8 - f32):+.2f}"
+
+
+def test_goals_come_from_the_config(full):
+    """The same run judged against other goals: the int8 size row flips with goals.served_smaller."""
+    cfg, run, _ = full
+    ratio = next(r for r in run.compress["variants"] if r["variant"] == "int8")["smaller_raw"]
+    rows = {}
+    for goal in (ratio * 0.9, ratio * 1.1):
+        c = smoke_config(Path(cfg.storage), cfg.run, [f"goals.served_smaller={goal}"])
+        rows[goal] = next(r for r in verdict(c).rows if r.key == "served_size")
+    assert [r.met for r in rows.values()] == [True, False]
+    assert all(r.difference == pytest.approx(ratio) for r in rows.values())
+    lines = verdict_lines(smoke_config(Path(cfg.storage), cfg.run, [f"goals.served_smaller={ratio * 1.1}"]))
+    assert any(line.split()[:1] == ["missed"] and "size" in line for line in lines)
+
+
+def test_verdict_reads_bench_draws(tmp_path, full, digits):
+    """bench_transfer.json (bench/transfer.py's format): rows it has both models for use its draws, paired by draw;
+    the rest stay on the run's files; its label budget is shown, unless the data manifest has its own."""
+    import shutil
+
+    shutil.copytree(storage.run_dir(full[0]), tmp_path / "full")  # members.json still names the original trials
+    cfg = smoke_config(tmp_path, "full")
+    acc = {"pixels_logreg": [0.80, 0.82, 0.78], "scratch": [0.60, 0.70, 0.65], "frozen_logreg": [0.85, 0.86, 0.84],
+           "seed_recipe": [0.90, 0.88, 0.91], "searched_depth": [0.91, 0.87, 0.93], "stack": [0.92, 0.90, 0.94]}
+    bench = {"label_budget": {"per_class": 50, "train": 500, "val": 100, "holdout": 200}, "draws": [0, 1, 2],
+             "models": {k: {"accuracy": v, "nll": [0.5] * 3} for k, v in acc.items()}, "summary": {}}
+    storage.write_json(storage.join(storage.run_dir(cfg), "bench_transfer.json"), bench)
+    v = verdict(cfg)
+    rows = {r.key: r for r in v.rows}
+    for key, a, b in (("transfer_vs_scratch", "seed_recipe", "scratch"), ("transfer_vs_pixels", "seed_recipe",
+                      "pixels_logreg"), ("searched_vs_seed", "searched_depth", "seed_recipe"),
+                      ("stack_vs_best_member", "stack", "searched_depth")):  # best non-stack model: searched_depth
+        diffs = 100 * (np.array(acc[a]) - np.array(acc[b]))
+        assert rows[key].draws == 3 and rows[key].difference == pytest.approx(diffs.mean()), key
+        assert rows[key].worst == pytest.approx(diffs.min()), key
+    assert rows["served_size"].draws == 1  # compress is not in the bench: the run's own measurement
+    assert "(1/3 draws; label budget: 50 labelled per class, train 500, val 100, holdout 200)" in v.headline()
+    sec = _sections(_html(write_report(cfg)))["Verdict"]
+    assert "seed recipe 0.8967 [0.8800, 0.9100]" in sec and "bench_transfer.json" in sec
+
+    H.write_data(cfg, digits, label_budget={"per_class": 70, "train": 700, "val": 250, "holdout": 350})
+    assert "label budget: 70 labelled per class, train 700" in verdict(cfg).headline()
 
 
 def test_partial_run_names_missing_stages(tmp_path, digits):
     """finetune and a tune without its plot: the report draws the depth plot itself and names the missing stages;
     a rerun replaces the earlier report's files."""
     cfg = smoke_config(tmp_path, "partial")
-    _write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=3, epochs=(2, 0))
+    H.write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=3, epochs=(2, 0))
     index = write_report(cfg)
     sec = _sections(_html(index))
-    assert "the seed&#x27;s fixed-depth model" in sec[SECTIONS[0]] and "one phase only" in sec[SECTIONS[0]]
-    assert "stage tune not run" in sec[SECTIONS[1]]
-    assert "stage scratch not run" in sec[SECTIONS[2]] and "stage finetune not run" not in sec[SECTIONS[2]]
-    assert "stage ensemble not run" in sec[SECTIONS[3]]
-    assert "stage ensemble not run" in sec[SECTIONS[4]] and "reliability.png" in sec[SECTIONS[4]]
-    assert "stage compress not run" in sec[SECTIONS[5]]
+    assert "the seed&#x27;s fixed-depth model" in sec["1"] and "one phase only" in sec["1"]
+    assert "stage tune not run" in sec["2"]
+    assert "stage scratch not run" in sec["3"] and "stage finetune not run" not in sec["3"]
+    assert "stage ensemble not run" in sec["4"]
+    assert "stage ensemble not run" in sec["5"] and "reliability.png" in sec["5"]
+    assert "stage compress not run" in sec["6"]
     assert sorted(_check_images(index)) == ["learning_curves.png", "reliability.png", "transfer_vs_scratch.png"]
 
-    _write_tune(cfg, digits, plot=False)
+    H.write_tune(cfg, digits, plot=False)
     index = write_report(cfg)
     sec = _sections(_html(index))
-    assert "not run" not in sec[SECTIONS[1]] and "written by the tune stage" not in sec[SECTIONS[1]]
+    assert "not run" not in sec["2"] and "written by the tune stage" not in sec["2"]
     assert "val_accuracy_vs_depth.png" in _check_images(index)
 
 
@@ -294,8 +261,8 @@ def test_empty_run_every_section_not_run(tmp_path):
     text = _html(index)
     assert _check_images(index) == []
     sec = _sections(text)
-    for title in SECTIONS:
-        assert "not run" in sec[title], title
+    for key in KEYS[:-1]:  # the appendix lists manifests: none
+        assert "not run" in sec[key], key
     assert "no stage has written a manifest yet" in text and "could not be drawn" not in text
 
 
@@ -306,18 +273,18 @@ def test_command_line_writes_the_report(tmp_path, capsys):
     assert main(["--config", str(ROOT / "configs" / "smoke.yaml"), "--set", f"storage={tmp_path}",
                  "--set", "run=cli"]) == 0
     path = capsys.readouterr().out.strip()
-    assert path == str(tmp_path / "cli" / "report" / "index.html") and "<h2>7. Pipeline summary</h2>" in _html(path)
+    assert path == str(tmp_path / "cli" / "report" / "index.html") and "<h2>8. Pipeline summary</h2>" in _html(path)
 
 
 def test_unreadable_stage_output_is_shown_not_raised(tmp_path, digits):
     """An ensemble metrics.json without its summary: that section names the error, the others are still drawn."""
     cfg = smoke_config(tmp_path, "broken")
-    _write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=5)
+    H.write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=5)
     storage.write_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"), {"seeds": [0]})
     index = write_report(cfg)
     sec = _sections(_html(index))
-    assert "could not be drawn: KeyError" in sec[SECTIONS[3]] and "summary" in sec[SECTIONS[3]]
-    assert "stage ensemble not run" in sec[SECTIONS[4]]  # no confusion matrix in it
+    assert "could not be drawn: KeyError" in sec["4"] and "summary" in sec["4"]
+    assert "stage ensemble not run" in sec["5"]  # no confusion matrix in it
     assert "learning_curves.png" in _check_images(index)
 
 
@@ -332,4 +299,4 @@ def test_seed_range_of_equal_values_draws(tmp_path):
     storage.write_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"),
                        {"seeds": [0, 1, 2], "summary": summary})
     sec = _sections(_html(write_report(cfg)))
-    assert "members_vs_ensemble.png" in sec[SECTIONS[3]] and "could not be drawn" not in sec[SECTIONS[3]]
+    assert "members_vs_ensemble.png" in sec["4"] and "could not be drawn" not in sec["4"]

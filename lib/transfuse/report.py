@@ -7,6 +7,11 @@ run folder) and never stops the pipeline for a missing stage. A stage output tha
 named on the page with the error (and logged), not raised: the report is the last step of a long run.
 
 Sections:
+0. the verdict (``verdict``): a few lines and one table, each row met or missed against ``cfg.goals``: transfer
+   vs scratch vs pixels, the searched depth vs the seed's, the stack vs its best member, the served int8 variant
+   vs float32, with the label budget and the number of draws. Rows read ``<run>/bench_transfer.json`` (written by
+   bench/transfer.py: several draws of the label budget) where it has both models, else the run's own files
+   (1 draw);
 1. learning curves of the best trial (member dir: first entry of ``tune/members.json``, else ``finetune/``);
 2. val accuracy against unfreeze depth (``tune/results.json``, ``tune/val_accuracy_vs_depth.png``);
 3. transfer vs scratch (test metrics of ``finetune/`` and ``scratch/``);
@@ -15,7 +20,10 @@ Sections:
    The ensemble stage saves no test probabilities, so the diagram is drawn from the best CNN member's
    ``predictions/test.parquet`` and the caption says so;
 6. the compression table (``compress/metrics.json``: ``variants``);
-7. the pipeline summary (``transfuse.pipeline.summary``), plus stage timings when the caller passes them.
+7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
+   prepared test split;
+8. the pipeline summary (``transfuse.pipeline.summary``), plus stage timings when the caller passes them;
+appendix: storage, fingerprints, stage manifests, git commits, the label budget record and package versions.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import io
+import json
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -41,6 +51,10 @@ MANIFEST_STAGES = ("data", "pretrain_data", "pretrain", "finetune", "scratch", "
                    "bundle")
 COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.COMBINERS: not members
 DPI = 110  # ~550-800 px wide figures: readable in a browser without zooming
+BENCH_FILE = "bench_transfer.json"  # under <storage>/<run>/, from bench/transfer.py
+# bench_transfer.json's model names for the verdict's rows
+BENCH_NAMES = {"transfer": "seed_recipe", "scratch": "scratch", "pixels": "pixels_logreg",
+               "searched": "searched_depth", "stack": "stack"}
 
 
 def _esc(v: Any) -> str:
@@ -126,29 +140,285 @@ def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
     return None, ""
 
 
+# ------------------------------------------------------------------------------------------------ the verdict
+@dataclass
+class Measure:
+    """One model's test accuracy: a value per draw (one draw when read from the run's own files)."""
+
+    name: str
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values))
+
+    def cell(self) -> str:
+        if len(self.values) == 1:
+            return f"{self.name} {self.values[0]:.4f}"
+        return f"{self.name} {self.mean:.4f} [{min(self.values):.4f}, {max(self.values):.4f}]"
+
+
+@dataclass
+class VerdictRow:
+    """One comparison: ``first`` against ``second``, their ``difference`` (points, or a ratio) against ``goal``.
+
+    ``met`` is None when a stage it needs has not run (``missing`` names it)."""
+
+    key: str
+    comparison: str
+    first: str = "-"
+    second: str = "-"
+    difference: Optional[float] = None  # the mean over draws
+    worst: Optional[float] = None  # the smallest per-draw difference, with several draws
+    unit: str = "points"  # points (of test accuracy) or x (a ratio)
+    goal: float = 0.0
+    draws: int = 1
+    met: Optional[bool] = None
+    missing: str = ""
+
+    def difference_text(self) -> str:
+        if self.difference is None:
+            return "-"
+        if self.unit == "x":
+            return f"{self.difference:.2f}x"
+        worst = f" (worst draw {self.worst:+.2f})" if self.worst is not None else ""
+        return f"{self.difference:+.2f} points{worst}"
+
+    def goal_text(self) -> str:
+        return f">= {self.goal:.2f}x" if self.unit == "x" else f">= {self.goal:+.2f} points"
+
+    def verdict_text(self) -> str:
+        return "not run" if self.met is None else ("met" if self.met else "missed")
+
+
+@dataclass
+class Verdict:
+    rows: list[VerdictRow]
+    label_budget: Optional[dict[str, Any]]  # per_class, train, val, holdout (what is known of them)
+    bench: bool  # some rows read bench_transfer.json
+
+    @property
+    def draws(self) -> list[int]:
+        return sorted({r.draws for r in self.rows if r.met is not None})
+
+    def headline(self) -> str:
+        judged = [r for r in self.rows if r.met is not None]
+        met = sum(bool(r.met) for r in judged)
+        draws = "/".join(str(d) for d in self.draws) or "1"
+        head = f"{met} of {len(judged)} goals met ({draws} draw{'s' if draws != '1' else ''}"
+        budget = budget_text(self.label_budget)
+        return head + (f"; label budget: {budget})." if budget else ").")
+
+    def lines(self) -> list[str]:
+        """The verdict in a few lines: the headline, then what was missed and what did not run."""
+        out = [self.headline()]
+        missed = [r for r in self.rows if r.met is False]
+        if missed:
+            out.append("Missed: " + "; ".join(f"{r.comparison} {r.difference_text()} (goal {r.goal_text()})"
+                                              for r in missed) + ".")
+        absent = [r for r in self.rows if r.met is None]
+        if absent:
+            out.append("Not judged: " + "; ".join(f"{r.comparison} ({r.missing})" for r in absent) + ".")
+        return out
+
+
+def budget_text(b: Optional[dict[str, Any]]) -> str:
+    if not b:
+        return ""
+    parts = [f"{b['per_class']:,} labelled per class"] if b.get("per_class") else []
+    parts += [f"{k} {b[k]:,}" for k in ("train", "val", "holdout") if b.get(k) is not None]
+    return ", ".join(parts)
+
+
+def _label_budget(cfg: Any, bench: Optional[dict]) -> Optional[dict[str, Any]]:
+    """The data manifest's ``label_budget`` record, else the bench's, else the prepared split sizes."""
+    m = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    if m.get("label_budget"):
+        return dict(m["label_budget"])
+    if bench and bench.get("label_budget"):
+        return dict(bench["label_budget"])
+    totals = m.get("totals")
+    if not totals:
+        return None
+    return {"per_class": cfg.data.train_per_class, **{k: totals.get(k) for k in ("train", "val", "holdout")}}
+
+
+def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[str, Measure]:
+    """The run's own test accuracies (1 draw): transfer, scratch, pixels, searched, stack, best_member."""
+    out: dict[str, Measure] = {}
+    for key, stage, name in (("transfer", "finetune", "seed recipe"), ("scratch", "scratch", "scratch")):
+        m = _read_json(storage.join(storage.stage_dir(cfg, stage), "metrics.json"))
+        if m and isinstance(m.get("test"), dict):
+            out[key] = Measure(name, [float(m["test"]["accuracy"])])
+    tsum = _read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))
+    if tsum and tsum.get("best", {}).get("test_accuracy") is not None:
+        out["searched"] = Measure(f"searched depth {tsum['best'].get('unfreeze')}",
+                                  [float(tsum["best"]["test_accuracy"])])
+    if ens and ens.get("summary"):
+        summ = ens["summary"]
+        pixels = [m["name"] for m in (desc or {}).get("sklearn_members", [])
+                  if m.get("features") == "pixels" and m["name"] in summ]
+        if pixels:
+            out["pixels"] = Measure(f"pixels ({pixels[0]})", [float(summ[pixels[0]]["accuracy"]["mean"])])
+        if "stack" in summ:
+            out["stack"] = Measure("stack", [float(summ["stack"]["accuracy"]["mean"])])
+        best = (ens.get("best_member") or {}).get("name")
+        if best in summ:
+            out["best_member"] = Measure(f"best member {best}", [float(summ[best]["accuracy"]["mean"])])
+    return out
+
+
+def _bench_measures(bench: Optional[dict]) -> dict[str, Measure]:
+    """bench_transfer.json's per-draw accuracies under the verdict's keys; best_member: the best non-stack model."""
+    models = (bench or {}).get("models") or {}
+    out = {key: Measure(name.replace("_", " "), [float(v) for v in models[name]["accuracy"]])
+           for key, name in BENCH_NAMES.items() if models.get(name, {}).get("accuracy")}
+    others = [n for n in models if n != BENCH_NAMES["stack"] and models[n].get("accuracy")]
+    if others:
+        best = max(others, key=lambda n: float(np.mean(models[n]["accuracy"])))
+        out["best_member"] = Measure(f"best single {best.replace('_', ' ')}",
+                                     [float(v) for v in models[best]["accuracy"]])
+    return out
+
+
+def _accuracy_row(key: str, comparison: str, a: str, b: str, goal: float, bench: dict[str, Measure],
+                  run: dict[str, Measure], needs: str) -> VerdictRow:
+    """first minus second in points, from the bench when it has both (paired by draw), else from the run."""
+    row = VerdictRow(key, comparison, goal=goal)
+    src = bench if a in bench and b in bench and len(bench[a].values) == len(bench[b].values) else run
+    if a not in src or b not in src:
+        row.missing = f"needs {needs}"
+        return row
+    first, second = src[a], src[b]
+    diffs = 100.0 * (np.asarray(first.values) - np.asarray(second.values))
+    row.first, row.second, row.draws = first.cell(), second.cell(), len(diffs)
+    row.difference = float(diffs.mean())
+    row.worst = float(diffs.min()) if len(diffs) > 1 else None
+    row.met = round(row.difference, 6) >= goal  # rounded: float noise is not a miss
+    return row
+
+
+def _served_rows(cfg: Any) -> list[VerdictRow]:
+    """The served variant against float32: accuracy points, size and batch-1 speed ratios (compress's own)."""
+    g, serve = cfg.goals, cfg.compress.serve_variant
+    rows = [VerdictRow("served_accuracy", f"{serve} vs float32: accuracy", goal=g.served_accuracy_points),
+            VerdictRow("served_size", f"{serve} vs float32: size", unit="x", goal=g.served_smaller),
+            VerdictRow("served_speed", f"{serve} vs float32: batch-1 latency", unit="x", goal=g.served_faster)]
+    rep = _read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")) or {}
+    by = {r.get("variant"): r for r in rep.get("variants") or []}
+    s, f = by.get(serve), by.get("float32")
+    if s is None or f is None or "speedup_b1" not in s:
+        for r in rows:
+            r.missing = "needs compress with float32 and " + serve
+        return rows
+    cells = {"served_accuracy": ("accuracy_delta_points", "accuracy", "{:.4f}"),
+             "served_size": ("smaller_raw", "size_bytes", "{:,} bytes"),
+             "served_speed": ("speedup_b1", "p50_ms_b1", "{:.2f} ms p50")}
+    for r in rows:
+        value_key, shown, fmt = cells[r.key]
+        r.first, r.second = f"{serve} {fmt.format(s[shown])}", f"float32 {fmt.format(f[shown])}"
+        r.difference = float(s[value_key])
+        r.met = round(r.difference, 6) >= r.goal
+    return rows
+
+
+def verdict(cfg: Any) -> Verdict:
+    """The report's first section, from bench_transfer.json (several draws) where it has the models, else the
+    run's files (1 draw); a row whose stage has not run is "not run", never a miss."""
+    bench = _read_json(storage.join(storage.run_dir(cfg), BENCH_FILE))
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ens, desc = _read_json(storage.join(ens_dir, "metrics.json")), _read_json(storage.join(ens_dir, "ensemble.json"))
+    b, r, g = _bench_measures(bench), _run_measures(cfg, ens, desc), cfg.goals
+    rows = [
+        _accuracy_row("transfer_vs_scratch", "transfer vs scratch", "transfer", "scratch",
+                      g.transfer_vs_scratch_points, b, r, "finetune and scratch"),
+        _accuracy_row("transfer_vs_pixels", "transfer vs pixels", "transfer", "pixels",
+                      g.transfer_vs_pixels_points, b, r, "finetune and a pixels member in ensemble"),
+        _accuracy_row("searched_vs_seed", "searched depth vs the seed's", "searched", "transfer",
+                      g.searched_vs_seed_points, b, r, "finetune and tune"),
+        _accuracy_row("stack_vs_best_member", "stack vs best member", "stack", "best_member",
+                      g.stack_vs_best_member_points, b, r, "ensemble"),
+        *_served_rows(cfg),
+    ]
+    return Verdict(rows, _label_budget(cfg, bench), bool(b))
+
+
+def verdict_lines(cfg: Any) -> list[str]:
+    """The verdict for a console: its few lines, then a line per row."""
+    v = verdict(cfg)
+    width = max(len(r.comparison) for r in v.rows)
+    return ["", "verdict: " + v.headline()] + [
+        f"  {r.verdict_text():<8}{r.comparison:<{width}}  {r.difference_text():<32} goal {r.goal_text()}"
+        for r in v.rows]
+
+
+def _verdict(cfg: Any, page: _Page) -> None:
+    page.add('<h2 id="verdict">Verdict</h2>')
+    v = verdict(cfg)
+    page.add('<div class="verdict-lines">' + "".join(f"<p>{_esc(line)}</p>" for line in v.lines()) + "</div>")
+    head = "".join(f"<th>{h}</th>" for h in ("comparison", "first", "second", "difference", "goal", "draws",
+                                            "verdict"))
+    body = "".join(
+        f'<tr data-key="{_esc(r.key)}" data-met="{_esc(r.verdict_text())}"'
+        f' data-difference="{"" if r.difference is None else repr(r.difference)}">'
+        f"<td>{_esc(r.comparison)}</td><td>{_esc(r.first)}</td><td>{_esc(r.second)}</td>"
+        f"<td>{_esc(r.difference_text())}</td><td>{_esc(r.goal_text())}</td>"
+        f"<td>{r.draws if r.met is not None else '-'}</td>"
+        f'<td class="{_esc(r.verdict_text().replace(" ", "-"))}">{_esc(r.verdict_text())}</td></tr>'
+        for r in v.rows)
+    page.add(f'<table id="verdict-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+    src = (f"Rows with several draws read {BENCH_FILE} (bench/transfer.py); the others this run's files."
+           if v.bench else "Every row reads this run's files (1 draw; bench/transfer.py writes several).")
+    page.add(f'<p class="note">{_esc(src)} Goals: the config\'s <code>goals</code> section. Accuracy on the '
+             "test split; a difference is the first model minus the second.</p>")
+
+
 # ------------------------------------------------------------------------------------------------ sections
-def _header(cfg: Any, page: _Page) -> None:
-    rows, commits = [], []
+def _title(cfg: Any, page: _Page) -> None:
+    page.add(f"<h1>transfuse run <code>{_esc(cfg.run)}</code></h1>")
+
+
+def _versions(manifests: list[dict]) -> list[tuple[str, str]]:
+    """Package versions as the stage manifests recorded them (a package whose version changed between stages
+    lists each), else this process's; and the Python that writes the report."""
+    import platform
+
+    seen: dict[str, list[str]] = {}
+    for m in manifests or [{"versions": storage.versions()}]:
+        for k, v in (m.get("versions") or {}).items():
+            if v not in seen.setdefault(k, []):
+                seen[k].append(v)
+    return [(k, ", ".join(v)) for k, v in seen.items()] + [("python (report)", platform.python_version())]
+
+
+def _appendix(cfg: Any, page: _Page) -> None:
+    page.add('<h2 id="appendix">Appendix: paths, fingerprints and versions</h2>')
+    rows, commits, manifests = [], [], []
     for s in MANIFEST_STAGES:
         m = storage.read_manifest(storage.stage_dir(cfg, s))
         if not m:
             continue
+        manifests.append(m)
         commit = m.get("git_commit")
         if commit and commit not in commits:
             commits.append(commit)
         rows.append([_esc(s), _num(m.get("complete")), f"<code>{_esc(m.get('fingerprint', '-'))}</code>",
                      _esc(m.get("created", "-")), f"<code>{_esc((commit or '-')[:12])}</code>"])
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    page.add(f"<h1>transfuse run <code>{_esc(cfg.run)}</code></h1>")
     info = [("storage", storage.run_dir(cfg)), ("config fingerprint", cfg.fingerprint()),
             ("git commit", ", ".join(commits) if commits else "- (no stage manifest records one)"),
             ("backbone", f"{cfg.model.backbone} (width {cfg.model.width}, {cfg.model.input_size} px, "
                          f"weights {cfg.model.weights}, unfreeze {cfg.model.unfreeze})"),
             ("written", now)]
+    data = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    if data.get("label_budget"):
+        info.append(("label budget (data manifest)", json.dumps(data["label_budget"], sort_keys=True)))
     page.add(_table(["", ""], [[_esc(k), f"<code>{_esc(v)}</code>"] for k, v in info]))
     page.add("<h3>Stage manifests</h3>")
     page.add(_table(["stage", "complete", "fingerprint", "created", "git commit"], rows) if rows
              else "<p>no stage has written a manifest yet</p>")
+    page.add("<h3>Package versions</h3>")
+    page.add(_table(["package", "version"], [[_esc(k), _esc(v)] for k, v in _versions(manifests)]))
 
 
 def _learning_curves(cfg: Any, page: _Page) -> None:
@@ -448,8 +718,52 @@ def _compression(cfg: Any, page: _Page) -> None:
                 "Every variant as a full bundle, loaded back and measured (served variant in green).")
 
 
+def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision and recall per class (NaN where a class is never predicted / never present) and support."""
+    cm = np.asarray(tm.confusion(probs, labels), dtype=np.float64)
+    hit = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"precision": hit / cm.sum(0), "recall": hit / cm.sum(1), "n": cm.sum(1).astype(np.int64)}
+
+
+def _per_class(cfg: Any, page: _Page) -> None:
+    serve = cfg.compress.serve_variant
+    page.add(f"<h2>7. Precision and recall per class: float32 vs {_esc(serve)}</h2>")
+    from transfuse.bundle import MANIFEST, load_bundle
+
+    comp = storage.stage_dir(cfg, "compress")
+    names = list(dict.fromkeys(["float32", serve]))
+    if not all(storage.exists(storage.join(comp, v, MANIFEST)) for v in names):
+        page.add(_not_run("compress") if not storage.exists(comp) else
+                 f"<p>compress/ has no {_esc(' and '.join(names))} bundle to compare</p>")
+        return
+    data_dir = storage.stage_dir(cfg, "data")
+    if not storage.read_manifest(data_dir):
+        page.add(_not_run("prepare"))
+        return
+    from transfuse.data import read_split_numpy
+
+    images, labels, _ = read_split_numpy(data_dir, "test")
+    stats, class_names = {}, None
+    for v in names:
+        b = load_bundle(storage.join(comp, v))
+        stats[v] = per_class(b.predict_proba(images), labels)
+        class_names = b.class_names
+    rows = []
+    for k, cname in enumerate(class_names or []):
+        row = [_esc(cname), _num(int(stats["float32"]["n"][k]))]
+        for metric in ("precision", "recall"):
+            a, q = float(stats["float32"][metric][k]), float(stats[serve][metric][k])
+            row += [_num(a), _num(q), _num(100.0 * (q - a), "{:+.2f}")]
+        rows.append(row)
+    page.add(_table(["class", "test n", "precision float32", f"precision {serve}", "change (points)",
+                     "recall float32", f"recall {serve}", "change (points)"], rows))
+    page.add(f"<p>Both bundles (compress/float32/ and compress/{_esc(serve)}/) run on the prepared test split "
+             f"({len(labels):,} images); '-': the class was never predicted.</p>")
+
+
 def _summary(cfg: Any, page: _Page, results: Optional[Sequence[Any]]) -> None:
-    page.add("<h2>7. Pipeline summary</h2>")
+    page.add("<h2>8. Pipeline summary</h2>")
     from transfuse.pipeline import summary
 
     rows = summary(cfg, list(results or []))
@@ -473,7 +787,9 @@ _CSS = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}th,td{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th{background:#f2f2f2}td:first-child,th:first-child{text-align:left}
 figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555;max-width:800px}
-.missing{color:#a33;font-style:italic}.error{color:#a00}code{font-size:.9em}"""
+.missing{color:#a33;font-style:italic}.error{color:#a00}code{font-size:.9em}h1{margin:.2em 0 .4em}
+.verdict-lines p{margin:.2em 0}td.met{color:#161;font-weight:bold}td.missed{color:#a00;font-weight:bold}
+td.not-run{color:#777}.note{font-size:.85em;color:#555}"""
 
 
 def _section(page: _Page, title: str, fn: Callable[[], None]) -> None:
@@ -507,14 +823,17 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
         desc = _read_json(storage.join(ens_dir, "ensemble.json"))
     except Exception as e:  # noqa: BLE001 - shown in sections 4 and 5
         log.warning("report: cannot read %s: %s", ens_dir, e)
-    _section(page, "header", lambda: _header(cfg, page))
+    _title(cfg, page)
+    _section(page, "verdict", lambda: _verdict(cfg, page))
     _section(page, "learning curves", lambda: _learning_curves(cfg, page))
     _section(page, "depth search", lambda: _depth_search(cfg, page))
     _section(page, "transfer vs scratch", lambda: _transfer_vs_scratch(cfg, page))
     _section(page, "members vs ensemble", lambda: _members_vs_ensemble(cfg, page, ens, desc))
     _section(page, "confusion and reliability", lambda: _calibration(cfg, page, ens, desc))
     _section(page, "compression", lambda: _compression(cfg, page))
+    _section(page, "per class", lambda: _per_class(cfg, page))
     _section(page, "pipeline summary", lambda: _summary(cfg, page, results))
+    _section(page, "appendix", lambda: _appendix(cfg, page))
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>transfuse report: {_esc(cfg.run)}</title><style>{_CSS}</style></head><body>\n"
            + "\n".join(page.parts) + "\n</body></html>\n")
@@ -539,7 +858,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["main", "write_report"]
+__all__ = ["Verdict", "VerdictRow", "main", "per_class", "verdict", "verdict_lines", "write_report"]
 
 if __name__ == "__main__":
     raise SystemExit(main())
