@@ -223,7 +223,7 @@ def test_cluster_yaml_meets_transfuse_needs():
     cfg = load_cluster()
     assert transfuse_problems(cfg) == []
     (gpu,) = gpu_types(cfg).values()
-    assert gpu["resources"]["GPU"] == 4  # several GPUs per node for Ray Train, as DESIGN.md asks
+    assert gpu["resources"]["GPU"] == 4  # several GPUs per node for Ray Train
     assert gpu["min_workers"] == 0  # scales from zero: GPUs only while a stage needs them
     assert cfg["available_node_types"][cfg["head_node_type"]]["resources"]["CPU"] == 0
     assert cfg["idle_timeout_minutes"] > 0
