@@ -5,12 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data demo test test-slow bench clean
+.PHONY: install data browser demo test test-slow bench clean
 
+# pip -qq: errors only (its warnings, one per unreachable index location, were most of make demo's output)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,lite]'
+	$(PY) -m pip install -qq --upgrade pip
+	$(PY) -m pip install -qq -e '.[dev,lite]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,10 +25,19 @@ data:
 	  else echo "Fashion-MNIST not found and apt-get unavailable: set data.path or data.download=true"; fi; \
 	fi
 
+# Debian's Chromium and its driver for the browser tests (tests/test_browser*.py), when missing and apt is available.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if command -v apt-get >/dev/null 2>&1; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium chromium-driver; \
+	  else echo "chromium not found and apt-get unavailable: the browser tests are skipped"; fi; \
+	fi
+
 demo: install data
 	$(PY) -m jobs.pipeline --config configs/default.yaml
 
-test: install data
+test: install data browser
 	$(PY) -m pytest
 
 test-slow: install data

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -265,3 +265,80 @@ def write_full_run(cfg, data, label_budget: dict | None = None) -> FullRun:
     ens = write_ensemble(cfg)
     comp, lin = write_compress(cfg, data, ft["clf"])
     return FullRun(ft, scratch, rows, ens, comp, lin)
+
+
+def expected_verdict(cfg) -> dict[str, tuple[Optional[float], Optional[bool]]]:
+    """Each verdict row's difference and met flag (None, None: not run), computed here from the stage files."""
+    g = cfg.goals
+
+    def test_accuracy(d: str) -> Optional[float]:
+        path = storage.join(d, "metrics.json")
+        return storage.read_json(path)["test"]["accuracy"] if storage.exists(path) else None
+
+    ft, scratch = (test_accuracy(storage.stage_dir(cfg, s)) for s in ("finetune", "scratch"))
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ens = storage.read_json(storage.join(ens_dir, "metrics.json"))
+    summ, best = ens["summary"], ens["best_member"]["name"]  # the ensemble stage names its best member
+    desc = storage.read_json(storage.join(ens_dir, "ensemble.json"))
+    pixels = next(m["name"] for m in desc["sklearn_members"] if m["features"] == "pixels")
+    members = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"]
+    searched = test_accuracy(members[0]["dir"])
+    served = next(r for r in storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
+                  ["variants"] if r["variant"] == cfg.compress.serve_variant)
+    points = lambda a, b: None if a is None or b is None else 100 * (a - b)  # noqa: E731
+    values = {
+        "transfer_vs_scratch": (points(ft, scratch), g.transfer_vs_scratch_points),
+        "transfer_vs_pixels": (points(ft, summ[pixels]["accuracy"]["mean"]), g.transfer_vs_pixels_points),
+        "searched_vs_seed": (points(searched, ft), g.searched_vs_seed_points),
+        "stack_vs_best_member": (points(summ["stack"]["accuracy"]["mean"], summ[best]["accuracy"]["mean"]),
+                                 g.stack_vs_best_member_points),
+        "served_accuracy": (served["accuracy_delta_points"], g.served_accuracy_points),
+        "served_size": (served["smaller_raw"], g.served_smaller),
+        "served_speed": (served["speedup_b1"], g.served_faster),
+    }
+    return {k: (v, None if v is None else round(v, 6) >= goal) for k, (v, goal) in values.items()}
+
+
+def check_report_page(browser, index: str, cfg) -> dict[str, str]:
+    """Open ``index`` as a person would: every plot loaded (no broken image), the verdict table as the stage files
+    say, the verdict within the first screen; screenshots written to ``report/screenshots/``. Returns their paths."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import SCREEN
+
+    browser.get(Path(index).as_uri())
+    images = browser.find_elements(By.TAG_NAME, "img")
+    assert images, "the report shows no plot"
+    for img in images:
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", img), \
+            f"broken image {img.get_attribute('src')}"
+    want = expected_verdict(cfg)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#verdict-table tbody tr")
+    assert [r.get_attribute("data-key") for r in rows] == list(want)
+    for r in rows:
+        value, met = want[r.get_attribute("data-key")]
+        cells = [c.text for c in r.find_elements(By.TAG_NAME, "td")]
+        if value is None:
+            assert cells[3] == "-" and cells[6] == "not run", cells
+            continue
+        unit_x = r.get_attribute("data-key") in ("served_size", "served_speed")
+        assert cells[3].startswith(f"{value:.2f}x" if unit_x else f"{value:+.2f} points"), cells
+        assert cells[6] == ("met" if met else "missed"), cells
+    browser.execute_script("window.scrollTo(0, 0)")
+    for selector in ("#verdict", ".verdict-lines", "#verdict-table"):
+        box = browser.execute_script("const r = document.querySelector(arguments[0]).getBoundingClientRect();"
+                                     "return [r.left, r.top, r.right, r.bottom]", selector)
+        assert box[0] >= 0 and box[1] >= 0 and box[2] <= SCREEN[0] and box[3] <= SCREEN[1], (selector, box)
+    shots = Path(index).parent / "screenshots"
+    shots.mkdir(exist_ok=True)
+    first = shots / "report_first_screen.png"
+    assert browser.save_screenshot(str(first))
+    height = browser.execute_script("return document.documentElement.scrollHeight")
+    size = browser.get_window_size()
+    try:
+        browser.set_window_size(size["width"], size["height"] + height - SCREEN[1])
+        whole = shots / "report_full_page.png"
+        assert browser.save_screenshot(str(whole))
+    finally:
+        browser.set_window_size(size["width"], size["height"])
+    return {"first_screen": str(first), "full_page": str(whole)}

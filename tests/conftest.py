@@ -17,6 +17,9 @@ from transfuse.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's chromium and chromium-driver (Makefile's browser target installs them)
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SCREEN = (1300, 900)  # the report's "first screen": its verdict must lie within it
 
 
 def smoke_config(storage: Path, run: str = "smoke", overrides: list[str] | None = None) -> Config:
@@ -87,3 +90,33 @@ def fashion_dir() -> Path:
     if not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip("Fashion-MNIST idx files absent: install the Debian package dataset-fashion-mnist")
     return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by selenium, its viewport exactly ``SCREEN`` (1300 x 900 CSS pixels), shared by
+    the session's browser tests (pages on file:// or http://127.0.0.1). Without Chromium the tests are skipped,
+    except in CI, where that is a failure: .ci/run installs it."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        msg = f"{CHROMIUM} / {CHROMEDRIVER} missing: `make browser` installs Debian's chromium and chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+                "--force-device-scale-factor=1", f"--window-size={SCREEN[0]},{SCREEN[1]}"):
+        opts.add_argument(arg)  # --no-sandbox: CI runs as root; --disable-dev-shm-usage: small /dev/shm
+    # an explicit driver path: selenium's own driver manager would try to download one
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
+    try:
+        inner = driver.execute_script("return [window.innerWidth, window.innerHeight]")
+        outer = driver.get_window_size()
+        driver.set_window_size(outer["width"] + SCREEN[0] - inner[0], outer["height"] + SCREEN[1] - inner[1])
+        assert driver.execute_script("return [window.innerWidth, window.innerHeight]") == list(SCREEN)
+        yield driver
+    finally:
+        driver.quit()

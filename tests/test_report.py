@@ -71,29 +71,6 @@ def _sections(text: str) -> dict[str, str]:
     return out
 
 
-def expected_verdict(cfg, run: H.FullRun) -> dict[str, tuple[float, bool]]:
-    """Each verdict row's difference and met flag, computed here from the stage files the run wrote."""
-    g = cfg.goals
-    acc = lambda m: m["metrics"]["test"]["accuracy"]  # noqa: E731
-    summ = run.ensemble["summary"]
-    members = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"]
-    searched = storage.read_json(storage.join(members[0]["dir"], "metrics.json"))["test"]["accuracy"]
-    best = run.ensemble["best_member"]["name"]
-    int8 = next(r for r in run.compress["variants"] if r["variant"] == "int8")
-    values = {
-        "transfer_vs_scratch": (100 * (acc(run.finetune) - acc(run.scratch)), g.transfer_vs_scratch_points),
-        "transfer_vs_pixels": (100 * (acc(run.finetune) - summ["px_logreg"]["accuracy"]["mean"]),
-                               g.transfer_vs_pixels_points),
-        "searched_vs_seed": (100 * (searched - acc(run.finetune)), g.searched_vs_seed_points),
-        "stack_vs_best_member": (100 * (summ["stack"]["accuracy"]["mean"] - summ[best]["accuracy"]["mean"]),
-                                 g.stack_vs_best_member_points),
-        "served_accuracy": (int8["accuracy_delta_points"], g.served_accuracy_points),
-        "served_size": (int8["smaller_raw"], g.served_smaller),
-        "served_speed": (int8["speedup_b1"], g.served_faster),
-    }
-    return {k: (v, round(v, 6) >= goal) for k, (v, goal) in values.items()}
-
-
 def verdict_rows(section: str) -> dict[str, dict[str, str]]:
     """The verdict table's rows from the HTML: key -> its data attributes and cells."""
     out = {}
@@ -115,7 +92,7 @@ def test_full_run_report(full):
     sec = _sections(text)
     assert "not run" not in text and "could not be drawn" not in text
     # the verdict: a row per comparison, its difference and met/missed as computed here from the files
-    want = expected_verdict(cfg, run)
+    want = H.expected_verdict(cfg)
     got = verdict_rows(sec["Verdict"])
     assert list(got) == list(want)
     for key, (value, met) in want.items():
