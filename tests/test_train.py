@@ -161,8 +161,20 @@ def test_overrides_and_scratch_budget(digits_run):
     assert (eff.train.lr_frozen, eff.train.seed) == (0.01, 3)
     s = scratch_overrides(digits_run)
     assert s["unfreeze"] == 18 and s["epochs_frozen"] == 0
-    assert s["epochs_unfrozen"] == digits_run.train.epochs_frozen + digits_run.train.epochs_unfrozen
+    epochs = digits_run.train.epochs_frozen + digits_run.train.epochs_unfrozen
+    assert s["epochs_unfrozen"] == epochs and s["early_stopping_patience"] == epochs  # no early stop from scratch
+    assert s["lr_unfrozen"] == digits_run.train.lr_frozen
+    assert effective(digits_run, s).train.early_stopping_patience == epochs
     assert mixed_policy("auto", True) == "mixed_float16" and mixed_policy("auto", False) == "float32"
+    # block units: the scratch net trains every block; the searched depth may count blocks where the seed's
+    # depth counts layers; a head width of 0 means no hidden layer
+    lite = effective(digits_run.model_copy(update={"model": digits_run.model.model_copy(update={
+        "backbone": "efficientnet_lite0", "input_size": 32, "unfreeze_unit": "blocks", "weights": "none"})}))
+    assert scratch_overrides(lite)["unfreeze"] == 18  # stem, 16 MBConv blocks, head
+    eff = effective(lite, {"unfreeze": 2, "unfreeze_unit": "blocks", "head_dense": 0})
+    assert eff.model.unfreeze_unit == "blocks" and eff.model.head.dense == []
+    lr = digits_run.model_copy(update={"train": digits_run.train.model_copy(update={"lr_scratch": 1e-4})})
+    assert scratch_overrides(lr)["lr_unfrozen"] == 1e-4
 
 
 def _shifted_train_labels(digits_run, dest) -> str:

@@ -150,6 +150,7 @@ class TrainConfig(_Strict):
     epochs_unfrozen: int = Field(3, ge=0)  # phase 2: last `unfreeze` layers trainable
     lr_frozen: float = Field(1e-3, gt=0.0)  # Adam
     lr_unfrozen: float = Field(1e-4, gt=0.0)  # lower, as in the seed
+    lr_scratch: Optional[float] = Field(None, gt=0.0)  # the from-scratch baseline's Adam rate (None: lr_frozen)
     early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
     restore_best_weights: bool = True  # each phase ends with its best epoch's weights (lowest val loss)
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs

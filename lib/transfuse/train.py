@@ -43,8 +43,8 @@ CKPT_WEIGHTS = "model.weights.h5"
 BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
 OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
 # Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
-OVERRIDES = ("unfreeze", "unfreeze_unit", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed", "epochs_frozen",
-             "epochs_unfrozen", "batch_size")
+OVERRIDES = ("unfreeze", "unfreeze_unit", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed",
+             "early_stopping_patience", "epochs_frozen", "epochs_unfrozen", "batch_size")
 
 
 class TrainError(ValueError):
@@ -290,6 +290,7 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
 
     from transfuse import cache, models
     from transfuse.data import data_manifest, preprocessed, read_split, read_split_numpy
+    from transfuse.data.dataset import in_memory
     from transfuse.preprocess import PreprocessSpec, preprocess
 
     data_dir = data_dir or _data_dir(cfg)
@@ -336,7 +337,7 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
                     x = preprocess(images, pspec)
                 else:
                     x, labels = cache.read_cache_numpy(dirs[p["cut_layer"]], split)
-                ds = _in_memory(x, labels)
+                ds = in_memory(x, labels)
             elif tag == "image":
                 ds = preprocessed(read_split(data_dir, split), pspec, augment=augment).select_columns(["x", "label"])
             else:
@@ -372,17 +373,6 @@ def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], 
         train_func, train_loop_config=loop_config,
         scaling_config=scaling_config(t),
         run_config=run_config, datasets=datasets)
-
-
-def _in_memory(x: np.ndarray, labels: np.ndarray) -> Any:
-    """A Ray Dataset (x float32 tensor, label int64) built from arrays in this process (no read tasks)."""
-    import pyarrow as pa
-    import ray.data
-    from ray.data.extensions import ArrowTensorArray
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    return ray.data.from_arrow(pa.table({"x": ArrowTensorArray.from_numpy(x),
-                                         "label": pa.array(labels.astype(np.int64))}))
 
 
 def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]] = None, *,
@@ -540,14 +530,18 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
 
 
 def scratch_overrides(cfg: Config) -> dict[str, Any]:
-    """The same network from random weights with the same budget: every layer trains for all epochs at the
-    phase-1 learning rate (a from-scratch net needs the higher rate)."""
+    """The same network from random weights with the same budget: every layer trains for all epochs at
+    ``train.lr_scratch`` (default: the phase-1 rate; a from-scratch net needs a higher rate than fine-tuning),
+    without early stopping (from random weights the val loss often rises for a while before it falls), keeping
+    its best epoch by val loss as every run does."""
     from transfuse import models
 
     n = models.unfreeze_units(cfg.model)
     t = cfg.train
-    return {"unfreeze": n, "epochs_frozen": 0, "epochs_unfrozen": t.epochs_frozen + t.epochs_unfrozen,
-            "lr_unfrozen": t.lr_frozen}
+    epochs = t.epochs_frozen + t.epochs_unfrozen
+    return {"unfreeze": n, "epochs_frozen": 0, "epochs_unfrozen": epochs,
+            "lr_unfrozen": t.lr_scratch if t.lr_scratch is not None else t.lr_frozen,
+            "early_stopping_patience": max(1, epochs)}
 
 
 def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
