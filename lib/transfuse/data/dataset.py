@@ -1,4 +1,10 @@
-"""Reading prepared splits: as a streaming Ray Dataset (training at scale) or as numpy (small splits, eval)."""
+"""Reading prepared splits: as a streaming Ray Dataset (training at scale) or as numpy (small splits, eval).
+
+``training_split`` picks between the two by size for a training input: a split that fits comfortably in this
+node's object store is read with pyarrow here, preprocessed once with numpy and put in the object store as one
+materialized dataset (no Ray Data read or map tasks: their start-up was most of a small epoch's time); a larger
+one, or one augmented per epoch, streams from parquet through ``map_batches``.
+"""
 
 from __future__ import annotations
 
@@ -47,6 +53,54 @@ def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray,
     images = np.concatenate([c.to_numpy() for c in col.chunks]) if col.num_chunks > 1 else col.chunk(0).to_numpy()
     return (images.astype(np.uint8, copy=False), table.column("label").to_numpy().astype(np.int64),
             table.column("id").to_numpy(zero_copy_only=False).astype(object))
+
+
+IN_MEMORY_FRACTION = 0.25  # of this node's object store: the most a split preprocessed in memory may take
+
+
+def in_memory(x: np.ndarray, labels: np.ndarray) -> Any:
+    """A materialized Ray Dataset (x float32 tensor, label int64) from arrays in this process (no read tasks)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return ray.data.from_arrow(pa.table({"x": ArrowTensorArray.from_numpy(x),
+                                         "label": pa.array(np.asarray(labels, dtype=np.int64))}))
+
+
+def in_memory_bytes(data_dir: str, split: str, spec: PreprocessSpec) -> Optional[int]:
+    """Bytes the split takes preprocessed (float32 inputs + labels), from the data manifest's totals."""
+    rows = data_manifest(data_dir).get("totals", {}).get(split)
+    return None if rows is None else int(rows) * (spec.input_size * spec.input_size * 3 * 4 + 8)
+
+
+def _local_object_store_bytes() -> int:
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    for n in ray.nodes():
+        if n["NodeID"] == node:
+            return int(n["Resources"].get("object_store_memory", 0))
+    return 0
+
+
+def training_split(data_dir: str, split: str, spec: PreprocessSpec, *, augment: Optional[AugmentConfig] = None,
+                   max_bytes: Optional[int] = None) -> Any:
+    """The split as model inputs (``x``, ``label``) for training, by size.
+
+    Without per-epoch augmentation and at most ``max_bytes`` preprocessed (default: ``IN_MEMORY_FRACTION`` of
+    this node's object store): read here, preprocessed once, one materialized dataset that every epoch reuses.
+    Otherwise the streaming path (``preprocessed(read_split(...))``), which keeps only a window of blocks in
+    the object store.
+    """
+    size = in_memory_bytes(data_dir, split, spec)
+    limit = int(IN_MEMORY_FRACTION * _local_object_store_bytes()) if max_bytes is None else max_bytes
+    augmented = augment is not None and (augment.flip or augment.pad_crop)
+    if not augmented and size is not None and size <= limit:
+        images, labels, _ = read_split_numpy(data_dir, split)
+        return in_memory(preprocess(images, spec), labels)
+    return preprocessed(read_split(data_dir, split), spec, augment=augment).select_columns(["x", "label"])
 
 
 def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, augment: Optional[AugmentConfig] = None,
