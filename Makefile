@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: install data browser demo test test-slow bench clean
+.PHONY: install data browser demo test test-slow test-cluster bench clean
 
 # pip -qq: errors only (its warnings, one per unreachable index location, were most of make demo's output)
 $(VENV)/.installed: pyproject.toml
@@ -42,6 +42,12 @@ test: install data browser
 
 test-slow: install data
 	$(PY) -m pytest -m slow
+
+# Several real Ray nodes on this one machine (tests/test_cluster_*.py): node loss in Train, Tune, ensemble tasks
+# and Serve, a preemption notice, the fake_multinode autoscaler, data beyond the object store. Its own process:
+# each module starts and stops its own nodes.
+test-cluster: install data
+	$(PY) -m pytest -m cluster
 
 bench: install data
 	$(PY) bench/data.py
