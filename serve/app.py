@@ -1,265 +1,93 @@
-"""The Ray Serve application: the compressed bundle behind a batched, validated, hot-swappable HTTP API.
+"""The Ray Serve application: the compressed bundle behind a batched, validated, hot-swappable API.
 
 ``build_app(AppArgs)`` is the builder named by ``serve/config.yaml`` (``import_path: serve.app:build_app``).
 Each replica loads the bundle once through ``transfuse.bundle.load_bundle`` (checksums verified) and lets the
-bundle apply the one preprocessing function. Requests are split into images and batched across requests with
-``@serve.batch`` (the batch size counts images, not requests). A new bundle is rolled out with the deployment's
-``user_config`` (``reconfigure``): it is loaded and verified beside the old one, then swapped in with one
-reference assignment, so requests in flight finish on the bundle they were validated against; a bundle that
-fails verification is refused and the old one keeps serving.
+bundle apply the one preprocessing function. Requests are turned into images by the protocol modules, then
+batched across requests and protocols with ``@serve.batch`` (the batch size counts images, not requests). A new
+bundle is rolled out with the deployment's ``user_config`` (``reconfigure``): it is loaded and verified beside
+the old one, then swapped in with one reference assignment, so requests in flight finish on the bundle they were
+validated against; a bundle that fails verification is refused and the old one keeps serving.
 
-Routes (DESIGN.md's HTTP contract): ``POST /v1/models/{name}:predict``, ``POST /v1/models/{name}/images``,
-``GET /v1/models/{name}``, ``GET /healthz``, and FastAPI's ``/docs`` and ``/openapi.json``. Every bad input gets
-a 4xx with ``{"error": "..."}``; nothing a client sends can raise a 500 or stop a replica.
+Protocols, each parsed by its own module (this class only routes, batches and answers):
 
-The replica's import path is numpy, PIL, FastAPI and the bundle's inference runtime: no TensorFlow.
+- TensorFlow Serving REST (``serve.tfserving``): ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``,
+  ``GET /v1/models/{name}[...]`` (status, with ``model_version_status``), ``GET .../metadata``.
+- Uploads: ``POST /v1/models/{name}/images`` (multipart PNG/JPEG files of any size).
+- Open Inference Protocol v2 (``serve.v2``): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
+  ``/v2/models/{name}[/versions/{v}][/ready]``, ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON and binary
+  tensors), and the same over Serve's gRPC proxy (``GRPCInferenceService``: the methods named like its RPCs).
+- ``GET /`` a page to try the model in a browser (``serve/page.html``), ``GET /healthz``, FastAPI's ``/docs``.
+
+Every client error gets a 4xx with ``{"error": "..."}``; a request past ``request_timeout_s`` gets 504; a full
+queue (``max_queued_requests``) gets Serve's 503 with ``Retry-After``. Nothing a client sends can raise a 500 or
+stop a replica. The replica's import path is numpy, PIL, FastAPI and the bundle's runtime: no TensorFlow.
 """
 
 # No `from __future__ import annotations` here: FastAPI resolves route annotations (Request) at runtime, and
 # string annotations on the methods that serve.ingress rewrites are not resolvable (pydantic "not fully defined").
 
 import asyncio
+import base64
 import hmac
-import io
 import json
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Optional, Union
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import Field
 from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve import tfserving, v2
+from serve.inputs import ApiError, ImageSpec, decode_image, input_shape, parse_uploads, read_body
 from transfuse.bundle import BundleError, load_bundle
 from transfuse.config import ServeConfig
 
 logger = logging.getLogger("ray.serve")
 
-IMAGE_FORMATS = ("PNG", "JPEG")  # what the upload route decodes; anything else is refused with 415
 USER_CONFIG_KEYS = ("bundle", "revision", "max_batch_size", "batch_wait_timeout_s")
+INLINE_PARSE_BYTES = 8192  # bodies up to this size are parsed on the event loop; larger ones (images) in a thread
+PAGE = (Path(__file__).with_name("page.html")).read_text()
+GRPC_SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
 
 
 class AppArgs(ServeConfig):
     """Builder arguments: ServeConfig's fields and defaults plus the bundle to serve.
 
-    ``host`` and ``port`` are the HTTP proxy's (``serve.start`` / the Serve config's ``http_options``); the
-    application itself ignores them.
+    ``host``, ``port`` and ``grpc_port`` are the proxies' (``serve.start`` / the Serve config's ``http_options``
+    and ``grpc_options``); the application itself ignores them.
     """
 
     bundle: str = Field(..., min_length=1)  # bundle directory or URI (s3://..., gs://...)
 
 
-# --------------------------------------------------------------------------------------------- errors
+def _json(doc: Any, status: int = 200, headers: Optional[dict[str, str]] = None) -> Response:
+    return Response(json.dumps(doc, separators=(",", ":")).encode(), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
-class ApiError(Exception):
-    """A client error: answered with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str, headers: Optional[dict[str, str]] = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
-
-
-def _error(status: int, message: str, headers: Optional[dict[str, str]] = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-# ------------------------------------------------------------------------------------ input validation
-
-
-def input_shape(bundle: Any) -> tuple[int, int, int]:
-    """The bundle's raw input (H, W, C) as its input spec says (before the preprocessing resize)."""
-    spec = bundle.input_spec
-    if not isinstance(spec, dict):
-        spec = dict(spec) if hasattr(spec, "keys") else vars(spec)
-    if "shape" in spec:
-        shape = [int(s) for s in spec["shape"]]
-        if len(shape) == 2:
-            shape.append(1)
-        h, w, c = shape[-3:]
-    else:
-        h, w = int(spec["height"]), int(spec["width"])
-        c = int(spec.get("channels", 1))
-    return h, w, c
-
-
-def _shape_text(shape: tuple[int, ...]) -> str:
-    return " x ".join(str(s) for s in shape)
-
-
-def parse_instances(instances: Any, shape: tuple[int, int, int], max_instances: int) -> np.ndarray:
-    """JSON ``instances`` -> N x H x W x C uint8 (integers 0..255) or float32 (floats in [0, 1]).
-
-    Raises ApiError (400/413/422) naming what was wrong and what is allowed.
-    """
-    h, w, c = shape
-    allowed = f"{_shape_text((h, w, c))}" + (f" (or {_shape_text((h, w))})" if c == 1 else "")
-    if not isinstance(instances, list):
-        raise ApiError(400, f'"instances" must be a list of images, got {type(instances).__name__}')
-    if not instances:
-        raise ApiError(400, f'"instances" is empty: send 1 to {max_instances} images')
-    if len(instances) > max_instances:
-        raise ApiError(413, f"too many instances: got {len(instances)}, at most {max_instances} per request")
-    try:
-        x = np.asarray(instances)
-    except (ValueError, TypeError, OverflowError):
-        raise ApiError(422, f"instances have ragged or mixed nesting: each must be a {allowed} nested array "
-                            "of numbers") from None
-    if x.dtype == np.bool_ or x.dtype.kind not in "iuf":
-        kind = {"U": "strings", "S": "strings", "O": "non-numbers (null, objects or mixed nesting)",
-                "b": "booleans"}.get(x.dtype.kind, str(x.dtype))
-        raise ApiError(422, f"instances must hold numbers (integers 0..255 or floats in [0, 1]), got {kind}")
-    if x.shape[1:] == (h, w) and c == 1:
-        x = x[..., None]
-    if x.shape[1:] != (h, w, c):
-        got = _shape_text(x.shape[1:]) if x.ndim > 1 else "a scalar"
-        raise ApiError(422, f"each instance must be a {allowed} image for this model, got {got}")
-    if x.dtype.kind in "iu":
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > 255:
-            raise ApiError(422, f"integer pixel values must be in 0..255, got values in {lo}..{hi}")
-        return x.astype(np.uint8)
-    if not np.isfinite(x).all():
-        raise ApiError(422, "instances contain NaN or infinite values; pixels must be finite")
-    lo_f, hi_f = float(x.min()), float(x.max())
-    if lo_f < 0.0 or hi_f > 1.0:
-        raise ApiError(422, f"float pixel values must be in [0, 1] (or send integers 0..255), "
-                            f"got values in [{lo_f:g}, {hi_f:g}]")
-    return x.astype(np.float32)
-
-
-def parse_predict_body(body: bytes, shape: tuple[int, int, int], max_instances: int) -> np.ndarray:
-    """A ``:predict`` body (``{"instances": [...]}``) -> the image batch."""
-    if not body:
-        raise ApiError(400, 'empty body: send JSON {"instances": [...]}')
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f'body is not valid JSON ({e}); send {{"instances": [...]}}') from None
-    except RecursionError:
-        raise ApiError(400, "body JSON is nested too deeply; images are 2 or 3 levels deep") from None
-    if not isinstance(doc, dict):
-        raise ApiError(400, f'body must be a JSON object {{"instances": [...]}}, got {type(doc).__name__}')
-    unknown = sorted(set(doc) - {"instances"})
-    if unknown:
-        raise ApiError(400, f"unknown key(s) {unknown} in the body; allowed: instances")
-    if "instances" not in doc:
-        raise ApiError(400, 'missing "instances": send {"instances": [...]}')
-    return parse_instances(doc["instances"], shape, max_instances)
-
-
-def decode_image(data: bytes, shape: tuple[int, int, int], filename: str = "upload") -> np.ndarray:
-    """PNG/JPEG bytes of any size -> H x W x C uint8: the bundle's channels, resized to its raw input size."""
-    from PIL import Image, UnidentifiedImageError
-
-    h, w, c = shape
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            if fmt not in IMAGE_FORMATS:
-                raise ApiError(415, f"{filename}: image format {fmt} is not supported; allowed: PNG, JPEG")
-            img = img.convert("L" if c == 1 else "RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            x = np.asarray(img, dtype=np.uint8)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"{filename}: image too large to decode ({e})") from None
-    except UnidentifiedImageError:
-        raise ApiError(415, f"{filename}: not an image PIL can identify; allowed: PNG, JPEG") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data inside a PNG/JPEG header
-        raise ApiError(415, f"{filename}: not a readable PNG or JPEG image ({type(e).__name__}: {e})") from None
-    return x[..., None] if x.ndim == 2 else x
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes ``limit`` bytes (never read whole first)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise ApiError(413, f"request body is {int(declared)} bytes; at most {limit} bytes allowed")
-        except ValueError:
-            raise ApiError(400, f"bad Content-Length header {declared!r}") from None
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"request body is larger than {limit} bytes, the most allowed")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def parse_uploads(request: Request, body: bytes, max_files: int) -> list[tuple[str, bytes]]:
-    """(filename, bytes) of every file in a multipart/form-data body, in upload order."""
-    from starlette.formparsers import MultiPartException, MultiPartParser
-    from starlette.datastructures import UploadFile
-
-    ctype = request.headers.get("content-type", "")
-    if not ctype.lower().startswith("multipart/form-data"):
-        raise ApiError(415, f"Content-Type must be multipart/form-data with image files, got {ctype or 'none'!r}")
-
-    async def stream():  # the parser reads an async stream; the body is already bounded
-        yield body
-
-    try:
-        form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=16,
-                                     max_part_size=64 * 1024).parse()
-    except MultiPartException as e:
-        if e.message.startswith("Too many files"):
-            raise ApiError(413, f"too many files: at most {max_files} per request") from None
-        raise ApiError(400, f"bad multipart body: {e.message}") from None
-    files = []
-    try:
-        for key, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                raise ApiError(400, f"form field {key!r} is not a file; send images as file parts")
-            files.append((value.filename or key, await value.read()))
-    finally:
-        await form.close()
-    if not files:
-        raise ApiError(400, "no image files in the upload; send one or more PNG/JPEG files")
-    if len(files) > max_files:
-        raise ApiError(413, f"too many files: got {len(files)}, at most {max_files} per request")
-    return files
-
-
-# ------------------------------------------------------------------------------------------ responses
-
-
-class Prediction(BaseModel):
-    class_id: int
-    label: str
-    probabilities: list[float]
-    filename: Optional[str] = None
-
-
-class PredictResponse(BaseModel):
-    model_config = ConfigDict(protected_namespaces=())
-    predictions: list[Prediction]
-    model: str
-    model_version: str
+def _error(status: int, message: str, headers: Optional[dict[str, str]] = None) -> Response:
+    return _json({"error": message}, status, headers)
 
 
 PREDICT_BODY = {
     "requestBody": {
         "required": True,
         "content": {"application/json": {"schema": {
-            "type": "object", "required": ["instances"], "additionalProperties": False,
-            "properties": {"instances": {
-                "type": "array", "minItems": 1,
-                "description": "images as nested arrays H x W (x C): integers 0..255 or floats in [0, 1]",
-                "items": {"type": "array", "items": {}},
-            }},
+            "type": "object", "additionalProperties": False,
+            "properties": {
+                "signature_name": {"type": "string", "enum": [tfserving.SIGNATURE]},
+                "instances": {"type": "array", "minItems": 1, "description": "row format: images as nested arrays "
+                              "H x W (x C) (integers 0..255 or floats in [0, 1]) or {\"b64\": PNG/JPEG}"},
+                "inputs": {"description": "columnar format: the same list, or {\"images\": list}"},
+            },
         }}},
     }
 }
@@ -272,6 +100,10 @@ IMAGES_BODY = {
         }}},
     }
 }
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"type": "object", "description": "Open Inference Protocol v2 request"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                            "description": f"JSON ({v2.HEADER} bytes) then binary tensor data"}}}}}
 
 api = FastAPI(
     title="transfuse",
@@ -280,24 +112,37 @@ api = FastAPI(
 )
 
 
+def _tf_routes(method: str, suffix: str, **kwargs: Any) -> Callable:
+    """One handler on ``/v1/models/{name}``, ``.../versions/{version}`` and ``.../labels/{label}`` + ``suffix``
+    (TensorFlow Serving's three ways to name a model); only the first is listed in the OpenAPI schema."""
+    bases = ("/v1/models/{name}", "/v1/models/{name}/versions/{version}", "/v1/models/{name}/labels/{label}")
+
+    def register(fn: Callable) -> Callable:
+        for i, base in enumerate(bases):
+            getattr(api, method)(base + suffix, include_in_schema=i == 0, **kwargs)(fn)
+        return fn
+
+    return register
+
+
 @api.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+async def _api_error(request: Request, exc: ApiError) -> Response:
     return _error(exc.status, exc.message, exc.headers)
 
 
 @api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
     parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
     return _error(422, "; ".join(parts) or "invalid request")
 
 
 @api.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
     return _error(500, f"internal error ({type(exc).__name__}); the replica keeps serving")
 
@@ -333,8 +178,10 @@ class TransfuseReplica:
     def __init__(self, args: Union[AppArgs, dict]) -> None:
         self._args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
         # One inference thread: batches and health probes never run the interpreter concurrently, and the
-        # event loop stays free to read, validate and answer requests while a batch runs.
+        # event loop stays free to read, validate and answer requests while a batch runs. Large bodies (encoded
+        # images) are parsed and decoded on a second thread, so a big upload never stalls the event loop.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-predict")
+        self._decode_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-decode")
         self._swap_lock = asyncio.Lock()
         self._bundle = self._load(self._args.bundle)
         self._bundle_path = self._args.bundle
@@ -404,17 +251,32 @@ class TransfuseReplica:
     # ---- inference
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_total_images)
-    async def _predict_batched(self, items: list[tuple[Any, np.ndarray]]) -> list[np.ndarray]:
-        """One model call per (bundle, dtype) group in the batch; results split back per item."""
+    async def _predict_batched(self, items: list[tuple[Any, np.ndarray]]) -> list[Union[np.ndarray, Exception]]:
+        """One model call per (bundle, dtype) group in the batch; results split back per item.
+
+        When a group's call fails, its items are run one by one, so a request that breaks the model fails alone
+        and its batch mates still get their answers.
+        """
         loop = asyncio.get_running_loop()
-        out: list[Optional[np.ndarray]] = [None] * len(items)
+        out: list[Union[np.ndarray, Exception, None]] = [None] * len(items)
         groups: dict[tuple[int, str], list[int]] = {}
         for i, (bundle, x) in enumerate(items):
             groups.setdefault((id(bundle), x.dtype.str), []).append(i)
         for idx in groups.values():
             bundle = items[idx[0]][0]
             x = np.concatenate([items[i][1] for i in idx]) if len(idx) > 1 else items[idx[0]][1]
-            probs = await loop.run_in_executor(self._pool, bundle.predict_proba, x)
+            try:
+                probs = await loop.run_in_executor(self._pool, bundle.predict_proba, x)
+            except Exception as e:  # the runtimes raise their own kinds
+                if len(idx) == 1:
+                    out[idx[0]] = e
+                    continue
+                for i in idx:
+                    try:
+                        out[i] = await loop.run_in_executor(self._pool, bundle.predict_proba, items[i][1])
+                    except Exception as e1:
+                        out[i] = e1
+                continue
             start = 0
             for i in idx:
                 n = len(items[i][1])
@@ -427,65 +289,94 @@ class TransfuseReplica:
         size = self._max_batch_size
         parts = await asyncio.gather(*[self._predict_batched((bundle, x[i:i + size]))
                                        for i in range(0, len(x), size)])
+        for p in parts:
+            if isinstance(p, Exception):
+                raise p
         return np.concatenate(parts)
 
-    def _respond(self, bundle: Any, probs: np.ndarray, filenames: Optional[list[str]] = None) -> dict:
-        names = list(bundle.class_names)
-        preds = []
-        for i, p in enumerate(probs):
-            k = int(np.argmax(p))
-            pred = {"class_id": k, "label": str(names[k]), "probabilities": [float(v) for v in p]}
-            if filenames is not None:
-                pred["filename"] = filenames[i]
-            preds.append(pred)
-        return {"predictions": preds, "model": self._args.name, "model_version": str(bundle.version)}
+    async def _classify(self, bundle: Any, parse: Callable[[], np.ndarray], big: bool) -> np.ndarray:
+        """Parse (in the decode thread when ``big``) and predict, within ``request_timeout_s`` (else 504)."""
+        async def run() -> np.ndarray:
+            if big:
+                x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, parse)
+            else:
+                x = parse()
+            return await self._infer(bundle, x)
+
+        timeout = self._args.request_timeout_s
+        try:
+            return await asyncio.wait_for(run(), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request did not finish within request_timeout_s={timeout:g} s; the server is "
+                                "overloaded or the request too large: retry later or send fewer images") from None
+
+    def _spec(self, bundle: Any) -> ImageSpec:
+        return ImageSpec(input_shape(bundle), self._args.max_instances, self._args.max_pixels)
 
     # ---- request checks
 
-    def _authorize(self, request: Request) -> None:
+    def _authorize(self, headers: Any) -> None:
+        """``headers``: an HTTP request's headers, or a gRPC call's invocation metadata as a dict."""
         key = self._args.api_key
         if not key:
             return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        auth = headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get("x-api-key", "")
         if not given or not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'",
                            headers={"WWW-Authenticate": "Bearer"})
 
-    def _model(self, name: str) -> Any:
+    def _model(self, name: str, version: Optional[str] = None, label: Optional[str] = None) -> Any:
+        """The bundle behind ``name`` (and ``version`` or version ``label``), or 404 saying what is served."""
+        bundle = self._bundle
         if name != self._args.name:
             raise ApiError(404, f"unknown model {name!r}; this server serves {self._args.name!r}")
-        return self._bundle
+        if version not in (None, "", str(bundle.version)):
+            raise ApiError(404, f"model {name!r} has no version {version!r}; serving version {bundle.version!r}")
+        if label is not None and label not in tfserving.LABELS:
+            raise ApiError(404, f"model {name!r} has no version label {label!r}; labels: {', '.join(tfserving.LABELS)}")
+        return bundle
 
-    # ---- routes
+    # ---- TensorFlow Serving REST
 
-    @api.post("/v1/models/{name}:predict", response_model=PredictResponse, response_model_exclude_none=True,
-              openapi_extra=PREDICT_BODY, summary="Classify images sent as JSON arrays (TF Serving REST shape)")
-    async def predict(self, name: str, request: Request) -> dict:
-        self._authorize(request)
-        bundle = self._model(name)
+    @_tf_routes("post", ":predict", openapi_extra=PREDICT_BODY,
+                summary="Classify images sent as JSON (TensorFlow Serving REST: instances or inputs, b64 images)")
+    async def predict(self, name: str, request: Request, version: Optional[str] = None,
+                      label: Optional[str] = None) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name, version, label)
         body = await read_body(request, self._args.max_request_bytes)
-        x = parse_predict_body(body, input_shape(bundle), self._args.max_instances)
-        return self._respond(bundle, await self._infer(bundle, x))
+        spec, parsed = self._spec(bundle), {}
 
-    @api.post("/v1/models/{name}/images", response_model=PredictResponse, response_model_exclude_none=True,
-              openapi_extra=IMAGES_BODY, summary="Classify uploaded PNG/JPEG files of any size")
-    async def images(self, name: str, request: Request) -> dict:
-        self._authorize(request)
+        def parse() -> np.ndarray:
+            x, parsed["columnar"] = tfserving.parse_predict(body, spec)
+            return x
+
+        probs = await self._classify(bundle, parse, len(body) > INLINE_PARSE_BYTES)
+        return _json(tfserving.predict_response(probs, bundle.class_names, parsed["columnar"], self._args.name,
+                                                str(bundle.version)))
+
+    @api.post("/v1/models/{name}/images", openapi_extra=IMAGES_BODY,
+              summary="Classify uploaded PNG/JPEG files of any size")
+    async def images(self, name: str, request: Request) -> Response:
+        self._authorize(request.headers)
         bundle = self._model(name)
         body = await read_body(request, self._args.max_request_bytes)
         files = await parse_uploads(request, body, self._args.max_instances)
-        shape = input_shape(bundle)
-        x = np.stack([decode_image(data, shape, fname) for fname, data in files])
-        return self._respond(bundle, await self._infer(bundle, x), [f for f, _ in files])
+        spec = self._spec(bundle)
+        probs = await self._classify(bundle, lambda: np.stack([decode_image(d, spec, f) for f, d in files]), True)
+        return _json(tfserving.predict_response(probs, bundle.class_names, False, self._args.name,
+                                                str(bundle.version), [f for f, _ in files]))
 
-    @api.get("/v1/models/{name}", summary="Model metadata: classes, input spec, bundle version, metrics")
-    async def metadata(self, name: str, request: Request) -> dict:
-        self._authorize(request)
-        bundle = self._model(name)
+    @_tf_routes("get", "", summary="Model status (TensorFlow Serving) and metadata: classes, input, metrics")
+    async def status(self, name: str, request: Request, version: Optional[str] = None,
+                     label: Optional[str] = None) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name, version, label)
         h, w, c = input_shape(bundle)
         manifest = bundle.manifest or {}
-        return {
+        return _json({
+            **tfserving.version_status(str(bundle.version)),
             "name": self._args.name,
             "bundle": {"name": bundle.name, "version": str(bundle.version), "checksum": bundle.checksum,
                        "path": self._bundle_path},
@@ -497,14 +388,162 @@ class TransfuseReplica:
             "versions": manifest.get("versions"),
             "last_refused_bundle": self._last_refused,
             "limits": {"max_instances": self._args.max_instances, "max_request_bytes": self._args.max_request_bytes,
+                       "max_pixels": self._args.max_pixels, "request_timeout_s": self._args.request_timeout_s,
                        "max_batch_size": self._max_batch_size, "batch_wait_timeout_s": self._batch_wait_timeout_s},
-        }
+        })
+
+    @_tf_routes("get", "/metadata", summary="The signature (TensorFlow Serving metadata)")
+    async def tf_metadata(self, name: str, request: Request, version: Optional[str] = None,
+                          label: Optional[str] = None) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name, version, label)
+        return _json(tfserving.metadata(self._args.name, str(bundle.version), input_shape(bundle),
+                                        len(bundle.class_names)))
+
+    @api.get("/v1/models/{name}/examples", summary="The test images the bundle ships (base64 PNG, true label)")
+    async def examples(self, name: str, request: Request) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name)
+        return _json({"examples": [{"label": label, "b64": base64.b64encode(png).decode()}
+                                   for label, png in bundle.example_images()]})
+
+    # ---- Open Inference Protocol v2 over HTTP
+
+    @api.get("/v2", summary="Server metadata (Open Inference Protocol v2)")
+    async def v2_server(self) -> Response:
+        return _json(v2.server_metadata(str(self._bundle.version)))
+
+    @api.get("/v2/health/live", summary="Liveness (v2)")
+    async def v2_live(self) -> Response:
+        return _json({"live": True})
+
+    async def _ready(self) -> Optional[str]:
+        """None when the replica's bundle predicts one image now, else why not."""
+        try:
+            await self.check_health()
+            return None
+        except BundleError as e:
+            return str(e)
+
+    @api.get("/v2/health/ready", summary="Readiness (v2): the replica predicts one image now")
+    async def v2_ready(self) -> Response:
+        why = await self._ready()
+        return _json({"ready": True} if why is None else {"ready": False, "error": why}, 200 if why is None else 503)
+
+    @api.get("/v2/models/{name}/ready", summary="Model readiness (v2)")
+    @api.get("/v2/models/{name}/versions/{version}/ready", include_in_schema=False)
+    async def v2_model_ready(self, name: str, version: Optional[str] = None) -> Response:
+        self._model(name, version)
+        why = await self._ready()
+        doc = {"name": name, "ready": why is None, **({} if why is None else {"error": why})}
+        return _json(doc, 200 if why is None else 503)
+
+    @api.get("/v2/models/{name}", summary="Model metadata (v2): the input and outputs")
+    @api.get("/v2/models/{name}/versions/{version}", include_in_schema=False)
+    async def v2_model(self, name: str, request: Request, version: Optional[str] = None) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name, version)
+        return _json(v2.model_metadata(self._args.name, str(bundle.version), input_shape(bundle),
+                                       len(bundle.class_names)))
+
+    @api.post("/v2/models/{name}/infer", openapi_extra=INFER_BODY,
+              summary="Classify tensors (v2: UINT8/FP32 pixels or BYTES files; JSON or binary tensor data)")
+    @api.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=INFER_BODY, include_in_schema=False)
+    async def v2_infer(self, name: str, request: Request, version: Optional[str] = None) -> Response:
+        self._authorize(request.headers)
+        bundle = self._model(name, version)
+        body = await read_body(request, self._args.max_request_bytes)
+        spec, parsed = self._spec(bundle), {}
+
+        def parse() -> np.ndarray:
+            parsed["req"] = v2.parse_http(body, request.headers.get(v2.HEADER))
+            return v2.images(parsed["req"], spec)
+
+        probs = await self._classify(bundle, parse, len(body) > INLINE_PARSE_BYTES)
+        req = parsed["req"]
+        content, headers = v2.render_http(self._args.name, str(bundle.version), req,
+                                          v2.output_tensors(probs, bundle.class_names, req))
+        return Response(content, headers=headers)
+
+    # ---- Open Inference Protocol v2 over gRPC (Serve's gRPC proxy calls the method named like the RPC)
+
+    async def _grpc(self, grpc_context: Any, answer: Callable[[], Any], empty: Callable[[], Any]) -> Any:
+        """Run ``answer``; a client error becomes its gRPC status code and message instead of a response."""
+        import grpc
+
+        try:
+            return await answer()
+        except ApiError as e:
+            grpc_context.set_code(getattr(grpc.StatusCode, v2.GRPC_CODES.get(e.status, "INTERNAL")))
+            grpc_context.set_details(e.message)
+            return empty()
+
+    async def ServerLive(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802 (the RPC's name)
+        from tritonclient.grpc import service_pb2 as pb
+
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from tritonclient.grpc import service_pb2 as pb
+
+        return pb.ServerReadyResponse(ready=await self._ready() is None)
+
+    async def ServerMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from tritonclient.grpc import service_pb2 as pb
+
+        return pb.ServerMetadataResponse(**v2.server_metadata(str(self._bundle.version)))
+
+    async def ModelReady(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from tritonclient.grpc import service_pb2 as pb
+
+        try:  # an unknown model or version is not ready (as the HTTP route's 404 reads to tritonclient.http)
+            self._model(request.name, request.version)
+        except ApiError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=await self._ready() is None)
+
+    async def ModelMetadata(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from tritonclient.grpc import service_pb2 as pb
+
+        async def answer() -> Any:
+            self._authorize(dict(grpc_context.invocation_metadata()) if grpc_context else {})
+            bundle = self._model(request.name, request.version)
+            return v2.grpc_model_metadata(v2.model_metadata(self._args.name, str(bundle.version),
+                                                            input_shape(bundle), len(bundle.class_names)))
+
+        return await self._grpc(grpc_context, answer, pb.ModelMetadataResponse)
+
+    async def ModelInfer(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
+        from tritonclient.grpc import service_pb2 as pb
+
+        async def answer() -> Any:
+            self._authorize(dict(grpc_context.invocation_metadata()) if grpc_context else {})
+            bundle = self._model(request.model_name, request.model_version)
+            spec, parsed = self._spec(bundle), {}
+
+            def parse() -> np.ndarray:
+                parsed["req"] = v2.parse_grpc(request)
+                return v2.images(parsed["req"], spec)
+
+            big = sum(len(r) for r in request.raw_input_contents) > INLINE_PARSE_BYTES
+            probs = await self._classify(bundle, parse, big)
+            req = parsed["req"]
+            return v2.render_grpc(self._args.name, str(bundle.version), req,
+                                  v2.output_tensors(probs, bundle.class_names, req))
+
+        return await self._grpc(grpc_context, answer, pb.ModelInferResponse)
+
+    # ---- the page and liveness
+
+    @api.get("/", response_class=HTMLResponse, summary="A page to try the model: upload or pick an image")
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.replace("{{MODEL}}", json.dumps(self._args.name)))
 
     @api.get("/healthz", summary="Liveness: the replica is up and holds a bundle")
-    async def healthz(self) -> dict:
+    async def healthz(self) -> Response:
         b = self._bundle
-        return {"status": "ok", "model": self._args.name, "model_version": str(b.version), "checksum": b.checksum,
-                "replica": serve.get_replica_context().replica_id.unique_id}
+        return _json({"status": "ok", "model": self._args.name, "model_version": str(b.version),
+                      "checksum": b.checksum, "replica": serve.get_replica_context().replica_id.unique_id})
 
 
 TransfuseModel = serve.deployment(name="TransfuseModel", health_check_period_s=10, health_check_timeout_s=30)(
@@ -514,8 +553,8 @@ TransfuseModel = serve.deployment(name="TransfuseModel", health_check_period_s=1
 def build_app(args: Union[AppArgs, dict]) -> Application:
     """The Serve application for ``args`` (a dict from a Serve config's ``args`` is validated here).
 
-    Autoscaling, request limits and CPUs per replica come from the args; the bundle path travels as the
-    deployment's ``user_config`` so a new bundle rolls out with ``serve deploy`` (or ``serve.run``) in place.
+    Autoscaling, request and queue limits and CPUs per replica come from the args; the bundle path travels as
+    the deployment's ``user_config`` so a new bundle rolls out with ``serve deploy`` (or ``serve.run``) in place.
     """
     if not isinstance(args, AppArgs):
         args = AppArgs.model_validate(args)
@@ -530,20 +569,31 @@ def build_app(args: Union[AppArgs, dict]) -> Application:
             "target_ongoing_requests": args.target_ongoing_requests,
         },
         max_ongoing_requests=args.max_ongoing_requests,
+        max_queued_requests=args.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": args.retry_after_s},
         ray_actor_options={"num_cpus": args.num_cpus},
         user_config={"bundle": args.bundle},
     )
     return deployment.bind(args)
 
 
+def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
+    """``serve.start`` keyword arguments for ``cfg``: the HTTP proxy, and the gRPC proxy when ``grpc_port``."""
+    opts: dict[str, Any] = {"http_options": {"host": cfg.host, "port": cfg.port}}
+    if cfg.grpc_port:
+        opts["grpc_options"] = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+    return opts
+
+
 def deploy(cfg: ServeConfig, bundle: str, *, app_name: str = "transfuse", route_prefix: str = "/") -> str:
-    """Start Serve's HTTP proxy on ``cfg.host:cfg.port`` and run the app for ``bundle`` on the connected Ray
-    cluster; returns the model's base URL. Re-running it with a new bundle rolls replicas over without dropping
-    requests (for an in-place swap, change the Serve config's ``user_config`` instead: serve/config.yaml).
+    """Start Serve's proxies (HTTP on ``cfg.host:cfg.port``, gRPC on ``cfg.grpc_port`` when set) and run the app
+    for ``bundle`` on the connected Ray cluster; returns the model's base URL. Re-running it with a new bundle
+    rolls replicas over without dropping requests (for an in-place swap, change the Serve config's
+    ``user_config`` instead: serve/config.yaml).
     """
     load_bundle(bundle)  # refuse a bad bundle here, with its error, before any replica tries
     args = AppArgs(bundle=bundle, **cfg.model_dump())
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.start(**proxy_options(cfg))
     serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
     host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}/v1/models/{cfg.name}"

@@ -153,12 +153,14 @@ def write_bundle(
     metrics: Optional[dict] = None,
     num_threads: int = 1,
     extra: Optional[dict] = None,
+    examples: Optional[list[tuple[str, bytes]]] = None,
     overwrite: bool = False,
 ) -> dict:
     """Write a bundle to ``directory`` (local or URI); the manifest goes last. Returns the manifest.
 
     A non-empty target is refused unless ``overwrite`` (then its contents are deleted first), since files left
-    over from an earlier bundle would make the loader refuse this one.
+    over from an earlier bundle would make the loader refuse this one. ``examples``: a few (true label, PNG bytes)
+    test images shipped for people to try the served model with (``Bundle.example_images``).
     """
     sklearn_members = list(sklearn_members or [])
     if not cnn_members:
@@ -249,6 +251,10 @@ def write_bundle(
         files["stacker.npz"] = buf.getvalue()
         manifest["combiner"] = {"kind": "stacker", "file": "stacker.npz", "members": list(stacker.members),
                                 "features": stacker.features, "eps": float(stacker.eps)}
+    manifest["examples"] = []
+    for i, (label, png) in enumerate(examples or []):
+        files[f"examples/{i:02d}.png"] = png
+        manifest["examples"].append({"file": f"examples/{i:02d}.png", "label": str(label)})
     manifest["metrics"] = metrics or {}
     manifest["versions"] = storage.versions()
     manifest["git_commit"] = storage.git_commit()
@@ -578,6 +584,10 @@ class Bundle:
 
     def predict(self, images: Any) -> np.ndarray:
         return self.predict_proba(images).argmax(axis=1)
+
+    def example_images(self) -> list[tuple[str, bytes]]:
+        """The (true label, PNG bytes) test images the bundle ships (none in bundles written without them)."""
+        return [(e["label"], (self.path / _safe_rel(e["file"])).read_bytes()) for e in self.manifest.get("examples", [])]
 
 
 def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
