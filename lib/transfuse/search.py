@@ -132,7 +132,10 @@ def build_tuner(cfg: Config, *, resume: bool = False) -> Any:
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=_scheduler(cfg),
                                     search_alg=_search_alg(cfg), num_samples=samples_per_grid(cfg),
                                     max_concurrent_trials=cfg.tune.max_concurrent),
-        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs, verbose=1),
+        # a trial whose node is lost (its function runs on a worker node: the head offers no CPUs) is retried;
+        # trial_fn resumes from the trial's last Train checkpoint, so no finished epoch is trained again
+        run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures)),
     )
 
 
