@@ -45,9 +45,10 @@ test-slow: install data
 
 # Several real Ray nodes on this one machine (tests/test_cluster_*.py): node loss in Train, Tune, ensemble tasks
 # and Serve, a preemption notice, the fake_multinode autoscaler, data beyond the object store. Its own process:
-# each module starts and stops its own nodes.
+# each module starts and stops its own nodes. CLUSTER_TESTS: a subset (files), default all of them.
+CLUSTER_TESTS ?=
 test-cluster: install data
-	$(PY) -m pytest -m cluster
+	$(PY) -m pytest -m cluster $(CLUSTER_TESTS)
 
 bench: install data
 	$(PY) bench/data.py

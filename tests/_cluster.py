@@ -164,7 +164,11 @@ class LocalCluster:
         except Exception:  # noqa: BLE001 - Serve was never started, or its controller is gone
             pass
         ray.shutdown()
-        self.cluster.shutdown()
+        try:
+            self.cluster.shutdown()
+        except ValueError:  # a thread left running (a test that timed out) reconnected this process: again
+            ray.shutdown()
+            self.cluster.shutdown()
         for k, v in self._env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -16,7 +16,7 @@ import pytest
 
 from tests._cluster import LocalCluster, running_task_nodes, wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 
 WAIT_S = 600
 

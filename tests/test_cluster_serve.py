@@ -19,7 +19,7 @@ import pytest
 
 from tests._cluster import LocalCluster, actor_nodes, free_port, wait_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 httpx = pytest.importorskip("httpx")
 
 MODEL = "digits"
