@@ -235,3 +235,18 @@ def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
     final = sorted(digests.glob("epoch4-rank*.txt"))
     assert len(final) == cfg.train.num_workers
     assert {f.read_text() for f in final} == {weights_digest(load_member(out)[0])}
+
+
+def test_same_config_and_seed_give_the_same_member(digits_run, tmp_path):
+    """op_determinism + seeded shuffles: two runs of one config train the same weights, bit for bit (the default
+    config's fine-tune stage gave identical test metrics on two runs, 0.9085 / NLL 0.373687308478)."""
+    from transfuse import models
+    from transfuse.train import finetune
+
+    cfg = digits_run.model_copy(update={"train": digits_run.train.model_copy(update={"op_determinism": True})})
+    overrides = {"epochs_frozen": 1, "epochs_unfrozen": 1, "unfreeze": 4}
+    runs = [finetune(cfg, str(tmp_path / f"run{i}"), overrides, force=True) for i in range(2)]
+    digests = [models.weights_digest(models.load_member(str(tmp_path / f"run{i}"))[0]) for i in range(2)]
+    assert digests[0] == digests[1]
+    assert runs[0]["test"] == runs[1]["test"]
+    assert runs[0]["history"] == runs[1]["history"]
