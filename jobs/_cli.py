@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Optional
 
 from transfuse import runtime  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from transfuse import console as con
 from transfuse.config import Config, ConfigError, load_config
 from transfuse.data.sources import DataError
 
@@ -23,22 +24,40 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def main(description: str, body: Callable[[Config, argparse.Namespace], object],
          extra: Optional[Callable[[argparse.ArgumentParser], None]] = None, argv: Optional[list[str]] = None,
-         needs_ray: bool | Callable[[argparse.Namespace], bool] = True) -> int:
+         needs_ray: bool | Callable[[argparse.Namespace], bool] = True,
+         console: bool | Callable[[argparse.Namespace], bool] = False) -> int:
+    """Parse, load the config, start Ray, run ``body``. With ``console`` the job gets ``--verbose`` and, without
+    it, a quiet console (``transfuse.console.quiet``): ``args.console`` is where the job writes for a person."""
     p = parser(description)
+    if console:
+        p.add_argument("--verbose", action="store_true",
+                       help="print Ray's, TensorFlow's and Tune's own output and progress bars as they come, "
+                            "instead of sending them to <storage>/<run>/logs/pipeline.log")
     if extra:
         extra(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    wants = console(args) if callable(console) else console
+    quiet = bool(wants) and not args.verbose
+    if not quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    err: Callable[[str], None] = lambda text: print(text, file=sys.stderr)  # noqa: E731
     try:
         cfg = load_config(args.config, args.overrides)
+        args.console = con.verbose() if wants and not quiet else None
+        if quiet:
+            args.log_path = con.log_path(cfg)
+            args.console = con.quiet(args.log_path)
+            err = args.console.line
         if needs_ray(args) if callable(needs_ray) else needs_ray:
-            runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet)
         body(cfg, args)
     except (ValueError, RuntimeError) as e:
         # the library's own errors (bad config, data, members, bundles) say what was wrong: print that, no
         # traceback; anything else is a bug and keeps its traceback
         if isinstance(e, (ConfigError, DataError)) or type(e).__module__.startswith("transfuse."):
-            print(f"error: {e}", file=sys.stderr)
+            err(f"error: {e}")
+            if getattr(args, "log_path", None):
+                err(f"(Ray's and TensorFlow's output: {args.log_path})")
             return 2
         raise
     return 0

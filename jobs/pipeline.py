@@ -2,6 +2,7 @@
 deploy -> query the live endpoint -> report. Complete stages are skipped; an interrupted run continues.
 
     python -m jobs.pipeline --config configs/default.yaml [--force-stage STAGE ...] [--until STAGE] [--no-deploy]
+                            [--verbose]   # Ray's own output here instead of <storage>/<run>/logs/pipeline.log
     python -m jobs.pipeline --config configs/cifar10_vgg16.yaml --plan   # what each stage would do; runs nothing
 """
 
@@ -11,6 +12,7 @@ import sys
 
 from jobs._cli import main
 from transfuse.pipeline import STAGES, format_summary, run_pipeline, summary
+from transfuse.report import verdict_lines
 
 
 def _args(p) -> None:
@@ -34,17 +36,23 @@ def _run(cfg, args) -> None:
     deploy = None
     if not args.no_deploy:
         from serve.app import deploy
+    con = args.console
     force = tuple(STAGES) if args.force else tuple(args.force_stages)
-    results = run_pipeline(cfg, force=force, until=args.until, deploy=deploy)
-    print("\n" + format_summary(summary(cfg, results)))
+    results = run_pipeline(cfg, force=force, until=args.until, deploy=deploy, console=con)
+    con.line("\n" + format_summary(summary(cfg, results)))
     for r in results:
         if r.name == "deploy" and r.detail:
             d = r.detail
-            print(f"\nendpoint {d['url']} answered: {list(zip(d['ids'], d['predicted']))} "
-                  f"(true labels {d['labels']}, {d['latency_ms']} ms)")
+            con.line(f"\nendpoint {d['url']} answered: {list(zip(d['ids'], d['predicted']))} "
+                     f"(true labels {d['labels']}, {d['latency_ms']} ms)")
         if r.name == "report" and r.detail:
-            print(f"report: {r.detail['path']}")
+            for line in verdict_lines(cfg):
+                con.line(line)
+            con.line(f"report: {r.detail['path']}")
+    if getattr(args, "log_path", None):
+        con.line(f"Ray's, TensorFlow's and Tune's own output: {args.log_path} (--verbose prints it here)")
 
 
 if __name__ == "__main__":
-    sys.exit(main(__doc__, _run, extra=_args, needs_ray=lambda args: not args.plan))
+    sys.exit(main(__doc__, _run, extra=_args, needs_ray=lambda args: not args.plan,
+                  console=lambda args: not args.plan))

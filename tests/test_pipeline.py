@@ -1,5 +1,7 @@
 """The pipeline as users run it: submitted through the Ray Jobs API to a running cluster, ending with a query
-against the live Serve endpoint; stages skipped when complete; bad stage names refused."""
+against the live Serve endpoint; a quiet console (a line per stage, the summary and the verdict; Ray's own output
+in the run's log file); its report opened in headless Chromium; stages skipped when complete; bad stage names
+refused."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import time
 
 import pytest
 
+import _report_helpers as H
 from tests.conftest import ROOT, _free_port, smoke_config
 from transfuse import storage
 from transfuse.pipeline import STAGES, PipelineError, run_pipeline
@@ -22,7 +25,10 @@ def test_unknown_stage_names(tmp_path, kwargs, pattern):
         run_pipeline(smoke_config(tmp_path), **kwargs)
 
 
-def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
+MAX_CONSOLE_LINES = 60  # issue 16's goal for a default run's console
+
+
+def test_pipeline_submitted_as_ray_job(ray_cluster, browser, tmp_path):
     """`ray job submit`'s API: the smoke pipeline runs on the cluster, deploys, and the endpoint answers."""
     from ray.job_submission import JobSubmissionClient
 
@@ -33,7 +39,7 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
                   f"--set run=job --set serve.port={port} --set serve.name=jobtest")
     job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     try:
-        _check_job(client, job, tmp_path)
+        _check_job(client, job, tmp_path, browser)
     finally:
         # the job left its app (and Serve's proxy on its port) running, as a user's job does; later tests on this
         # cluster start Serve on their own port with an app at the same prefix, so take it down
@@ -42,7 +48,7 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, tmp_path):
         serve.shutdown()
 
 
-def _check_job(client, job: str, tmp_path) -> None:
+def _check_job(client, job: str, tmp_path, browser) -> None:
     from ray.job_submission import JobStatus
 
     deadline = time.time() + 1500
@@ -53,14 +59,29 @@ def _check_job(client, job: str, tmp_path) -> None:
             break
         time.sleep(5)
     logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-5000:]
-    for stage in STAGES:
-        assert f"] {stage}" in logs  # a progress line per stage
-    assert "stacked ensemble" in logs and "endpoint http://127.0.0.1:" in logs and "answered" in logs
     cfg = smoke_config(tmp_path, "job")
+    log_file = tmp_path / "job" / "logs" / "pipeline.log"
+    assert status == JobStatus.SUCCEEDED, logs[-5000:] + (log_file.read_text()[-5000:] if log_file.exists() else "")
+    # the console: a line per stage start and end, the summary, the endpoint's answer, the verdict; nothing of
+    # Ray's, TensorFlow's or Ray Data's own (the first run of issue 16 printed 5,772 lines)
+    lines = logs.splitlines()
+    assert len(lines) <= MAX_CONSOLE_LINES, logs
+    for stage in STAGES:
+        assert any(line.startswith("[") and f"] {stage}" in line for line in lines), stage
+    assert "stacked ensemble" in logs and "endpoint http://127.0.0.1:" in logs and "answered" in logs
+    assert any(line.startswith("verdict: ") and "goals met" in line for line in lines), logs
+    for noise in ("PlacementGroupCleaner", "absl::InitializeLog", "Running Dataset", "TrainController"):
+        assert noise not in logs, noise
+    # ...which went to the run's log file, named on the console
+    assert f"output: {log_file}" in logs
+    text = log_file.read_text()
+    assert "transfuse.cache" in text and "Dataset" in text, text[-3000:]
     for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
         assert storage.read_manifest(storage.stage_dir(cfg, stage)), f"{stage} has no manifest"
-    assert storage.exists(storage.join(storage.stage_dir(cfg, "report"), "index.html"))
+    index = storage.join(storage.stage_dir(cfg, "report"), "index.html")
+    assert storage.exists(index)
+    # the report as a person opens it: plots loaded, the verdict as the files say and on the first screen
+    H.check_report_page(browser, index, cfg)
 
     # rerun in this process: every stage with a complete manifest is skipped, not recomputed
     results = run_pipeline(cfg, until="compress", echo=lambda s: None)

@@ -179,6 +179,7 @@ def test_goals_come_from_the_config(full):
     assert all(r.difference == pytest.approx(ratio) for r in rows.values())
     lines = verdict_lines(smoke_config(Path(cfg.storage), cfg.run, [f"goals.served_smaller={ratio * 1.1}"]))
     assert any(line.split()[:1] == ["missed"] and "size" in line for line in lines)
+    assert lines[-1] == "note: left out of every compressed variant (zero stacker weight): svc_on_cnn, cnn_u2"
 
 
 def test_verdict_reads_bench_draws(tmp_path, full, digits):

@@ -9,6 +9,7 @@ passes a ``deploy`` function (``jobs.pipeline`` passes ``serve.app.deploy``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Callable, Optional
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
+from transfuse.console import Console, StageProgress, watch
 
 log = logging.getLogger(__name__)
 
@@ -106,38 +108,44 @@ def query(url: str, cfg: Config, n: int = 4) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[str] = None,
-                 deploy: Optional[Callable[..., str]] = None,
-                 echo: Callable[[str], None] = print) -> list[StageResult]:
-    """Run every stage up to ``until``; ``force`` names stages to rerun even when complete."""
+                 deploy: Optional[Callable[..., str]] = None, echo: Callable[[str], None] = print,
+                 console: Optional[Console] = None) -> list[StageResult]:
+    """Run every stage up to ``until``; ``force`` names stages to rerun even when complete.
+
+    A line per stage start and end goes to ``console`` (else ``echo``); with a console, the long stages also
+    draw a progress bar read from their files (``transfuse.console.watch``)."""
     for f in force:
         _check_stage(f, "--force")
     _check_stage(until, "--until")
+    say = console.line if console else echo
     fns = _stage_fns(cfg, deploy)
     stop = STAGES.index(until) if until else len(STAGES) - 1
     results: list[StageResult] = []
     t0 = time.time()
     for i, name in enumerate(STAGES[: stop + 1]):
+        tag = f"[{i + 1}/{stop + 1}] {name:<9}"
         if not _enabled(cfg, name, deploy):
             results.append(StageResult(name, 0.0, "off"))
-            echo(f"[{i + 1}/{stop + 1}] {name:<9} off")
+            say(f"{tag} off")
             continue
-        echo(f"[{i + 1}/{stop + 1}] {name:<9} ...")
+        say(f"{tag} started")
         folder = storage.stage_dir(cfg, STAGE_DIRS[name]) if name in STAGE_DIRS else None
         before = storage.read_manifest(folder) if folder else None
         t = time.time()
-        if name == "report":  # the report shows the stage timings so far
-            from transfuse.report import write_report
+        with StageProgress(console, name, watch(cfg, name)) if console else contextlib.nullcontext():
+            if name == "report":  # the report shows the stage timings so far
+                from transfuse.report import write_report
 
-            out = {"path": write_report(cfg, results)}
-        else:
-            out = fns[name](name in force)
+                out = {"path": write_report(cfg, results)}
+            else:
+                out = fns[name](name in force)
         seconds = time.time() - t
         after = storage.read_manifest(folder) if before is not None else None
         status = "skipped (complete)" if before and after and before.get("created") == after.get("created") \
             else "ran"
         detail = out if name in ("deploy", "report") and isinstance(out, dict) else {}
         results.append(StageResult(name, seconds, status, detail))
-        echo(f"[{i + 1}/{stop + 1}] {name:<9} {status} in {seconds:.1f}s (total {time.time() - t0:.1f}s)")
+        say(f"{tag} {status} in {seconds:.1f}s (total {time.time() - t0:.1f}s)")
     return results
 
 

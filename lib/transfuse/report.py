@@ -344,12 +344,17 @@ def verdict(cfg: Any) -> Verdict:
 
 
 def verdict_lines(cfg: Any) -> list[str]:
-    """The verdict for a console: its few lines, then a line per row."""
+    """The verdict for a console: its headline, a line per row, and the members the served bundle left out."""
     v = verdict(cfg)
     width = max(len(r.comparison) for r in v.rows)
-    return ["", "verdict: " + v.headline()] + [
+    lines = ["", "verdict: " + v.headline()] + [
         f"  {r.verdict_text():<8}{r.comparison:<{width}}  {r.difference_text():<32} goal {r.goal_text()}"
         for r in v.rows]
+    comp = _read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")) or {}
+    dropped = (comp.get("zero_weight_members") or {}).get("dropped")
+    if dropped:
+        lines.append(f"note: left out of every compressed variant (zero stacker weight): {', '.join(dropped)}")
+    return lines
 
 
 def _verdict(cfg: Any, page: _Page) -> None:

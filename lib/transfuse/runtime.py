@@ -7,7 +7,7 @@ import os
 from typing import Any, Optional
 
 # Every Ray worker uses tf_keras (Keras 2): Keras 3's fit fails under MultiWorkerMirroredStrategy with Ray
-# Train (DESIGN.md), and TF Model Optimization needs tf_keras. It must be set before TensorFlow is imported.
+# Train, and TF Model Optimization needs tf_keras. It must be set before TensorFlow is imported.
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
 
@@ -16,16 +16,26 @@ def runtime_env() -> dict[str, Any]:
     return {"env_vars": dict(WORKER_ENV)}
 
 
-def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, **kwargs: Any) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), else start a local cluster with ``num_cpus`` logical CPUs."""
+def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, quiet: bool = False,
+             **kwargs: Any) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), else start a local cluster with ``num_cpus`` logical CPUs.
+
+    ``quiet``: the workers' output stays in Ray's session logs instead of being copied to this process
+    (``log_to_driver``), and Ray Data draws no progress bars here (the console draws the pipeline's own).
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=True, **kwargs)
+        ray.init(address=address, runtime_env=runtime_env(), log_to_driver=not quiet, **kwargs)
     else:
         # "local": always a new cluster of our own, never one some other `ray start` left on this machine
-        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(), include_dashboard=False, **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, runtime_env=runtime_env(), include_dashboard=False,
+                 log_to_driver=not quiet, **kwargs)
+    if quiet:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     logging.getLogger(__name__).info("ray: %s", ray.cluster_resources())
