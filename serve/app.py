@@ -55,7 +55,7 @@ logger = logging.getLogger("ray.serve")
 USER_CONFIG_KEYS = ("bundle", "revision", "max_batch_size", "batch_wait_timeout_s")
 INLINE_PARSE_BYTES = 8192  # bodies up to this size are parsed on the event loop; larger ones (images) in a thread
 PAGE = (Path(__file__).with_name("page.html")).read_text()
-GRPC_SERVICER = "tritonclient.grpc.service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server"
+
 
 
 class AppArgs(ServeConfig):
@@ -177,6 +177,7 @@ class TransfuseReplica:
 
     def __init__(self, args: Union[AppArgs, dict]) -> None:
         self._args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+        v2.register_grpc_modules()  # gRPC requests arrive pickled under the stubs' generated module names
         # One inference thread: batches and health probes never run the interpreter concurrently, and the
         # event loop stays free to read, validate and answer requests while a batch runs. Large bodies (encoded
         # images) are parsed and decoded on a second thread, so a big upload never stalls the event loop.
@@ -581,7 +582,7 @@ def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
     """``serve.start`` keyword arguments for ``cfg``: the HTTP proxy, and the gRPC proxy when ``grpc_port``."""
     opts: dict[str, Any] = {"http_options": {"host": cfg.host, "port": cfg.port}}
     if cfg.grpc_port:
-        opts["grpc_options"] = {"port": cfg.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]}
+        opts["grpc_options"] = {"port": cfg.grpc_port, "grpc_servicer_functions": [v2.GRPC_SERVICER]}
     return opts
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from serve.inputs import ApiError, ImageSpec, check_pixels, decode_base64, decode_image, parse_json, stack_images
 
 INPUT = "images"
+GRPC_SERVICER = "serve.v2.add_grpc_servicer"  # Serve's grpc_servicer_functions entry
 IMAGE_DATATYPES = ("UINT8", "FP32", "BYTES")
 OUTPUTS = {"probabilities": "FP32", "class_id": "INT64", "label": "BYTES"}
 DTYPES = {"BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
@@ -159,6 +160,42 @@ def _check_outputs(names: list[tuple[str, dict]]) -> dict[str, Optional[bool]]:
 # ------------------------------------------------------------------------------------------ HTTP
 
 
+def register_grpc_modules() -> bool:
+    """tritonclient's generated messages name their module ``grpc_service_pb2`` (the name they were generated
+    under), not ``tritonclient.grpc.service_pb2``; Serve pickles requests and responses between its gRPC proxy and
+    the replicas, which needs that name importable in both processes. False when tritonclient is absent."""
+    import sys
+
+    try:
+        from tritonclient.grpc import model_config_pb2, service_pb2
+    except ImportError:
+        return False
+    sys.modules.setdefault("grpc_service_pb2", service_pb2)
+    sys.modules.setdefault("model_config_pb2", model_config_pb2)
+    return True
+
+
+def add_grpc_servicer(servicer: Any, server: Any) -> None:
+    """What Serve's gRPC proxy calls at start: tritonclient's GRPCInferenceService, its messages registered."""
+    from tritonclient.grpc import service_pb2_grpc
+
+    register_grpc_modules()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+def _no_trailing_bytes(body: bytes) -> None:
+    """A JSON object followed by more bytes is a binary-extension request that lost its header: say so."""
+    import json
+
+    try:
+        _, end = json.JSONDecoder().raw_decode(body.decode("utf-8", errors="replace").lstrip())
+    except ValueError:
+        return  # not JSON at all: parse_json names that
+    if body.decode("utf-8", errors="replace").lstrip()[end:].strip():
+        raise ApiError(400, f"the body holds bytes after its JSON object without the {HEADER} header: binary "
+                            "tensor data needs it (the length of the JSON part)")
+
+
 def parse_http(body: bytes, header_length: Optional[str]) -> InferRequest:
     """An ``/infer`` body (JSON, or JSON + binary data with ``Inference-Header-Content-Length``)."""
     binary = b""
@@ -171,6 +208,8 @@ def parse_http(body: bytes, header_length: Optional[str]) -> InferRequest:
             raise ApiError(400, f"{HEADER} is {n}, but the body has {len(body)} bytes; it must be the length of the "
                                 "JSON part, between 1 and the body's length")
         body, binary = body[:n], body[n:]
+    else:
+        _no_trailing_bytes(body)
     doc = parse_json(body, '{"inputs": [{"name", "shape", "datatype", "data"}]}')
     unknown = sorted(set(doc) - set(INFER_KEYS))
     if unknown:
