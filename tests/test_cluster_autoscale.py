@@ -17,6 +17,7 @@ the head: the teardown kills every process whose command line names this test's 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,13 +110,20 @@ def autoscaling_head():
             head = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
             def connect():
+                import httpx
+
                 if head.poll() is not None:
                     return "exited"
+                try:  # the dashboard answers last: before it, `ray start` may still give up (and ray.init hang)
+                    httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=2).raise_for_status()
+                except httpx.HTTPError:
+                    return None
                 try:
                     ray.init(address=f"{ip}:{port}", log_to_driver=False)
-                    return "up"
-                except (ConnectionError, RuntimeError):
+                except (ConnectionError, RuntimeError):  # GCS slow to answer on a loaded machine: again
+                    ray.shutdown()
                     return None
+                return "up"
 
             if wait_for("the autoscaling head to accept a driver", connect, 240, 2) == "up":
                 break
@@ -132,6 +140,7 @@ def autoscaling_head():
             except subprocess.TimeoutExpired:
                 head.kill()
         _kill_processes_under(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -151,7 +160,18 @@ def _workers() -> dict[str, list[str]]:
 
 
 def _submit(client, entrypoint: str) -> str:
-    return client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": dict(runtime.WORKER_ENV)})
+    # no runtime_env here: the job's own ray.init sets the workers' env (transfuse.runtime), and Ray 2.60 refuses
+    # to merge a job's env_vars with ray.init's when both set the same variable ("Failed to merge the Job's
+    # runtime env ...")
+    def submit():
+        try:
+            return client.submit_job(entrypoint=entrypoint)
+        except RuntimeError as e:  # the head's agent registers a while after the dashboard answers
+            if "No available agent" in str(e):
+                return None
+            raise
+
+    return wait_for("the Jobs API to take a job", submit, 180, 2)
 
 
 def _wait_job(client, job_id: str, seen: list[dict[str, list[str]]]) -> str:
