@@ -42,16 +42,22 @@ JOB_S = 900
 
 def fake_config(cluster_yaml: Path, gcs_address: str) -> dict:
     """cluster.yaml's node types with small numbers for the fake_multinode provider."""
+    from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_TYPE
+
     src = yaml.safe_load(cluster_yaml.read_text())
     types = {}
     for name, t in src["available_node_types"].items():
+        # the provider names the head it runs in "ray.head.default": under cluster.yaml's own head name the
+        # autoscaler saw no head of that type and kept launching and removing one
+        name = FAKE_HEAD_NODE_TYPE if name == src["head_node_type"] else name
         kinds = t.get("resources", {})
         resources = {"CPU": 1 if kinds.get("CPU", 0) else 0, "object_store_memory": NODE_OBJECT_STORE}
         if kinds.get("GPU"):
             resources["GPU"] = 1  # faked: the node advertises it, nothing checks for a device
-        entry = {"resources": resources, "node_config": {}, "max_workers": 0 if name == src["head_node_type"]
-                 else min(2, int(t.get("max_workers", 1)))}
-        if name != src["head_node_type"]:
+        head = name == FAKE_HEAD_NODE_TYPE
+        entry = {"resources": resources, "node_config": {},
+                 "max_workers": 0 if head else min(2, int(t.get("max_workers", 1)))}
+        if not head:
             entry["min_workers"] = 0
         types[name] = entry
     empty_lists = ("cluster_synced_files", "initialization_commands", "setup_commands", "head_setup_commands",
@@ -59,7 +65,7 @@ def fake_config(cluster_yaml: Path, gcs_address: str) -> dict:
                    "rsync_filter")
     return {
         "cluster_name": "transfuse-fake", "max_workers": 3, "upscaling_speed": 1.0,
-        "idle_timeout_minutes": IDLE_TIMEOUT_MIN, "head_node_type": src["head_node_type"],
+        "idle_timeout_minutes": IDLE_TIMEOUT_MIN, "head_node_type": FAKE_HEAD_NODE_TYPE,
         "available_node_types": types,
         "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "gcs_address": gcs_address},
@@ -154,8 +160,9 @@ def _workers() -> dict[str, list[str]]:
 
     out: dict[str, list[str]] = {"gpu": [], "cpu": []}
     for n in ray.nodes():
-        if n["Alive"] and not n["Resources"].get("node:__internal_head__"):
-            out["gpu" if n["Resources"].get("GPU") else "cpu"].append(n["NodeID"])
+        r = n["Resources"]
+        if n["Alive"] and not r.get("node:__internal_head__") and (r.get("GPU") or r.get("CPU")):
+            out["gpu" if r.get("GPU") else "cpu"].append(n["NodeID"])
     return out
 
 
