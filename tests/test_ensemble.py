@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests._ensemble_helpers import write_member_dir, write_member_run
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
@@ -374,57 +374,10 @@ def test_loading_needs_only_numpy_and_onnxruntime(digits, tmp_path):
 # The ensemble stage on member directories in the real formats
 
 
-def _write_rows(path: Path, ids, labels, column: str, values: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
-                      "label": pa.array(labels, pa.int64()),
-                      column: pa.array(list(values.astype(np.float32)), pa.list_(pa.float32()))})
-    pq.write_table(table, path)
-
-
-def _write_member_dir(cfg, d: Path, name: str, splits, hidden: int, seed: int) -> float:
-    """A real fitted network (a one-hidden-layer MLP on the prepared images): predictions for val/test/holdout,
-    penultimate-layer embeddings for every split, metrics.json and a manifest, in the member-dir formats."""
-    from sklearn.neural_network import MLPClassifier
-
-    x_tr, y_tr, _ = splits["train"]
-    mlp = MLPClassifier((hidden,), max_iter=150, random_state=seed).fit(x_tr, y_tr)
-    embed = lambda x: np.maximum(x @ mlp.coefs_[0] + mlp.intercepts_[0], 0.0)  # noqa: E731  (relu hidden layer)
-    scores = {}
-    for split, (x, y, ids) in splits.items():
-        _write_rows(d / "embeddings" / f"{split}.parquet", ids, y, "embedding", embed(x))
-        if split != "train":
-            p = mlp.predict_proba(x)
-            _write_rows(d / "predictions" / f"{split}.parquet", ids, y, "probs", p)
-            scores[split] = tm.evaluate(p, y)
-    storage.write_json(str(d / "metrics.json"), {"history": [], **scores})
-    storage.write_manifest(str(d), cfg, "finetune", f"fixture-{name}")
-    return scores["val"]["accuracy"]
-
-
 @pytest.fixture(scope="module")
 def member_run(digits_run, tmp_path_factory):
-    """Two fine-tuned members listed in tune/members.json, trained on the session's prepared digits. They live in a
-    run of their own (with a copy of the prepared data, which pixel members read) so other test modules' tune
-    outputs in the shared run cannot interfere."""
-    import shutil
-
-    from transfuse.data import read_split_numpy
-
-    data_dir = storage.stage_dir(digits_run, "data")
-    cfg = digits_run.model_copy(update={"storage": str(tmp_path_factory.mktemp("ens")), "run": "ens"})
-    shutil.copytree(data_dir, storage.stage_dir(cfg, "data"))
-    splits = {}
-    for split in ("train", "val", "test", "holdout"):
-        images, labels, ids = read_split_numpy(data_dir, split)
-        splits[split] = (images.reshape(len(images), -1).astype(np.float32) / 255.0, labels, ids)
-    tune = Path(storage.stage_dir(cfg, "tune"))
-    entries = []
-    for name, hidden, seed in (("trial_a", 24, 0), ("trial_b", 16, 1)):
-        acc = _write_member_dir(cfg, tune / "trials" / name, name, splits, hidden, seed)
-        entries.append({"name": name, "dir": f"trials/{name}", "config": {"hidden": hidden}, "val_accuracy": acc})
-    storage.write_json(str(tune / "members.json"), {"members": entries})
-    return cfg, splits
+    """Two fine-tuned members in a run of their own (tests._ensemble_helpers.write_member_run)."""
+    return write_member_run(digits_run, tmp_path_factory.mktemp("ens"), "ens")
 
 
 def test_ensemble_stage_end_to_end(member_run):
@@ -530,8 +483,8 @@ def test_members_that_disagree_on_ids_are_refused(member_run, tmp_path):
     shifted = dict(splits)
     x, y, ids = splits["test"]
     shifted["test"] = (x[1:], y[1:], ids[1:])  # one test id missing in trial_b
-    _write_member_dir(other, tune / "trials" / "trial_a", "trial_a", splits, 8, 0)
-    _write_member_dir(other, tune / "trials" / "trial_b", "trial_b", shifted, 8, 1)
+    write_member_dir(other, tune / "trials" / "trial_a", "trial_a", splits, 8, 0)
+    write_member_dir(other, tune / "trials" / "trial_b", "trial_b", shifted, 8, 1)
     storage.write_json(str(tune / "members.json"), {"members": [
         {"name": "trial_a", "dir": "trials/trial_a", "val_accuracy": 0.9},
         {"name": "trial_b", "dir": "trials/trial_b", "val_accuracy": 0.8}]})

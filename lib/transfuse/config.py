@@ -96,13 +96,6 @@ class DataConfig(_Strict):
             raise ValueError("labelled_per_class needs test_per_class (how many test images per class)")
         return self
 
-    def budget_counts(self) -> dict[str, int]:
-        """Labelled images per class in each split of the budget (val at least one; train gets the rest)."""
-        b = int(self.labelled_per_class or 0)
-        n_val = max(1, int(round(self.budget_split.val * b)))
-        n_holdout = int(round(self.budget_split.holdout * b))
-        return {"train": b - n_val - n_holdout, "val": n_val, "holdout": n_holdout}
-
     @field_validator("classes")
     @classmethod
     def _classes_unique(cls, v: Optional[list[int]]) -> Optional[list[int]]:
@@ -235,6 +228,15 @@ class MemberConfig(_Strict):
     kind: str
     params: dict[str, Any] = {}
     features: Literal[MEMBER_FEATURES] = "embedding"  # type: ignore[valid-type]
+    # features: embedding only: which CNN member's embedding (its name in tune/members.json); None: the best on val
+    embedding_of: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _embedding_of_needs_embedding(self) -> "MemberConfig":
+        if self.embedding_of is not None and self.features != "embedding":
+            raise ValueError(f"member {self.name!r}: embedding_of={self.embedding_of!r} names a CNN member's "
+                             f"embedding, but features={self.features!r}; drop one of them")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -250,6 +252,78 @@ class MemberConfig(_Strict):
             name = info.data.get("name")
             raise ValueError(f"member {name!r}: unknown kind {v!r}; allowed: {', '.join(MEMBER_KINDS)}")
         return v
+
+
+# How one hyperparameter of a searched member kind is drawn (Ray Tune's samplers; lograndint/randint: upper bound
+# excluded); any other value is a constant: {C: {loguniform: [0.001, 100]}, max_iter: 2000}
+MEMBER_SAMPLERS = ("loguniform", "uniform", "lograndint", "randint", "choice")
+
+
+class MemberSearchConfig(_Strict):
+    """Ray Tune over the scikit-learn members (transfuse.member_search): one trial = one member configuration (kind,
+    parameters, feature view) scored by its out-of-fold NLL on the holdout, over the folds the stacker's inputs use.
+    The best configurations per (kind, view family) replace ``ensemble.members``; those fixed members are searched
+    as trials too, so a searched member is never worse on that score than the fixed one of its kind and view."""
+
+    enabled: bool = False  # false: ensemble.members as given (the fixed list; the way to opt out)
+    # kinds searched; the default space of each (member_search.DEFAULT_SPACE) covers every kind in MEMBER_KINDS
+    kinds: list[str] = ["logistic_regression", "svc", "random_forest", "hist_gradient_boosting"]
+    # view families searched for every kind: embedding (one of the CNN members' embeddings, itself searched) and
+    # pixels (ensemble.pixel_size); the best of each family is kept, so the pixel view's diversity survives
+    features: list[Literal[MEMBER_FEATURES]] = ["embedding", "pixels"]  # type: ignore[valid-type]
+    # per kind: {param: constant or {sampler: [args]}}; replaces that kind's default space as a whole
+    space: dict[str, dict[str, Any]] = {}
+    num_samples: int = Field(6, ge=1)  # trials per (kind, view family), besides one per fixed member
+    per_kind: int = Field(1, ge=1)  # configurations kept per (kind, view family), best out-of-fold NLL first
+    max_concurrent: int = Field(4, ge=1)  # trials at once
+    cpus_per_trial: float = Field(1.0, gt=0.0)  # Ray CPUs a trial holds; its fits run on one thread
+    # seconds; past it Tune starts no new trial (the choice then depends on the machine's speed); None: no limit
+    time_budget_s: Optional[float] = Field(None, gt=0.0)
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v: list[str]) -> list[str]:
+        bad = [k for k in v if k not in MEMBER_KINDS]
+        if bad or not v or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct kinds from {', '.join(MEMBER_KINDS)} (at least one), got {v}")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"must be distinct views from {MEMBER_FEATURES} (at least one), got {v}")
+        return v
+
+    @field_validator("space")
+    @classmethod
+    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for kind, params in v.items():
+            if kind not in MEMBER_KINDS:
+                raise ValueError(f"space: unknown kind {kind!r}; allowed: {', '.join(MEMBER_KINDS)}")
+            for name, spec in params.items():
+                _check_sampler(f"space.{kind}.{name}", spec)
+        return v
+
+
+def _check_sampler(where: str, spec: Any) -> None:
+    """A searched value: a constant, or exactly one sampler with valid arguments."""
+    if not isinstance(spec, dict):
+        return
+    if len(spec) != 1 or next(iter(spec)) not in MEMBER_SAMPLERS:
+        raise ValueError(f"{where}: a sampled value is one of {{{', '.join(MEMBER_SAMPLERS)}}} with its arguments "
+                         f"(e.g. {{loguniform: [0.001, 100]}}), got {spec!r}")
+    (sampler, args), = spec.items()
+    if sampler == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{where}: choice needs a non-empty list of values, got {args!r}")
+        return
+    ok = isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
+    if not ok or not args[0] < args[1] or (sampler.startswith("log") and args[0] <= 0):
+        raise ValueError(f"{where}: {sampler} needs [low, high] with low < high"
+                         f"{' and low > 0' if sampler.startswith('log') else ''}, got {args!r}")
+    if sampler.endswith("randint") and not all(isinstance(a, int) for a in args):
+        raise ValueError(f"{where}: {sampler} needs integer bounds, got {args!r}")
 
 
 class EnsembleConfig(_Strict):
@@ -282,6 +356,7 @@ class EnsembleConfig(_Strict):
     parallel: Literal["ray", "local"] = "ray"  # ray: one Ray task per (member, fold); local: sequential
     cpus_per_task: float = Field(1.0, gt=0.0)  # Ray CPUs per fitting task
     onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads when reloading members
+    search: MemberSearchConfig = MemberSearchConfig()  # Ray Tune over the members (off: the fixed list above)
 
     @field_validator("stacker_grid_C")
     @classmethod

