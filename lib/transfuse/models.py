@@ -152,7 +152,7 @@ def cut_layer_for(layer_names: list[str], unfreeze: int) -> Optional[str]:
 # block of a backbone layer, by name: (pattern, block) in order, the first match wins; a layer that matches none
 # belongs to the block of the layer before it (the stem when it comes first)
 _BLOCK_PATTERNS = (
-    (r"^(block\d+[a-z]?)_", r"\1"),  # VGG16 / vgg_small (block3_conv1), EfficientNet-Lite (block7_dwconv), B0 (block2a_)
+    (r"^(block\d+[a-z]?)_", r"\1"),  # VGG (block3_conv1), EfficientNet-Lite (block7_dwconv), B0 (block2a_)
     (r"^(conv\d_block\d+)_", r"\1"),  # ResNet50's residual blocks (conv4_block2_out)
     (r"^(block_\d+)_", r"\1"),  # MobileNetV2 (block_5_expand)
     (r"^expanded_conv_", "block_0"),  # MobileNetV2's first inverted residual

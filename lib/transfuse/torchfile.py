@@ -71,7 +71,8 @@ def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_rest: A
         size_t, stride_t = tuple(int(s) for s in size), tuple(int(s) for s in stride)
         offset_i = int(offset)
     except (TypeError, ValueError):
-        raise TorchFileError(f"a tensor's offset/size/stride are not integers: {offset!r} {size!r} {stride!r}") from None
+        raise TorchFileError(f"a tensor's offset/size/stride are not integers: {offset!r} {size!r} "
+                             f"{stride!r}") from None
     if len(size_t) != len(stride_t) or offset_i < 0 or any(s < 0 for s in size_t + stride_t):
         raise TorchFileError(f"a tensor has size {size_t}, stride {stride_t}, offset {offset_i}")
     return _TensorRef(storage, offset_i, size_t, stride_t)

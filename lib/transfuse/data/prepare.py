@@ -108,7 +108,8 @@ def label_budget(cfg: DataConfig, counts: dict[str, dict[str, int]]) -> Optional
 
 
 def assign_splits(labels: np.ndarray, ids: np.ndarray, cfg: DataConfig, seed: int,
-                  n_classes: int, test_prefix: Optional[str] = None) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
+                  n_classes: int, test_prefix: Optional[str] = None
+                  ) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
     """id -> (split, new label), per class in a seeded order; plus counts of what each cap excluded."""
     keep = cfg.classes if cfg.classes is not None else list(range(n_classes))
     rng = np.random.default_rng(seed)
