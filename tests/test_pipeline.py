@@ -37,7 +37,7 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, browser, tmp_path):
     # this interpreter: the one that has transfuse installed, as a cluster's setup commands install it
     entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} "
                   f"--set run=job --set serve.port={port} --set serve.name=jobtest")
-    job = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    job = _submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
     try:
         _check_job(client, job, tmp_path, browser)
     finally:
@@ -46,6 +46,19 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, browser, tmp_path):
         from ray import serve
 
         serve.shutdown()
+
+
+def _submit(client, **kwargs) -> str:
+    """Submit, retrying while the head's job agent has not registered yet (the Jobs API answers 500 "No available
+    agent to submit job" for a while after `ray start`, longer on a loaded machine)."""
+    deadline = time.time() + 300
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(5)
 
 
 def _check_job(client, job: str, tmp_path, browser) -> None:
