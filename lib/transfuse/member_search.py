@@ -181,21 +181,40 @@ def candidate_member(c: Mapping[str, Any], name: str) -> MemberConfig:
 def trial_fn(config: dict[str, Any], data: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray],
              folds: Sequence[np.ndarray], num_classes: int, seed: int, embedding_source: str,
              records_dir: str) -> None:
-    """Fit one configuration on the K folds, write what each fold model saw, report its out-of-fold NLL."""
+    """Fit one configuration on the K folds, write what each fold model saw and its score, report its out-of-fold
+    NLL. A trial whose record is already stored for this configuration reports that record's score and fits nothing:
+    Tune's saved state can lag a trial that reported just before an interruption, and restoring then reruns it."""
     from ray import tune
 
     start = time.time()
     trial_id = tune.get_context().get_trial_id()
+    path = storage.join(records_dir, f"{trial_id}.json")
+    stored = _stored_record(path)
+    trial = json.loads(json.dumps(config["trial"], default=_plain))  # as stored: JSON types
+    if stored is not None and stored.get("config") == trial and "result" in stored:
+        tune.report(stored["result"])
+        return
     member = candidate_member(config["trial"], trial_id)
     tasks = fold_tasks(member, seed, folds, rows, num_classes, 1, data_key(member, embedding_source))
     outputs = [fit_one(data, t) for t in tasks]
     holdout = rows["holdout"]
     oof, records = oof_predictions(outputs, member.name, seed, data["ids"][holdout], num_classes)
     y = data["y"][holdout]
-    storage.write_json(storage.join(records_dir, f"{trial_id}.json"),
-                       {"trial_id": trial_id, "records": [r.to_dict() for r in records]})
-    tune.report({METRIC: tm.nll(oof, y), "oof_accuracy": tm.accuracy(oof, y), "start": start, "end": time.time(),
-                 "fit_seconds": float(sum(o.seconds for o in outputs))})
+    result = {METRIC: tm.nll(oof, y), "oof_accuracy": tm.accuracy(oof, y), "start": start, "end": time.time(),
+              "fit_seconds": float(sum(o.seconds for o in outputs))}
+    storage.write_json(path, {"trial_id": trial_id, "config": trial, "result": result,
+                              "records": [r.to_dict() for r in records]})
+    tune.report(result)
+
+
+def _stored_record(path: str) -> dict[str, Any] | None:
+    """A trial's stored record, or None where there is none or it is partly written (an interrupted write)."""
+    if not storage.exists(path):
+        return None
+    try:
+        return storage.read_json(path)
+    except ValueError:
+        return None
 
 
 def _trial_dirname(trial: Any) -> str:
