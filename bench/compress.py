@@ -208,12 +208,9 @@ def main() -> None:
                   f"{kb['size_bytes'] / r['size_bytes']:5.2f}x smaller, "
                   f"accuracy {100 * (r['accuracy'] - kb['accuracy']):+.2f} points")
     for v in ("int8", "pruned_int8"):
-        g = compress.goals(rows, v)
+        g = compress.goals(rows, cfg.goals, v)
         if g:
-            print(f"goals {v} vs float32: {g['speedup_b1']:.2f}x faster at b1 (goal 3x: "
-                  f"{'met' if g['faster_3x'] else 'NOT met'}), {g['smaller_raw']:.2f}x smaller (goal 4x: "
-                  f"{'met' if g['smaller_4x'] else 'NOT met'}), accuracy {g['accuracy_delta_points']:+.2f} points "
-                  f"(goal >= -0.5: {'met' if g['within_0_5_points'] else 'NOT met'})")
+            print("goals " + compress.goals_line(g))
     for v, b in breakdown.items():
         print(f"\nwhere batch-1 time and bytes go: {v} (num_threads={args.threads}; parts timed in pipeline order)")
         print(compress.format_breakdown(b))

@@ -22,7 +22,6 @@ slice of Fashion-MNIST), converts them to .tflite (float32 or full-integer int8)
 
 import argparse
 import asyncio
-import io
 import json
 import socket
 import sys
@@ -74,21 +73,6 @@ def fashion_uint8(split: str = "train", n: Optional[int] = None) -> tuple[np.nda
 
 
 DATASETS = {"digits": lambda: digits_uint8(), "fashion": lambda: fashion_uint8("train", FASHION_TRAIN)}
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One H x W (x 1 or 3) uint8 image as PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def examples(images: np.ndarray, labels: np.ndarray, names: list[str], n: int = 6) -> list[tuple[str, bytes]]:
-    """The first image of each of the first ``n`` classes, as (label, PNG) for the bundle to ship."""
-    firsts = [int(np.flatnonzero(labels == k)[0]) for k in range(min(n, len(names))) if (labels == k).any()]
-    return [(names[labels[i]], png_bytes(images[i])) for i in firsts]
 
 
 def build_cnn(seed: int, width: int = 8, num_classes: int = 10) -> Any:
@@ -146,7 +130,7 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
     With ``keras_dir`` the float32 tf_keras weights are saved there too (``member<i>.weights.h5``), for the
     baseline. Returns the bundle's manifest.
     """
-    from transfuse.bundle import CNNMember, write_bundle
+    from transfuse.bundle import CNNMember, example_images, write_bundle
     from transfuse.metrics import evaluate
     from transfuse.preprocess import PreprocessSpec, preprocess
 
@@ -169,7 +153,7 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
     return write_bundle(out_dir, name=f"{dataset}-demo", version=version, class_names=names,
                         input_shape=tuple(images.shape[1:]), preprocess_spec=spec, cnn_members=cnn,
                         variant="int8" if int8 else "float32", metrics=metrics, num_threads=num_threads,
-                        examples=examples(*shown), overwrite=True)
+                        examples=example_images(*shown), overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------- baseline

@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 from transfuse import runtime  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from transfuse import console as con
-from transfuse.config import Config, ConfigError, load_config
-from transfuse.data.sources import DataError
+from transfuse.config import Config, load_config
+from transfuse.errors import TransfuseError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -51,13 +51,11 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
         if needs_ray(args) if callable(needs_ray) else needs_ray:
             runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet)
         body(cfg, args)
-    except (ValueError, RuntimeError) as e:
+    except TransfuseError as e:
         # the library's own errors (bad config, data, members, bundles) say what was wrong: print that, no
         # traceback; anything else is a bug and keeps its traceback
-        if isinstance(e, (ConfigError, DataError)) or type(e).__module__.startswith("transfuse."):
-            err(f"error: {e}")
-            if getattr(args, "log_path", None):
-                err(f"(Ray's and TensorFlow's output: {args.log_path})")
-            return 2
-        raise
+        err(f"error: {e}")
+        if getattr(args, "log_path", None):
+            err(f"(Ray's and TensorFlow's output: {args.log_path})")
+        return 2
     return 0

@@ -5,21 +5,17 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.bundle import BundleError
-from transfuse.compress import CompressError, PruningError, format_table, run_compress
+from transfuse.compress import format_table, goals_line, run_compress
 
 
 def _run(cfg, args) -> None:
     from transfuse import storage
 
-    try:
-        m = run_compress(cfg, force=args.force)
-    except (CompressError, PruningError, BundleError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    m = run_compress(cfg, force=args.force)
     report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
     print(format_table(report["variants"]))
-    print(f"goals (int8 vs float32, this run): {report['goals']}")
+    if report["goals"]:
+        print(f"goals (this run): {goals_line(report['goals'])}")
     print(f"bundle ({m['serve_variant']}) -> {m['bundle']}")
 
 

@@ -24,13 +24,9 @@ def _args(p) -> None:
 
 def _run(cfg, args) -> None:
     from serve.app import deploy
-    from transfuse.bundle import BundleError
 
     bundle = args.bundle or storage.stage_dir(cfg, "bundle")
-    try:
-        url = deploy(cfg.serve, bundle, app_name=args.app_name, route_prefix=args.route_prefix)
-    except BundleError as e:
-        raise SystemExit(f"error: cannot serve {bundle}: {e}") from None
+    url = deploy(cfg.serve, bundle, app_name=args.app_name, route_prefix=args.route_prefix)
     print(f"serving {cfg.serve.name}: {url}  (POST {url}:predict, POST {url}/images, GET {url})")
     if args.block:
         try:

@@ -10,19 +10,11 @@ from typing import Optional
 
 from jobs._cli import main as cli_main
 from transfuse import storage
-from transfuse.config import ConfigError
-from transfuse.data.sources import DataError
-from transfuse.ensemble import MemberError, format_table, run_ensemble
-from transfuse.stacking import EnsembleError
+from transfuse.ensemble import format_table, run_ensemble
 
 
 def _run(cfg, args) -> None:
-    try:
-        run_ensemble(cfg, force=args.force)
-    except MemberError as e:  # a bad member kind/parameter is a config error: exit 2 with the message
-        raise ConfigError(str(e)) from None
-    except EnsembleError as e:  # inconsistent member files: bad input, same treatment
-        raise DataError(str(e)) from None
+    run_ensemble(cfg, force=args.force)
     out = storage.stage_dir(cfg, "ensemble")
     print(format_table(storage.read_json(storage.join(out, "metrics.json"))))
     print(f"-> {out}")

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+import pytest
+
 from transfuse import runtime
 
 NODE_OBJECT_STORE = 80 * 2**20  # bytes per worker node: small, the tests' data are a few MiB
@@ -175,6 +177,15 @@ class LocalCluster:
             else:
                 os.environ[k] = v
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A 0-CPU head and three 1-CPU worker nodes for one test module (import it there: ``from tests._cluster
+    import cluster``)."""
+    c = LocalCluster(workers=3)
+    yield c
+    c.shutdown()
 
 
 def actor_nodes(class_name: str, *, alive: bool = True) -> list[tuple[str, str]]:

@@ -237,7 +237,7 @@ def write_compress(cfg, data, clf) -> tuple[dict, Linear]:
                                             embedding_output=None)])
         rows.append(variant_row(d, images_of(x), y, latency_runs=5, throughput_runs=2))
     rows = with_ratios(rows)
-    report = {"variants": rows, "goals": goals(rows, "int8"), "goals_pruned_int8": {}, "pruning": {},
+    report = {"variants": rows, "goals": goals(rows, cfg.goals, "int8"), "goals_pruned_int8": {}, "pruning": {},
               "ensemble_source": "ensemble", "num_threads": 1, "test_n": int(len(y)),
               "shared_trunk": {"float32": None, "int8": None},
               "zero_weight_members": {"dropped": ["svc_on_cnn", "cnn_u2"], "kept": ["cnn_u4", "logreg"]}}

@@ -167,9 +167,6 @@ def _workers() -> dict[str, list[str]]:
 
 
 def _submit(client, entrypoint: str) -> str:
-    # no runtime_env here: the job's own ray.init sets the workers' env (transfuse.runtime), and Ray 2.60 refuses
-    # to merge a job's env_vars with ray.init's when both set the same variable ("Failed to merge the Job's
-    # runtime env ...")
     def submit():
         try:
             return client.submit_job(entrypoint=entrypoint)

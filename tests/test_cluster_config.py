@@ -630,3 +630,19 @@ def test_broken_rayjob_fails_transfuse_checks(mutate, pattern):
     mutate(job)
     problems = kuberay_problems(job)
     assert any(re.search(pattern, p) for p in problems), problems
+
+
+def test_a_job_that_sets_the_workers_env_itself_keeps_it(monkeypatch):
+    """The RayJob's runtime env sets TF_USE_LEGACY_KERAS, and so does transfuse's ray.init: Ray refuses to merge
+    the same key twice, so inside such a job transfuse leaves the keys the job sets (Ray hands the job's config
+    to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR) and adds the rest."""
+    from transfuse import runtime
+
+    assert runtime.runtime_env()["env_vars"] == runtime.WORKER_ENV  # no job: all of them
+    job_env = runtime_env(load_manifest(RAYJOB_YAML)).env_vars()
+    # the shape Ray's job supervisor gives the entrypoint (ray.dashboard.modules.job.job_supervisor)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": job_env},
+                                                                  "metadata": {}}))
+    ours = runtime.runtime_env()["env_vars"]
+    assert "TF_USE_LEGACY_KERAS" in job_env and not ours.keys() & job_env.keys()
+    assert ours == {k: v for k, v in runtime.WORKER_ENV.items() if k not in job_env}

@@ -14,18 +14,12 @@ import time
 import numpy as np
 import pytest
 
-from tests._cluster import LocalCluster, running_task_nodes, wait_for
+from tests._cluster import running_task_nodes, wait_for
+from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 
 WAIT_S = 600
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=3)
-    yield c
-    c.shutdown()
 
 
 def _inputs():

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests._cluster import LocalCluster, actor_nodes, checkpoint_epoch, wait_for
+from tests._cluster import actor_nodes, checkpoint_epoch, wait_for
+from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 from tests.conftest import smoke_config
 from transfuse import storage
 
@@ -24,13 +25,6 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whol
 
 WAIT_S = 900
 EPOCHS = 3  # smoke.yaml: 1 frozen + 2 unfrozen
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=3)
-    yield c
-    c.shutdown()
 
 
 def _reports(tune_dir: str) -> dict[str, list[dict]]:

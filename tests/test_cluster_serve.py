@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from tests._cluster import LocalCluster, actor_nodes, free_port, wait_for
+from tests._cluster import actor_nodes, free_port, wait_for
+from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 httpx = pytest.importorskip("httpx")
@@ -36,13 +37,6 @@ class Call:
     end: float
     status: int  # 0: no HTTP answer (connection error, timeout)
     ok: bool  # 200 and the bundle's offline prediction
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=3)
-    yield c
-    c.shutdown()
 
 
 @pytest.fixture(scope="module")

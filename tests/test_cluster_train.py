@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests._cluster import LocalCluster, actor_nodes, digest_mtimes, wait_for
+from tests._cluster import actor_nodes, digest_mtimes, wait_for
+from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 from tests.conftest import smoke_config
 from transfuse import storage
 
@@ -38,13 +39,6 @@ EPOCHS = 4
 ACCURACY_TOL = 0.05  # absolute test accuracy
 AGREEMENT_MIN = 0.85  # share of test images given the same class by both members
 WAIT_S = 1500  # bounded waits for a run to reach an epoch or end, on a loaded 2-core machine
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    c = LocalCluster(workers=3)
-    yield c
-    c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,9 @@ def test_pipeline_submitted_as_ray_job(ray_cluster, browser, tmp_path):
     # this interpreter: the one that has transfuse installed, as a cluster's setup commands install it
     entrypoint = (f"{sys.executable} -m jobs.pipeline --config configs/smoke.yaml --set storage={tmp_path} "
                   f"--set run=job --set serve.port={port} --set serve.name=jobtest")
-    job = _submit(client, entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    # env_vars the job's ray.init also sets: Ray refuses to merge the same key twice unless transfuse leaves it
+    job = _submit(client, entrypoint=entrypoint,
+                  runtime_env={"working_dir": str(ROOT), "env_vars": {"TF_USE_LEGACY_KERAS": "1"}})
     try:
         _check_job(client, job, tmp_path, browser)
     finally:
@@ -91,6 +93,13 @@ def _check_job(client, job: str, tmp_path, browser) -> None:
     assert "transfuse.cache" in text and "Dataset" in text, text[-3000:]
     for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
         assert storage.read_manifest(storage.stage_dir(cfg, stage)), f"{stage} has no manifest"
+    # the served bundle ships one test image per class for the page at GET / (not counted as model bytes)
+    from transfuse.bundle import load_bundle
+
+    bundle = load_bundle(storage.stage_dir(cfg, "bundle"))
+    shown = bundle.example_images()
+    assert [label for label, _ in shown] == bundle.class_names[:6]
+    assert all(png.startswith(b"\x89PNG") for _, png in shown)
     index = storage.join(storage.stage_dir(cfg, "report"), "index.html")
     assert storage.exists(index)
     # the report as a person opens it: plots loaded, the verdict as the files say and on the first screen

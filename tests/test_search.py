@@ -15,9 +15,10 @@ from transfuse import storage
 from transfuse.search import SEARCHED, samples_per_grid, select_members
 
 
-def _row(trial, unfreeze, acc, seed=0, finished=True):
+def _row(trial, unfreeze, acc, seed=0, finished=True, nll=0.5):
     return {"trial_id": trial, "unfreeze": unfreeze, "lr_frozen": 1e-3, "lr_unfrozen": 1e-4, "head_dense": 64,
-            "dropout": 0.0, "seed": seed, "finished": finished, "val_accuracy": acc, "stopped_early": not finished}
+            "dropout": 0.0, "seed": seed, "finished": finished, "val_accuracy": acc, "val_nll": nll,
+            "stopped_early": not finished}
 
 
 def test_members_are_diverse_and_best_first():
@@ -28,6 +29,11 @@ def test_members_are_diverse_and_best_first():
     chosen = select_members(rows, 5)
     assert [r["trial_id"] for r in chosen] == ["a", "b", "c", "e"]  # never d (stopped), never f (copy of a)
     assert len({tuple(r[k] for k in SEARCHED) for r in chosen}) == len(chosen)
+
+
+def test_tied_val_accuracy_goes_to_the_lower_val_nll():
+    rows = [_row("a", 1, 0.90, nll=0.1754), _row("b", 4, 0.90, nll=0.1724), _row("c", 7, 0.88, nll=0.10)]
+    assert [r["trial_id"] for r in select_members(rows, 3)] == ["b", "a", "c"]
 
 
 def test_budget_spread_over_depth_grid(tmp_path):

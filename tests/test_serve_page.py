@@ -86,7 +86,8 @@ def test_page_upload_and_shipped_example_match_the_json_routes(page_server, page
                                                                tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from bench.serve import fashion_uint8, png_bytes
+    from bench.serve import fashion_uint8
+    from transfuse.bundle import png_bytes
 
     images, _, names = fashion_uint8("test", 20)
     i = 7  # a real test image (not among the training slice the demo model saw)

@@ -162,9 +162,10 @@ def test_overrides_and_scratch_budget(digits_run):
     s = scratch_overrides(digits_run)
     assert s["unfreeze"] == 18 and s["epochs_frozen"] == 0
     epochs = digits_run.train.epochs_frozen + digits_run.train.epochs_unfrozen
-    assert s["epochs_unfrozen"] == epochs and s["early_stopping_patience"] == epochs  # no early stop from scratch
+    # from scratch, early stopping counts only in the second half (the val loss rises before it falls)
+    assert s["epochs_unfrozen"] == epochs and s["early_stopping_start"] == epochs // 2
     assert s["lr_unfrozen"] == digits_run.train.lr_frozen
-    assert effective(digits_run, s).train.early_stopping_patience == epochs
+    assert effective(digits_run, s).train.early_stopping_start == epochs // 2
     assert mixed_policy("auto", True) == "mixed_float16" and mixed_policy("auto", False) == "float32"
     # block units: the scratch net trains every block; the searched depth may count blocks where the seed's
     # depth counts layers; a head width of 0 means no hidden layer
@@ -235,6 +236,24 @@ def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
     final = sorted(digests.glob("epoch4-rank*.txt"))
     assert len(final) == cfg.train.num_workers
     assert {f.read_text() for f in final} == {weights_digest(load_member(out)[0])}
+
+
+def test_early_stopping_counts_only_after_its_start(digits_run, tmp_path):
+    """Patience 1 from epoch 3 on a run whose val loss gets worse: epochs 1-3 always run, then the phase stops at
+    the first epoch that is not a new best (and keeps its best epoch)."""
+    from transfuse.train import finetune
+
+    data = _cfg(digits_run).model_dump(mode="json")
+    data["storage"] = str(tmp_path / "runs")
+    data["train"].update(lr_frozen=0.02, early_stopping_patience=1, early_stopping_start=3, num_workers=1)
+    cfg = type(digits_run).model_validate(data)
+    metrics = finetune(cfg, str(tmp_path / "member"), {"epochs_frozen": 8, "epochs_unfrozen": 0, "unfreeze": 4},
+                       force=True, data_dir=_shifted_train_labels(digits_run, tmp_path))
+    val = [h["val_loss"] for h in metrics["history"]]
+    stop = next(e for e in range(4, 9) if e == 8 or val[e - 1] >= min(val[:e - 1]) - 1e-6)
+    assert len(val) == stop >= 4, val  # however the first 3 went
+    assert any(val[e] >= min(val[:e]) - 1e-6 for e in range(1, 3)), val  # and one of them would have stopped it
+    assert metrics["restored"][0]["best_epoch"] == int(np.argmin(val)) + 1
 
 
 def test_same_config_and_seed_give_the_same_member(digits_run, tmp_path):

@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 
 from transfuse import storage
+from transfuse.errors import TransfuseError
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
 
 FORMAT = "transfuse.bundle"
@@ -43,11 +44,11 @@ FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
 MAX_BATCH = 256  # images per interpreter call: bounds peak memory for large requests
 
 
-class BundleError(Exception):
+class BundleError(TransfuseError):
     """A bundle is missing, altered, unlisted, malformed or of an incompatible format version."""
 
 
-class BundleInputError(ValueError):
+class BundleInputError(TransfuseError, ValueError):
     """Images given to ``Bundle.predict_proba`` do not match the bundle's input spec."""
 
 
@@ -134,6 +135,22 @@ def _safe_rel(rel: str) -> str:
 def _file_safe(name: str) -> str:
     """A member name as part of a file name (the manifest keeps the real name)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One H x W (x 1 or 3) uint8 image as PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def example_images(images: np.ndarray, labels: np.ndarray, names: list[str], n: int = 6) -> list[tuple[str, bytes]]:
+    """The first image of each of the first ``n`` classes, as (true label, PNG bytes): what a bundle ships as
+    ``examples`` (the page at the endpoint's ``GET /`` offers them)."""
+    firsts = [int(np.flatnonzero(labels == k)[0]) for k in range(min(n, len(names))) if (labels == k).any()]
+    return [(names[int(labels[i])], png_bytes(images[i])) for i in firsts]
 
 
 def write_bundle(

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from transfuse.errors import TransfuseError
+
 BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
              "efficientnet_lite2", "vgg_small")
 UNFREEZE_UNITS = ("layers", "blocks")
@@ -24,7 +26,7 @@ SPLITS = ("train", "val", "test", "holdout")
 STAGES = ("prepare", "pretrain", "tune", "ensemble", "compress", "deploy")
 
 
-class ConfigError(ValueError):
+class ConfigError(TransfuseError, ValueError):
     """A configuration value is missing, unknown or out of range."""
 
 
@@ -159,6 +161,7 @@ class TrainConfig(_Strict):
     lr_unfrozen: float = Field(1e-4, gt=0.0)  # lower, as in the seed
     lr_scratch: Optional[float] = Field(None, gt=0.0)  # the from-scratch baseline's Adam rate (None: lr_frozen)
     early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
+    early_stopping_start: int = Field(0, ge=0)  # a phase's first epochs that never count against patience
     restore_best_weights: bool = True  # each phase ends with its best epoch's weights (lowest val loss)
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs
     cache_frozen: bool = True  # cache activations at the cut point; incompatible with augmentation

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse.errors import TransfuseError
 
 BN_EPSILON = 1e-3
 BN_MOMENTUM = 0.99  # Keras' convention (PyTorch's 0.01)
@@ -48,7 +49,7 @@ VARIANTS = {
 CACHE_ENV = "TRANSFUSE_WEIGHTS_CACHE"  # where converted weights are kept (default ~/.cache/transfuse/weights)
 
 
-class WeightsError(ValueError):
+class WeightsError(TransfuseError, ValueError):
     """Pretrained weights are missing or do not fit the architecture; the message names the tensor or layer."""
 
 

@@ -26,6 +26,7 @@ from typing import Any, Optional
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import BACKBONES, ModelConfig
+from transfuse.errors import TransfuseError
 from transfuse.preprocess import PreprocessSpec
 
 SPEC_FILE = "model_spec.json"
@@ -36,7 +37,7 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"  # what the pretrain stage writes under
 _VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
 
 
-class ModelError(ValueError):
+class ModelError(TransfuseError, ValueError):
     """A model spec, weights choice or cut point is invalid."""
 
 

@@ -19,6 +19,7 @@ from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before Tenso
 from transfuse import storage
 from transfuse.config import Config
 from transfuse.console import Console, StageProgress, watch
+from transfuse.errors import TransfuseError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ STAGE_DIRS = {"prepare": "data", "pretrain": "pretrain", "finetune": "finetune",
               "tune": "tune", "ensemble": "ensemble", "compress": "compress"}
 
 
-class PipelineError(ValueError):
+class PipelineError(TransfuseError, ValueError):
     """A pipeline argument names an unknown stage."""
 
 

@@ -14,13 +14,14 @@ from typing import Any
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
+from transfuse.errors import TransfuseError
 
 # classes of the built-in sources when data.classes does not pick a subset (image folders and parquet files only
 # know theirs once prepare has read them)
 SOURCE_CLASSES = {"cifar10": 10, "fashion_mnist": 10, "digits": 10}
 
 
-class PlanError(ValueError):
+class PlanError(TransfuseError, ValueError):
     """A plan cannot be built from this config without reading the data first."""
 
 

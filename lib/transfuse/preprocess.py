@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from transfuse.errors import TransfuseError
+
 # Keras applications' "caffe" mode (VGG16, ResNet50): RGB -> BGR, subtract the ImageNet channel means.
 _CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68], dtype=np.float32)
 
@@ -27,6 +29,10 @@ NORMALIZATION = {
     "efficientnet_lite0": "lite", "efficientnet_lite1": "lite", "efficientnet_lite2": "lite",
     "vgg_small": "unit",  # x / 255
 }
+
+
+class PreprocessError(TransfuseError, ValueError):
+    """Images of a shape, dtype or normalization the one preprocessing function does not take."""
 
 
 @dataclass(frozen=True)
@@ -48,13 +54,13 @@ def _as_nhwc_uint8_range(images: np.ndarray) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
-        raise ValueError(f"images must be N x H x W, N x H x W x 1 or N x H x W x 3, got shape {x.shape}")
+        raise PreprocessError(f"images must be N x H x W, N x H x W x 1 or N x H x W x 3, got shape {x.shape}")
     if x.dtype == np.uint8:
         x = x.astype(np.float32)
     elif np.issubdtype(x.dtype, np.floating):
         x = x.astype(np.float32) * 255.0
     else:
-        raise ValueError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
+        raise PreprocessError(f"images must be uint8 (0..255) or float in [0, 1], got dtype {x.dtype}")
     return x
 
 
@@ -95,7 +101,7 @@ def normalize(x: np.ndarray, mode: str) -> np.ndarray:
         return x / 255.0
     if mode == "lite":
         return (x - 127.0) / 128.0
-    raise ValueError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit, lite")
+    raise PreprocessError(f"unknown normalization {mode!r}; allowed: caffe, tf, raw, unit, lite")
 
 
 def pixel_features(images: np.ndarray, size: Optional[int] = None) -> np.ndarray:

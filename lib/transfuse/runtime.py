@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Optional
@@ -13,7 +14,16 @@ os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
 
 
 def runtime_env() -> dict[str, Any]:
-    return {"env_vars": dict(WORKER_ENV)}
+    """The workers' env for ``ray.init``. Inside a submitted job (``ray job submit --runtime-env-json``), a
+    variable the job's own runtime env already sets is left to it: Ray refuses to merge a job's and ray.init's
+    env_vars that name the same key ("Failed to merge the Job's runtime env")."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # what Ray hands a job's driver
+    theirs = ((job.get("runtime_env") or {}).get("env_vars")) or {}
+    for k in WORKER_ENV.keys() & theirs.keys():
+        if str(theirs[k]) != WORKER_ENV[k]:
+            logging.getLogger(__name__).warning("the job's runtime env sets %s=%s; transfuse's workers expect %s",
+                                                k, theirs[k], WORKER_ENV[k])
+    return {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in theirs}}
 
 
 def init_ray(address: Optional[str] = None, num_cpus: Optional[int] = None, *, quiet: bool = False,

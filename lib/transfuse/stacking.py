@@ -27,6 +27,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from transfuse.errors import TransfuseError
+
 # Probabilities are clipped to [EPS, 1] before taking logs in greedy selection's NLL: a member that says 0 for the
 # true class would otherwise dominate with an infinite loss.
 EPS = 1e-6
@@ -40,7 +42,7 @@ STACKER_FORMAT = "transfuse.stacker/v1"
 STACKER_METHODS = ("logistic", "log_pool")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(TransfuseError, ValueError):
     """Ensemble inputs or saved ensemble files are inconsistent."""
 
 

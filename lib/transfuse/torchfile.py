@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from transfuse.errors import TransfuseError
+
 MAGIC = 0x1950A86A20F9469CFC6C
 PROTOCOL = 1001
 
@@ -35,7 +37,7 @@ STORAGE_DTYPES = {
 }
 
 
-class TorchFileError(ValueError):
+class TorchFileError(TransfuseError, ValueError):
     """The file is not a legacy torch file this reader accepts; the message says what was wrong."""
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from transfuse import storage
 from transfuse.config import DataConfig
+from transfuse.errors import TransfuseError
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -35,7 +36,7 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 _ROWS_PER_BLOCK = 2048
 
 
-class DataError(ValueError):
+class DataError(TransfuseError, ValueError):
     """Input data is missing, corrupt or inconsistent; the message names the file and the problem."""
 
 
