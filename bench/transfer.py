@@ -7,7 +7,7 @@ same for every draw) it runs the pipeline up to the ensemble stage and compares,
 - frozen_logreg: the same on the frozen ImageNet backbone's pooled features (no fine-tuning);
 - scratch: the same CNN from random weights, same epochs (the pipeline's scratch stage);
 - seed_recipe: the head, then the last ``model.unfreeze`` layers (the pipeline's finetune stage);
-- searched_depth: the Tune trial chosen by val accuracy (the pipeline's tune stage);
+- searched_depth: the Tune trial chosen by val accuracy, ties by val NLL (the pipeline's tune stage);
 - stack: the stacked ensemble (mean over the ensemble stage's seeds).
 
 Every model learns from the draw's train split and picks its hyper-parameters or epoch on val; the stack's

@@ -286,8 +286,7 @@ def write_bundle(
     storage.makedirs(directory)
     for rel, b in files.items():
         storage.write_bytes(storage.join(directory, *rel.split("/")), b)
-    storage.write_bytes(storage.join(directory, MANIFEST),
-                        json.dumps(manifest, indent=2, sort_keys=True, default=storage._json_default).encode())
+    storage.write_bytes(storage.join(directory, MANIFEST), storage.json_bytes(manifest))
     return manifest
 
 

@@ -23,7 +23,6 @@ BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientn
 UNFREEZE_UNITS = ("layers", "blocks")
 SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
 SPLITS = ("train", "val", "test", "holdout")
-STAGES = ("prepare", "pretrain", "tune", "ensemble", "compress", "deploy")
 
 
 class ConfigError(TransfuseError, ValueError):

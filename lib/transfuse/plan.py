@@ -44,7 +44,7 @@ def data_plan(cfg: Config) -> dict[str, Any]:
     d = cfg.data
     fetch = None
     if d.source == "cifar10" and d.download:
-        local = sources._find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
+        local = sources.find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
         fetch = None if local else f"skipped by the plan: prepare downloads {sources.CIFAR10_URL}"
     if d.labelled_per_class is not None:  # one label budget: what every model learns from
         split: dict[str, Any] = {"label_budget_per_class": d.labelled_per_class, **d.budget_counts(),

@@ -73,8 +73,13 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as the JSON every transfuse file uses (indented, sorted keys; numpy values and paths as plain)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode()
+
+
 def write_json(path: str, obj: Any) -> None:
-    write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default).encode())
+    write_bytes(path, json_bytes(obj))
 
 
 def read_json(path: str) -> Any:

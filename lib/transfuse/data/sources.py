@@ -109,7 +109,7 @@ def read_idx(path: str) -> np.ndarray:
     return data.reshape(dims)
 
 
-def _find_dir(explicit: Optional[str], candidates: tuple[str, ...], required: tuple[str, ...]) -> Optional[str]:
+def find_dir(explicit: Optional[str], candidates: tuple[str, ...], required: tuple[str, ...]) -> Optional[str]:
     if explicit:
         return explicit
     for c in candidates:
@@ -121,7 +121,7 @@ def _find_dir(explicit: Optional[str], candidates: tuple[str, ...], required: tu
 
 def load_fashion_mnist_source(cfg: DataConfig) -> Source:
     required = tuple(f for pair in FASHION_MNIST_FILES.values() for f in pair)
-    folder = _find_dir(cfg.path, FASHION_MNIST_DIRS, required)
+    folder = find_dir(cfg.path, FASHION_MNIST_DIRS, required)
     if folder is None:
         if not cfg.download:
             raise DataError(
@@ -208,7 +208,7 @@ def read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def load_cifar10_source(cfg: DataConfig) -> Source:
     batches = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    folder = _find_dir(cfg.path, CIFAR10_DIRS, (*batches, "batches.meta"))
+    folder = find_dir(cfg.path, CIFAR10_DIRS, (*batches, "batches.meta"))
     if folder is None:
         if not cfg.download:
             raise DataError(
