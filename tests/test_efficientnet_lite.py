@@ -176,6 +176,21 @@ def test_conversion_is_cached_by_source_hash_and_rebuilt_when_it_changes(tmp_pat
     assert model.get_layer("predictions").get_weights()[1][0] == np.float32(0.25)
 
 
+def test_the_run_that_converts_builds_the_same_model_as_later_runs(tmp_path, monkeypatch):
+    """Same spec and seed, same initial weights (head included), whether this build converts the weights or finds
+    them cached: the conversion's own model must not shift the seeded random draws."""
+    from transfuse import models
+    from transfuse.config import ModelConfig
+
+    monkeypatch.setenv(lite.CACHE_ENV, str(tmp_path / "empty-cache"))
+    spec = models.model_spec(ModelConfig(backbone=VARIANT, weights="imagenet", input_size=32,
+                                         head={"dense": [], "pooling": "avg"}), 5, list("abcde"), seed=7)
+    converting = models.build_model(spec, "imagenet")
+    assert len(os.listdir(tmp_path / "empty-cache")) == 1  # this build converted
+    cached = models.build_model(spec, "imagenet")
+    assert models.weights_digest(converting) == models.weights_digest(cached)
+
+
 def test_a_file_of_another_variant_or_a_missing_tensor_is_refused(state, tmp_path):
     model = lite.build(VARIANT, (32, 32, 3), include_top=True)
     partial = {k: v for k, v in state.items() if not k.startswith("_blocks.7.")}

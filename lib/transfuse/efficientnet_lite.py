@@ -252,6 +252,7 @@ def imagenet_weights(variant: str, source: Optional[str] = None, cache: Optional
     os.close(fd)
     try:
         model.save_weights(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
