@@ -61,7 +61,12 @@ def test_watch_reads_epochs_and_variants_from_the_stage_files(tmp_path):
     (tmp_path / "smoke" / "compress" / names[0] / "manifest.json").write_text("{}")  # a bundle's manifest: last
     assert compress() == (1, len(names), "variants")
 
-    assert con.watch(cfg, "ensemble") is None and con.watch(cfg, "prepare") is None
+    ensemble = con.watch(cfg, "ensemble")
+    assert ensemble() is None  # no task finished yet (or the member search still runs)
+    (tmp_path / "smoke" / "ensemble").mkdir(parents=True)
+    (tmp_path / "smoke" / "ensemble" / "progress.json").write_text(json.dumps({"done": 7, "total": 45}))
+    assert ensemble() == (7, 45, "member fits")
+    assert con.watch(cfg, "prepare") is None
 
 
 class _Terminal(io.StringIO):

@@ -178,24 +178,30 @@ def ray_fit(ray_cluster, digits):
     ecfg = EnsembleConfig(members=_members("logistic_regression", "random_forest"), folds=3, seeds=[0, 1],
                           parallel="ray", cpus_per_task=1.0)
     inp = _inputs(digits, cnn, seen)
-    return inp, ecfg, fit_ensemble(inp, ecfg, RayRunner(num_cpus=1.0))
+    calls: list[tuple[int, int]] = []
+    fit = fit_ensemble(inp, ecfg, RayRunner(num_cpus=1.0), progress=lambda done, total: calls.append((done, total)))
+    return inp, ecfg, fit, calls
 
 
 def test_members_fit_in_parallel_on_ray_from_one_shared_object(ray_fit):
-    inp, ecfg, fit = ray_fit
+    inp, ecfg, fit, calls = ray_fit
     assert fit.runner == "ray"
+    assert calls == [(i, 16) for i in range(1, 17)]  # progress as each of the 16 tasks finished
     # 2 seeds x 2 members x (3 folds + 1 final) tasks, all reading the same object-store entry (put once)
     assert len(fit.data_object_ids) == 16 and len(set(fit.data_object_ids)) == 1
     assert fit.data_object_ids[0] is not None
     # the local path with the same interface gives the same member predictions
-    local = fit_ensemble(inp, ecfg.model_copy(update={"parallel": "local", "seeds": [0]}), LocalRunner())
+    local_calls: list[tuple[int, int]] = []
+    local = fit_ensemble(inp, ecfg.model_copy(update={"parallel": "local", "seeds": [0]}), LocalRunner(),
+                         progress=lambda done, total: local_calls.append((done, total)))
+    assert local_calls == [(i, 8) for i in range(1, 9)]
     for m in ("logistic_regression", "random_forest"):
         np.testing.assert_allclose(local.first.test_probs[m], fit.first.test_probs[m], atol=1e-12)
         np.testing.assert_allclose(local.first.holdout_probs[m], fit.first.holdout_probs[m], atol=1e-12)
 
 
 def test_no_model_saw_the_examples_it_predicted_for_the_stacker(ray_fit, digits):
-    inp, _, fit = ray_fit
+    inp, _, fit, _ = ray_fit
     holdout, test, train = (set(digits[s][2]) for s in ("holdout", "test", "train"))
     for s in fit.seeds:
         assert set(s.stacker.fit_ids_) == holdout and set(s.greedy.fit_ids_) == holdout

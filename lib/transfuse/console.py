@@ -177,6 +177,18 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
         total = cfg.tune.num_samples * epochs
 
         return lambda: (sum(epochs_done(storage.join(trials, t)) for t in _subdirs(trials)), total, "trial epochs")
+    if stage == "ensemble":
+        from transfuse.ensemble import PROGRESS_FILE
+
+        path = storage.join(storage.stage_dir(cfg, "ensemble"), PROGRESS_FILE)
+
+        def tasks() -> Reading:
+            if not storage.exists(path):
+                return None
+            p = storage.read_json(path)
+            return int(p["done"]), int(p["total"]), "member fits"
+
+        return tasks
     if stage == "compress":
         from transfuse.bundle import MANIFEST
 

@@ -32,7 +32,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -226,13 +226,22 @@ def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optio
                      est if task.keep_estimator else None, data_object_id, time.perf_counter() - t0)
 
 
+Progress = Callable[[int, int], None]  # (tasks done, tasks in all), called as tasks finish
+
+
 class LocalRunner:
     """Sequential, in-process: the no-Ray path with the same interface as ``RayRunner``."""
 
     name = "local"
 
-    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask]) -> list[FitOutput]:
-        return [fit_one(data, t) for t in tasks]
+    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask],
+            progress: Optional[Progress] = None) -> list[FitOutput]:
+        out = []
+        for t in tasks:
+            out.append(fit_one(data, t))
+            if progress:
+                progress(len(out), len(tasks))
+        return out
 
 
 def _fit_remote(holder: list, task: FitTask) -> FitOutput:
@@ -252,7 +261,8 @@ class RayRunner:
     def __init__(self, num_cpus: float = 1.0):
         self.num_cpus = num_cpus
 
-    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask]) -> list[FitOutput]:
+    def run(self, data: Mapping[str, np.ndarray], tasks: Sequence[FitTask],
+            progress: Optional[Progress] = None) -> list[FitOutput]:
         import ray
 
         if not ray.is_initialized():
@@ -263,6 +273,12 @@ class RayRunner:
                                                  retry_exceptions=False)
         futures = [remote.remote([ref], t) for t in tasks]
         try:
+            pending = list(futures)
+            while pending:  # as tasks finish: a failed one raises here, at once
+                ready, pending = ray.wait(pending, num_returns=1)
+                ray.get(ready)
+                if progress:
+                    progress(len(futures) - len(pending), len(futures))
             return ray.get(futures)
         except ray.exceptions.RayTaskError as e:
             for f in futures:
@@ -483,8 +499,10 @@ class EnsembleFit:
         return out
 
 
-def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None) -> EnsembleFit:
-    """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test."""
+def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None,
+                 progress: Optional[Progress] = None) -> EnsembleFit:
+    """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test.
+    ``progress(done, total)`` is called as member tasks finish."""
     inp.check()
     validate_members(ecfg)
     wants = [m.name for m in ecfg.members if m.features == "pixels"]
@@ -494,7 +512,7 @@ def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None) 
     data, rows = shared_data(inp)
     tasks = plan_tasks(inp, ecfg, rows)
     t0 = time.perf_counter()
-    outputs = runner.run(data, tasks) if tasks else []
+    outputs = runner.run(data, tasks, progress) if tasks else []
     wall = time.perf_counter() - t0
     log.info("fitted %d member tasks with the %s runner in %.1fs", len(tasks), runner.name, wall)
     seeds = [_assemble_seed(inp, ecfg, s, outputs) for s in ecfg.seeds]
@@ -856,6 +874,23 @@ def _report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
     }
 
 
+PROGRESS_FILE = "progress.json"  # {"done": n, "total": m} member tasks, while the stage runs (the console reads it)
+
+
+def _progress_file(out: str) -> Progress:
+    """Writes ``<out>/progress.json`` as tasks finish, at most once a second (and at the last task); the stage
+    clears its folder before writing its outputs, so the file lives only while it fits."""
+    last = [0.0]
+
+    def write(done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last[0] >= 1.0:
+            last[0] = now
+            storage.write_json(storage.join(out, PROGRESS_FILE), {"done": done, "total": total})
+
+    return write
+
+
 def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dict[str, Any]:
     """The ensemble stage: ``<storage>/<run>/ensemble/`` from the CNN members' files. Returns the manifest. With
     ``ensemble.search.enabled`` the scikit-learn members are the member search's choice, not the fixed list."""
@@ -874,7 +909,7 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     if ecfg.search.enabled:
         searched = member_search.run_member_search(cfg, inp, members, force=force)
         ecfg = ecfg.model_copy(update={"members": searched.members})
-    fit = fit_ensemble(inp, ecfg, runner)
+    fit = fit_ensemble(inp, ecfg, runner, progress=_progress_file(out))
     storage.makedirs(out)
     for stale in storage.list_files(out) + [storage.MANIFEST]:  # a rerun must not leave old members behind
         path = storage.join(out, stale)
