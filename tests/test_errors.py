@@ -10,6 +10,7 @@ import pkgutil
 import pytest
 
 import transfuse
+import transfuse.config
 from jobs._cli import main
 from transfuse.errors import TransfuseError
 
@@ -33,8 +34,6 @@ def test_every_library_error_is_a_transfuse_error():
 @pytest.mark.parametrize("raised, code", [(lambda: transfuse.config.ConfigError("train.epochs_frozen: bad"), 2),
                                           (lambda: KeyError("a bug"), None)], ids=["library error", "bug"])
 def test_the_job_runner_prints_library_errors_and_lets_bugs_through(raised, code, tmp_path, capsys):
-    import transfuse.config  # noqa: F401
-
     cfg = tmp_path / "c.yaml"
     cfg.write_text("run: x\n")
 

@@ -835,7 +835,7 @@ def goals(rows: list[dict], g: GoalsConfig, variant: str = "int8", base: str = "
 
 
 def goals_line(g: Mapping[str, Any]) -> str:
-    """One sentence for a ``goals`` record (the report and bench/compress.py print it)."""
+    """One sentence for a ``goals`` record (the report, jobs/compress.py and bench/compress.py print it)."""
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     return (f"{g['variant']} vs {g['against']}: {g['speedup_b1']:.2f}x faster at batch 1 (goal {g['faster_goal']:g}x: "
             f"{met(g['faster'])}), {g['smaller_raw']:.2f}x smaller (goal {g['smaller_goal']:g}x: {met(g['smaller'])}), "
