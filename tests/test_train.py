@@ -238,9 +238,10 @@ def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
     assert {f.read_text() for f in final} == {weights_digest(load_member(out)[0])}
 
 
-def test_early_stopping_counts_only_after_its_start(digits_run, tmp_path):
-    """Patience 1 from epoch 3 on a run whose val loss gets worse: epochs 1-3 always run, then the phase stops at
-    the first epoch that is not a new best (and keeps its best epoch)."""
+def test_early_stopping_monitors_only_after_its_start(digits_run, tmp_path):
+    """Patience 1 from epoch 3 (Keras's start_from_epoch) on a run whose val loss gets worse: epochs 1-3 always run
+    and are not monitored, so the phase stops at the first epoch after 4 that does not beat epochs 4.. and keeps
+    the best of those, even though an unmonitored epoch had a lower val loss."""
     from transfuse.train import finetune
 
     data = _cfg(digits_run).model_dump(mode="json")
@@ -250,10 +251,13 @@ def test_early_stopping_counts_only_after_its_start(digits_run, tmp_path):
     metrics = finetune(cfg, str(tmp_path / "member"), {"epochs_frozen": 8, "epochs_unfrozen": 0, "unfreeze": 4},
                        force=True, data_dir=_shifted_train_labels(digits_run, tmp_path))
     val = [h["val_loss"] for h in metrics["history"]]
-    stop = next(e for e in range(4, 9) if e == 8 or val[e - 1] >= min(val[:e - 1]) - 1e-6)
-    assert len(val) == stop >= 4, val  # however the first 3 went
-    assert any(val[e] >= min(val[:e]) - 1e-6 for e in range(1, 3)), val  # and one of them would have stopped it
-    assert metrics["restored"][0]["best_epoch"] == int(np.argmin(val)) + 1
+    stop = next(e for e in range(5, 9) if e == 8 or val[e - 1] >= min(val[3:e - 1]) - 1e-6)
+    assert len(val) == stop >= 5, val
+    assert any(val[e] >= min(val[:e]) - 1e-6 for e in range(1, 3)), val  # unmonitored, one of them would stop it
+    assert min(val[:3]) < min(val[3:]), val  # and the lowest val loss is an unmonitored epoch's
+    best = 4 + int(np.argmin(val[3:]))
+    assert [r["best_epoch"] for r in metrics["restored"]] == ([best] if best != len(val) else []), metrics["restored"]
+    assert metrics["val"]["nll"] == pytest.approx(val[best - 1], rel=1e-3)  # the saved member is that epoch
 
 
 def test_same_config_and_seed_give_the_same_member(digits_run, tmp_path):

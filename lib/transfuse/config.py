@@ -160,7 +160,8 @@ class TrainConfig(_Strict):
     lr_unfrozen: float = Field(1e-4, gt=0.0)  # lower, as in the seed
     lr_scratch: Optional[float] = Field(None, gt=0.0)  # the from-scratch baseline's Adam rate (None: lr_frozen)
     early_stopping_patience: int = Field(3, ge=1)  # epochs without val-loss improvement
-    early_stopping_start: int = Field(0, ge=0)  # a phase's first epochs that never count against patience
+    early_stopping_start: int = Field(0, ge=0)  # a phase's first epochs, not monitored (Keras's start_from_epoch):
+    # they neither count against patience nor can be its best epoch; a phase no longer than this keeps its last
     restore_best_weights: bool = True  # each phase ends with its best epoch's weights (lowest val loss)
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"  # auto: on with GPUs
     cache_frozen: bool = True  # cache activations at the cut point; incompatible with augmentation

@@ -208,17 +208,19 @@ def train_func(config: dict[str, Any]) -> None:
             state["history"].append(row)
             state["epoch"] += 1
             state["phase_epoch"] += 1
-            if state["best"] is None or row["val_loss"] < state["best"] - 1e-6:
+            if state["phase_epoch"] <= config.get("patience_start", 0):
+                pass  # (Keras's start_from_epoch) a phase's first epochs are not monitored: no best, no patience
+            elif state["best"] is None or row["val_loss"] < state["best"] - 1e-6:
                 state["best"], state["best_epoch"], state["bad"] = row["val_loss"], state["epoch"], 0
                 if restore_best:
                     best_weights = full.get_weights()
-            elif state["phase_epoch"] > config.get("patience_start", 0):  # (Keras's start_from_epoch)
+            else:
                 state["bad"] += 1
                 if state["bad"] >= config["patience"]:
                     state["stopped"] = True  # early stopping on val loss: this phase ends here
             phase_end = state["stopped"] or state["phase_epoch"] >= phase["epochs"]
             reported = row
-            if phase_end and restore_best and state["best_epoch"] != state["epoch"]:
+            if phase_end and restore_best and state["best_epoch"] not in (None, state["epoch"]):
                 full.set_weights(best_weights)  # every worker: same epoch, same arrays
                 reported = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
                 state["restored"].append({"phase": phase["name"], "best_epoch": state["best_epoch"],
@@ -239,7 +241,7 @@ def train_func(config: dict[str, Any]) -> None:
                     # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
                     # same Adam state and still knows its best epoch
                     _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
-                    if restore_best and state["best_epoch"] != state["weights_epoch"]:
+                    if restore_best and state["best_epoch"] not in (None, state["weights_epoch"]):
                         _save_arrays(os.path.join(d, BEST_WEIGHTS), best_weights)
                     with open(os.path.join(d, STATE_FILE), "w") as f:
                         json.dump(state, f)
@@ -534,9 +536,10 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
 def scratch_overrides(cfg: Config) -> dict[str, Any]:
     """The same network from random weights with the same budget: every layer trains at ``train.lr_scratch``
     (default: the phase-1 rate; a from-scratch net needs a higher rate than fine-tuning) for up to all the
-    epochs, keeping its best epoch by val loss as every run does. Early stopping counts only in the second half:
-    from random weights the val loss often rises for a while before it falls (the default's first 16 epochs
-    were all worse than its first), then it settles (its best was epoch 19 of 45, the last 26 no better)."""
+    epochs, keeping its best epoch by val loss as every run does. Only the second half is monitored (early
+    stopping and the best epoch, as Keras's ``start_from_epoch``): from random weights the val loss often rises
+    for a while before it falls (draw 0's first 16 epochs were all worse than its first; on draw 2 no epoch up to
+    27 beat the first, chance-level one, which was then kept while the first half was still monitored)."""
     from transfuse import models
 
     n = models.unfreeze_units(cfg.model)
