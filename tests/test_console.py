@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,28 @@ def test_watch_reads_epochs_and_variants_from_the_stage_files(tmp_path):
     (tmp_path / "smoke" / "ensemble" / "progress.json").write_text(json.dumps({"done": 7, "total": 45}))
     assert ensemble() == (7, 45, "member fits")
     assert con.watch(cfg, "prepare") is None
+
+
+def test_watch_ignores_files_an_earlier_run_left_behind(tmp_path):
+    """A forced or resumed rerun: until the stage writes again, the last run's checkpoints, bundle manifests and
+    task counts are not its progress (a forced scratch rerun had shown the old run's 27/45 epochs)."""
+    cfg = smoke_config(tmp_path)
+    stale = time.time() - 3600
+    ft = tmp_path / "smoke" / "finetune"
+    _checkpoint(ft, "21.421623", 4)
+    comp = tmp_path / "smoke" / "compress" / cfg.compress.variant_names()[0]
+    comp.mkdir(parents=True)
+    (comp / "manifest.json").write_text("{}")
+    ens = tmp_path / "smoke" / "ensemble"
+    ens.mkdir(parents=True)
+    (ens / "progress.json").write_text(json.dumps({"done": 45, "total": 45}))
+    for f in (*ft.rglob("state.json"), comp / "manifest.json", ens / "progress.json"):
+        os.utime(f, (stale, stale))
+    finetune, compress, ensemble = (con.watch(cfg, s) for s in ("finetune", "compress", "ensemble"))
+    assert finetune()[0] == 0 and compress()[0] == 0 and ensemble() is None
+    _checkpoint(ft, "29.000001", 1)  # the rerun's first epoch
+    (ens / "progress.json").write_text(json.dumps({"done": 2, "total": 45}))
+    assert finetune()[0] == 1 and ensemble() == (2, 45, "member fits")
 
 
 class _Terminal(io.StringIO):

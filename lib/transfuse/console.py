@@ -153,37 +153,51 @@ def _subdirs(path: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
 
 
-def epochs_done(member_dir: str) -> int:
-    """The epoch of the newest Ray Train checkpoint under a member dir (0 before the first one)."""
+def _written_since(path: str, since: float) -> bool:
+    """``path`` exists and was last written at or after ``since`` (a time.time()): files a stage's earlier run
+    left behind (a forced rerun, a resumed one) are not its progress."""
+    import pyarrow.fs as pafs
+
+    fs, p = storage.resolve(path)
+    info = fs.get_file_info(p)
+    return info.type == pafs.FileType.File and (info.mtime is None or info.mtime.timestamp() >= since)
+
+
+def epochs_done(member_dir: str, since: float = 0.0) -> int:
+    """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
+    first one)."""
     from transfuse.train import STATE_FILE, TRAIN_DIR
 
     base = storage.join(member_dir, TRAIN_DIR)
     for d in reversed([d for d in _subdirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
         path = storage.join(base, d, STATE_FILE)
-        if storage.exists(path):  # a checkpoint being written has no state file yet
+        if _written_since(path, since):  # a checkpoint being written has no state file yet
             return int(storage.read_json(path).get("epoch", 0))
     return 0
 
 
 def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
-    """A reader of ``stage``'s progress from its files, or None for a stage that writes none as it goes."""
+    """A reader of ``stage``'s progress from the files it writes from now on, or None for a stage that writes
+    none as it goes."""
+    since = time.time() - 1.0  # file times come from a coarser clock than time.time()
     t = cfg.train
     epochs = t.epochs_frozen + t.epochs_unfrozen
     if stage in ("finetune", "scratch"):
         d = storage.stage_dir(cfg, stage)
-        return lambda: (epochs_done(d), epochs, "epochs")
+        return lambda: (epochs_done(d, since), epochs, "epochs")
     if stage == "tune":
         trials = storage.join(storage.stage_dir(cfg, "tune"), "trials")
         total = cfg.tune.num_samples * epochs
 
-        return lambda: (sum(epochs_done(storage.join(trials, t)) for t in _subdirs(trials)), total, "trial epochs")
+        return lambda: (sum(epochs_done(storage.join(trials, t), since) for t in _subdirs(trials)), total,
+                        "trial epochs")
     if stage == "ensemble":
         from transfuse.ensemble import PROGRESS_FILE
 
         path = storage.join(storage.stage_dir(cfg, "ensemble"), PROGRESS_FILE)
 
         def tasks() -> Reading:
-            if not storage.exists(path):
+            if not _written_since(path, since):
                 return None
             p = storage.read_json(path)
             return int(p["done"]), int(p["total"]), "member fits"
@@ -194,7 +208,8 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
 
         out = storage.stage_dir(cfg, "compress")
         names = cfg.compress.variant_names()
-        return lambda: (sum(storage.exists(storage.join(out, v, MANIFEST)) for v in names), len(names), "variants")
+        return lambda: (sum(_written_since(storage.join(out, v, MANIFEST), since) for v in names), len(names),
+                        "variants")
     return None
 
 
