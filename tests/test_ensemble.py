@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy.special import softmax
 
 from tests._ensemble_helpers import write_member_dir, write_member_run
 from transfuse import metrics as tm
@@ -26,6 +27,7 @@ from transfuse.ensemble import (
     fit_one,
     FitTask,
     load_saved_members,
+    read_member_split,
     run_ensemble,
     to_onnx_bytes,
     validate_members,
@@ -38,6 +40,7 @@ from transfuse.stacking import (
     Stacker,
     average,
     check_no_leakage,
+    fit_temperature,
     hard_vote,
     load_sklearn_member,
     select_stacker,
@@ -292,19 +295,64 @@ def test_stacker_selection_by_cross_validated_nll_on_holdout(digits):
     assert [(c.method, c.features, c.C) for c in cands] == [
         ("logistic", "probs", 0.1), ("logistic", "probs", 10.0), ("logistic", "log_probs", 0.1),
         ("logistic", "log_probs", 10.0), ("log_pool", "log_probs", 0.1), ("log_pool", "log_probs", 10.0)]
-    chosen, table = select_stacker(ho, y, list(cnn), cands, folds=3, ids=digits["holdout"][2], num_classes=10)
+    chosen, table, calibration = select_stacker(ho, y, list(cnn), cands, folds=3, ids=digits["holdout"][2],
+                                                num_classes=10)
+    assert calibration is None and chosen.temperature == 1.0
     assert len(table) == len(cands) and all(np.isfinite(r["cv_nll"]) for r in table)
     best = min(table, key=lambda r: r["cv_nll"])
     assert (chosen.method, chosen.features, chosen.C) == (best["method"], best["features"], best["C"])
     assert set(chosen.fit_ids_) == set(digits["holdout"][2])  # refitted on every holdout row
     # a named stacker is used as given, without cross-validation
-    only, table = select_stacker(ho, y, list(cnn), stacker_candidates("log_pool", 3.0, "probs", [1.0]))
+    only, table, _ = select_stacker(ho, y, list(cnn), stacker_candidates("log_pool", 3.0, "probs", [1.0]))
     assert table == [] and (only.method, only.features, only.C) == ("log_pool", "log_probs", 3.0)
     y_few = y[:41].copy()
     y_few[y_few == 9] = 0
     y_few[-1] = 9  # class 9 has one row: no 2-fold split can hold it out and fit on it
     with pytest.raises(EnsembleError, match=r"a class has 1 holdout rows"):
         select_stacker({k: v[:41] for k, v in ho.items()}, y_few, list(cnn), cands)
+
+
+def test_temperature_is_recovered_from_labels_drawn_at_that_temperature(digits):
+    """Labels drawn from softmax(z / 2.5) for the logits z of a model on digits: the fitted temperature is 2.5 up
+    to sampling noise, and it never changes a prediction."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, _ = digits["train"]
+    z = LogisticRegression(C=10.0, max_iter=2000).fit(x, y).decision_function(np.concatenate([x] * 20))
+    rng = np.random.default_rng(0)
+    p = softmax(z / 2.5, axis=1)
+    drawn = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
+    assert fit_temperature(z, drawn) == pytest.approx(2.5, rel=0.05)
+    assert fit_temperature(z / 2.5, drawn) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(EnsembleError, match=r"finite N x K logits and N labels"):
+        fit_temperature(z[:5], drawn[:4])
+
+
+def test_calibrated_stacker_keeps_accuracy_and_lowers_out_of_fold_nll(digits):
+    """An over-confident stacker (C large on few holdout rows): the temperature is fitted on its out-of-fold
+    logits, lowers their NLL and ECE, is folded into the saved arrays (so a server applies it) and leaves every
+    argmax as it was; on test it does not raise the NLL."""
+    cnn, _ = _subset_members(digits)
+    ho = {k: v["holdout"] for k, v in cnn.items()}
+    te = {k: v["test"] for k, v in cnn.items()}
+    y, y_te = digits["holdout"][1], digits["test"][1]
+    cands = stacker_candidates("logistic", 1000.0, "log_probs", [1.0])
+    raw, _, none = select_stacker(ho, y, list(cnn), cands, folds=3)
+    cal, table, c = select_stacker(ho, y, list(cnn), cands, folds=3, calibrate=True)
+    assert none is None and table == []  # one candidate: nothing chosen, cross-validated only to calibrate
+    assert c["temperature"] > 1.2 and cal.temperature == c["temperature"]  # over-confident: softened
+    oof = c["holdout_oof"]
+    assert oof["after"]["nll"] < oof["before"]["nll"] and oof["after"]["ece"] < oof["before"]["ece"], oof
+    np.testing.assert_allclose(cal.decision_function(te), raw.decision_function(te) / c["temperature"], rtol=1e-12)
+    np.testing.assert_array_equal(cal.predict(te), raw.predict(te))
+    assert tm.nll(cal.predict_proba(te), y_te) <= tm.nll(raw.predict_proba(te), y_te)
+    back = Stacker.from_arrays(json.loads(json.dumps(cal.to_arrays())))  # the JSON the bundle and server read
+    assert back.temperature == cal.temperature
+    np.testing.assert_array_equal(back.predict_proba(te), cal.predict_proba(te))
+    np.testing.assert_allclose(back.calibrated(1.0 / back.temperature).predict_proba(te), raw.predict_proba(te),
+                               rtol=1e-9, atol=1e-12)
+    with pytest.raises(EnsembleError, match=r"temperature must be a positive number"):
+        cal.calibrated(0.0)
 
 
 def test_greedy_selection_with_replacement_and_voting():
@@ -406,6 +454,17 @@ def test_ensemble_stage_end_to_end(member_run):
     assert report["summary"]["stack"]["accuracy"]["values"].__len__() == 2
     assert np.asarray(report["confusion_stack"]).sum() == len(splits["test"][1])
     assert max(report["reload_max_abs_diff"].values()) < 1e-3
+    # temperature scaling (on by default): fitted per seed, folded into the saved stacker, accuracy unchanged
+    cal = report["calibration"]["0"]
+    assert cal["temperature"] == desc["stacker"]["temperature"] == \
+        json.loads((out / "stacker.json").read_text())["temperature"]
+    assert cal["test"]["before"]["accuracy"] == cal["test"]["after"]["accuracy"] == \
+        report["test"]["0"]["stack"]["accuracy"]
+    assert cal["holdout_oof"]["after"]["nll"] <= cal["holdout_oof"]["before"]["nll"]
+    for split, key in (("test", "after"), ("test_uncalibrated", "before")):  # what the report's diagram reads
+        ids, labels, probs = read_member_split(str(out), "predictions", split)
+        assert sorted(ids) == sorted(splits["test"][2])
+        assert tm.nll(probs, labels) == pytest.approx(cal["test"][key]["nll"], rel=1e-5)
     records = json.loads((out / "fit_records.json").read_text())
     assert set(records["stacker_fit_ids"]) == set(splits["holdout"][2])
     # the saved parts reload with numpy + onnxruntime and give the stack's test predictions

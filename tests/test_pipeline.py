@@ -100,6 +100,9 @@ def _check_job(client, job: str, tmp_path, browser) -> None:
     shown = bundle.example_images()
     assert [label for label, _ in shown] == bundle.class_names[:6]
     assert all(png.startswith(b"\x89PNG") for _, png in shown)
+    # ...and serves the temperature-scaled stacker the ensemble stage fitted (folded into its arrays)
+    stacker = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "stacker.json"))
+    assert stacker["temperature"] != 1.0 and bundle.manifest["combiner"]["temperature"] == stacker["temperature"]
     index = storage.join(storage.stage_dir(cfg, "report"), "index.html")
     assert storage.exists(index)
     # the report as a person opens it: plots loaded, the verdict as the files say and on the first screen

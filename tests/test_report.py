@@ -134,8 +134,13 @@ def test_full_run_report(full):
     expected = order + ["average", "hard_vote", "greedy", "stack"]  # members in the ensemble's order, then combiners
     positions = [s4.index(f"<td>{m}</td>") for m in expected]
     assert positions == sorted(positions) and len(expected) == len(ens["summary"])
-    # 5: the caption says the reliability diagram is of a CNN member, not the ensemble
-    assert "not of the stacked ensemble" in sec["5"]
+    # 5: the reliability diagram is the stacked ensemble's, before and after its temperature, with both NLLs
+    cal = ens["calibration"]["0"]
+    assert "stacked ensemble, before temperature scaling" in sec["5"] and f"T = {cal['temperature']:.3f}" in sec["5"]
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", sec["5"])]
+    table = {r[0]: r[1:] for r in cells if r}
+    nlls = [float(cells[1]) for name, cells in table.items() if name.startswith("stacked ensemble")]
+    assert nlls == pytest.approx([cal["test"]["before"]["nll"], cal["test"]["after"]["nll"]], abs=2e-4), table
     # 6: a row per variant with its size and accuracy; the members left out at zero stacker weight are named
     s6 = sec["6"]
     assert "zero stacker weight" in s6 and "svc_on_cnn, cnn_u2" in s6

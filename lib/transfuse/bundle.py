@@ -119,6 +119,7 @@ class Stacker:
     members: list[str]
     features: str = "probs"
     eps: float = 1e-6  # log_probs: probabilities are clipped to [eps, 1] first (transfuse.stacking.EPS)
+    temperature: float = 1.0  # the temperature already folded into coef and intercept (recorded, not applied)
 
 
 def _sha256_bytes(b: bytes) -> str:
@@ -267,7 +268,8 @@ def write_bundle(
         np.savez(buf, coef=coef, intercept=intercept)
         files["stacker.npz"] = buf.getvalue()
         manifest["combiner"] = {"kind": "stacker", "file": "stacker.npz", "members": list(stacker.members),
-                                "features": stacker.features, "eps": float(stacker.eps)}
+                                "features": stacker.features, "eps": float(stacker.eps),
+                                "temperature": float(stacker.temperature)}
     manifest["examples"] = []
     for i, (label, png) in enumerate(examples or []):
         files[f"examples/{i:02d}.png"] = png

@@ -909,7 +909,7 @@ def read_ensemble(cfg: Any) -> EnsembleSource:
         st = json.loads(storage.read_bytes(storage.join(ens_dir, desc["stacker"]["file"])))
         stacker = Stacker(coef=np.asarray(st["coef"], np.float64), intercept=np.asarray(st["intercept"], np.float64),
                           members=[str(m) for m in st["members"]], features=str(st["features"]),
-                          eps=float(st.get("eps", 1e-6)))
+                          eps=float(st.get("eps", 1e-6)), temperature=float(st.get("temperature", 1.0)))
         man = storage.join(ens_dir, storage.MANIFEST)
         h.update((storage.sha256(man) if storage.exists(man) else storage.sha256(desc_path)).encode())
         return EnsembleSource(members, EnsembleParts(sk, stacker), "ensemble", h.hexdigest()[:16])

@@ -434,6 +434,8 @@ class SeedFit:
     combined_test: dict[str, np.ndarray]
     leakage: dict[str, Any]
     stacker_selection: list[dict[str, Any]] = field(default_factory=list)  # candidates' CV scores on holdout
+    # temperature scaling: the temperature and the out-of-fold holdout and test NLL / ECE before and after it
+    calibration: Optional[dict[str, Any]] = None
 
 
 def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput]) -> SeedFit:
@@ -462,17 +464,21 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
     leakage = check_no_leakage(records, ho_ids, order, test_ids=te_ids, final_records=finals)
 
     y_ho, y_te = inp.labels["holdout"], inp.labels["test"]
-    stacker, selection = select_stacker(
+    stacker, selection, calibration = select_stacker(
         holdout, y_ho, order, stacker_candidates(ecfg.stacker, ecfg.stacker_C, ecfg.stacker_features,
                                                  ecfg.stacker_grid_C),
-        folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes)
+        folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes, calibrate=ecfg.temperature_scaling)
     greedy = GreedyEnsemble(order, rounds=ecfg.greedy_rounds, metric=ecfg.greedy_metric).fit(holdout, y_ho, ho_ids)
     combined = {"average": average(test, order), "hard_vote": hard_vote(test, order),
                 "greedy": greedy.predict_proba(test), "stack": stacker.predict_proba(test)}
     scores = {m: tm.evaluate(test[m], y_te) for m in order}
     scores.update({c: tm.evaluate(p, y_te) for c, p in combined.items()})
+    if calibration is not None:
+        uncalibrated = stacker.calibrated(1.0 / stacker.temperature).predict_proba(test)
+        combined["stack_uncalibrated"] = uncalibrated  # saved for the report, not a servable combiner
+        calibration["test"] = {"before": tm.evaluate(uncalibrated, y_te), "after": scores["stack"]}
     return SeedFit(seed, order, cnn, estimators, holdout, test, stacker, greedy, records, finals, scores, combined,
-                   leakage, selection)
+                   leakage, selection, calibration)
 
 
 @dataclass
@@ -595,6 +601,28 @@ def _list_column(table: Any, column: str, where: str) -> np.ndarray:
     return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), width)
 
 
+SPLIT_COLUMNS = {"predictions": "probs", "embeddings": "embedding"}  # <dir>/<kind>/<split>.parquet's value column
+
+
+def write_member_split(member_dir: str, kind: str, split: str, ids: np.ndarray, labels: np.ndarray,
+                       values: np.ndarray) -> None:
+    """``<member_dir>/<kind>/<split>.parquet``: id (str), label (int64) and one float32 list per row (probs for
+    predictions, embedding for embeddings), what ``read_member_split`` reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if kind not in SPLIT_COLUMNS:
+        raise EnsembleError(f"split kind must be one of {sorted(SPLIT_COLUMNS)}, got {kind!r}")
+    values = np.asarray(values, dtype=np.float32).reshape(len(ids), -1)
+    table = pa.table({"id": pa.array(np.asarray(ids).astype(str)),
+                      "label": pa.array(np.asarray(labels).astype(np.int64)),
+                      SPLIT_COLUMNS[kind]: pa.array(list(values), type=pa.list_(pa.float32()))})
+    fs, path = storage.resolve(storage.join(member_dir, kind, f"{split}.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        pq.write_table(table, f)
+
+
 def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, values) of ``<member_dir>/<kind>/<split>.parquet`` sorted by id; kind: predictions (probs) or
     embeddings (embedding)."""
@@ -605,7 +633,7 @@ def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarra
             raise EnsembleError(f"{path}: no column {c!r}; has {table.column_names}")
     ids = np.asarray(table.column("id").to_pylist(), dtype=str)
     labels = np.asarray(table.column("label"), dtype=np.int64)
-    values = _list_column(table, "probs" if kind == "predictions" else "embedding", path)
+    values = _list_column(table, SPLIT_COLUMNS[kind], path)
     if len(np.unique(ids)) != len(ids):
         raise EnsembleError(f"{path}: ids are not unique")
     order = np.argsort(ids, kind="stable")
@@ -793,6 +821,11 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
                            "estimator": type(s.estimators[m.name]).__name__, **src,
                            "input": ONNX_INPUT, "output": ONNX_OUTPUT})
     storage.write_bytes(storage.join(out_dir, "stacker.json"), json.dumps(s.stacker.to_arrays()).encode())
+    # the stack's test probabilities (the report's reliability diagram), and before temperature scaling
+    for split, key in (("test", "stack"), ("test_uncalibrated", "stack_uncalibrated")):
+        if key in s.combined_test:
+            write_member_split(out_dir, "predictions", split, inp.ids["test"], inp.labels["test"],
+                               s.combined_test[key])
     storage.write_json(storage.join(out_dir, "greedy.json"), s.greedy.to_dict())
     storage.write_json(storage.join(out_dir, "fit_records.json"), {
         "seed": s.seed, "stacker_fit_ids": [str(i) for i in s.stacker.fit_ids_],
@@ -806,6 +839,7 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
         "sklearn_members": sk_entries,
         "stacker": {"file": "stacker.json", "method": s.stacker.method, "features": s.stacker.features,
                     "C": s.stacker.C, "member_weights": s.stacker.member_weights,
+                    "temperature": s.stacker.temperature,
                     "fitted_on": "holdout (out-of-fold for sklearn members)", "selection": s.stacker_selection},
         "greedy": {"file": "greedy.json", **s.greedy.to_dict()},
         "combiners": list(COMBINERS), "default_combiner": "stack",
@@ -868,6 +902,8 @@ def _report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
         "stacker": {str(x.seed): {"method": x.stacker.method, "features": x.stacker.features, "C": x.stacker.C,
                                   "member_weights": x.stacker.member_weights, "selection": x.stacker_selection}
                     for x in fit.seeds},
+        # temperature scaling of the stack, per seed (None: ensemble.temperature_scaling off)
+        "calibration": {str(x.seed): x.calibration for x in fit.seeds},
         "leakage_check": s.leakage,
         "runner": fit.runner, "fit_seconds": fit.fit_seconds, "task_seconds": fit.task_seconds,
         "counts": {k: int(len(v)) for k, v in inp.ids.items()},
@@ -935,6 +971,11 @@ def format_table(report: Mapping[str, Any]) -> str:
         a, n, e = m["accuracy"], m["nll"], m["ece"]
         lines.append(f"{model:<24}{a['mean']:>8.4f} [{a['min']:.4f},{a['max']:.4f}]"
                      f"{n['mean']:>8.4f} [{n['min']:.4f},{n['max']:.4f}]{e['mean']:>10.4f}")
+    for seed, c in (report.get("calibration") or {}).items():
+        if c:
+            b, a = c["test"]["before"], c["test"]["after"]
+            lines.append(f"stack, seed {seed}: temperature {c['temperature']:.3f} (fitted on {c['fitted_on']}); "
+                         f"test NLL {b['nll']:.4f} -> {a['nll']:.4f}, ECE {b['ece']:.4f} -> {a['ece']:.4f}")
     return "\n".join(lines)
 
 
@@ -943,6 +984,5 @@ __all__ = [
     "RayRunner", "SeedFit", "build_estimator", "fit_ensemble", "fit_one", "find_cnn_members", "format_table",
     "data_key", "fold_tasks", "holdout_folds", "load_inputs", "load_saved_members", "make_runner", "member_inputs",
     "oof_predictions", "read_member_split", "read_pixels", "run_ensemble", "save_ensemble", "shared_data",
-    "stage_fingerprint",
-    "to_onnx_bytes", "validate_members", "verify_saved",
+    "stage_fingerprint", "to_onnx_bytes", "validate_members", "verify_saved", "write_member_split",
 ]

@@ -16,9 +16,10 @@ Sections:
 2. val accuracy against unfreeze depth (``tune/results.json``, ``tune/val_accuracy_vs_depth.png``);
 3. transfer vs scratch (test metrics of ``finetune/`` and ``scratch/``);
 4. every member vs the ensemble, accuracy and ECE (``ensemble/metrics.json``: ``summary``);
-5. the ensemble's confusion matrix (``ensemble/metrics.json``: ``confusion_stack``) and a reliability diagram.
-   The ensemble stage saves no test probabilities, so the diagram is drawn from the best CNN member's
-   ``predictions/test.parquet`` and the caption says so;
+5. the ensemble's confusion matrix (``ensemble/metrics.json``: ``confusion_stack``) and the stacked ensemble's
+   reliability diagram before and after temperature scaling (``ensemble/predictions/test*.parquet``), with NLL
+   and ECE; from the best CNN member's ``predictions/test.parquet`` when the ensemble saved none (the caption
+   says which);
 6. the compression table (``compress/metrics.json``: ``variants``);
 7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
    prepared test split;
@@ -633,41 +634,61 @@ def _calibration(cfg: Any, page: _Page, ens: Optional[dict], desc: Optional[dict
         page.figure(fig, "confusion_ensemble.png", "confusion matrix of the stacked ensemble",
                     "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
                     "predicted), from ensemble/metrics.json.")
-    d, how = _best_cnn_member(cfg, ens, desc)
-    pred = storage.join(d, "predictions", "test.parquet") if d else None
-    if pred is None or not storage.exists(pred):
-        page.add("<p>No test predictions to draw a reliability diagram from "
-                 "(no member dir with predictions/test.parquet).</p>")
-        return
     from transfuse.ensemble import read_member_split
 
-    _, labels, probs = read_member_split(d, "predictions", "test")
-    rel = tm.reliability(probs, labels)
-    ece = tm.ece(probs, labels)
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    curves = []  # (label, probs, labels)
+    if storage.exists(storage.join(ens_dir, "predictions", "test.parquet")):
+        cal = ((ens or {}).get("calibration") or {}).get(str((ens or {}).get("seeds", [None])[0])) or {}
+        t = cal.get("temperature")
+        if storage.exists(storage.join(ens_dir, "predictions", "test_uncalibrated.parquet")):
+            _, labels, probs = read_member_split(ens_dir, "predictions", "test_uncalibrated")
+            curves.append(("stacked ensemble, before temperature scaling", probs, labels))
+        _, labels, probs = read_member_split(ens_dir, "predictions", "test")
+        curves.append((f"stacked ensemble, T = {t:.3f} (served)" if t else "stacked ensemble (served)", probs,
+                       labels))
+        how = ("the stacked ensemble, from ensemble/predictions/test*.parquet" + (
+            f"; the temperature T = {t:.3f} was fitted on the stacker's out-of-fold holdout logits "
+            "(Guo et al. 2017) and divides the served stacker's logits" if t else ""))
+    else:
+        d, how = _best_cnn_member(cfg, ens, desc)
+        if d is None or not storage.exists(storage.join(d, "predictions", "test.parquet")):
+            page.add("<p>No test predictions to draw a reliability diagram from "
+                     "(no ensemble/predictions/test.parquet, no member dir with predictions/test.parquet).</p>")
+            return
+        _, labels, probs = read_member_split(d, "predictions", "test")
+        curves.append((how, probs, labels))
+        how += ", from its predictions/test.parquet (the ensemble stage has not saved test probabilities)"
     plt = _plt()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    edges = np.asarray(rel["edges"])
-    centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-    count = np.asarray(rel["count"])
-    has = count > 0
-    ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.75,
-           label="accuracy in bin")
-    ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o", color="tab:red", ms=4,
-            label="(mean confidence, accuracy)")
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    rows = []
+    for i, (label, probs, labels) in enumerate(curves):
+        rel = tm.reliability(probs, labels)
+        edges = np.asarray(rel["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        count = np.asarray(rel["count"])
+        has = count > 0
+        ece, nll = tm.ece(probs, labels), tm.nll(probs, labels)
+        rows.append((label, tm.accuracy(probs, labels), nll, ece, len(labels)))
+        last = i == len(curves) - 1
+        if last:  # the served model's bins as bars, an earlier curve as a line over them
+            ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.6,
+                   label="accuracy per confidence bin")
+            axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+        ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o" if last else "o-",
+                color="tab:red" if last else "tab:orange", ms=4, label=f"{label}: ECE {ece:.3f}")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.3)  # room above 1.0 for the legend
+    ax.set_ylim(0, 1.45)  # room above 1.0 for the legend
     ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_title(f"Reliability, test (ECE {ece:.3f}, n={len(labels)})")
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
-    axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+    ax.set_title(f"Reliability on the test split (n={rows[-1][4]})")
+    ax.legend(fontsize=6.5, loc="upper left")
     axc.set_xlabel("confidence (max probability)")
     axc.set_ylabel("examples")
     axc.set_xlim(0, 1)
-    page.figure(fig, "reliability.png", "reliability diagram",
-                f"Reliability diagram of {_esc(how)}, from its predictions/test.parquet. The ensemble stage saves "
-                "only its confusion matrix, not its test probabilities, so this diagram is of that CNN member, "
-                "not of the stacked ensemble (the ensemble's ECE is in section 4).")
+    page.figure(fig, "reliability.png", "reliability diagram", f"Reliability diagram of {_esc(how)}.")
+    page.add(_table(["model", "test accuracy", "NLL", "ECE", "n"],
+                    [(_esc(label), _num(a), _num(n), _num(e), _num(k)) for label, a, n, e, k in rows]))
 
 
 def _compression(cfg: Any, page: _Page) -> None:

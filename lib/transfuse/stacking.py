@@ -9,6 +9,9 @@ scikit-learn, TensorFlow or Ray at module level. Everything a server needs is he
   (one non-negative weight per member plus a bias per class), both ``softmax(features @ coef.T + intercept)``.
   Its ``fit`` (training side only) imports scikit-learn / scipy lazily. ``select_stacker`` picks the form and
   its regularisation by K-fold cross-validated NLL on the holdout rows.
+- ``fit_temperature``: temperature scaling (Guo et al. 2017), one scalar fitted on out-of-sample logits by NLL;
+  ``select_stacker(..., calibrate=True)`` fits it on the chosen stacker's out-of-fold holdout logits and folds
+  it into ``coef_`` / ``intercept_`` (so every reader of the stacker serves the calibrated one).
 - ``GreedyEnsemble``: Caruana et al. (2004) ensemble selection with replacement -> member weights.
 - ``average`` (soft voting, uniform weights) and ``hard_vote`` (majority of argmax).
 - ``check_no_leakage``: proves from recorded ids that no prediction the stacker learned from came from a model
@@ -140,6 +143,8 @@ class Stacker:
     coef_: Optional[np.ndarray] = None
     intercept_: Optional[np.ndarray] = None
     classes_: Optional[np.ndarray] = None
+    # temperature scaling, already folded in: coef_ and intercept_ are the fitted ones divided by it
+    temperature: float = 1.0
     fit_ids_: Optional[np.ndarray] = field(default=None, repr=False)
 
     def fit(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray,
@@ -208,13 +213,24 @@ class Stacker:
             coef[:, j * k:(j + 1) * k] = w[j] * np.eye(k)
         self.coef_, self.intercept_, self.classes_ = coef, b, np.arange(k)
 
+    def calibrated(self, temperature: float) -> "Stacker":
+        """This stacker with its logits divided by ``temperature`` (on top of any earlier one): argmax, and so
+        accuracy, unchanged."""
+        if self.coef_ is None:
+            raise EnsembleError("the stacker is not fitted")
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise EnsembleError(f"temperature must be a positive number, got {temperature!r}")
+        return replace(self, coef_=self.coef_ / temperature, intercept_=self.intercept_ / temperature,
+                       temperature=self.temperature * float(temperature))
+
     @property
     def member_weights(self) -> Optional[dict[str, float]]:
-        """log_pool: each member's weight (readable in reports); None for the logistic stacker."""
+        """log_pool: each member's fitted weight (readable in reports; before any temperature); None for the
+        logistic stacker."""
         if self.method != "log_pool" or self.coef_ is None:
             return None
         k = self.coef_.shape[0]
-        return {mem: float(self.coef_[0, j * k]) for j, mem in enumerate(self.members)}
+        return {mem: float(self.coef_[0, j * k] * self.temperature) for j, mem in enumerate(self.members)}
 
     def decision_function(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
         if self.coef_ is None:
@@ -233,7 +249,7 @@ class Stacker:
             raise EnsembleError("the stacker is not fitted")
         return {"format": STACKER_FORMAT, "members": list(self.members), "features": self.features,
                 "eps": self.eps, "C": self.C, "method": self.method, "coef": self.coef_.tolist(),
-                "intercept": self.intercept_.tolist(),
+                "intercept": self.intercept_.tolist(), "temperature": self.temperature,
                 "classes": [int(c) for c in self.classes_]}
 
     @classmethod
@@ -249,7 +265,8 @@ class Stacker:
             raise EnsembleError(f"stacker arrays do not fit together: coef {coef.shape}, intercept "
                                 f"{intercept.shape}, {k} classes, {len(members)} members")
         return cls(members=members, C=float(d.get("C", 1.0)), features=str(d["features"]), eps=float(d["eps"]),
-                   method=str(d.get("method", "logistic")), coef_=coef, intercept_=intercept, classes_=classes)
+                   method=str(d.get("method", "logistic")), coef_=coef, intercept_=intercept, classes_=classes,
+                   temperature=float(d.get("temperature", 1.0)))
 
     def save(self, path: Union[str, Path]) -> None:
         Path(path).write_text(json.dumps(self.to_arrays()))
@@ -272,37 +289,95 @@ def stacker_candidates(method: str, C: float, features: str, grid_C: Sequence[fl
     raise EnsembleError(f"stacker must be 'auto' or one of {STACKER_METHODS}, got {method!r}")
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # a temperature outside this range means the logits are not worth calibrating
+
+
+def softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean NLL of softmax(logits), computed from the logits (no clipping)."""
+    z = logits - logits.max(1, keepdims=True)
+    logq = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-logq[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T) on
+    out-of-sample logits. T > 1 softens an over-confident model, T < 1 sharpens an under-confident one; the argmax
+    never changes. The NLL is convex in 1/T, so a bounded scalar search on log T finds the optimum."""
+    from scipy.optimize import minimize_scalar  # training side only
+
+    logits = np.asarray(logits, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0 or not np.all(np.isfinite(logits)):
+        raise EnsembleError(f"temperature scaling needs finite N x K logits and N labels, got logits "
+                            f"{logits.shape} and {labels.shape} labels")
+    lo, hi = np.log(TEMPERATURE_BOUNDS)
+    res = minimize_scalar(lambda t: softmax_nll(logits / np.exp(t), labels), bounds=(lo, hi), method="bounded",
+                          options={"xatol": 1e-5})
+    return float(np.exp(res.x))
+
+
+def _cv_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    from sklearn.model_selection import StratifiedKFold  # training side only
+
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    n_splits = min(folds, smallest)
+    if n_splits < 2:
+        raise EnsembleError(f"cannot cross-validate the stacker: a class has {smallest} holdout rows; need >= 2 "
+                            f"per class, or set ensemble.stacker to 'logistic' or 'log_pool' and "
+                            f"ensemble.temperature_scaling to false")
+    return list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels))
+
+
+def _oof_logits(cand: Stacker, member_probs: Mapping[str, np.ndarray], labels: np.ndarray, order: Sequence[str],
+                splits: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> np.ndarray:
+    oof = np.zeros((len(labels), k))
+    for fit_rows, score_rows in splits:
+        part = replace(cand, members=list(order))
+        part.fit({m: member_probs[m][fit_rows] for m in order}, labels[fit_rows], num_classes=k)
+        oof[score_rows] = part.decision_function({m: member_probs[m][score_rows] for m in order})
+    return oof
+
+
 def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, order: Sequence[str],
                    candidates: Sequence[Stacker], folds: int = 5, seed: int = 0,
-                   ids: Optional[np.ndarray] = None, num_classes: Optional[int] = None,
-                   ) -> tuple[Stacker, list[dict[str, Any]]]:
+                   ids: Optional[np.ndarray] = None, num_classes: Optional[int] = None, calibrate: bool = False,
+                   ) -> tuple[Stacker, list[dict[str, Any]], Optional[dict[str, Any]]]:
     """Score each candidate by stratified K-fold cross-validated NLL on the rows given (the holdout: the only
-    rows whose member predictions are out-of-sample), refit the best on all of them. Returns (stacker, table).
-    With one candidate there is nothing to choose and no cross-validation runs."""
+    rows whose member predictions are out-of-sample), refit the best on all of them. With one candidate there is
+    nothing to choose and, unless ``calibrate``, no cross-validation runs.
+
+    ``calibrate``: fit a temperature on the chosen candidate's out-of-fold logits (each holdout row scored by a
+    stacker that did not learn from it) and fold it into the refitted stacker. Returns (stacker, table,
+    calibration), calibration None without ``calibrate``, else the temperature and the out-of-fold NLL and ECE
+    before and after it."""
+    from transfuse.metrics import ece
+
     labels = np.asarray(labels, dtype=np.int64)
     k = num_classes or int(next(iter(member_probs.values())).shape[1])
     table: list[dict[str, Any]] = []
-    best = candidates[0]
-    if len(candidates) > 1:
-        from sklearn.model_selection import StratifiedKFold  # training side only
-
-        counts = np.bincount(labels)
-        smallest = int(counts[counts > 0].min())
-        n_splits = min(folds, smallest)
-        if n_splits < 2:
-            raise EnsembleError(f"cannot cross-validate the stacker: a class has {smallest} holdout rows; need >= 2 "
-                                f"per class, or set ensemble.stacker to 'logistic' or 'log_pool'")
-        splits = list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels))
+    oofs: list[np.ndarray] = []
+    best_i = 0
+    if len(candidates) > 1 or calibrate:
+        splits = _cv_splits(labels, folds, seed)
         for cand in candidates:
-            oof = np.zeros((len(labels), k))
-            for fit_rows, score_rows in splits:
-                part = replace(cand, members=list(order))
-                part.fit({m: member_probs[m][fit_rows] for m in order}, labels[fit_rows], num_classes=k)
-                oof[score_rows] = part.predict_proba({m: member_probs[m][score_rows] for m in order})
+            oofs.append(_oof_logits(cand, member_probs, labels, order, splits, k))
+            p = _softmax(oofs[-1])
             table.append({"method": cand.method, "features": cand.features, "C": cand.C,
-                          "cv_nll": _nll(oof, labels), "cv_accuracy": _accuracy(oof, labels)})
-        best = candidates[min(range(len(table)), key=lambda i: table[i]["cv_nll"])]
-    return replace(best, members=list(order)).fit(member_probs, labels, ids=ids, num_classes=k), table
+                          "cv_nll": _nll(p, labels), "cv_accuracy": _accuracy(p, labels)})
+        best_i = min(range(len(table)), key=lambda i: table[i]["cv_nll"])
+    if len(candidates) == 1:
+        table = []  # nothing was chosen
+    stacker = replace(candidates[best_i], members=list(order)).fit(member_probs, labels, ids=ids, num_classes=k)
+    if not calibrate:
+        return stacker, table, None
+    oof = oofs[best_i]
+    t = fit_temperature(oof, labels)
+    before, after = _softmax(oof), _softmax(oof / t)
+    calibration = {"temperature": t, "fitted_on": f"holdout, out-of-fold stacker logits ({len(splits)} folds)",
+                   "holdout_oof": {"before": {"nll": _nll(before, labels), "ece": ece(before, labels)},
+                                   "after": {"nll": _nll(after, labels), "ece": ece(after, labels)}}}
+    return stacker.calibrated(t), table, calibration
 
 
 def stack_predict(stacker: Stacker, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:

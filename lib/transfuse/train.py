@@ -405,28 +405,17 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
 
 def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], splits: list[str],
                          num_classes: int) -> dict[str, dict]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    from transfuse.ensemble import write_member_split
     from transfuse.metrics import evaluate
 
     results = {}
     for split in splits:
         a = outs[split]
-        ids = pa.array(a["id"].astype(str))
-        labels = pa.array(a["label"].astype(np.int64))
         probs = a["out0"].reshape(len(a["id"]), num_classes).astype(np.float32)
-        emb = a["out1"].reshape(len(a["id"]), -1).astype(np.float32)
-        for sub, col, arr in (("embeddings", "embedding", emb), ("predictions", "probs", probs)):
-            if sub == "predictions" and split == "train":
-                continue
-            table = pa.table({"id": ids, "label": labels,
-                              col: pa.array(list(arr), type=pa.list_(pa.float32()))})
-            fs, p = storage.resolve(storage.join(out_dir, sub, f"{split}.parquet"))
-            fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
-            with fs.open_output_stream(p) as f:
-                pq.write_table(table, f)
-        if split != "train" and len(labels):
+        write_member_split(out_dir, "embeddings", split, a["id"], a["label"], a["out1"])
+        if split != "train":
+            write_member_split(out_dir, "predictions", split, a["id"], a["label"], probs)
+        if split != "train" and len(a["label"]):
             results[split] = evaluate(probs, a["label"])
     return results
 
