@@ -251,8 +251,9 @@ def test_early_stopping_monitors_only_after_its_start(digits_run, tmp_path):
     metrics = finetune(cfg, str(tmp_path / "member"), {"epochs_frozen": 8, "epochs_unfrozen": 0, "unfreeze": 4},
                        force=True, data_dir=_shifted_train_labels(digits_run, tmp_path))
     val = [h["val_loss"] for h in metrics["history"]]
+    assert len(val) >= 5, val  # epochs 1-3 unmonitored and epoch 4 the first best: none of them can stop it
     stop = next(e for e in range(5, 9) if e == 8 or val[e - 1] >= min(val[3:e - 1]) - 1e-6)
-    assert len(val) == stop >= 5, val
+    assert len(val) == stop, val
     assert any(val[e] >= min(val[:e]) - 1e-6 for e in range(1, 3)), val  # unmonitored, one of them would stop it
     assert min(val[:3]) < min(val[3:]), val  # and the lowest val loss is an unmonitored epoch's
     best = 4 + int(np.argmin(val[3:]))
