@@ -31,6 +31,7 @@ import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import metrics as _metrics
+from transfuse import stacking
 from transfuse.bundle import (CNNMember, SklearnMember, Stacker, example_images, load_bundle, softmax,
                               write_bundle)
 from transfuse.config import GoalsConfig, expand_variants
@@ -906,10 +907,11 @@ def read_ensemble(cfg: Any) -> EnsembleSource:
                                     embedding_of=str(e["embedding_source"]) if features == "embedding" else None,
                                     probabilities_output=e.get("output", "probabilities"), features=features,
                                     pixel_size=e.get("pixel_size")))
-        st = json.loads(storage.read_bytes(storage.join(ens_dir, desc["stacker"]["file"])))
-        stacker = Stacker(coef=np.asarray(st["coef"], np.float64), intercept=np.asarray(st["intercept"], np.float64),
-                          members=[str(m) for m in st["members"]], features=str(st["features"]),
-                          eps=float(st.get("eps", 1e-6)), temperature=float(st.get("temperature", 1.0)))
+        # stacker.json through its one reader (format and shapes checked there)
+        st = stacking.Stacker.from_arrays(json.loads(storage.read_bytes(storage.join(ens_dir,
+                                                                                     desc["stacker"]["file"]))))
+        stacker = Stacker(coef=st.coef_, intercept=st.intercept_, members=st.members, features=st.features,
+                          eps=st.eps, temperature=st.temperature)
         man = storage.join(ens_dir, storage.MANIFEST)
         h.update((storage.sha256(man) if storage.exists(man) else storage.sha256(desc_path)).encode())
         return EnsembleSource(members, EnsembleParts(sk, stacker), "ensemble", h.hexdigest()[:16])

@@ -153,16 +153,6 @@ def _subdirs(path: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
 
 
-def _written_since(path: str, since: float) -> bool:
-    """``path`` exists and was last written at or after ``since`` (a time.time()): files a stage's earlier run
-    left behind (a forced rerun, a resumed one) are not its progress."""
-    import pyarrow.fs as pafs
-
-    fs, p = storage.resolve(path)
-    info = fs.get_file_info(p)
-    return info.type == pafs.FileType.File and (info.mtime is None or info.mtime.timestamp() >= since)
-
-
 def epochs_done(member_dir: str, since: float = 0.0) -> int:
     """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
     first one)."""
@@ -171,7 +161,8 @@ def epochs_done(member_dir: str, since: float = 0.0) -> int:
     base = storage.join(member_dir, TRAIN_DIR)
     for d in reversed([d for d in _subdirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
         path = storage.join(base, d, STATE_FILE)
-        if _written_since(path, since):  # a checkpoint being written has no state file yet
+        # a checkpoint being written has no state file yet; one an earlier run left is not this run's progress
+        if storage.written_since(path, since):
             return int(storage.read_json(path).get("epoch", 0))
     return 0
 
@@ -197,7 +188,7 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
         path = storage.join(storage.stage_dir(cfg, "ensemble"), PROGRESS_FILE)
 
         def tasks() -> Reading:
-            if not _written_since(path, since):
+            if not storage.written_since(path, since):
                 return None
             p = storage.read_json(path)
             return int(p["done"]), int(p["total"]), "member fits"
@@ -208,7 +199,7 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
 
         out = storage.stage_dir(cfg, "compress")
         names = cfg.compress.variant_names()
-        return lambda: (sum(_written_since(storage.join(out, v, MANIFEST), since) for v in names), len(names),
+        return lambda: (sum(storage.written_since(storage.join(out, v, MANIFEST), since) for v in names), len(names),
                         "variants")
     return None
 

@@ -639,17 +639,16 @@ def _calibration(cfg: Any, page: _Page, ens: Optional[dict], desc: Optional[dict
     ens_dir = storage.stage_dir(cfg, "ensemble")
     curves = []  # (label, probs, labels)
     if storage.exists(storage.join(ens_dir, "predictions", "test.parquet")):
-        cal = ((ens or {}).get("calibration") or {}).get(str((ens or {}).get("seeds", [None])[0])) or {}
-        t = cal.get("temperature")
-        if storage.exists(storage.join(ens_dir, "predictions", "test_uncalibrated.parquet")):
+        how, served = "the stacked ensemble, from ensemble/predictions/test*.parquet", "stacked ensemble (served)"
+        if storage.exists(storage.join(ens_dir, "predictions", "test_uncalibrated.parquet")):  # temperature-scaled
+            t = float((desc or {}).get("stacker", {}).get("temperature", 1.0))
             _, labels, probs = read_member_split(ens_dir, "predictions", "test_uncalibrated")
             curves.append(("stacked ensemble, before temperature scaling", probs, labels))
+            served = f"stacked ensemble, T = {t:.3f} (served)"
+            how += (f"; the temperature T = {t:.3f} was fitted on the stacker's out-of-fold holdout logits "
+                    "(Guo et al. 2017) and divides the served stacker's logits")
         _, labels, probs = read_member_split(ens_dir, "predictions", "test")
-        curves.append((f"stacked ensemble, T = {t:.3f} (served)" if t else "stacked ensemble (served)", probs,
-                       labels))
-        how = ("the stacked ensemble, from ensemble/predictions/test*.parquet" + (
-            f"; the temperature T = {t:.3f} was fitted on the stacker's out-of-fold holdout logits "
-            "(Guo et al. 2017) and divides the served stacker's logits" if t else ""))
+        curves.append((served, probs, labels))
     else:
         d, how = _best_cnn_member(cfg, ens, desc)
         if d is None or not storage.exists(storage.join(d, "predictions", "test.parquet")):

@@ -292,7 +292,7 @@ def stacker_candidates(method: str, C: float, features: str, grid_C: Sequence[fl
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # a temperature outside this range means the logits are not worth calibrating
 
 
-def softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
+def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
     """Mean NLL of softmax(logits), computed from the logits (no clipping)."""
     z = logits - logits.max(1, keepdims=True)
     logq = z - np.log(np.exp(z).sum(1, keepdims=True))
@@ -311,7 +311,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         raise EnsembleError(f"temperature scaling needs finite N x K logits and N labels, got logits "
                             f"{logits.shape} and {labels.shape} labels")
     lo, hi = np.log(TEMPERATURE_BOUNDS)
-    res = minimize_scalar(lambda t: softmax_nll(logits / np.exp(t), labels), bounds=(lo, hi), method="bounded",
+    res = minimize_scalar(lambda t: _softmax_nll(logits / np.exp(t), labels), bounds=(lo, hi), method="bounded",
                           options={"xatol": 1e-5})
     return float(np.exp(res.x))
 

@@ -60,6 +60,14 @@ def exists(path: str) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def written_since(path: str, since: float) -> bool:
+    """``path`` is a file last written at or after ``since`` (a ``time.time()``; a filesystem that keeps no
+    modification time counts as yes)."""
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    return info.type == pafs.FileType.File and (info.mtime is None or info.mtime.timestamp() >= since)
+
+
 def write_bytes(path: str, data: bytes) -> None:
     fs, p = resolve(path)
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
