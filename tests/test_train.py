@@ -50,6 +50,8 @@ def test_killed_worker_run_finishes_with_the_right_epochs(finetuned):
 
 
 def test_loss_falls_and_outputs_are_written(finetuned):
+    from transfuse.train import CKPT_WEIGHTS
+
     _, out, metrics, _ = finetuned
     hist = metrics["history"]
     assert hist[-1]["loss"] < hist[0]["loss"]
@@ -64,7 +66,7 @@ def test_loss_falls_and_outputs_are_written(finetuned):
         t = pq.read_table(storage.join(out, "embeddings", f"{split}.parquet"))
         assert t.num_rows > 0 and len(t.column("embedding")[0]) == 64  # smoke head: Dense(64)
     ckpts = [f for f in storage.list_files(storage.join(out, ".ray_train")) if f.startswith("checkpoint_")]
-    assert any(f.endswith("model.weights.h5") for f in ckpts)
+    assert any(f.endswith(CKPT_WEIGHTS) for f in ckpts)
     m = storage.read_manifest(out)
     assert m["complete"] and "model.weights.h5" in m["files"] and "metrics.json" in m["files"]
     spec = storage.read_json(storage.join(out, "model_spec.json"))
@@ -83,6 +85,31 @@ def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
     t = pq.read_table(storage.join(out, "predictions", "test.parquet"))
     assert list(t.column("id").to_pylist()) == list(ids)
     np.testing.assert_allclose(np.stack(t.column("probs").to_numpy(zero_copy_only=False)), probs, atol=1e-5)
+
+
+def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
+    import tensorflow as tf
+
+    from transfuse.train import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
+
+    def model(seed):
+        tf.keras.utils.set_random_seed(seed)
+        layers = tf.keras.layers
+        return tf.keras.Sequential([tf.keras.Input((6,)), layers.Dense(4), layers.BatchNormalization(),
+                                    layers.Dense(3)])
+
+    a, b, c = model(0), model(1), model(2)
+    assert not np.allclose(a.get_weights()[0], b.get_weights()[0])
+    save_checkpoint_weights(a, str(tmp_path))
+    assert (tmp_path / CKPT_WEIGHTS).exists()
+    load_checkpoint_weights(b, str(tmp_path))
+    for x, y in zip(a.get_weights(), b.get_weights()):  # every array, BatchNorm's moving statistics included
+        np.testing.assert_array_equal(x, y)
+    old = tmp_path / "old"
+    old.mkdir()
+    a.save_weights(str(old / LEGACY_CKPT_WEIGHTS))  # a checkpoint written before the .npz format
+    load_checkpoint_weights(c, str(old))
+    np.testing.assert_array_equal(a.get_weights()[-1], c.get_weights()[-1])
 
 
 def _optimizer_step(out) -> int:

@@ -57,6 +57,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
                "cut_layer": None, "train": "train_image", "val": "val_image"}]
     loop_config = {"spec": spec, "init_weights": init_path, "phases": phases, "batch_size": cfg.pretrain.batch_size,
                    "patience": cfg.train.early_stopping_patience, "seed": cfg.seed, "cached": False,
+                   "in_memory": cfg.train.materialize,
                    "bn_training": True, "policy": train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu)}
     train_path = storage.join(out_dir, train.TRAIN_DIR)
     if not resume and storage.exists(train_path):
@@ -70,7 +71,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
         with open(os.path.join(d, train.STATE_FILE)) as f:
             state = json.load(f)
         model = models.build_model(spec, None, bn_training=True)
-        model.load_weights(os.path.join(d, train.CKPT_WEIGHTS))
+        train.load_checkpoint_weights(model, d)
     models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
     from transfuse.data import read_split_numpy
     from transfuse.preprocess import preprocess

@@ -9,7 +9,11 @@ from typing import Any, Optional
 
 # Every Ray worker uses tf_keras (Keras 2): Keras 3's fit fails under MultiWorkerMirroredStrategy with Ray
 # Train, and TF Model Optimization needs tf_keras. It must be set before TensorFlow is imported.
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: how often Ray Train's controller polls its workers, and so collects their
+# reports. A worker's result queue holds one report, so at Ray's default of 2 s every epoch of a small phase (the
+# linear head on cached features: 4 steps, ~0.1 s) took 2 s (bench/train_overhead.py). Ray propagates it from the
+# process that calls fit() to the controller; a value already in the environment wins.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
 
 

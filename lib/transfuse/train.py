@@ -25,7 +25,7 @@ import os
 import shutil
 import signal
 import tempfile
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -40,7 +40,8 @@ STAGE = "finetune"
 TRAIN_DIR = ".ray_train"  # Ray Train's storage under the member dir (dot: not listed in the manifest)
 INIT_DIR = ".init"  # initial full-model weights shared by the cache builder and the workers
 STATE_FILE = "state.json"
-CKPT_WEIGHTS = "model.weights.h5"
+CKPT_WEIGHTS = "model.weights.npz"  # every weight array, in the model's order
+LEGACY_CKPT_WEIGHTS = "model.weights.h5"  # checkpoints written before the .npz
 BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
 OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
 # Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
@@ -77,16 +78,54 @@ def _phase_model(full: Any, phase: dict[str, Any], cached: bool) -> Any:
     return full
 
 
-def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int) -> Any:
+def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory: bool,
+                epoch: Callable[[], int] = lambda: 0) -> Any:
+    """This worker's shard as a tf.data pipeline. ``in_memory`` (``train.materialize``: small data): the shard is
+    read once into arrays and every epoch iterates those (a Ray Data pass per epoch cost 0.3-1 s of each 4-step
+    epoch of the default's head), shuffled per epoch from (``seed``, ``epoch()``); otherwise it streams from Ray
+    Data every epoch. The arrays are fed through a generator, as Ray's ``to_tf`` does: a ``from_tensor_slices``
+    dataset (known cardinality) did not train at all under MultiWorkerMirroredStrategy with two workers here (val
+    loss flat at chance in test_phase_ends_with_its_best_epoch[cached])."""
     import tensorflow as tf
 
-    ds = shard.to_tf(feature_columns="x", label_columns="label", batch_size=batch_size,
-                     local_shuffle_buffer_size=4 * batch_size if shuffle else None,
-                     local_shuffle_seed=seed if shuffle else None)
+    if in_memory:
+        xs, ys = [], []
+        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+            xs.append(np.asarray(batch["x"], dtype=np.float32))
+            ys.append(np.asarray(batch["label"]))
+        if not xs:
+            raise TrainError("this worker's data shard is empty: fewer rows than workers?")
+        x, y = np.concatenate(xs), np.concatenate(ys)
+
+        def batches() -> Any:
+            order = np.random.default_rng([seed, epoch()]).permutation(len(x)) if shuffle else np.arange(len(x))
+            for i in range(0, len(x), batch_size):
+                yield x[order[i:i + batch_size]], y[order[i:i + batch_size]]
+
+        ds = tf.data.Dataset.from_generator(batches, output_signature=(
+            tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.as_dtype(y.dtype))))
+    else:
+        ds = shard.to_tf(feature_columns="x", label_columns="label", batch_size=batch_size,
+                         local_shuffle_buffer_size=4 * batch_size if shuffle else None,
+                         local_shuffle_seed=seed if shuffle else None)
     options = tf.data.Options()
     # each worker already has its own shard: Keras must not shard it again
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+def save_checkpoint_weights(model: Any, d: str) -> None:
+    """A checkpoint's model weights: every weight array in the model's order, as a plain .npz (0.06 s for
+    EfficientNet-Lite0 where Keras's .h5 took 0.5 s, once per epoch)."""
+    _save_arrays(os.path.join(d, CKPT_WEIGHTS), model.get_weights())
+
+
+def load_checkpoint_weights(model: Any, d: str) -> None:
+    """Load what ``save_checkpoint_weights`` wrote (or a checkpoint of an earlier version: Keras .h5)."""
+    if os.path.exists(os.path.join(d, CKPT_WEIGHTS)):
+        model.set_weights(_load_arrays(os.path.join(d, CKPT_WEIGHTS)))
+    else:
+        model.load_weights(os.path.join(d, LEGACY_CKPT_WEIGHTS))
 
 
 def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
@@ -134,7 +173,7 @@ def _write_weights_digest(hook: Optional[dict[str, Any]], full: Any, rank: int, 
 
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker loop. ``config``: spec, init_weights, phases, batch_size, patience, restore_best, policy,
-    seed, cached.
+    seed, cached, in_memory.
 
     Early stopping per phase on validation loss. With ``restore_best``, the weights of the phase's best epoch
     (lowest val loss) are kept in memory on every worker (the val loss Keras reports is reduced across workers
@@ -154,7 +193,13 @@ def train_func(config: dict[str, Any]) -> None:
     tf.keras.utils.set_random_seed(int(config["seed"]) + rank)
     if config.get("op_determinism"):
         tf.config.experimental.enable_op_determinism()
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # One worker: the default strategy. MultiWorkerMirroredStrategy over a single worker still runs a collective
+    # all-reduce for every gradient: it made a from-scratch EfficientNet-Lite0 epoch 2x slower here
+    # (bench/train_overhead.py). ``force_multi_worker`` (bench hook) keeps it for the comparison.
+    if world > 1 or config.get("force_multi_worker"):
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
     per_worker = max(1, int(config["batch_size"]) // world)
     restore_best = bool(config.get("restore_best", True))
 
@@ -174,7 +219,7 @@ def train_func(config: dict[str, Any]) -> None:
                 best_weights = _load_arrays(os.path.join(d, BEST_WEIGHTS))
             if os.path.exists(os.path.join(d, OPT_STATE)):
                 opt_state = _load_arrays(os.path.join(d, OPT_STATE))
-            full.load_weights(os.path.join(d, CKPT_WEIGHTS))
+            load_checkpoint_weights(full, d)
         if restore_best and best_weights is None and \
                 state["best_epoch"] == state.get("weights_epoch", state["epoch"]):
             best_weights = full.get_weights()  # the checkpoint's own weights are the best so far
@@ -199,8 +244,10 @@ def train_func(config: dict[str, Any]) -> None:
         if opt_state is not None:
             _restore_optimizer(model, opt_state, strategy)
             opt_state = None
-        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"])
-        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0)
+        mem = bool(config.get("in_memory"))
+        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"], mem,
+                            epoch=lambda: state["epoch"])
+        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0, mem)
         while state["phase_epoch"] < phase["epochs"] and not state["stopped"]:
             h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
             row = {"phase": phase["name"], "epoch": state["epoch"] + 1, "phase_epoch": state["phase_epoch"] + 1,
@@ -237,7 +284,7 @@ def train_func(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
-                    full.save_weights(os.path.join(d, CKPT_WEIGHTS))
+                    save_checkpoint_weights(full, d)
                     # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
                     # same Adam state and still knows its best epoch
                     _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
@@ -346,8 +393,10 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
             else:
                 ds = cache.read_cache(dirs[p["cut_layer"]], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
+    # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
+    in_memory = t.materialize and not (t.augment.flip or t.augment.pad_crop)
     return {"spec": spec, "init_weights": init_path, "phases": phases, "datasets": datasets, "cached": cached,
-            "data_dir": data_dir}
+            "data_dir": data_dir, "in_memory": in_memory}
 
 
 def scaling_config(t: Any) -> Any:
@@ -395,6 +444,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
                    "patience_start": t.early_stopping_start, "seed": t.seed,
                    "restore_best": t.restore_best_weights,
                    "policy": mixed_policy(t.mixed_precision, t.use_gpu), "cached": p["cached"],
+                   "in_memory": p["in_memory"],
                    # from random weights BatchNorm learns its statistics (training mode, as the pretrain stage);
                    # transferred backbones keep theirs (inference mode, however deep the unfreeze)
                    "bn_training": (weights or cfg.model.weights) == "none", "op_determinism": t.op_determinism,
@@ -433,7 +483,7 @@ def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, f
             state = {"restored": [], "best_epoch": None, **json.load(f)}
         tf.keras.mixed_precision.set_global_policy("float32")
         model = models.build_model(spec, None)
-        model.load_weights(os.path.join(d, CKPT_WEIGHTS))
+        load_checkpoint_weights(model, d)
         best = os.path.join(d, BEST_WEIGHTS)
         if cfg.train.restore_best_weights and os.path.exists(best):
             # a run stopped inside a phase (e.g. by ASHA): its phase ends here, at its best epoch so far
