@@ -59,8 +59,8 @@ def main() -> None:
         for name, poll, force_mw in (("baseline (Ray defaults)", "2.0", True), ("transfuse", "0.25", False)):
             os.environ[POLL] = poll  # read by the trainer's fit() in this process, propagated to its controller
             out = storage.join(tmp, name.split()[0])
-            trainer, _, eff = train.build_trainer(cfg, out, overrides, weights=weights,
-                                                  test_hooks={"force_multi_worker": force_mw})
+            trainer, _, _ = train.build_trainer(cfg, out, overrides, weights=weights,
+                                                test_hooks={"force_multi_worker": force_mw})
             t0 = time.perf_counter()
             result = trainer.fit()
             wall = time.perf_counter() - t0

@@ -202,6 +202,7 @@ def train_func(config: dict[str, Any]) -> None:
         strategy = tf.distribute.get_strategy()
     per_worker = max(1, int(config["batch_size"]) // world)
     restore_best = bool(config.get("restore_best", True))
+    in_memory = bool(config.get("in_memory"))
 
     state: dict[str, Any] = {"phase": 0, "phase_epoch": 0, "epoch": 0, "best": None, "best_epoch": None, "bad": 0,
                              "stopped": False, "history": [], "restored": []}
@@ -244,10 +245,9 @@ def train_func(config: dict[str, Any]) -> None:
         if opt_state is not None:
             _restore_optimizer(model, opt_state, strategy)
             opt_state = None
-        mem = bool(config.get("in_memory"))
-        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"], mem,
-                            epoch=lambda: state["epoch"])
-        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0, mem)
+        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"],
+                            in_memory, epoch=lambda: state["epoch"])
+        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0, in_memory)
         while state["phase_epoch"] < phase["epochs"] and not state["stopped"]:
             h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
             row = {"phase": phase["name"], "epoch": state["epoch"] + 1, "phase_epoch": state["phase_epoch"] + 1,
@@ -372,13 +372,14 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus,
                                   in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
+    augmenting = t.augment.flip or t.augment.pad_crop
     for p in phases:
         tag = p["cut_layer"] if cached and p["cut_layer"] is not None else "image"
         p["train"], p["val"] = f"train_{tag}", f"val_{tag}"
         if p["train"] in datasets:
             continue
         for split in ("train", "val"):
-            augment = t.augment if split == "train" and (t.augment.flip or t.augment.pad_crop) else None
+            augment = t.augment if split == "train" and augmenting else None
             if t.materialize and augment is None:
                 # small data: read (and preprocess) here once, keep it in the object store for every epoch;
                 # no per-epoch Ray Data tasks (their worker start-up dominated on a loaded 2-core machine)
@@ -393,10 +394,10 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
             else:
                 ds = cache.read_cache(dirs[p["cut_layer"]], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
-    # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
-    in_memory = t.materialize and not (t.augment.flip or t.augment.pad_crop)
     return {"spec": spec, "init_weights": init_path, "phases": phases, "datasets": datasets, "cached": cached,
-            "data_dir": data_dir, "in_memory": in_memory}
+            "data_dir": data_dir,
+            # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
+            "in_memory": t.materialize and not augmenting}
 
 
 def scaling_config(t: Any) -> Any:
