@@ -194,8 +194,9 @@ def train_func(config: dict[str, Any]) -> None:
     if config.get("op_determinism"):
         tf.config.experimental.enable_op_determinism()
     # One worker: the default strategy. MultiWorkerMirroredStrategy over a single worker still runs a collective
-    # all-reduce for every gradient: it made a from-scratch EfficientNet-Lite0 epoch 2.5x slower here
-    # (bench/train_overhead.py). ``force_multi_worker`` (bench hook) keeps it for the comparison.
+    # all-reduce for every gradient: 8 from-scratch EfficientNet-Lite0 epochs took 1.2x (in-memory input) to
+    # 1.7x (Ray Data input) longer with it and Ray's 2 s poll (bench/train_overhead.py --what scratch).
+    # ``force_multi_worker`` (bench hook) keeps it for the comparison.
     if world > 1 or config.get("force_multi_worker"):
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
     else:
