@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import compress
+from transfuse import compress, measure, tflite_export
 from transfuse.preprocess import PreprocessSpec, preprocess
 
 ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]  # pruned kinds: once per sparsity
@@ -37,7 +37,8 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
 
     from transfuse import models
-    from transfuse.bundle import SklearnMember, Stacker
+    from transfuse.bundle import SklearnMember
+    from transfuse.stacking import Stacker
     from transfuse.config import HeadConfig, ModelConfig
 
     fm = Path("/usr/share/datasets/fashion-mnist")
@@ -74,13 +75,13 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
         models.set_unfreeze(m, k)
         m.compile(tf.keras.optimizers.Adam(3e-4), "sparse_categorical_crossentropy")
         m.fit(xtr, y[tr], batch_size=64, epochs=max(1, epochs // 2), verbose=0)
-        members.append(compress.Member(f"vgg_u{k}", m, spec))
+        members.append(tflite_export.Member(f"vgg_u{k}", m, spec))
     emb_net = models.embedding_model(members[0].model)
     lr = LogisticRegression(max_iter=1000).fit(emb_net.predict(xtr, verbose=0), y[tr])
     xho = preprocess(x[ho], pspec)
-    hold = [m.model.predict(xho, verbose=0) for m in members] + [lr.predict_proba(emb_net.predict(xho, verbose=0))]
-    feats = np.log(np.clip(np.concatenate(hold, axis=1), 1e-6, 1.0))
-    st = LogisticRegression(max_iter=2000).fit(feats, y[ho])
+    hold = {m.name: m.model.predict(xho, verbose=0) for m in members}
+    hold["logreg"] = lr.predict_proba(emb_net.predict(xho, verbose=0))
+    stacker = Stacker(list(hold), features="log_probs", eps=1e-6).fit(hold, y[ho], num_classes=10)
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
@@ -89,8 +90,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
                           options={id(lr): {"zipmap": False}}).SerializeToString()
     parts = compress.EnsembleParts(
         sklearn=[SklearnMember("logreg", onx, embedding_of=members[0].name)],
-        stacker=Stacker(st.coef_, st.intercept_, members=[m.name for m in members] + ["logreg"],
-                        features="log_probs", eps=1e-6))
+        stacker=stacker)
     info = {"source": source, "train": len(tr), "stacker_holdout": len(ho), "test": len(te), "epochs": epochs,
             "backbone": "vgg_small width 0.25, 32x32", "members": [m.name for m in members] + ["logreg"]}
     return members, parts, (x[tr], y[tr]), (x[te], y[te]), names, info
@@ -102,7 +102,7 @@ def run_members(cfg):
     from transfuse.data import data_manifest, read_split_numpy
 
     src, dropped = compress.ensemble_to_compress(cfg)
-    members = [compress.Member(n, *models.load_member(d)) for n, d in src.members]
+    members = [tflite_export.Member(n, *models.load_member(d)) for n, d in src.members]
     data_dir = storage.stage_dir(cfg, "data")
     names = data_manifest(data_dir)["class_names"]
     xtr, ytr, _ = read_split_numpy(data_dir, "train")
@@ -157,7 +157,7 @@ def main() -> None:
     pspec = PreprocessSpec(**members[0].spec["preprocess"])
     ccfg = cfg.compress
     args.threads = args.threads or ccfg.num_threads
-    rep_raw = compress.representative_raw(xtr, ccfg.representative_examples, seed=cfg.seed)
+    rep_raw = tflite_export.representative_raw(xtr, ccfg.representative_examples, seed=cfg.seed)
     rep = preprocess(rep_raw, pspec)
     parts0 = parts  # as the ensemble stage wrote them: the seed-style baseline uses these
     if ccfg.optimize_sklearn and parts.sklearn:
@@ -178,27 +178,27 @@ def main() -> None:
         for v, ex in exported.items():
             compress.write_variant(os.path.join(d, v), ex, members, parts, name="bench", version="0",
                                    class_names=names, input_shape=tuple(xtr.shape[1:]), num_threads=args.threads)
-            row = compress.variant_row(os.path.join(d, v), xte, yte, num_threads=args.threads,
+            row = measure.variant_row(os.path.join(d, v), xte, yte, num_threads=args.threads,
                                        latency_runs=args.latency_runs)
             row["variant"] = v
             rows.append(row)
             if v in args.breakdown.split(","):
-                breakdown[v] = compress.component_breakdown(os.path.join(d, v), xte, num_threads=args.threads,
+                breakdown[v] = measure.component_breakdown(os.path.join(d, v), xte, num_threads=args.threads,
                                                             runs=args.latency_runs)
         if len(exported) > 1:  # batch-1 latency again, every variant in turn (robust to load from others)
-            lat = compress.interleaved_latency({v: os.path.join(d, v) for v in exported}, xte,
+            lat = measure.interleaved_latency({v: os.path.join(d, v) for v in exported}, xte,
                                                num_threads=args.threads, runs=args.latency_runs)
             for r in rows:
                 r.update(lat[r["variant"]], latency="interleaved")
     base = compress.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
     row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
-    row.update(compress.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))
+    row.update(measure.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))
     rows.append(row)
-    rows = compress.with_ratios(rows, "float32")
+    rows = measure.with_ratios(rows, "float32")
     print(f"\nvariants ({len(yte)} test images; LiteRT num_threads={args.threads}; batch-1 latency of the bundles "
           f"timed in turns; ratios x* against the float32 bundle measured in this command)")
-    print(compress.format_table(rows))
+    print(measure.format_table(rows))
     kb = next(r for r in rows if r["variant"] == "keras_seq")
     print("\nagainst the seed-style baseline (float32 tf_keras members, model.predict one after another):")
     for r in rows:
@@ -208,12 +208,12 @@ def main() -> None:
                   f"{kb['size_bytes'] / r['size_bytes']:5.2f}x smaller, "
                   f"accuracy {100 * (r['accuracy'] - kb['accuracy']):+.2f} points")
     for v in ("int8", "pruned_int8"):
-        g = compress.goals(rows, cfg.goals, v)
+        g = measure.goals(rows, cfg.goals, v)
         if g:
-            print("goals " + compress.goals_line(g))
+            print("goals " + measure.goals_line(g))
     for v, b in breakdown.items():
         print(f"\nwhere batch-1 time and bytes go: {v} (num_threads={args.threads}; parts timed in pipeline order)")
-        print(compress.format_breakdown(b))
+        print(measure.format_breakdown(b))
     if args.json:
         Path(args.json).write_text(json.dumps({"info": info, "rows": rows, "pruning": pruning,
                                                "breakdown": breakdown}, indent=2))

@@ -25,8 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from transfuse import runtime  # noqa: E402,F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import compress, models  # noqa: E402
-from transfuse.bundle import _LiteRT  # noqa: E402
+from transfuse import models, tflite_export  # noqa: E402
+from transfuse.bundle import LiteRTRunner  # noqa: E402
 from transfuse.config import HeadConfig, ModelConfig  # noqa: E402
 from transfuse.preprocess import PreprocessSpec, preprocess  # noqa: E402
 
@@ -38,7 +38,7 @@ def export(backbone: str, size: int, width: float, calib: int) -> tuple[dict[str
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(calib + 1, size, size, 3), dtype=np.uint8)
     x = preprocess(raw, PreprocessSpec(**spec["preprocess"]))
-    files = {"float32": compress.to_tflite(model, "float32"), "int8": compress.to_tflite(model, "int8", x[:calib])}
+    files = {"float32": tflite_export.to_tflite(model, "float32"), "int8": tflite_export.to_tflite(model, "int8", x[:calib])}
     return files, int(model.count_params()), x[calib:]
 
 
@@ -58,7 +58,7 @@ def main() -> None:
             runners = {}
             for mode, data in files.items():
                 (Path(d) / f"{mode}.tflite").write_bytes(data)
-                runners[mode] = _LiteRT(Path(d) / f"{mode}.tflite", 1, mode)
+                runners[mode] = LiteRTRunner(Path(d) / f"{mode}.tflite", 1, mode)
             t0 = time.perf_counter()
             runners["float32"](x1)
             first = time.perf_counter() - t0

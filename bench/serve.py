@@ -39,6 +39,7 @@ if __name__ == "__main__":  # `python bench/serve.py`: the repository root, not 
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from transfuse.stacking import softmax
 
 INPUT_SIZE = 32  # pixels: the CNN input after preprocessing (digits are 8 x 8 grey, upsampled)
 NORMALIZATION = "unit"  # x / 255, vgg_small's convention
@@ -146,8 +147,7 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
             Path(keras_dir).mkdir(parents=True, exist_ok=True)
             m.save_weights(str(Path(keras_dir) / f"member{i}.weights.h5"))
         logits = m.predict(x, batch_size=256, verbose=0)[0]
-        probs.append(np.exp(logits - logits.max(1, keepdims=True)))
-        probs[-1] /= probs[-1].sum(1, keepdims=True)
+        probs.append(softmax(logits))
         cnn.append(CNNMember(name=f"cnn{i}", data=to_tflite(m, int8, x[::9][:200]), input="image"))
     metrics = {"train_float32": evaluate(np.mean(probs, 0), labels)}  # digits has no held-out split here
     return write_bundle(out_dir, name=f"{dataset}-demo", version=version, class_names=names,
@@ -187,9 +187,7 @@ def _baseline_deployment():
             xb = preprocess(x, self.spec)
             probs = []
             for m in self.models:  # one member after another
-                z = m(xb, training=False)[0].numpy()
-                e = np.exp(z - z.max(1, keepdims=True))
-                probs.append(e / e.sum(1, keepdims=True))
+                probs.append(softmax(m(xb, training=False)[0].numpy()))
             return np.mean(probs, 0)
 
         @api.post("/v1/models/{name}:predict")

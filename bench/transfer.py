@@ -20,11 +20,9 @@ draws) and writes ``<storage>/<run>/bench_transfer.json``, which the report read
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -99,10 +97,12 @@ def pipeline_results(cfg: Config) -> dict[str, dict[str, float]]:
     """The CNNs' and the stack's test metrics from the run's own files."""
     run = storage.run_dir(cfg)
     test = lambda d: storage.read_json(storage.join(d, "metrics.json"))["test"]  # noqa: E731
-    members = storage.read_json(storage.join(run, "tune", "members.json"))["members"]
+    from transfuse.search import read_members
+
+    best = read_members(cfg)[0]
     ens = storage.read_json(storage.join(run, "ensemble", "metrics.json"))["summary"]["stack"]
     return {"scratch": test(storage.join(run, "scratch")), "seed_recipe": test(storage.join(run, "finetune")),
-            "searched_depth": {**test(members[0]["dir"]), "unfreeze": members[0]["config"]["unfreeze"]},
+            "searched_depth": {**test(best.dir), "unfreeze": best.config["unfreeze"]},
             "stack": {k: ens[k]["mean"] for k in ("accuracy", "nll", "ece")}}
 
 

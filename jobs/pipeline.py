@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.pipeline import STAGES, format_summary, run_pipeline, summary
-from transfuse.report import verdict_lines
+from transfuse.pipeline import STAGES, run_pipeline
+from transfuse.report import format_summary, summary, verdict_lines
 
 
 def _args(p) -> None:

@@ -39,7 +39,7 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from pydantic import Field
 from ray import serve
 from ray.serve import Application

@@ -94,7 +94,7 @@ def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int
     import tensorflow as tf
 
     from transfuse import models
-    from transfuse.compress import Member
+    from transfuse.tflite_export import Member
 
     x = preprocess(data.x_train, PreprocessSpec(32, "unit"))
     base = build(spec_for(len(BACKBONE_LAYERS)))  # all trainable: the "pretrained" backbone

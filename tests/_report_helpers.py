@@ -220,9 +220,9 @@ class Linear:
 
 def write_compress(cfg, data, clf) -> tuple[dict, Linear]:
     """compress/<variant>/ bundles (float32 and int8 weights of ``clf``) and compress/metrics.json as run_compress
-    writes it: rows measured by compress.variant_row on the loaded bundles, ratios and goals from compress."""
+    writes it: rows measured by measure.variant_row on the loaded bundles, ratios and goals from compress."""
     from transfuse.bundle import CNNMember, write_bundle
-    from transfuse.compress import goals, variant_row, with_ratios
+    from transfuse.measure import goals, variant_row, with_ratios
     from transfuse.preprocess import PreprocessSpec
 
     x, y, _ = data["test"]

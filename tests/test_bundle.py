@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress
-from transfuse.bundle import (BundleError, BundleInputError, SklearnMember, Stacker, load_bundle, softmax,
-                              write_bundle)
+from transfuse import compress, tflite_export
+from transfuse.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.stacking import Stacker, softmax
 
 SPEC = PreprocessSpec(32, "unit")
 
@@ -40,12 +40,12 @@ def ensemble(tmp_path_factory):
     px = LogisticRegression(C=0.1, max_iter=500).fit(pix, d.y_train)
     px_onx = to_onnx(px, pix[:1], options={id(px): {"zipmap": False}}).SerializeToString()
     probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb), px.predict_proba(pix)]
-    stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)
+    stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)  # the reference
     parts = compress.EnsembleParts(
         sklearn=[SklearnMember("logreg_cnn0", onx, embedding_of="cnn0"),
                  SklearnMember("px", px_onx, features="pixels", pixel_size=6)],
-        stacker=Stacker(stacker.coef_, stacker.intercept_, members=["cnn0", "cnn1", "logreg_cnn0", "px"]))
-    exported = compress.export_members(members, "float32")
+        stacker=Stacker(["cnn0", "cnn1", "logreg_cnn0", "px"], coef_=stacker.coef_, intercept_=stacker.intercept_))
+    exported = tflite_export.export_members(members, "float32")
     path = tmp_path_factory.mktemp("bundle") / "b"
     compress.write_variant(str(path), exported, members, parts, name="digits", version="7",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)

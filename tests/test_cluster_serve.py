@@ -14,7 +14,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 
 from tests._cluster import actor_nodes, free_port, wait_for

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress
+from transfuse import compress, measure, onnx_rewrite, prune, tflite_export
 from transfuse.bundle import SklearnMember, load_bundle
 from transfuse.config import GoalsConfig
 from transfuse.preprocess import PreprocessSpec, preprocess
@@ -19,25 +19,25 @@ SPEC = PreprocessSpec(32, "unit")
 def setup():
     d, members = trained()
     # 400 calibration images: with 64, per-tensor activation ranges were visibly worse (top-1 agreement -1 pt)
-    return d, members, preprocess(d.x_train, SPEC), preprocess(compress.representative_raw(d.x_train, 400), SPEC)
+    return d, members, preprocess(d.x_train, SPEC), preprocess(tflite_export.representative_raw(d.x_train, 400), SPEC)
 
 
 def test_pruning_reaches_target_sparsity(setup):
     d, members, x_tr, _ = setup
     x_tr, y_tr = x_tr[:512], d.y_train[:512]  # 8 steps at batch 64: enough for masks at steps 0 and 5
     before = [w.copy() for w in members[0].model.get_weights()]
-    pruned, sp = compress.prune_member(members[0], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
+    pruned, sp = prune.prune_member(members[0], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
     # the member itself is untouched (TFMOT writes masks into the layers it wraps: a copy is pruned)
     assert all(np.array_equal(a, b) for a, b in zip(before, members[0].model.get_weights()))
     # measured again from the pruned model's own weights, not from the function's report
-    for layer in compress._walk(pruned.model):
+    for layer in prune.walk_layers(pruned.model):
         if type(layer).__name__ in ("Conv2D", "Dense"):
             assert abs(float(np.mean(layer.kernel.numpy() == 0)) - 0.5) < 0.02, layer.name
     assert set(sp) == {"block1_conv1", "block2_conv1", "block3_conv1", "head_dense0", "head_logits"}
     # a clean graph: it can be cut for export like any member (regression: stripped layers kept 2 nodes)
     from transfuse import models
 
-    trunk, top = compress.member_graph(pruned.model, "block1_pool")
+    trunk, top = tflite_export.member_graph(pruned.model, "block1_pool")
     x = preprocess(d.x_test[:8], SPEC)
     np.testing.assert_allclose(top.predict(trunk.predict(x, verbose=0), verbose=0)[1], _logits(pruned.model, x),
                                atol=1e-4)
@@ -48,8 +48,8 @@ def test_pruning_reaches_target_sparsity(setup):
     acc = (pruned.model.predict(preprocess(d.x_test, SPEC), verbose=0).argmax(1) == d.y_test).mean()
     assert acc > 0.3
     # frozen layers pruned identically in two members: the trunk is still shared
-    pruned1, _ = compress.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
-    assert compress.shared_cut([pruned, pruned1]) == compress.shared_cut(members)
+    pruned1, _ = prune.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
+    assert tflite_export.shared_cut([pruned, pruned1]) == tflite_export.shared_cut(members)
 
 
 def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
@@ -61,10 +61,10 @@ def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
     x_tr, y_tr = x_tr[:512], d.y_train[:512]
     out = []
     for m in members:
-        pruned, sp = compress.prune_member(m, x_tr, y_tr, sparsity=0.8, frequency=5, scope="trainable")
-        trainable = {l.name for l in compress._walk(m.model) if l.trainable and type(l).__name__ in ("Conv2D", "Dense")}
-        assert set(sp) == trainable and set(sp) == set(compress.prune_layers(m.model, "trainable"))
-        for a, b in zip(compress._walk(m.model), compress._walk(pruned.model)):
+        pruned, sp = prune.prune_member(m, x_tr, y_tr, sparsity=0.8, frequency=5, scope="trainable")
+        trainable = {l.name for l in prune.walk_layers(m.model) if l.trainable and type(l).__name__ in ("Conv2D", "Dense")}
+        assert set(sp) == trainable and set(sp) == set(prune.prune_layers(m.model, "trainable"))
+        for a, b in zip(prune.walk_layers(m.model), prune.walk_layers(pruned.model)):
             if type(a).__name__ not in ("Conv2D", "Dense"):
                 continue
             k = b.kernel.numpy()
@@ -75,14 +75,14 @@ def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
                 assert all(np.array_equal(u, v) for u, v in zip(a.get_weights(), b.get_weights())), a.name
         out.append(pruned)
     # members[0] unfreezes 2 layers (block3_conv1 + pool), members[1] 4: block1 stays frozen in both
-    assert "block1_conv1" not in compress.prune_layers(members[1].model, "trainable")
-    assert "block2_conv1" in compress.prune_layers(members[1].model, "trainable")
-    assert "block2_conv1" not in compress.prune_layers(members[0].model, "trainable")
-    assert compress.shared_cut(out) == compress.shared_cut(members) == "block1_pool"
-    assert compress.shared_cut([members[0], out[0]]) == "block2_pool"  # the float member's own trunk is shared
+    assert "block1_conv1" not in prune.prune_layers(members[1].model, "trainable")
+    assert "block2_conv1" in prune.prune_layers(members[1].model, "trainable")
+    assert "block2_conv1" not in prune.prune_layers(members[0].model, "trainable")
+    assert tflite_export.shared_cut(out) == tflite_export.shared_cut(members) == "block1_pool"
+    assert tflite_export.shared_cut([members[0], out[0]]) == "block2_pool"  # the float member's own trunk is shared
     assert models.get_backbone(out[0].model).get_layer("block1_conv1").trainable is False
-    with pytest.raises(compress.CompressError, match="prune_scope must be one of"):
-        compress.prune_layers(members[0].model, "frozen")
+    with pytest.raises(tflite_export.CompressError, match="prune_scope must be one of"):
+        prune.prune_layers(members[0].model, "frozen")
 
 
 def test_what_counts_as_prunable_is_what_tfmot_prunes():
@@ -100,14 +100,14 @@ def test_what_counts_as_prunable_is_what_tfmot_prunes():
     h = L.SeparableConv2D(8, 3, padding="same", name="sep")(h)
     out = L.Dense(4, name="dense")(L.GlobalAveragePooling2D()(h))
     model = tf.keras.Model(inp, out)
-    names = set(compress.prune_layers(model, "all"))
+    names = set(prune.prune_layers(model, "all"))
     assert names == {"conv", "sep", "dense"}
-    wrapped = compress._wrap_for_pruning(model, names, tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1))
+    wrapped = prune.wrap_for_pruning(model, names, tfmot.sparsity.keras.ConstantSparsity(0.5, 0, frequency=1))
     wrapped.compile("sgd", "sparse_categorical_crossentropy")
     x, y = np.random.default_rng(0).random((16, 8, 8, 3), np.float32), np.arange(16) % 4
     wrapped.fit(x, y, epochs=1, batch_size=8, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
     stripped = tfmot.sparsity.keras.strip_pruning(wrapped)
-    sparsity = compress.measure_sparsity(stripped)
+    sparsity = prune.measure_sparsity(stripped)
     assert set(sparsity) == names and all(abs(v - 0.5) < 0.02 for v in sparsity.values()), sparsity
     assert float(np.mean(stripped.get_layer("dw").depthwise_kernel.numpy() == 0)) == 0.0
 
@@ -123,27 +123,27 @@ def test_schedule_that_prunes_nothing_fails(setup):
 
     d, members, x_tr, _ = setup
     never = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=10_000, end_step=20_000, frequency=100)
-    with pytest.raises(compress.PruningError, match="did not reach the target sparsity 0.5"):
-        compress.prune_member(members[0], x_tr[:64], d.y_train[:64], sparsity=0.5, schedule_obj=never)
-    with pytest.raises(compress.CompressError, match="prune_frequency = 50 leaves no mask update"):
-        compress.make_schedule("polynomial", 0.5, steps=22, frequency=50)
-    with pytest.raises(compress.PruningError, match="no prunable layers"):
-        compress.check_sparsity({}, 0.5, 0.02)
+    with pytest.raises(prune.PruningError, match="did not reach the target sparsity 0.5"):
+        prune.prune_member(members[0], x_tr[:64], d.y_train[:64], sparsity=0.5, schedule_obj=never)
+    with pytest.raises(tflite_export.CompressError, match="prune_frequency = 50 leaves no mask update"):
+        prune.make_schedule("polynomial", 0.5, steps=22, frequency=50)
+    with pytest.raises(prune.PruningError, match="no prunable layers"):
+        prune.check_sparsity({}, 0.5, 0.02)
 
 
 def test_shared_cut_is_checked_on_weights(setup):
     _, members, _, _ = setup
     assert [m.spec["cut_layer"] for m in members] == ["block2_pool", "block1_pool"]
-    assert compress.shared_cut(members) == "block1_pool"  # the lower of the two cuts
+    assert tflite_export.shared_cut(members) == "block1_pool"  # the lower of the two cuts
     from transfuse import models
 
-    other = compress.Member("changed", models.build_model({**members[0].spec, "seed": None},
+    other = tflite_export.Member("changed", models.build_model({**members[0].spec, "seed": None},
                                                           backbone=_clone_backbone(members[0].model)),
                             members[0].spec)
     w = models.get_backbone(other.model).get_layer("block1_conv1").get_weights()
     models.get_backbone(other.model).get_layer("block1_conv1").set_weights([w[0] + 1e-3, w[1]])
-    assert compress.shared_cut([members[0], other]) is None  # block1_conv1 differs: nothing is shared
-    assert compress.shared_cut([members[0], members[0]]) == "block2_pool"
+    assert tflite_export.shared_cut([members[0], other]) is None  # block1_conv1 differs: nothing is shared
+    assert tflite_export.shared_cut([members[0], members[0]]) == "block2_pool"
 
 
 def _clone_backbone(model):
@@ -161,7 +161,7 @@ def _clone_backbone(model):
 @pytest.fixture(scope="module")
 def int8_bundle(setup, tmp_path_factory):
     d, members, _, rep = setup
-    ex = compress.export_members(members, "int8", rep)
+    ex = tflite_export.export_members(members, "int8", rep)
     path = tmp_path_factory.mktemp("int8") / "b"
     compress.write_variant(str(path), ex, members, compress.EnsembleParts(), name="q", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)
@@ -178,10 +178,10 @@ def test_shared_trunk_equals_members_run_separately(setup, tmp_path, int8_bundle
     d, members, _, rep = setup
     x = preprocess(d.x_test, SPEC)
     keras = {m.name: m.model.predict(x, verbose=0) for m in members}
-    ex = compress.export_members(members, "float32")
+    ex = tflite_export.export_members(members, "float32")
     assert ex.trunk is not None and ex.cut_layer == "block1_pool"
     shared = _bundle(tmp_path, "f", members, ex).member_probs(d.x_test)
-    separate = _bundle(tmp_path, "fs", members, compress.export_members(members, "float32", share_trunk=False))
+    separate = _bundle(tmp_path, "fs", members, tflite_export.export_members(members, "float32", share_trunk=False))
     assert separate.manifest["trunk"] is None
     separate = separate.member_probs(d.x_test)
     for name, p in keras.items():
@@ -189,7 +189,7 @@ def test_shared_trunk_equals_members_run_separately(setup, tmp_path, int8_bundle
         np.testing.assert_allclose(separate[name], p, atol=1e-4)
     # int8: the shared-trunk graph against each member quantized and run whole, on its own
     q = load_bundle(int8_bundle).member_probs(d.x_test)
-    q_sep = _bundle(tmp_path, "qs", members, compress.export_members(members, "int8", rep, share_trunk=False))
+    q_sep = _bundle(tmp_path, "qs", members, tflite_export.export_members(members, "int8", rep, share_trunk=False))
     q_sep = q_sep.member_probs(d.x_test)
     for name, p in keras.items():
         agree = float(np.mean(q[name].argmax(1) == q_sep[name].argmax(1)))
@@ -203,7 +203,7 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
     same outputs as the Keras members (float) and the same top-1 as the split int8 export on >= 99%."""
     d, members, _, rep = setup
     x = preprocess(d.x_test, SPEC)
-    ex = compress.export_members(members, "float32", merge=True)
+    ex = tflite_export.export_members(members, "float32", merge=True)
     assert ex.merged is not None and not ex.tops and ex.trunk is None and ex.cut_layer == "block1_pool"
     b = _bundle(tmp_path, "fm", members, ex)
     assert b.manifest["trunk"] is None and {e["file"] for e in b.manifest["cnn_members"]} == {"members/00_merged.tflite"}
@@ -211,20 +211,20 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
     merged = b.member_probs(d.x_test)
     for m in members:
         np.testing.assert_allclose(merged[m.name], m.model.predict(x, verbose=0), atol=1e-4)
-    q = _bundle(tmp_path, "qm", members, compress.export_members(members, "int8", rep, merge=True)).member_probs(d.x_test)
+    q = _bundle(tmp_path, "qm", members, tflite_export.export_members(members, "int8", rep, merge=True)).member_probs(d.x_test)
     q_split = load_bundle(int8_bundle).member_probs(d.x_test)
     for m in members:
         assert float(np.mean(q[m.name].argmax(1) == q_split[m.name].argmax(1))) >= 0.99
     # the breakdown counts the shared file once
-    rows = compress.component_breakdown(str(tmp_path / "fm"), d.x_test, runs=3)
+    rows = measure.component_breakdown(str(tmp_path / "fm"), d.x_test, runs=3)
     total = next(r for r in rows if r["component"] == "predict_proba (total)")
-    assert total["bytes"] == compress.model_bytes(str(tmp_path / "fm"))[0]
+    assert total["bytes"] == measure.model_bytes(str(tmp_path / "fm"))[0]
 
 
 @pytest.mark.parametrize("mode", ["float16", "dynamic_int8"])
 def test_quantized_variant_loads_and_predicts(setup, tmp_path, mode):
     d, members, _, rep = setup
-    ex = compress.export_members(members, mode, rep)
+    ex = tflite_export.export_members(members, mode, rep)
     compress.write_variant(str(tmp_path / mode), ex, members, compress.EnsembleParts(), name=mode, version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     b = load_bundle(tmp_path / mode)
@@ -246,36 +246,36 @@ def test_int8_is_integer_inside(int8_bundle):
 
 def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     d, members, _, _ = setup
-    ex = compress.export_members(members, "float32")
+    ex = tflite_export.export_members(members, "float32")
     compress.write_variant(str(tmp_path / "f"), ex, members, compress.EnsembleParts(), name="f", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
-    rows = [compress.variant_row(str(p), d.x_test, d.y_test, latency_runs=5, throughput_runs=2)
+    rows = [measure.variant_row(str(p), d.x_test, d.y_test, latency_runs=5, throughput_runs=2)
             for p in (tmp_path / "f", int8_bundle)]
-    rows = compress.with_ratios(rows)
+    rows = measure.with_ratios(rows)
     f32, q = rows
     assert f32["variant"] == "float32" and q["variant"] == "int8"
     assert q["size_bytes"] * 2.5 < f32["size_bytes"]  # int8 weights: ~4x fewer bytes than float32
     assert abs(q["accuracy"] - f32["accuracy"]) < 0.05
-    g = compress.goals(rows, GoalsConfig())  # judged by the config's goals, not fixed ones
+    g = measure.goals(rows, GoalsConfig())  # judged by the config's goals, not fixed ones
     assert (g["faster_goal"], g["smaller_goal"], g["accuracy_goal_points"]) == (3.0, 4.0, -0.5)
     assert g["smaller_raw"] == q["smaller_raw"] and g["smaller"] == (q["smaller_raw"] >= 4.0)
-    lo, hi = (compress.goals(rows, GoalsConfig(served_smaller=q["smaller_raw"] * f)) for f in (0.9, 1.1))
+    lo, hi = (measure.goals(rows, GoalsConfig(served_smaller=q["smaller_raw"] * f)) for f in (0.9, 1.1))
     assert lo["smaller"] and not hi["smaller"]
-    assert "smaller (goal" in compress.goals_line(hi) and "NOT met" in compress.goals_line(hi)
-    text = compress.format_table(rows)
+    assert "smaller (goal" in measure.goals_line(hi) and "NOT met" in measure.goals_line(hi)
+    text = measure.format_table(rows)
     assert "float32" in text and "int8" in text
-    lat = compress.interleaved_latency({"f": str(tmp_path / "f"), "q": str(int8_bundle)}, d.x_test, runs=6)
+    lat = measure.interleaved_latency({"f": str(tmp_path / "f"), "q": str(int8_bundle)}, d.x_test, runs=6)
     assert set(lat) == {"f", "q"} and all(0 < v["p50_ms_b1"] <= v["p99_ms_b1"] for v in lat.values())
     # where the batch-1 time and the bytes go, part by part
-    parts = compress.component_breakdown(str(int8_bundle), d.x_test, runs=5)
+    parts = measure.component_breakdown(str(int8_bundle), d.x_test, runs=5)
     names = [r["component"] for r in parts]
     assert names == ["preprocess", "trunk", "cnn cnn0", "cnn cnn1", "combiner (average)", "predict_proba (total)",
                      "glue (total - parts)"]
     total = parts[names.index("predict_proba (total)")]
-    assert total["bytes"] == compress.model_bytes(str(int8_bundle))[0]
+    assert total["bytes"] == measure.model_bytes(str(int8_bundle))[0]
     assert all(r["p50_ms_b1"] > 0 for r in parts[:-1])
     assert sum(r["p50_ms_b1"] for r in parts[:-2]) + parts[-1]["p50_ms_b1"] == pytest.approx(total["p50_ms_b1"])
-    assert "trunk" in compress.format_breakdown(parts)
+    assert "trunk" in measure.format_breakdown(parts)
 
 
 def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
@@ -344,7 +344,7 @@ def test_variant_names_and_config_errors():
     assert compress.expand_variants(c.variants, c.sparsity) == c.variant_names()
     assert compress.parse_variant("pruned87p5_int8", c.sparsity) == (0.875, "int8")
     assert compress.parse_variant("dynamic_int8", c.sparsity) == (None, "dynamic_int8")
-    with pytest.raises(compress.CompressError, match=r"'pruned80' is not one of .*'pruned50'"):
+    with pytest.raises(tflite_export.CompressError, match=r"'pruned80' is not one of .*'pruned50'"):
         compress.parse_variant("pruned80", c.sparsity)
     with pytest.raises(ConfigError, match=r"serve_variant 'pruned_int8' is not an exported variant; allowed .*"
                                           r"'pruned50_int8'"):
@@ -359,12 +359,11 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     """compress reads <run>/ensemble/ as jobs.ensemble writes it: ensemble.json, members/*.onnx, stacker.json."""
     import json
 
-    stacking = pytest.importorskip("transfuse.stacking")
     from sklearn.linear_model import LogisticRegression
     from skl2onnx import to_onnx
 
     from conftest import smoke_config
-    from transfuse import storage
+    from transfuse import stacking, storage
 
     cfg = smoke_config(tmp_path)
     ens = storage.stage_dir(cfg, "ensemble")
@@ -390,14 +389,14 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     assert sk.embedding_of == "a" and sk.probabilities_output == "probabilities" and sk.data[:2] != b""
     assert sk.features == "embedding" and (px.features, px.pixel_size, px.embedding_of) == ("pixels", 4, None)
     assert src.parts.stacker.members == ["a", "b", "lr"] and src.parts.stacker.features == "log_probs"
-    np.testing.assert_array_equal(src.parts.stacker.coef, st.coef_)
+    np.testing.assert_array_equal(src.parts.stacker.coef_, st.coef_)
     assert src.parts.stacker.eps == st.eps  # the clip before log travels with the stacker
 
 
 def test_zero_weight_members_are_left_out_losslessly():
     """Members whose stacker columns are all zero are dropped from the bundle's parts; a zero-weight CNN member
     whose embedding a kept member reads stays; the reduced stacker gives the same probabilities."""
-    from transfuse.bundle import Stacker, softmax
+    from transfuse.stacking import Stacker
 
     k, names = 3, ["a", "b", "lr", "px", "sv"]
     rng = np.random.default_rng(0)
@@ -408,20 +407,17 @@ def test_zero_weight_members_are_left_out_losslessly():
     parts = compress.EnsembleParts(
         sklearn=[SklearnMember("lr", b"1", embedding_of="a"), SklearnMember("px", b"2", features="pixels"),
                  SklearnMember("sv", b"3", embedding_of="b")],
-        stacker=Stacker(coef, rng.normal(size=k), members=names))
+        stacker=Stacker(names, coef_=coef, intercept_=rng.normal(size=k)))
     src = compress.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
     out, info = compress.drop_zero_weight_members(src)
     assert out.members == [("a", "/a")] and [s.name for s in out.parts.sklearn] == ["lr", "px"]
     assert info["dropped"] == ["b", "sv"] and info["kept_at_zero_weight"] == ["a"]
-    assert out.parts.stacker.members == ["a", "lr", "px"] and out.parts.stacker.coef.shape == (k, 3 * k)
+    assert out.parts.stacker.members == ["a", "lr", "px"] and out.parts.stacker.coef_.shape == (k, 3 * k)
     probs = {m: rng.dirichlet(np.ones(k), size=20) for m in names}
-    full = softmax(np.concatenate([probs[m] for m in names], 1) @ coef.T + parts.stacker.intercept)
-    kept = out.parts.stacker
-    reduced = softmax(np.concatenate([probs[m] for m in kept.members], 1) @ kept.coef.T + kept.intercept)
-    np.testing.assert_allclose(reduced, full, atol=1e-12)
+    np.testing.assert_allclose(out.parts.stacker.predict_proba(probs), parts.stacker.predict_proba(probs), atol=1e-12)
     # nothing at zero: nothing dropped; no stacker (plain averaging): nothing dropped
     live = compress.EnsembleSource(src.members, compress.EnsembleParts(parts.sklearn, Stacker(
-        rng.normal(size=(k, k * len(names))), np.zeros(k), members=names)), "ensemble", "f")
+        names, coef_=rng.normal(size=(k, k * len(names))), intercept_=np.zeros(k))), "ensemble", "f")
     assert compress.drop_zero_weight_members(live)[1]["dropped"] == []
     avg = compress.EnsembleSource(src.members, compress.EnsembleParts(), "members", "f")
     assert compress.drop_zero_weight_members(avg)[0] is avg
@@ -446,9 +442,9 @@ def test_sklearn_onnx_rewrites_are_lossless(setup):
                 RandomForestClassifier(n_estimators=8, random_state=0)):
         est.fit(e_tr, y)
         data = to_onnx(est, e_tr[:1], options={id(est): {"zipmap": False}}).SerializeToString()
-        new, info = compress.optimize_sklearn_onnx(data, e_tr[:200])
+        new, info = onnx_rewrite.optimize_sklearn_onnx(data, e_tr[:200])
         assert info["applied"] and len(new) < len(data), info
-        old_out, new_out = compress._run_onnx(data, e_te), compress._run_onnx(new, e_te)
+        old_out, new_out = onnx_rewrite.run_onnx(data, e_te), onnx_rewrite.run_onnx(new, e_te)
         np.testing.assert_allclose(new_out["probabilities"], old_out["probabilities"], atol=1e-5)
         np.testing.assert_array_equal(new_out["label"], old_out["label"])
         np.testing.assert_allclose(new_out["probabilities"], est.predict_proba(e_te), atol=1e-4)
@@ -462,5 +458,5 @@ def test_sklearn_onnx_rewrites_are_lossless(setup):
 
     lr = LogisticRegression(max_iter=300).fit(e_tr, y)
     data = to_onnx(lr, e_tr[:1], options={id(lr): {"zipmap": False}}).SerializeToString()
-    assert compress.optimize_sklearn_onnx(data, e_tr[:50]) == (data, {"bytes_before": len(data), "applied": [],
+    assert onnx_rewrite.optimize_sklearn_onnx(data, e_tr[:50]) == (data, {"bytes_before": len(data), "applied": [],
                                                                      "bytes_after": len(data)})

@@ -6,7 +6,6 @@ tests/_report_helpers.py (the producers' own functions where that is cheap).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

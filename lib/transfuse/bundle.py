@@ -35,6 +35,7 @@ import numpy as np
 from transfuse import storage
 from transfuse.errors import TransfuseError
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.stacking import Stacker, combine_probs, softmax
 
 FORMAT = "transfuse.bundle"
 FORMAT_VERSION = 1
@@ -103,23 +104,6 @@ def sklearn_inputs(features: str, pixel_size: Optional[int], embedding_of: Optio
     if features == "pixels":
         return pixel_features(images, pixel_size)
     return embeddings[embedding_of]
-
-
-@dataclass
-class Stacker:
-    """Multinomial logistic meta-learner: softmax(features @ coef.T + intercept).
-
-    ``members``: order in which the members' K-column blocks are concatenated into the features.
-    ``features``: "probs" or "log_probs" (log of the clipped probabilities). A binary scikit-learn
-    LogisticRegression (coef 1 x F) is accepted and applied as a sigmoid over class 1.
-    """
-
-    coef: np.ndarray
-    intercept: np.ndarray
-    members: list[str]
-    features: str = "probs"
-    eps: float = 1e-6  # log_probs: probabilities are clipped to [eps, 1] first (transfuse.stacking.EPS)
-    temperature: float = 1.0  # the temperature already folded into coef and intercept (recorded, not applied)
 
 
 def _sha256_bytes(b: bytes) -> str:
@@ -258,8 +242,10 @@ def write_bundle(
                               f"members are {names}")
         if stacker.features not in FEATURES:
             raise BundleError(f"stacker.features must be one of {FEATURES}, got {stacker.features!r}")
-        coef = np.asarray(stacker.coef, dtype=np.float64)
-        intercept = np.asarray(stacker.intercept, dtype=np.float64).reshape(-1)
+        if stacker.coef_ is None:
+            raise BundleError("the stacker is not fitted")
+        coef = np.asarray(stacker.coef_, dtype=np.float64)
+        intercept = np.asarray(stacker.intercept_, dtype=np.float64).reshape(-1)
         n_feat = k * len(names)
         if coef.shape not in ((k, n_feat), (1, n_feat)) or intercept.shape != (coef.shape[0],):
             raise BundleError(f"stacker coef must be {k} x {n_feat} (or 1 x {n_feat} for binary) with a matching "
@@ -417,7 +403,7 @@ def verify(directory: Union[str, Path]) -> tuple[dict, bytes]:
     return m, raw
 
 
-class _LiteRT:
+class LiteRTRunner:
     """One .tflite model run through its serving signature; inputs are resized to each batch."""
 
     def __init__(self, path: Path, num_threads: int, what: str):
@@ -442,7 +428,7 @@ class _LiteRT:
         return self.runner(**{self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
 
 
-class _Onnx:
+class OnnxRunner:
     """One ONNX model on ONNX Runtime's CPU provider."""
 
     def __init__(self, path: Path, num_threads: int, what: str):
@@ -466,25 +452,18 @@ class _Onnx:
         return dict(zip(self.outputs, res))
 
 
-def _runner(path: Path, fmt: str, num_threads: int, what: str) -> Union[_LiteRT, _Onnx]:
+def _runner(path: Path, fmt: str, num_threads: int, what: str) -> Union[LiteRTRunner, OnnxRunner]:
     if fmt == "tflite":
-        return _LiteRT(path, num_threads, what)
+        return LiteRTRunner(path, num_threads, what)
     if fmt == "onnx":
-        return _Onnx(path, num_threads, what)
+        return OnnxRunner(path, num_threads, what)
     raise BundleError(f"{what}: format must be one of {MODEL_FORMATS}, got {fmt!r}")
 
 
-def _need_output(r: Union[_LiteRT, _Onnx], name: Optional[str], what: str) -> None:
+def _need_output(r: Union[LiteRTRunner, OnnxRunner], name: Optional[str], what: str) -> None:
     if name is not None and name not in r.outputs:
         raise BundleError(f"{what}: output {name!r} named in the manifest is not among the model's outputs "
                           f"{r.outputs}")
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 @dataclass
@@ -498,7 +477,7 @@ class Bundle:
     _trunk_output: str = ""
     _cnn: list[tuple[dict, Any]] = field(default_factory=list)
     _sk: list[tuple[dict, Any]] = field(default_factory=list)
-    _stack: Optional[dict[str, np.ndarray]] = None
+    _stack: Optional[Stacker] = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -584,20 +563,10 @@ class Bundle:
 
     def combine(self, probs: dict[str, np.ndarray]) -> np.ndarray:
         """The combiner (stacker or average) over the members' probabilities -> N x K float32."""
-        comb = self.manifest["combiner"]
-        order = comb["members"]
-        if comb["kind"] == "average":
-            p = np.mean([probs[n] for n in order], axis=0)
+        if self._stack is None:
+            p = combine_probs(probs, self.manifest["combiner"]["members"])
         else:
-            feats = np.concatenate([probs[n] for n in order], axis=1)
-            if comb["features"] == "log_probs":
-                feats = np.log(np.clip(feats, float(comb.get("eps", 1e-6)), 1.0))  # the clip used in training
-            z = feats @ self._stack["coef"].T + self._stack["intercept"]
-            if z.shape[1] == 1:  # binary LogisticRegression: sigmoid over class 1
-                p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
-                p = np.stack([1.0 - p1, p1], axis=1)
-            else:
-                p = softmax(z)
+            p = self._stack.predict_proba(probs)
         return np.asarray(p / p.sum(axis=1, keepdims=True), dtype=np.float32)
 
     def predict(self, images: Any) -> np.ndarray:
@@ -672,13 +641,15 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
     if comb["kind"] == "stacker":
         try:
             with np.load(local / comb["file"], allow_pickle=False) as z:
-                b._stack = {"coef": np.asarray(z["coef"], np.float64), "intercept": np.asarray(z["intercept"], np.float64)}
+                coef, intercept = np.asarray(z["coef"], np.float64), np.asarray(z["intercept"], np.float64)
         except (ValueError, KeyError, OSError) as e:
             raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as coef/intercept arrays: {e}") from None
         f = k * len(names)
-        if b._stack["coef"].shape not in ((k, f), (1, f)) or b._stack["intercept"].shape != (b._stack["coef"].shape[0],):
-            raise BundleError(f"{local}: stacker coef {b._stack['coef'].shape} / intercept "
-                              f"{b._stack['intercept'].shape} do not fit {len(names)} members x {k} classes")
+        if coef.shape not in ((k, f), (1, f)) or intercept.shape != (coef.shape[0],):
+            raise BundleError(f"{local}: stacker coef {coef.shape} / intercept "
+                              f"{intercept.shape} do not fit {len(names)} members x {k} classes")
         if comb.get("features") not in FEATURES:
             raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, got {comb.get('features')!r}")
+        b._stack = Stacker(list(comb["members"]), features=comb["features"], eps=float(comb.get("eps", 1e-6)),
+                           coef_=coef, intercept_=intercept, temperature=float(comb.get("temperature", 1.0)))
     return b

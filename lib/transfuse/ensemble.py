@@ -548,6 +548,24 @@ def _patch_skl2onnx_hist_gradient_boosting() -> None:
     te.add_node = add_node
 
 
+def float32_exact_thresholds(estimator: Any) -> None:
+    """Make a HistGradientBoosting model's split thresholds float32 values, in place, without changing a single
+    prediction on float32 inputs (every member input is float32).
+
+    scikit-learn compares the inputs with float64 thresholds; ONNX's TreeEnsemble stores float32 ones, and
+    skl2onnx rounds each to the nearest float32, which can land on the other side of an input: searched
+    ``hist_gradient_boosting`` members on Fashion-MNIST pixels (150 train rows, 287 iterations) moved 20 of
+    2,000 test rows by up to 0.157 in probability, and the ensemble stage's reload check failed. Each threshold
+    becomes the largest float32 not above it: for a float32 ``x``, ``x <= t`` exactly when ``x <= floor32(t)``."""
+    for predictors in getattr(estimator, "_predictors", None) or []:
+        for predictor in predictors:
+            t = predictor.nodes["num_threshold"]
+            f = t.astype(np.float32)
+            up = f.astype(np.float64) > t
+            f[up] = np.nextafter(f[up], np.float32(-np.inf))
+            predictor.nodes["num_threshold"] = f.astype(np.float64)
+
+
 def to_onnx_bytes(estimator: Any, dim: int, name: str = "member") -> bytes:
     """A fitted classifier as an ONNX model: input ``embedding`` (N x dim float32), outputs ``label`` and
     ``probabilities`` (N x K float32; zipmap off so it is a plain tensor)."""
@@ -555,6 +573,7 @@ def to_onnx_bytes(estimator: Any, dim: int, name: str = "member") -> bytes:
     from skl2onnx.common.data_types import FloatTensorType
 
     _patch_skl2onnx_hist_gradient_boosting()
+    float32_exact_thresholds(estimator)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -642,23 +661,16 @@ def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarra
 
 def find_cnn_members(cfg: Config) -> list[CnnMember]:
     """The members chosen by Tune (``<run>/tune/members.json``), else the single fine-tuned model."""
-    tune_dir, ft_dir = storage.stage_dir(cfg, "tune"), storage.stage_dir(cfg, "finetune")
-    listing = storage.join(tune_dir, "members.json")
-    if storage.exists(listing):
-        entries = storage.read_json(listing).get("members") or []
-        if not entries:
-            raise EnsembleError(f"{listing} lists no members")
-        out = []
-        for e in entries:
-            d = e["dir"]
-            if not (storage.is_uri(d) or d.startswith("/")):
-                d = storage.join(tune_dir, d)  # relative dirs are relative to the tune stage
-            out.append(CnnMember(str(e["name"]), d, e.get("val_accuracy")))
-        return out
+    from transfuse.search import MEMBERS_FILE, read_members, tune_dir
+
+    ft_dir = storage.stage_dir(cfg, "finetune")
+    tuned = read_members(cfg)
+    if tuned is not None:
+        return [CnnMember(m.name, m.dir, m.val_accuracy) for m in tuned]
     if storage.exists(storage.join(ft_dir, "predictions")):
         return [CnnMember("finetune", ft_dir, None)]
-    raise EnsembleError(f"no CNN members found: expected {listing} (jobs.tune) or {ft_dir}/predictions "
-                        f"(jobs.finetune); run one of them first")
+    raise EnsembleError(f"no CNN members found: expected {storage.join(tune_dir(cfg), MEMBERS_FILE)} (jobs.tune) "
+                        f"or {ft_dir}/predictions (jobs.finetune); run one of them first")
 
 
 def _member_val_accuracy(m: CnnMember) -> float:
@@ -844,20 +856,61 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
         "greedy": {"file": "greedy.json", **s.greedy.to_dict()},
         "combiners": list(COMBINERS), "default_combiner": "stack",
     }
-    storage.write_json(storage.join(out_dir, "ensemble.json"), desc)
+    storage.write_json(storage.join(out_dir, DESCRIPTION_FILE), desc)
     return desc
+
+
+# ---------------------------------------------------------------------- ensemble.json (this module owns it)
+DESCRIPTION_FILE = "ensemble.json"
+
+
+@dataclass(frozen=True)
+class SavedSklearnMember:
+    """One scikit-learn member as ``ensemble.json`` lists it: its ONNX file (relative to the ensemble stage) and
+    what it reads (``embedding``: the named CNN member's embedding; ``pixels``: the images at ``pixel_size``)."""
+
+    name: str
+    file: str
+    features: str
+    embedding_source: Optional[str]
+    pixel_size: Optional[int]
+    output: str = ONNX_OUTPUT
+
+
+def read_description(out_dir: str) -> dict[str, Any]:
+    """``ensemble.json`` of an ensemble stage, its format checked (``EnsembleError`` otherwise)."""
+    path = storage.join(out_dir, DESCRIPTION_FILE)
+    if not storage.exists(path):
+        raise EnsembleError(f"{path} not found: run the ensemble stage (python -m jobs.ensemble) first")
+    desc = storage.read_json(path)
+    if desc.get("format") != ENSEMBLE_FORMAT:
+        raise EnsembleError(f"{path}: format {desc.get('format')!r}, expected {ENSEMBLE_FORMAT!r}")
+    return desc
+
+
+def saved_sklearn_members(desc: Mapping[str, Any]) -> list[SavedSklearnMember]:
+    """The description's scikit-learn members as typed records, in order."""
+    out = []
+    for e in desc.get("sklearn_members", []):
+        features = e.get("features", "embedding")
+        out.append(SavedSklearnMember(str(e["name"]), str(e["file"]), features,
+                                      str(e["embedding_source"]) if features == "embedding" else None,
+                                      e.get("pixel_size"), e.get("output", ONNX_OUTPUT)))
+    return out
+
+
+def read_stacker(out_dir: str, desc: Mapping[str, Any]) -> Stacker:
+    """The fitted stacker the description names (``stacker.json``, checked by ``Stacker.from_arrays``)."""
+    return Stacker.from_arrays(json.loads(storage.read_bytes(storage.join(out_dir, desc["stacker"]["file"]))))
 
 
 def load_saved_members(out_dir: str, num_threads: int = 1) -> tuple[dict[str, Any], Stacker, GreedyEnsemble, dict]:
     """Reload a saved ensemble with numpy + onnxruntime: (sklearn members by name, stacker, greedy, description)."""
-    desc = storage.read_json(storage.join(out_dir, "ensemble.json"))
-    if desc.get("format") != ENSEMBLE_FORMAT:
-        raise EnsembleError(f"{out_dir}/ensemble.json: format {desc.get('format')!r}, expected {ENSEMBLE_FORMAT!r}")
-    sk = {e["name"]: load_sklearn_member(storage.read_bytes(storage.join(out_dir, e["file"])), num_threads)
-          for e in desc["sklearn_members"]}
-    stacker = Stacker.from_arrays(json.loads(storage.read_bytes(storage.join(out_dir, desc["stacker"]["file"]))))
+    desc = read_description(out_dir)
+    sk = {m.name: load_sklearn_member(storage.read_bytes(storage.join(out_dir, m.file)), num_threads)
+          for m in saved_sklearn_members(desc)}
     greedy = GreedyEnsemble.from_dict(storage.read_json(storage.join(out_dir, desc["greedy"]["file"])))
-    return sk, stacker, greedy, desc
+    return sk, read_stacker(out_dir, desc), greedy, desc
 
 
 def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_threads: int = 1) -> dict[str, float]:
@@ -866,10 +919,10 @@ def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_thread
     sk, stacker, greedy, desc = load_saved_members(out_dir, num_threads)
     probs = {m: s.test_probs[m] for m in s.cnn_members}
     diffs = {}
-    entries = {e["name"]: e for e in desc["sklearn_members"]}
+    entries = {m.name: m for m in saved_sklearn_members(desc)}
     for name, member in sk.items():
         e = entries[name]
-        x = member_inputs(inp, e.get("features", "embedding"), "test", e.get("embedding_source"))
+        x = member_inputs(inp, e.features, "test", e.embedding_source)
         probs[name] = member(x).astype(np.float64)
         diffs[name] = float(np.abs(probs[name] - s.test_probs[name]).max())
     diffs["stack"] = float(np.abs(stacker.predict_proba(probs) - s.combined_test["stack"]).max())

@@ -280,8 +280,16 @@ def get_backbone(model: Any) -> Any:
     return model.get_layer("backbone")
 
 
-def _head_of(model: Any) -> list[Any]:
+def head_of(model: Any) -> list[Any]:
+    """The member's head (``head_*`` layers) in order, above the backbone."""
     return [l for l in model.layers if l.name.startswith("head_")]
+
+
+def embedding_layer_name(model: Any) -> str:
+    """The layer whose output is a member's embedding (what the scikit-learn members read): the head's last
+    hidden Dense, or the pooled features when the head has none."""
+    dense = [l.name for l in head_of(model) if l.name.startswith("head_dense")]
+    return dense[-1] if dense else "head_pool"
 
 
 def set_unfreeze(model: Any, k: int) -> list[str]:
@@ -300,7 +308,7 @@ def set_unfreeze(model: Any, k: int) -> list[str]:
         l.trainable = id(l) in chosen
     if k == 0:
         net.trainable = False
-    for l in _head_of(model):
+    for l in head_of(model):
         l.trainable = True
     return [l.name for l in layers if id(l) in chosen]
 
@@ -347,7 +355,7 @@ def split_model(model: Any, cut_layer: Optional[str]) -> tuple[Optional[Any], An
             raise ModelError(f"cannot cut {net.name} at {cut_layer!r}: layers {missing[:5]} above it are not "
                              "reachable from its output alone (the cut is not a single tensor)")
         x = rest(x, training=False)
-    for layer in _head_of(model):
+    for layer in head_of(model):
         x = layer(x)
     trunk = tf.keras.Model(net.input, cut.output, name="trunk")
     return trunk, tf.keras.Model(inp, x, name="top")
@@ -356,9 +364,7 @@ def split_model(model: Any, cut_layer: Optional[str]) -> tuple[Optional[Any], An
 def embedding_model(model: Any) -> Any:
     """Image -> penultimate-layer output (the last hidden Dense; the pooled features when the head has none)."""
     tf = _tf()
-    head = [l for l in _head_of(model) if l.name.startswith("head_dense")]
-    layer = head[-1] if head else model.get_layer("head_pool")
-    return tf.keras.Model(model.input, layer.output, name="embedding")
+    return tf.keras.Model(model.input, model.get_layer(embedding_layer_name(model)).output, name="embedding")
 
 
 def weights_digest(model: Any) -> str:

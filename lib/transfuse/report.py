@@ -23,7 +23,7 @@ Sections:
 6. the compression table (``compress/metrics.json``: ``variants``);
 7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
    prepared test split;
-8. the pipeline summary (``transfuse.pipeline.summary``), plus stage timings when the caller passes them;
+8. the pipeline summary (``summary``, also what the pipeline prints at its end), plus stage timings when the caller passes them;
 appendix: storage, fingerprints, stage manifests, git commits, the label budget record and package versions.
 """
 
@@ -42,6 +42,7 @@ import numpy as np
 
 from transfuse import metrics as tm
 from transfuse import storage
+from transfuse.errors import TransfuseError
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +126,29 @@ def _plt() -> Any:
     return plt
 
 
+def _description(ens_dir: str) -> Optional[dict]:
+    """ensemble.json through its reader (format checked); None when the ensemble stage has not written it."""
+    from transfuse.ensemble import DESCRIPTION_FILE, read_description
+
+    return read_description(ens_dir) if storage.exists(storage.join(ens_dir, DESCRIPTION_FILE)) else None
+
+
+def _tuned_members(cfg: Any) -> list[Any]:
+    """tune/members.json through its reader; [] when absent or unreadable (the report never stops for it)."""
+    from transfuse.search import read_members
+
+    try:
+        return read_members(cfg) or []
+    except TransfuseError as e:
+        log.warning("report: %s", e)
+        return []
+
+
 def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
     """(dir of the best trial's member, how it was found): tune/members.json's first entry, else finetune/."""
-    tune_dir = storage.stage_dir(cfg, "tune")
-    listing = _read_json(storage.join(tune_dir, "members.json"))
-    if listing and listing.get("members"):
-        first = listing["members"][0]
-        d = str(first["dir"])
-        if not (storage.is_uri(d) or d.startswith("/")):
-            d = storage.join(tune_dir, d)  # relative dirs are relative to the tune stage (as in ensemble.py)
-        return d, f"best tuned trial {first.get('name', '?')} (first entry of tune/members.json)"
+    tuned = _tuned_members(cfg)
+    if tuned:
+        return tuned[0].dir, f"best tuned trial {tuned[0].name} (first entry of tune/members.json)"
     ft = storage.stage_dir(cfg, "finetune")
     if storage.exists(storage.join(ft, "metrics.json")):
         return ft, "the seed's fixed-depth model (finetune/; tune not run)"
@@ -328,7 +342,7 @@ def verdict(cfg: Any) -> Verdict:
     run's files (1 draw); a row whose stage has not run is "not run", never a miss."""
     bench = _read_json(storage.join(storage.run_dir(cfg), BENCH_FILE))
     ens_dir = storage.stage_dir(cfg, "ensemble")
-    ens, desc = _read_json(storage.join(ens_dir, "metrics.json")), _read_json(storage.join(ens_dir, "ensemble.json"))
+    ens, desc = _read_json(storage.join(ens_dir, "metrics.json")), _description(ens_dir)
     b, r, g = _bench_measures(bench), _run_measures(cfg, ens, desc), cfg.goals
     rows = [
         _accuracy_row("transfer_vs_scratch", "transfer vs scratch", "transfer", "scratch",
@@ -546,11 +560,11 @@ def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict], desc: Optio
     if ens is None:
         page.add(_not_run("ensemble"))
         return
-    summary = ens["summary"]
+    per_model = ens["summary"]
     # metrics.json is written with sorted keys: restore the ensemble's member order, then the combiners
-    order = [m for m in (desc or {}).get("member_order", []) if m in summary]
-    models = order + sorted((m for m in summary if m not in order and m not in COMBINERS), key=str) \
-        + [c for c in COMBINERS if c in summary]
+    order = [m for m in (desc or {}).get("member_order", []) if m in per_model]
+    models = order + sorted((m for m in per_model if m not in order and m not in COMBINERS), key=str) \
+        + [c for c in COMBINERS if c in per_model]
     seeds = ens.get("seeds", [])
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(models) + 1.4), sharey=True)
@@ -558,11 +572,11 @@ def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict], desc: Optio
     colors = ["tab:orange" if m in COMBINERS else "tab:blue" for m in models]
     for ax, metric, label in ((axes[0], "accuracy", "test accuracy (higher is better)"),
                               (axes[1], "ece", "test ECE (lower is better)")):
-        mean = np.array([summary[m][metric]["mean"] for m in models])
+        mean = np.array([per_model[m][metric]["mean"] for m in models])
         # clipped: the mean of equal seed values can round one ulp above their min, and matplotlib refuses a
         # negative error bar (it did, in a default run where a member gave the same accuracy on every seed)
-        lo = np.clip(mean - np.array([summary[m][metric]["min"] for m in models]), 0.0, None)
-        hi = np.clip(np.array([summary[m][metric]["max"] for m in models]) - mean, 0.0, None)
+        lo = np.clip(mean - np.array([per_model[m][metric]["min"] for m in models]), 0.0, None)
+        hi = np.clip(np.array([per_model[m][metric]["max"] for m in models]) - mean, 0.0, None)
         ax.barh(y, mean, color=colors, xerr=[lo, hi] if len(seeds) > 1 else None, capsize=3)
         for yi, v in zip(y, mean):
             ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
@@ -579,7 +593,7 @@ def _members_vs_ensemble(cfg: Any, page: _Page, ens: Optional[dict], desc: Optio
                 + ("; error bars span the seed range." if len(seeds) > 1 else "."))
     rows = []
     for m in models:
-        s = summary[m]
+        s = per_model[m]
         cell = lambda k: f"{_num(s[k]['mean'])} [{_num(s[k]['min'])}, {_num(s[k]['max'])}]"  # noqa: E731
         rows.append([_esc(m), "combiner" if m in COMBINERS else "member", cell("accuracy"), cell("nll"),
                      cell("ece")])
@@ -718,7 +732,7 @@ def _compression(cfg: Any, page: _Page) -> None:
     if dropped:
         page.add(f"<p>Left out of every variant (zero stacker weight: they cannot change a prediction): "
                  f"{_esc(', '.join(dropped))}.</p>")
-    from transfuse.compress import goals_line
+    from transfuse.measure import goals_line
 
     for key in ("goals", "goals_pruned_int8"):
         g = rep.get(key) or {}
@@ -786,10 +800,61 @@ def _per_class(cfg: Any, page: _Page) -> None:
              f"({len(labels):,} images); '-': the class was never predicted.</p>")
 
 
+def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
+    """Rows of the final table (the pipeline prints it; section 8 shows it): test accuracy / NLL / ECE of the models that matter, read from their files."""
+    rows: list[dict[str, Any]] = []
+
+    def member_row(label: str, d: str) -> None:
+        path = storage.join(d, "metrics.json")
+        if storage.exists(path):
+            m = storage.read_json(path)["test"]
+            rows.append({"model": label, **{k: m[k] for k in ("accuracy", "nll", "ece")}})
+
+    member_row(f"seed recipe (unfreeze {cfg.model.unfreeze})", storage.stage_dir(cfg, "finetune"))
+    member_row("same network from scratch", storage.stage_dir(cfg, "scratch"))
+    tuned = _tuned_members(cfg)
+    if tuned:
+        member_row(f"best tuned ({tuned[0].name})", tuned[0].dir)
+    ens_path = storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json")
+    if storage.exists(ens_path):
+        rep = storage.read_json(ens_path)
+        before = [c["test"]["before"] for c in (rep.get("calibration") or {}).values() if c]
+        if before:  # mean over seeds, as the summary's rows
+            rows.append({"model": "stack, before temperature scaling",
+                         **{k: float(sum(b[k] for b in before) / len(before)) for k in ("accuracy", "nll", "ece")}})
+        for key, label in (("average", "simple average"), ("stack", "stacked ensemble")):
+            if key in rep.get("summary", {}):
+                s = rep["summary"][key]
+                rows.append({"model": label, **{k: s[k]["mean"] for k in ("accuracy", "nll", "ece")}})
+    comp_path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
+    if storage.exists(comp_path):
+        comp = storage.read_json(comp_path)
+        for r in comp.get("variants", []):
+            if r.get("variant") == cfg.compress.serve_variant:
+                rows.append({"model": f"compressed ensemble ({r['variant']})",
+                             **{k: r.get(k) for k in ("accuracy", "nll", "ece")},
+                             "bundle_bytes": r.get("size_bytes"), "p50_ms": r.get("p50_ms_b1")})
+    for r in results:
+        if r.name == "deploy" and r.detail:
+            rows.append({"model": "served endpoint (one HTTP query)", "latency_ms": r.detail.get("latency_ms")})
+    return rows
+
+
+def format_summary(rows: list[dict[str, Any]]) -> str:
+    def f(v: Any, fmt: str = "{:.4f}") -> str:
+        return "" if v is None else fmt.format(v)
+
+    lines = [f"{'model':<38}{'accuracy':>10}{'nll':>9}{'ece':>9}{'size':>12}{'latency':>12}"]
+    for r in rows:
+        size = f(r.get("bundle_bytes"), "{:,}")
+        lat = f(r.get("p50_ms") or r.get("latency_ms"), "{:.1f} ms")
+        lines.append(f"{r['model']:<38}{f(r.get('accuracy')):>10}{f(r.get('nll')):>9}{f(r.get('ece')):>9}"
+                     f"{size:>12}{lat:>12}")
+    return "\n".join(lines)
+
+
 def _summary(cfg: Any, page: _Page, results: Optional[Sequence[Any]]) -> None:
     page.add("<h2>8. Pipeline summary</h2>")
-    from transfuse.pipeline import summary
-
     rows = summary(cfg, list(results or []))
     if results:
         page.add(_table(["stage", "status", "seconds"],
@@ -844,7 +909,7 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     desc: Optional[dict] = None
     try:
         ens = _read_json(storage.join(ens_dir, "metrics.json"))
-        desc = _read_json(storage.join(ens_dir, "ensemble.json"))
+        desc = _description(ens_dir)
     except Exception as e:  # noqa: BLE001 - shown in sections 4 and 5
         log.warning("report: cannot read %s: %s", ens_dir, e)
     _title(cfg, page)

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
@@ -41,6 +42,53 @@ def tune_dir(cfg: Config) -> str:
 
 def trial_dir(cfg: Config, trial_id: str) -> str:
     return storage.join(tune_dir(cfg), "trials", trial_id)
+
+
+# ---------------------------------------------------------------------------- members.json (this module owns it)
+MEMBERS_FILE = "members.json"
+
+
+@dataclass(frozen=True)
+class TunedMember:
+    """One CNN member the search chose, as ``<run>/tune/members.json`` lists it (best first)."""
+
+    name: str
+    dir: str  # as written: absolute, a URI, or relative to the tune stage (``read_members`` resolves it)
+    trial_id: str
+    config: dict[str, Any]  # the searched values (SEARCHED)
+    val_accuracy: Optional[float]
+
+
+def write_members(cfg: Config, rows: list[dict[str, Any]]) -> list[TunedMember]:
+    """``members.json`` from the chosen trials' rows, best first; named ``cnn_<rank>_u<depth>``."""
+    members = [TunedMember(f"cnn_{i}_u{r['unfreeze']}", r["dir"], r["trial_id"], {k: r[k] for k in SEARCHED},
+                           r["val_accuracy"]) for i, r in enumerate(rows)]
+    storage.write_json(storage.join(tune_dir(cfg), MEMBERS_FILE),
+                       {"members": [dict(m.__dict__) for m in members]})
+    return members
+
+
+def read_members(cfg: Config) -> Optional[list[TunedMember]]:
+    """The members ``members.json`` lists, best first, with each dir resolved (relative dirs are relative to the
+    tune stage); None when the tune stage has not written it; ``SearchError`` when it lists none or is malformed."""
+    path = storage.join(tune_dir(cfg), MEMBERS_FILE)
+    if not storage.exists(path):
+        return None
+    entries = storage.read_json(path).get("members") or []
+    if not entries:
+        raise SearchError(f"{path} lists no members; rerun the tune stage (python -m jobs.tune --force)")
+    out = []
+    for e in entries:
+        try:
+            d = str(e["dir"])
+            if not (storage.is_uri(d) or d.startswith("/")):
+                d = storage.join(tune_dir(cfg), d)
+            out.append(TunedMember(str(e["name"]), d, str(e.get("trial_id", "")), dict(e.get("config") or {}),
+                                   None if e.get("val_accuracy") is None else float(e["val_accuracy"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise SearchError(f"{path}: member entry {e!r} is malformed ({err!r}); expected name, dir, trial_id, "
+                              f"config, val_accuracy") from None
+    return out
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
@@ -250,10 +298,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     storage.write_bytes(storage.join(out, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_json(storage.join(out, "results.json"), rows)
     storage.write_json(storage.join(out, "best_config.json"), {k: best[k] for k in SEARCHED})
-    storage.write_json(storage.join(out, "members.json"), {"members": [
-        {"name": f"cnn_{i}_u{r['unfreeze']}", "dir": r["dir"], "trial_id": r["trial_id"],
-         "config": {k: r[k] for k in SEARCHED}, "val_accuracy": r["val_accuracy"]}
-        for i, r in enumerate(members)]})
+    write_members(cfg, members)
     plot_depth(rows, storage.join(out, "val_accuracy_vs_depth.png"), cfg.model.unfreeze)
     summary = {
         "trials": len(rows), "finished": sum(r["finished"] for r in rows),

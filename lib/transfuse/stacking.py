@@ -119,10 +119,29 @@ def stacker_features(member_probs: Mapping[str, np.ndarray], order: Sequence[str
     return np.concatenate(list(p), axis=1)
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of N x K logits, in float64."""
+    z = np.asarray(z, dtype=np.float64)
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
+
+
+def combine_probs(member_probs: Mapping[str, np.ndarray], order: Sequence[str], *,
+                  coef: Optional[np.ndarray] = None, intercept: Optional[np.ndarray] = None,
+                  features: str = "probs", eps: float = LOG_FEATURE_EPS) -> np.ndarray:
+    """The one combiner every reader uses (fitting, compression, benchmarks, the served bundle): N x K float64.
+
+    Without ``coef`` the uniform average of the members in ``order``; with it the stacker,
+    ``softmax(stacker_features @ coef.T + intercept)``, where a 1 x F ``coef`` (a binary scikit-learn
+    LogisticRegression) is a sigmoid over class 1."""
+    if coef is None:
+        return average(member_probs, order)
+    z = stacker_features(member_probs, order, features, eps) @ np.asarray(coef).T + np.asarray(intercept)
+    if z.shape[1] == 1:
+        p1 = 1.0 / (1.0 + np.exp(-z[:, 0]))
+        return np.stack([1.0 - p1, p1], axis=1)
+    return softmax(z)
 
 
 @dataclass
@@ -238,7 +257,10 @@ class Stacker:
         return stacker_features(member_probs, self.members, self.features, self.eps) @ self.coef_.T + self.intercept_
 
     def predict_proba(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
-        return _softmax(self.decision_function(member_probs))
+        if self.coef_ is None:
+            raise EnsembleError("the stacker is not fitted")
+        return combine_probs(member_probs, self.members, coef=self.coef_, intercept=self.intercept_,
+                             features=self.features, eps=self.eps)
 
     def predict(self, member_probs: Mapping[str, np.ndarray]) -> np.ndarray:
         return self.predict_proba(member_probs).argmax(1)
@@ -362,7 +384,7 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
         splits = _cv_splits(labels, folds, seed)
         for cand in candidates:
             oofs.append(_oof_logits(cand, member_probs, labels, order, splits, k))
-            p = _softmax(oofs[-1])
+            p = softmax(oofs[-1])
             table.append({"method": cand.method, "features": cand.features, "C": cand.C,
                           "cv_nll": _nll(p, labels), "cv_accuracy": _accuracy(p, labels)})
         best_i = min(range(len(table)), key=lambda i: table[i]["cv_nll"])
@@ -373,7 +395,7 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
         return stacker, table, None
     oof = oofs[best_i]
     t = fit_temperature(oof, labels)
-    before, after = _softmax(oof), _softmax(oof / t)
+    before, after = softmax(oof), softmax(oof / t)
     calibration = {"temperature": t, "fitted_on": f"holdout, out-of-fold stacker logits ({len(splits)} folds)",
                    "holdout_oof": {"before": {"nll": _nll(before, labels), "ece": ece(before, labels)},
                                    "after": {"nll": _nll(after, labels), "ece": ece(after, labels)}}}
