@@ -149,8 +149,8 @@ def write_ensemble(cfg, *, pixels: bool = True) -> dict:
     """ensemble/: fitted with the real ensemble code on the tune members' predictions (local runner, 2 seeds), with
     a logistic regression on the embeddings and (``pixels``, reading data/) one on the pixels."""
     from transfuse.config import EnsembleConfig, MemberConfig
-    from transfuse.ensemble import (LocalRunner, _report, find_cnn_members, fit_ensemble, load_inputs,
-                                    save_ensemble, verify_saved)
+    from transfuse.ensemble import _report, find_cnn_members, fit_ensemble, load_inputs, save_ensemble, verify_saved
+    from transfuse.learners import LocalRunner
 
     members_cfg = [MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 300})]
     if pixels:

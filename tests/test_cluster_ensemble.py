@@ -49,7 +49,8 @@ def _config():
 
 
 def test_node_killed_mid_fit_tasks_retried_members_identical(cluster):
-    from transfuse.ensemble import LocalRunner, RayRunner, fit_ensemble
+    from transfuse.ensemble import fit_ensemble
+    from transfuse.learners import LocalRunner, RayRunner
 
     inp, ecfg = _inputs(), _config()
     result: dict = {}

@@ -17,18 +17,14 @@ from tests._ensemble_helpers import write_member_dir, write_member_run
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
-from transfuse.ensemble import (
-    EnsembleInputs,
+from transfuse.ensemble import EnsembleInputs, fit_ensemble, load_saved_members, read_member_split, run_ensemble
+from transfuse.learners import (
     LocalRunner,
     MemberError,
     RayRunner,
     build_estimator,
-    fit_ensemble,
     fit_one,
     FitTask,
-    load_saved_members,
-    read_member_split,
-    run_ensemble,
     to_onnx_bytes,
     validate_members,
 )
@@ -391,7 +387,7 @@ def test_hist_gradient_boosting_onnx_is_exact_on_pixels(fashion_dir):
     on it): rounding the float64 thresholds to the nearest float32 moved 20 of 2,000 rows by up to 0.157; with
     ``float32_exact_thresholds`` the ONNX graph matches scikit-learn, whose own predictions do not move."""
     from transfuse.data.sources import read_idx
-    from transfuse.ensemble import float32_exact_thresholds
+    from transfuse.learners import float32_exact_thresholds
     from transfuse.preprocess import pixel_features
 
     x = pixel_features(read_idx(str(fashion_dir / "train-images-idx3-ubyte.gz"))[:2150])

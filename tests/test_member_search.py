@@ -19,7 +19,8 @@ from tests._ensemble_helpers import write_member_run
 from tests.conftest import ROOT
 from transfuse import storage
 from transfuse.config import MEMBER_KINDS, ConfigError, load_config
-from transfuse.ensemble import MemberError, holdout_folds, load_inputs, run_ensemble
+from transfuse.ensemble import holdout_folds, load_inputs, run_ensemble
+from transfuse.learners import MemberError
 from transfuse.member_search import (
     DEFAULT_SPACE,
     PLOT,

@@ -11,7 +11,7 @@ also shown on the console; a traceback is written to both.
 
 Progress is read from the files a stage writes as it goes (``watch``): Ray Train checkpoints carry the epoch
 (finetune, scratch, every Tune trial), each compressed variant ends with its bundle manifest. The ensemble stage's
-member tasks run inside one ``ray.get`` in ``transfuse.ensemble.RayRunner`` and write nothing until the end, so
+member tasks run inside one ``ray.get`` in ``transfuse.learners.RayRunner`` and write nothing until the end, so
 that stage shows its elapsed time only.
 """
 

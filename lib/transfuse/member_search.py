@@ -41,16 +41,13 @@ from transfuse.config import Config, EnsembleConfig, MemberConfig, digest
 from transfuse.ensemble import (
     CnnMember,
     EnsembleInputs,
-    MemberError,
-    build_estimator,
-    data_key,
-    fit_one,
     fold_tasks,
     holdout_folds,
     oof_predictions,
     shared_data,
     stage_fingerprint,
 )
+from transfuse.learners import MemberError, build_estimator, data_key, fit_one
 from transfuse.stacking import EnsembleError, FitRecord, check_no_leakage
 
 log = logging.getLogger(__name__)

@@ -147,12 +147,12 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
 
 
 def ensemble_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse import ensemble
+    from transfuse import learners
     from transfuse.stacking import stacker_candidates
 
     e = cfg.ensemble
-    ensemble.validate_members(e)
-    return {"members": {m.name: repr(ensemble.build_estimator(m, seed=e.seeds[0])) for m in e.members},
+    learners.validate_members(e)
+    return {"members": {m.name: repr(learners.build_estimator(m, seed=e.seeds[0])) for m in e.members},
             "features": {m.name: m.features for m in e.members}, "pixel_size": e.pixel_size,
             "fit_tasks": len(e.members) * (e.folds + 1) * len(e.seeds), "folds": e.folds, "seeds": e.seeds,
             "stacker_candidates": [(c.method, c.features, c.C) for c in
