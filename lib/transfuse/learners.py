@@ -294,11 +294,13 @@ def float32_exact_thresholds(estimator: Any) -> None:
     becomes the largest float32 not above it: for a float32 ``x``, ``x <= t`` exactly when ``x <= floor32(t)``."""
     for predictors in getattr(estimator, "_predictors", None) or []:
         for predictor in predictors:
-            t = predictor.nodes["num_threshold"]
+            nodes = predictor.nodes.copy()  # read-only when the model came back from a Ray task
+            t = nodes["num_threshold"]
             f = t.astype(np.float32)
             up = f.astype(np.float64) > t
             f[up] = np.nextafter(f[up], np.float32(-np.inf))
-            predictor.nodes["num_threshold"] = f.astype(np.float64)
+            nodes["num_threshold"] = f.astype(np.float64)
+            predictor.nodes = nodes
 
 
 def to_onnx_bytes(estimator: Any, dim: int, name: str = "member") -> bytes:
