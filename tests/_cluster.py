@@ -243,7 +243,8 @@ def checkpoint_epoch(out_dir: str) -> Optional[int]:
     """The global epoch of the newest Ray Train checkpoint under a member dir (None before the first)."""
     import json
 
-    from transfuse.train import STATE_FILE, latest_checkpoint
+    from transfuse.train import latest_checkpoint
+    from transfuse.train_loop import STATE_FILE
 
     try:
         ckpt = latest_checkpoint(out_dir)

@@ -33,7 +33,8 @@ def test_bar_text_eta_from_the_rate_so_far():
 
 def _checkpoint(member_dir: Path, stamp: str, epoch: int) -> None:
     """A Ray Train checkpoint dir as transfuse.train writes it: <member>/.ray_train/checkpoint_<time>/state.json."""
-    from transfuse.train import STATE_FILE, TRAIN_DIR
+    from transfuse.train import TRAIN_DIR
+    from transfuse.train_loop import STATE_FILE
 
     d = member_dir / TRAIN_DIR / f"checkpoint_2026-12-01_21-26-{stamp}"
     d.mkdir(parents=True)

@@ -50,7 +50,7 @@ def test_killed_worker_run_finishes_with_the_right_epochs(finetuned):
 
 
 def test_loss_falls_and_outputs_are_written(finetuned):
-    from transfuse.train import CKPT_WEIGHTS
+    from transfuse.train_loop import CKPT_WEIGHTS
 
     _, out, metrics, _ = finetuned
     hist = metrics["history"]
@@ -90,7 +90,7 @@ def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
 def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
     import tensorflow as tf
 
-    from transfuse.train import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
+    from transfuse.train_loop import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
 
     def model(seed):
         tf.keras.utils.set_random_seed(seed)
@@ -115,7 +115,8 @@ def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
 
 def _optimizer_step(out) -> int:
     """Adam's step counter in the newest checkpoint of the member dir's Ray Train run."""
-    from transfuse.train import OPT_STATE, latest_checkpoint
+    from transfuse.train import latest_checkpoint
+    from transfuse.train_loop import OPT_STATE
 
     with latest_checkpoint(out).as_directory() as d:
         with np.load(f"{d}/{OPT_STATE}", allow_pickle=False) as z:
@@ -152,12 +153,12 @@ def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
 
     from transfuse import cache, models
     from transfuse.data import data_manifest
-    from transfuse.train import plan
+    from transfuse.train import prepare_run
 
     cfg = _cfg(digits_run)
     out = storage.join(storage.run_dir(cfg), "cache_race")
-    p = plan(cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_frozen": False})}), out)
-    spec, init = p["spec"], p["init_weights"]
+    p = prepare_run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_frozen": False})}), out)
+    spec, init = p.spec, p.init_weights
     full = models.build_model(spec)
     models.load_weights(full, init)
     cut = "block3_pool"  # not used by the fine-tuning run above, so nobody built it yet

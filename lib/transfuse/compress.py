@@ -204,7 +204,8 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
         for s, r in sk:
             probs[s.name] = np.asarray(r(s.inputs(images, emb))[s.probabilities_output], np.float64)
         st = parts.stacker
-        return (stacking.combine_probs(probs, list(probs)) if st is None else st.predict_proba(probs)).astype(np.float32)
+        p = stacking.combine_probs(probs, list(probs)) if st is None else st.predict_proba(probs)
+        return p.astype(np.float32)
 
     return predict
 

@@ -156,14 +156,15 @@ def _subdirs(path: str) -> list[str]:
 def epochs_done(member_dir: str, since: float = 0.0) -> int:
     """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
     first one)."""
-    from transfuse.train import STATE_FILE, TRAIN_DIR
+    from transfuse.train import TRAIN_DIR
+    from transfuse.train_loop import STATE_FILE, LoopState
 
     base = storage.join(member_dir, TRAIN_DIR)
     for d in reversed([d for d in _subdirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
         path = storage.join(base, d, STATE_FILE)
         # a checkpoint being written has no state file yet; one an earlier run left is not this run's progress
         if storage.written_since(path, since):
-            return int(storage.read_json(path).get("epoch", 0))
+            return LoopState.from_json(storage.read_json(path)).epoch
     return 0
 
 

@@ -8,9 +8,7 @@ the backbone's weights go to ``<run>/pretrain/backbone.weights.h5`` (what ``mode
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
@@ -27,7 +25,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     """Prepare the source data, train the whole network on it, save the backbone weights + manifest."""
     import tensorflow as tf
 
-    from transfuse import models, train
+    from transfuse import models, train, train_loop
     from transfuse.data import data_manifest, prepare, preprocessed, read_split
     from transfuse.metrics import evaluate
     from transfuse.preprocess import PreprocessSpec
@@ -53,25 +51,24 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
                 for s in ("train", "val")}
     if cfg.train.materialize:
         datasets = {k: v.materialize() for k, v in datasets.items()}
-    phases = [{"name": "pretrain", "unfreeze": len(names), "epochs": cfg.pretrain.epochs, "lr": cfg.pretrain.lr,
-               "cut_layer": None, "train": "train_image", "val": "val_image"}]
-    loop_config = {"spec": spec, "init_weights": init_path, "phases": phases, "batch_size": cfg.pretrain.batch_size,
-                   "patience": cfg.train.early_stopping_patience, "seed": cfg.seed, "cached": False,
-                   "in_memory": cfg.train.materialize,
-                   "bn_training": True, "policy": train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu)}
+    phases = [train_loop.Phase("pretrain", len(names), cfg.pretrain.epochs, cfg.pretrain.lr, None,
+                          "train_image", "val_image")]
+    loop = train_loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases, batch_size=cfg.pretrain.batch_size,
+                            patience=cfg.train.early_stopping_patience, seed=cfg.seed,
+                            policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu), cached=False,
+                            in_memory=cfg.train.materialize, bn_training=True)
     train_path = storage.join(out_dir, train.TRAIN_DIR)
     if not resume and storage.exists(train_path):
         fs, p = storage.resolve(train_path)
         fs.delete_dir(p)
-    trainer = train.make_trainer(cfg.train, loop_config, datasets, out_dir)
+    trainer = train.make_trainer(cfg.train, loop, datasets, out_dir)
     result = trainer.fit()
     if result.checkpoint is None:
-        raise train.TrainError(f"pretraining finished without a checkpoint in {train_path}")
+        raise train_loop.TrainError(f"pretraining finished without a checkpoint in {train_path}")
     with result.checkpoint.as_directory() as d:
-        with open(os.path.join(d, train.STATE_FILE)) as f:
-            state = json.load(f)
+        state = train_loop.LoopState.read(d)
         model = models.build_model(spec, None, bn_training=True)
-        train.load_checkpoint_weights(model, d)
+        train_loop.load_checkpoint_weights(model, d)
     models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
     from transfuse.data import read_split_numpy
     from transfuse.preprocess import preprocess
@@ -81,9 +78,9 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     if len(labels):
         probs = model.predict(preprocess(images, pspec), batch_size=256, verbose=0)
         evals["test"] = evaluate(probs, labels)
-    metrics = {"history": state["history"], "source_classes": class_names, **evals}
+    metrics = {"history": state.history, "source_classes": class_names, **evals}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     storage.write_json(storage.join(out_dir, "model_spec.json"), spec)
-    storage.write_manifest(out_dir, cfg, STAGE, fp, metrics=evals, epochs=state["epoch"],
+    storage.write_manifest(out_dir, cfg, STAGE, fp, metrics=evals, epochs=state.epoch,
                            backbone=cfg.model.backbone, source=manifest.get("counts"))
     return metrics

@@ -1,6 +1,6 @@
 """Fine-tuning on Ray Train: phase 1 frozen backbone, phase 2 the last k layers unfrozen.
 
-Three layers, as Ray's own examples: ``train_func(config)`` runs on every worker (tf_keras under
+Three layers, as Ray's own examples: ``train_loop.train_func`` runs on every worker (tf_keras under
 ``MultiWorkerMirroredStrategy``, each worker reading its shard with ``ray.train.get_dataset_shard``);
 ``build_trainer(...)`` turns the config into a ``TensorflowTrainer``; ``finetune(...)`` runs it and writes the
 member directory (model_spec.json, model.weights.h5, metrics.json, predictions/, embeddings/, manifest.json).
@@ -19,37 +19,40 @@ metrics reported with it and the saved member are that best epoch's.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import tempfile
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
-from transfuse.config import Config
-from transfuse.errors import TransfuseError
+from transfuse.config import Config, TrainConfig
+from transfuse.train_loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
+                                  load_checkpoint_weights, train_func)
 
 log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 TRAIN_DIR = ".ray_train"  # Ray Train's storage under the member dir (dot: not listed in the manifest)
 INIT_DIR = ".init"  # initial full-model weights shared by the cache builder and the workers
-STATE_FILE = "state.json"
-CKPT_WEIGHTS = "model.weights.npz"  # every weight array, in the model's order
-LEGACY_CKPT_WEIGHTS = "model.weights.h5"  # checkpoints written before the .npz
-BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
-OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
-# Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
 OVERRIDES = ("unfreeze", "unfreeze_unit", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed",
              "early_stopping_patience", "early_stopping_start", "epochs_frozen", "epochs_unfrozen", "batch_size")
 
 
-class TrainError(TransfuseError, ValueError):
-    """A training option is invalid."""
+@dataclass
+class RunInputs:
+    """What ``prepare_run`` made ready for one training run: the model spec, its initial weights file, the phases,
+    the datasets they read (Ray Data, by name), and where the prepared data lives."""
+
+    spec: dict[str, Any]
+    init_weights: str
+    phases: list[Phase]
+    datasets: dict[str, Any]
+    cached: bool
+    in_memory: bool
+    data_dir: str
 
 
 def mixed_policy(setting: str, use_gpu: bool) -> str:
@@ -57,248 +60,6 @@ def mixed_policy(setting: str, use_gpu: bool) -> str:
     if setting == "auto":
         return "mixed_float16" if use_gpu else "float32"
     return "float32" if setting == "off" else setting
-
-
-# ----------------------------------------------------------------------------------------------- worker
-
-
-def _phase_model(full: Any, phase: dict[str, Any], cached: bool) -> Any:
-    """The model one phase trains: the full model, or only its part above the cut (trained on the cache)."""
-    from transfuse import models
-
-    if phase["cut_layer"] is None and phase["unfreeze"] >= len(models.backbone_layer_names(models.get_backbone(full))):
-        for layer in full.layers:
-            layer.trainable = True  # everything trains (pretraining, scratch)
-        return full
-    models.set_unfreeze(full, phase["unfreeze"])
-    if cached and phase["cut_layer"] is not None:
-        _, top = models.split_model(full, phase["cut_layer"])
-        return top
-    return full
-
-
-def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory: bool,
-                epoch: Callable[[], int] = lambda: 0) -> Any:
-    """This worker's shard as a tf.data pipeline. ``in_memory`` (``train.materialize``: small data): the shard is
-    read once into arrays and every epoch iterates those (a Ray Data pass per epoch cost 0.3-1 s of each 4-step
-    epoch of the default's head), shuffled per epoch from (``seed``, ``epoch()``); otherwise it streams from Ray
-    Data every epoch. The arrays are fed through a generator, as Ray's ``to_tf`` does: a ``from_tensor_slices``
-    dataset (known cardinality) did not train at all under MultiWorkerMirroredStrategy with two workers here (val
-    loss flat at chance in test_phase_ends_with_its_best_epoch[cached])."""
-    import tensorflow as tf
-
-    if in_memory:
-        xs, ys = [], []
-        for batch in shard.iter_batches(batch_size=4096, batch_format="numpy"):
-            xs.append(np.asarray(batch["x"], dtype=np.float32))
-            ys.append(np.asarray(batch["label"]))
-        if not xs:
-            raise TrainError("this worker's data shard is empty: fewer rows than workers?")
-        x, y = np.concatenate(xs), np.concatenate(ys)
-
-        def batches() -> Any:
-            order = np.random.default_rng([seed, epoch()]).permutation(len(x)) if shuffle else np.arange(len(x))
-            for i in range(0, len(x), batch_size):
-                yield x[order[i:i + batch_size]], y[order[i:i + batch_size]]
-
-        ds = tf.data.Dataset.from_generator(batches, output_signature=(
-            tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.as_dtype(y.dtype))))
-    else:
-        ds = shard.to_tf(feature_columns="x", label_columns="label", batch_size=batch_size,
-                         local_shuffle_buffer_size=4 * batch_size if shuffle else None,
-                         local_shuffle_seed=seed if shuffle else None)
-    options = tf.data.Options()
-    # each worker already has its own shard: Keras must not shard it again
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return ds.with_options(options)
-
-
-def save_checkpoint_weights(model: Any, d: str) -> None:
-    """A checkpoint's model weights: every weight array in the model's order, as a plain .npz (0.06 s for
-    EfficientNet-Lite0 where Keras's .h5 took 0.5 s, once per epoch)."""
-    _save_arrays(os.path.join(d, CKPT_WEIGHTS), model.get_weights())
-
-
-def load_checkpoint_weights(model: Any, d: str) -> None:
-    """Load what ``save_checkpoint_weights`` wrote (or a checkpoint of an earlier version: Keras .h5)."""
-    if os.path.exists(os.path.join(d, CKPT_WEIGHTS)):
-        model.set_weights(_load_arrays(os.path.join(d, CKPT_WEIGHTS)))
-    else:
-        model.load_weights(os.path.join(d, LEGACY_CKPT_WEIGHTS))
-
-
-def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
-    """Arrays in order as a plain .npz (a checkpoint-private file; loaded with allow_pickle=False)."""
-    np.savez(path, **{f"a{i:05d}": a for i, a in enumerate(arrays)})
-
-
-def _load_arrays(path: str) -> list[np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return [z[k] for k in sorted(z.files)]
-
-
-def _restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bool:
-    """Load a checkpointed optimizer state (Adam's step, m and v) into ``model``'s freshly compiled optimizer.
-
-    The optimizer's slots are created first (``build`` on the trainable variables, in the strategy's scope),
-    then assigned; a state whose shapes do not match (a different model or trainable set) is refused and the
-    phase continues with a fresh optimizer. Returns whether the state was loaded.
-    """
-    opt = model.optimizer
-    try:
-        with strategy.scope():
-            opt.build(model.trainable_variables)
-        variables = list(opt.variables)
-    except (AttributeError, TypeError, ValueError) as e:  # e.g. an optimizer wrapper without build()
-        log.warning("cannot restore the optimizer state (%s): continuing with a fresh optimizer", e)
-        return False
-    if len(variables) != len(arrays) or any(tuple(v.shape) != a.shape for v, a in zip(variables, arrays)):
-        log.warning("optimizer state in the checkpoint does not match this model (%d vs %d variables): "
-                    "continuing with a fresh optimizer", len(arrays), len(variables))
-        return False
-    for v, a in zip(variables, arrays):
-        v.assign(a)
-    return True
-
-
-def _write_weights_digest(hook: Optional[dict[str, Any]], full: Any, rank: int, epoch: int) -> None:
-    """Test hook: each rank writes the digest of its weights after a checkpoint (all ranks must agree)."""
-    if hook:
-        from transfuse import models
-
-        with open(os.path.join(hook["dir"], f"epoch{epoch}-rank{rank}.txt"), "w") as f:
-            f.write(models.weights_digest(full))
-
-
-def train_func(config: dict[str, Any]) -> None:
-    """Per-worker loop. ``config``: spec, init_weights, phases, batch_size, patience, restore_best, policy,
-    seed, cached, in_memory.
-
-    Early stopping per phase on validation loss. With ``restore_best``, the weights of the phase's best epoch
-    (lowest val loss) are kept in memory on every worker (the val loss Keras reports is reduced across workers
-    and the weights are mirrored, so every worker picks the same epoch and holds the same arrays) and put back
-    when the phase ends, before that epoch's checkpoint is written: the checkpoint, the next phase and the saved
-    member all start from the best epoch. Each checkpoint also holds the best weights so far (when they are not
-    the current ones) and the optimizer state, so a resumed run keeps both.
-    """
-    import ray.train
-    import tensorflow as tf
-
-    from transfuse import models
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tf.keras.mixed_precision.set_global_policy(config["policy"])
-    tf.keras.utils.set_random_seed(int(config["seed"]) + rank)
-    if config.get("op_determinism"):
-        tf.config.experimental.enable_op_determinism()
-    # One worker: the default strategy. MultiWorkerMirroredStrategy over a single worker still runs a collective
-    # all-reduce for every gradient: 8 from-scratch EfficientNet-Lite0 epochs took 1.2x (in-memory input) to
-    # 1.7x (Ray Data input) longer with it and Ray's 2 s poll (bench/train_overhead.py --what scratch).
-    # ``force_multi_worker`` (bench hook) keeps it for the comparison.
-    if world > 1 or config.get("force_multi_worker"):
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    else:
-        strategy = tf.distribute.get_strategy()
-    per_worker = max(1, int(config["batch_size"]) // world)
-    restore_best = bool(config.get("restore_best", True))
-    in_memory = bool(config.get("in_memory"))
-
-    state: dict[str, Any] = {"phase": 0, "phase_epoch": 0, "epoch": 0, "best": None, "best_epoch": None, "bad": 0,
-                             "stopped": False, "history": [], "restored": []}
-    best_weights: Optional[list[np.ndarray]] = None  # the current phase's best epoch (restore_best only)
-    opt_state: Optional[list[np.ndarray]] = None  # optimizer state to load into the resumed phase's optimizer
-    with strategy.scope():
-        full = models.build_model(config["spec"], None, bn_training=bool(config.get("bn_training")))
-        models.load_weights(full, config["init_weights"])
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            with open(os.path.join(d, STATE_FILE)) as f:
-                state = {"best_epoch": None, "restored": [], **json.load(f)}
-            if restore_best and os.path.exists(os.path.join(d, BEST_WEIGHTS)):
-                best_weights = _load_arrays(os.path.join(d, BEST_WEIGHTS))
-            if os.path.exists(os.path.join(d, OPT_STATE)):
-                opt_state = _load_arrays(os.path.join(d, OPT_STATE))
-            load_checkpoint_weights(full, d)
-        if restore_best and best_weights is None and \
-                state["best_epoch"] == state.get("weights_epoch", state["epoch"]):
-            best_weights = full.get_weights()  # the checkpoint's own weights are the best so far
-        log.info("rank %d: resumed at global epoch %d (phase %d)%s", rank, state["epoch"], state["phase"],
-                 " with optimizer state" if opt_state is not None else "")
-
-    fail = config.get("kill_at_epoch")  # test hook: SIGKILL this worker once, at a chosen global epoch
-    digest_hook = config.get("weights_digest")  # test hook: every rank writes its weights' digest
-    phases = config["phases"]
-    for pi, phase in enumerate(phases):
-        if pi < state["phase"]:
-            continue
-        if pi > state["phase"]:
-            state.update(phase=pi, phase_epoch=0, best=None, best_epoch=None, bad=0, stopped=False)
-            best_weights, opt_state = None, None  # a new phase: fresh optimizer, its own best epoch
-        if state["phase_epoch"] >= phase["epochs"] or state["stopped"]:
-            continue
-        with strategy.scope():
-            model = _phase_model(full, phase, config["cached"])
-            model.compile(optimizer=tf.keras.optimizers.Adam(phase["lr"]),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        if opt_state is not None:
-            _restore_optimizer(model, opt_state, strategy)
-            opt_state = None
-        train = _tf_dataset(ray.train.get_dataset_shard(phase["train"]), per_worker, True, config["seed"],
-                            in_memory, epoch=lambda: state["epoch"])
-        val = _tf_dataset(ray.train.get_dataset_shard(phase["val"]), per_worker, False, 0, in_memory)
-        while state["phase_epoch"] < phase["epochs"] and not state["stopped"]:
-            h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
-            row = {"phase": phase["name"], "epoch": state["epoch"] + 1, "phase_epoch": state["phase_epoch"] + 1,
-                   **{k: float(v[-1]) for k, v in h.items()}}
-            state["history"].append(row)
-            state["epoch"] += 1
-            state["phase_epoch"] += 1
-            if state["phase_epoch"] <= config.get("patience_start", 0):
-                pass  # (Keras's start_from_epoch) a phase's first epochs are not monitored: no best, no patience
-            elif state["best"] is None or row["val_loss"] < state["best"] - 1e-6:
-                state["best"], state["best_epoch"], state["bad"] = row["val_loss"], state["epoch"], 0
-                if restore_best:
-                    best_weights = full.get_weights()
-            else:
-                state["bad"] += 1
-                if state["bad"] >= config["patience"]:
-                    state["stopped"] = True  # early stopping on val loss: this phase ends here
-            phase_end = state["stopped"] or state["phase_epoch"] >= phase["epochs"]
-            reported = row
-            if phase_end and restore_best and state["best_epoch"] not in (None, state["epoch"]):
-                full.set_weights(best_weights)  # every worker: same epoch, same arrays
-                reported = next(r for r in state["history"] if r["epoch"] == state["best_epoch"])
-                state["restored"].append({"phase": phase["name"], "best_epoch": state["best_epoch"],
-                                          "last_epoch": state["epoch"], "val_loss": reported["val_loss"]})
-                log.info("rank %d: phase %s ends at epoch %d; restored epoch %d (val loss %.4f)", rank,
-                         phase["name"], state["epoch"], state["best_epoch"], reported["val_loss"])
-            # the metrics describe the weights in this epoch's checkpoint (the best epoch's at a phase end)
-            metrics = {"epoch": state["epoch"], "phase": phase["name"], "loss": reported["loss"],
-                       "accuracy": reported.get("accuracy"), "val_loss": reported["val_loss"],
-                       "val_accuracy": reported.get("val_accuracy")}
-            if reported is not row:
-                metrics["restored_from_epoch"] = reported["epoch"]
-            state["weights_epoch"] = reported["epoch"]  # whose weights this checkpoint holds
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    save_checkpoint_weights(full, d)
-                    # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
-                    # same Adam state and still knows its best epoch
-                    _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
-                    if restore_best and state["best_epoch"] not in (None, state["weights_epoch"]):
-                        _save_arrays(os.path.join(d, BEST_WEIGHTS), best_weights)
-                    with open(os.path.join(d, STATE_FILE), "w") as f:
-                        json.dump(state, f)
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            _write_weights_digest(digest_hook, full, rank, state["epoch"])
-            if fail and fail["epoch"] == state["epoch"] and fail["rank"] == rank and not os.path.exists(fail["marker"]):
-                open(fail["marker"], "w").close()
-                log.warning("rank %d: killing myself at epoch %d (test hook)", rank, state["epoch"])
-                os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -331,8 +92,11 @@ def _data_dir(cfg: Config) -> str:
     return storage.stage_dir(cfg, "data")
 
 
-def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: Optional[str] = None) -> dict[str, Any]:
-    """Everything the workers need: the model spec, initial weights (written once), phases and datasets.
+def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
+                weights: Optional[str] = None) -> RunInputs:
+    """Make one training run ready: writes the initial weights under ``out_dir``, builds the frozen-activation
+    cache when ``train.cache_frozen`` (``transfuse.cache``), and returns the spec, phases and datasets the
+    workers read. (``transfuse.plan`` is the dry run that writes nothing.)
 
     ``weights`` overrides ``cfg.model.weights`` (the scratch baseline passes "none").
     """
@@ -354,29 +118,27 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
     full = models.build_model(spec, models.resolve_weights(weights or cfg.model.weights, storage.run_dir(cfg)))
     models.save_weights(full, init_path)
 
-    phases = [{"name": "frozen", "unfreeze": 0, "epochs": t.epochs_frozen, "lr": t.lr_frozen,
-               "cut_layer": names[-1]},
-              {"name": "unfrozen", "unfreeze": spec["unfreeze"], "epochs": t.epochs_unfrozen, "lr": t.lr_unfrozen,
-               "cut_layer": spec["cut_layer"]}]
-    phases = [p for p in phases if p["epochs"] > 0]
+    phases = [Phase("frozen", 0, t.epochs_frozen, t.lr_frozen, names[-1]),
+              Phase("unfrozen", spec["unfreeze"], t.epochs_unfrozen, t.lr_unfrozen, spec["cut_layer"])]
+    phases = [p for p in phases if p.epochs > 0]
     cached = t.cache_frozen
     datasets: dict[str, Any] = {}
     if cached:
         cuts = {}
         for p in phases:
-            if p["cut_layer"] is not None:
-                models.split_model(full, p["cut_layer"])  # a clear error now for a cut inside a block
-                cuts[cache.cache_key(spec, p["cut_layer"], cache.trunk_digest(full, p["cut_layer"]),
-                                     manifest.get("fingerprint", ""))] = p["cut_layer"]
+            if p.cut_layer is not None:
+                models.split_model(full, p.cut_layer)  # a clear error now for a cut inside a block
+                cuts[cache.cache_key(spec, p.cut_layer, cache.trunk_digest(full, p.cut_layer),
+                                     manifest.get("fingerprint", ""))] = p.cut_layer
         dirs = cache.ensure_cache(cfg, data_dir, spec, init_path, cuts, actors=t.cache_actors,
                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus,
                                   in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
     augmenting = t.augment.flip or t.augment.pad_crop
     for p in phases:
-        tag = p["cut_layer"] if cached and p["cut_layer"] is not None else "image"
-        p["train"], p["val"] = f"train_{tag}", f"val_{tag}"
-        if p["train"] in datasets:
+        tag = p.cut_layer if cached and p.cut_layer is not None else "image"
+        p.train, p.val = f"train_{tag}", f"val_{tag}"
+        if p.train in datasets:
             continue
         for split in ("train", "val"):
             augment = t.augment if split == "train" and augmenting else None
@@ -387,20 +149,18 @@ def plan(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None, weights: 
                     images, labels, _ = read_split_numpy(data_dir, split)
                     x = preprocess(images, pspec)
                 else:
-                    x, labels = cache.read_cache_numpy(dirs[p["cut_layer"]], split)
+                    x, labels = cache.read_cache_numpy(dirs[p.cut_layer], split)
                 ds = in_memory(x, labels)
             elif tag == "image":
                 ds = preprocessed(read_split(data_dir, split), pspec, augment=augment).select_columns(["x", "label"])
             else:
-                ds = cache.read_cache(dirs[p["cut_layer"]], split).select_columns(["x", "label"])
+                ds = cache.read_cache(dirs[p.cut_layer], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
-    return {"spec": spec, "init_weights": init_path, "phases": phases, "datasets": datasets, "cached": cached,
-            "data_dir": data_dir,
-            # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
-            "in_memory": t.materialize and not augmenting}
+    # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
+    return RunInputs(spec, init_path, phases, datasets, cached, bool(t.materialize and not augmenting), data_dir)
 
 
-def scaling_config(t: Any) -> Any:
+def scaling_config(t: TrainConfig) -> Any:
     """Ray Train's ScalingConfig from the train config: workers, GPUs, and resources per worker."""
     from ray.train import ScalingConfig
 
@@ -410,7 +170,7 @@ def scaling_config(t: Any) -> Any:
     return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
 
 
-def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], out_dir: str, *,
+def make_trainer(t: TrainConfig, loop: LoopConfig, datasets: dict[str, Any], out_dir: str, *,
                  name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None) -> Any:
     """A TensorflowTrainer running ``train_func``: the one place train config becomes Ray's objects."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -423,7 +183,7 @@ def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], 
         checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what resumes; one spare
         worker_runtime_env=runtime.runtime_env(), **dict(run_config_extra or {}))
     return TensorflowTrainer(
-        train_func, train_loop_config=loop_config,
+        train_func, train_loop_config={"loop": loop},
         scaling_config=scaling_config(t),
         run_config=run_config, datasets=datasets)
 
@@ -431,26 +191,24 @@ def make_trainer(t: Any, loop_config: dict[str, Any], datasets: dict[str, Any], 
 def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]] = None, *,
                   run_config_extra: Optional[dict[str, Any]] = None, data_dir: Optional[str] = None,
                   weights: Optional[str] = None, name: str = TRAIN_DIR, test_hooks: Optional[dict] = None
-                  ) -> tuple[Any, dict[str, Any], Config]:
-    """(TensorflowTrainer, plan, effective config) for ``cfg`` + per-trial ``overrides``.
+                  ) -> tuple[Any, RunInputs, Config]:
+    """(TensorflowTrainer, its RunInputs, effective config) for ``cfg`` + per-trial ``overrides``.
 
     ``run_config_extra``: extra ``RunConfig`` keyword arguments (e.g. ``callbacks=[TuneReportCallback()]``).
     Checkpoints go to ``<out_dir>/<name>/``; running again with the same out_dir and name resumes.
     """
     cfg = effective(cfg, overrides)
     t = cfg.train
-    p = plan(cfg, out_dir, data_dir=data_dir, weights=weights)
-    loop_config = {"spec": p["spec"], "init_weights": p["init_weights"], "phases": p["phases"],
-                   "batch_size": t.batch_size, "patience": t.early_stopping_patience,
-                   "patience_start": t.early_stopping_start, "seed": t.seed,
-                   "restore_best": t.restore_best_weights,
-                   "policy": mixed_policy(t.mixed_precision, t.use_gpu), "cached": p["cached"],
-                   "in_memory": p["in_memory"],
-                   # from random weights BatchNorm learns its statistics (training mode, as the pretrain stage);
-                   # transferred backbones keep theirs (inference mode, however deep the unfreeze)
-                   "bn_training": (weights or cfg.model.weights) == "none", "op_determinism": t.op_determinism,
-                   **(test_hooks or {})}
-    trainer = make_trainer(t, loop_config, p["datasets"], out_dir, name=name, run_config_extra=run_config_extra)
+    p = prepare_run(cfg, out_dir, data_dir=data_dir, weights=weights)
+    loop = LoopConfig(spec=p.spec, init_weights=p.init_weights, phases=p.phases, batch_size=t.batch_size,
+                      patience=t.early_stopping_patience, seed=t.seed,
+                      policy=mixed_policy(t.mixed_precision, t.use_gpu), cached=p.cached, in_memory=p.in_memory,
+                      patience_start=t.early_stopping_start, restore_best=t.restore_best_weights,
+                      # from random weights BatchNorm learns its statistics (training mode, as the pretrain
+                      # stage); transferred backbones keep theirs (inference mode, however deep the unfreeze)
+                      bn_training=(weights or cfg.model.weights) == "none", op_determinism=t.op_determinism,
+                      hooks=LoopHooks(**(test_hooks or {})))
+    trainer = make_trainer(t, loop, p.datasets, out_dir, name=name, run_config_extra=run_config_extra)
     return trainer, p, cfg
 
 
@@ -471,39 +229,37 @@ def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], s
     return results
 
 
-def finalize(cfg: Config, out_dir: str, p: dict[str, Any], checkpoint: Any, *, fingerprint: str,
+def finalize(cfg: Config, out_dir: str, spec: dict[str, Any], data_dir: str, checkpoint: Any, *, fingerprint: str,
              extra_manifest: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Write the member dir from the last checkpoint: spec, weights, metrics, predictions, embeddings, manifest."""
     import tensorflow as tf
 
     from transfuse import cache, models
 
-    spec = p["spec"]
     with checkpoint.as_directory() as d:
-        with open(os.path.join(d, STATE_FILE)) as f:
-            state = {"restored": [], "best_epoch": None, **json.load(f)}
+        state = LoopState.read(d)
         tf.keras.mixed_precision.set_global_policy("float32")
         model = models.build_model(spec, None)
         load_checkpoint_weights(model, d)
         best = os.path.join(d, BEST_WEIGHTS)
         if cfg.train.restore_best_weights and os.path.exists(best):
             # a run stopped inside a phase (e.g. by ASHA): its phase ends here, at its best epoch so far
-            model.set_weights(_load_arrays(best))
-            state["restored"].append({"phase": state["history"][-1]["phase"], "best_epoch": state["best_epoch"],
-                                      "last_epoch": state["epoch"], "val_loss": state["best"]})
+            model.set_weights(load_arrays(best))
+            state.restored.append({"phase": state.history[-1]["phase"], "best_epoch": state.best_epoch,
+                                   "last_epoch": state.epoch, "val_loss": state.best})
     models.save_member(model, spec, out_dir)
     weights = storage.join(out_dir, models.WEIGHTS_FILE)
     t = cfg.train
     splits = ["train", "val", "test", "holdout"]
-    outs = cache.apply_model_numpy(p["data_dir"], splits, spec, weights, ["probs", "embedding"],
+    outs = cache.apply_model_numpy(data_dir, splits, spec, weights, ["probs", "embedding"],
                                    actors=t.cache_actors, in_driver_max_rows=t.cache_in_driver_max_rows,
                                    batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus)
     evals = _write_split_outputs(out_dir, outs, splits, spec["num_classes"])
     # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
-    metrics = {"history": state["history"], **evals, "epochs": state["epoch"], "restored": state["restored"]}
+    metrics = {"history": state.history, **evals, "epochs": state.epoch, "restored": state.restored}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     storage.write_manifest(out_dir, cfg, STAGE, fingerprint, metrics={k: v for k, v in evals.items()},
-                           epochs=state["epoch"], **(extra_manifest or {}))
+                           epochs=state.epoch, **(extra_manifest or {}))
     return metrics
 
 
@@ -542,7 +298,7 @@ def finalize_member(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any
     ckpt = latest_checkpoint(out_dir)
     if ckpt is None:
         raise TrainError(f"no checkpoint under {storage.join(out_dir, TRAIN_DIR)}: nothing to finalize")
-    return finalize(eff, out_dir, {"spec": spec, "data_dir": data_dir}, ckpt, fingerprint=_fingerprint(eff, weights))
+    return finalize(eff, out_dir, spec, data_dir, ckpt, fingerprint=_fingerprint(eff, weights))
 
 
 def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dict[str, Any]] = None, *,
@@ -570,7 +326,7 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
     result = trainer.fit()
     if result.checkpoint is None:
         raise TrainError(f"training finished without a checkpoint in {train_path} (no epochs ran?)")
-    return finalize(eff, out_dir, p, result.checkpoint, fingerprint=fp)
+    return finalize(eff, out_dir, p.spec, p.data_dir, result.checkpoint, fingerprint=fp)
 
 
 def scratch_overrides(cfg: Config) -> dict[str, Any]:
