@@ -13,7 +13,6 @@ draw), with the trials' overlap; writes ``<storage>/<run>/bench_member_search.js
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from bench.transfer import draw_config  # noqa: E402
-from transfuse import runtime, storage  # noqa: E402
-from transfuse.config import Config, load_config  # noqa: E402
+from bench.transfer import draw_config, draws_cli, print_goals  # noqa: E402
+from transfuse import storage  # noqa: E402
+from transfuse.config import Config  # noqa: E402
 
 METRICS = ("accuracy", "nll", "ece")
 
@@ -92,14 +91,7 @@ def format_table(draws: list[int], rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/default.yaml")
-    p.add_argument("--draws", type=int, nargs="+", default=None, help="label draws (seeds); default: seed, +1, +2")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    args = p.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
-    draws = args.draws or [cfg.seed, cfg.seed + 1, cfg.seed + 2]
-    runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    cfg, draws = draws_cli(__doc__.splitlines()[0], argv)
     rows = []
     for d in draws:
         rows.append(one_draw(draw_config(cfg, d)))
@@ -110,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     path = storage.join(storage.run_dir(cfg), "bench_member_search.json")
     storage.write_json(path, {"draws": draws, "per_draw": rows, "goals": [{"goal": g, "met": ok} for g, ok in met]})
     print(format_table(draws, rows))
-    for g, ok in met:
-        print(f"{'met   ' if ok else 'MISSED'} {g}")
-    print(f"wrote {path}")
+    print_goals(met, path)
     return 0
 
 

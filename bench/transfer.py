@@ -143,15 +143,26 @@ def format_table(summary: dict[str, dict[str, float]], draws: list[int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def draws_cli(description: str, argv: list[str] | None) -> tuple[Config, list[int]]:
+    """``--config``, ``--draws``, ``--set`` as every over-draws benchmark takes them; starts Ray."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--draws", type=int, nargs="+", default=None, help="label draws (seeds); default: seed, +1, +2")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    draws = args.draws or [cfg.seed, cfg.seed + 1, cfg.seed + 2]
     runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    return cfg, args.draws or [cfg.seed, cfg.seed + 1, cfg.seed + 2]
+
+
+def print_goals(met: list[tuple[str, bool]], path: str) -> None:
+    for g, ok in met:
+        print(f"{'met   ' if ok else 'MISSED'} {g}")
+    print(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, draws = draws_cli(__doc__.splitlines()[0], argv)
     from transfuse.pipeline import run_pipeline
 
     per_draw, seconds = [], []
@@ -171,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     path = storage.join(storage.run_dir(cfg), "bench_transfer.json")
     storage.write_json(path, out)
     print(format_table(summary, draws))
-    for g, ok in met:
-        print(f"{'met   ' if ok else 'MISSED'} {g}")
-    print(f"wrote {path}")
+    print_goals(met, path)
     return 0
 
 

@@ -182,6 +182,23 @@ def test_interrupted_search_resumes_without_refitting_and_repeats_the_choice(ray
     assert got["summary"]["max_overlap"] == 1  # one trial at a time, as configured
 
 
+def test_trials_are_drawn_before_tune_from_the_seed():
+    """The default's space, drawn by ``candidates``: concrete values (JSON, no Tune domain), the same trials for
+    the same seed, other trials for another seed, each drawn value inside its range."""
+    from transfuse.member_search import candidates
+
+    e = load_config(ROOT / "configs" / "default.yaml", ["ensemble.search.enabled=true"]).ensemble
+    draw = lambda seed: candidates(e, ["cnn_a", "cnn_b"], "cnn_a", seed)  # noqa: E731
+    a = draw(0)
+    assert json.loads(json.dumps(a)) == a == draw(0) and a != draw(1)
+    assert [t["fixed"] for t in a[:len(e.members)]] == [m.name for m in e.members]
+    drawn = a[len(e.members):]
+    assert len(drawn) == len(e.search.kinds) * len(e.search.features) * e.search.num_samples
+    assert {t["view"] for t in drawn if t["features"] == "embedding"} == {"cnn_a", "cnn_b"}
+    lo, hi = DEFAULT_SPACE["logistic_regression"]["C"]["loguniform"]
+    assert all(lo <= t["params"]["C"] <= hi for t in drawn if t["kind"] == "logistic_regression")
+
+
 def test_selection_and_overlap_from_rows():
     row = lambda i, kind, features, nll, view="a", C=1.0, start=0.0, end=1.0: {  # noqa: E731
         "trial": i, "trial_id": f"t{i}", "kind": kind, "features": features, "view": view, "params": {"C": C},
