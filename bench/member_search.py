@@ -44,10 +44,12 @@ def one_draw(cfg: Config) -> dict[str, Any]:
 
     run_pipeline(cfg, until="tune")
     tune_seconds = float(storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))["seconds"])
-    inp, members = load_inputs(cfg)
-    fixed = stack_metrics(cfg, inp, cfg.ensemble)
     scfg = cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(
         update={"search": cfg.ensemble.search.model_copy(update={"enabled": True})})})
+    # the inputs as the ensemble stage reads them with the search on: every CNN member's embedding (a searched
+    # trial's view is drawn among them); read with the search off, only the best member's would be there
+    inp, members = load_inputs(scfg)
+    fixed = stack_metrics(cfg, inp, cfg.ensemble)
     t = time.time()
     found = member_search.run_member_search(scfg, inp, members, force=True)  # timed from scratch, never restored
     search_wall = time.time() - t
