@@ -269,8 +269,7 @@ def write_bundle(
     if storage.exists(directory) and (storage.list_files(directory) or storage.exists(storage.join(directory, MANIFEST))):
         if not overwrite:
             raise BundleError(f"{directory} is not empty; pass overwrite=True to replace the bundle there")
-        fs, p = storage.resolve(directory)
-        fs.delete_dir_contents(p)
+        storage.clear_dir(directory)
     storage.makedirs(directory)
     for rel, b in files.items():
         storage.write_bytes(storage.join(directory, *rel.split("/")), b)

@@ -301,8 +301,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     exported, pruning = build_variants(members, list(ccfg.variants), rep=rep, x_train=preprocess(x_tr, pspec),
                                        y_train=y_tr, ccfg=ccfg)
     storage.makedirs(out)
-    fs, p = storage.resolve(out)
-    fs.delete_dir_contents(p)  # no stale variants from an earlier run
+    storage.clear_dir(out)  # no stale variants from an earlier run
     common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
                   num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names))
     rows = []

@@ -143,16 +143,6 @@ class StageProgress:
 
 
 # ------------------------------------------------------------------------------------------------ readers
-def _subdirs(path: str) -> list[str]:
-    """Names of the folders directly under ``path`` (none when it does not exist), dot-folders included."""
-    import pyarrow.fs as pafs
-
-    fs, p = storage.resolve(path)
-    if fs.get_file_info(p).type != pafs.FileType.Directory:
-        return []
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
-
-
 def epochs_done(member_dir: str, since: float = 0.0) -> int:
     """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
     first one)."""
@@ -160,7 +150,7 @@ def epochs_done(member_dir: str, since: float = 0.0) -> int:
     from transfuse.train_loop import STATE_FILE, LoopState
 
     base = storage.join(member_dir, TRAIN_DIR)
-    for d in reversed([d for d in _subdirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
+    for d in reversed([d for d in storage.list_dirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
         path = storage.join(base, d, STATE_FILE)
         # a checkpoint being written has no state file yet; one an earlier run left is not this run's progress
         if storage.written_since(path, since):
@@ -181,7 +171,7 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
         trials = storage.join(storage.stage_dir(cfg, "tune"), "trials")
         total = cfg.tune.num_samples * epochs
 
-        return lambda: (sum(epochs_done(storage.join(trials, t), since) for t in _subdirs(trials)), total,
+        return lambda: (sum(epochs_done(storage.join(trials, t), since) for t in storage.list_dirs(trials)), total,
                         "trial epochs")
     if stage == "ensemble":
         from transfuse.ensemble import PROGRESS_FILE

@@ -704,10 +704,7 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     fit = fit_ensemble(inp, ecfg, runner, progress=_progress_file(out))
     storage.makedirs(out)
     for stale in storage.list_files(out) + [storage.MANIFEST]:  # a rerun must not leave old members behind
-        path = storage.join(out, stale)
-        if storage.exists(path):
-            fs, p = storage.resolve(path)
-            fs.delete_file(p)
+        storage.delete(storage.join(out, stale))
     desc = save_ensemble(out, fit, inp, members, ecfg)
     report = _report(fit, inp)
     if searched is not None:

@@ -341,8 +341,7 @@ def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[Cn
     stamp = storage.join(base, "fingerprint.json")
     same = storage.exists(stamp) and storage.read_json(stamp).get("fingerprint") == fp
     if not same or force:
-        fs, p = storage.resolve(base)
-        fs.delete_dir_contents(p, missing_dir_ok=True)
+        storage.clear_dir(base)
         storage.write_json(stamp, {"fingerprint": fp})
     t0 = time.time()
     grid = _tuner(cfg, inp, base, restore=same and not force).fit()

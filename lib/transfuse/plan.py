@@ -134,7 +134,7 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
     space = search.search_space(cfg)
     grid = len(t.unfreeze) if t.search_alg == "random" else 1
     workers = train_plan_resources(tr)  # what one trial's Ray Train workers hold together
-    sched, alg = search._scheduler(cfg), search._search_alg(cfg)
+    sched, alg = search.scheduler(cfg), search.search_alg(cfg)
     inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
     return {"param_space": {k: describe(v) for k, v in space.items()},
             "unfreeze_unit": t.unfreeze_unit or cfg.model.unfreeze_unit,

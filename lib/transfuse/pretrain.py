@@ -58,9 +58,8 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
                             policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu), cached=False,
                             in_memory=cfg.train.materialize, bn_training=True)
     train_path = storage.join(out_dir, train.TRAIN_DIR)
-    if not resume and storage.exists(train_path):
-        fs, p = storage.resolve(train_path)
-        fs.delete_dir(p)
+    if not resume:
+        storage.delete(train_path)
     trainer = train.make_trainer(cfg.train, loop, datasets, out_dir)
     result = trainer.fit()
     if result.checkpoint is None:

@@ -901,8 +901,7 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     _plt()
     out = storage.stage_dir(cfg, STAGE)
     storage.makedirs(out)
-    fs, p = storage.resolve(out)
-    fs.delete_dir_contents(p, missing_dir_ok=True)  # no stale plots from an earlier report
+    storage.clear_dir(out)  # no stale plots from an earlier report
     page = _Page(out)
     ens_dir = storage.stage_dir(cfg, "ensemble")
     ens: Optional[dict] = None

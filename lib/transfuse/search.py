@@ -134,7 +134,7 @@ def trial_fn(config: dict[str, Any], cfg_json: dict[str, Any]) -> None:
     finetune(cfg, out, overrides, resume=True, run_config_extra={"callbacks": [TuneReportCallback()]})
 
 
-def _scheduler(cfg: Config) -> Any:
+def scheduler(cfg: Config) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 
     t = cfg.tune
@@ -154,7 +154,7 @@ def _scheduler(cfg: Config) -> Any:
     return FIFOScheduler()
 
 
-def _search_alg(cfg: Config) -> Any:
+def search_alg(cfg: Config) -> Any:
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     t = cfg.tune
@@ -178,8 +178,8 @@ def build_tuner(cfg: Config, *, resume: bool = False) -> Any:
     return tune.Tuner(
         trainable,
         param_space=search_space(cfg),
-        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=_scheduler(cfg),
-                                    search_alg=_search_alg(cfg), num_samples=samples_per_grid(cfg),
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max", scheduler=scheduler(cfg),
+                                    search_alg=search_alg(cfg), num_samples=samples_per_grid(cfg),
                                     max_concurrent_trials=cfg.tune.max_concurrent),
         # a trial whose node is lost (its function runs on a worker node: the head offers no CPUs) is retried;
         # trial_fn resumes from the trial's last Train checkpoint, so no finished epoch is trained again
@@ -285,8 +285,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
 
     data_manifest(storage.stage_dir(cfg, "data"))  # fail once, here, rather than in every trial
     if force:
-        fs, p = storage.resolve(out)
-        fs.delete_dir_contents(p, missing_dir_ok=True)
+        storage.clear_dir(out)
     start = time.time()
     grid = build_tuner(cfg, resume=resume).fit()
     rows = [_row(cfg, r) for r in grid]

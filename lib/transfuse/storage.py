@@ -129,6 +129,30 @@ def list_files(path: str) -> list[str]:
     return sorted(r for r in rel if r != MANIFEST and not any(part.startswith(".") for part in r.split("/")))
 
 
+def list_dirs(path: str) -> list[str]:
+    """The folders directly under ``path``, by name, sorted ([] when ``path`` is not a folder)."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+
+
+def clear_dir(path: str) -> None:
+    """Delete everything under ``path`` (the folder stays; a missing folder is fine)."""
+    fs, p = resolve(path)
+    fs.delete_dir_contents(p, missing_dir_ok=True)
+
+
+def delete(path: str) -> None:
+    """Delete a file or a whole folder; nothing when it does not exist."""
+    fs, p = resolve(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind != pafs.FileType.NotFound:
+        fs.delete_file(p)
+
+
 def checksums(path: str, files: Optional[list[str]] = None) -> dict[str, str]:
     files = list_files(path) if files is None else files
     return {f: sha256(join(path, f)) for f in files}

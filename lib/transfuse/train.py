@@ -272,15 +272,10 @@ def latest_checkpoint(out_dir: str, name: str = TRAIN_DIR) -> Any:
     import ray.train
 
     base = storage.join(out_dir, name)
-    fs, p = storage.resolve(base)
-    if not storage.exists(base):
-        return None
-    import pyarrow.fs as pafs
-
-    dirs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory
-                  and i.base_name.startswith("checkpoint_"))
+    dirs = [d for d in storage.list_dirs(base) if d.startswith("checkpoint_")]
     if not dirs:
         return None
+    fs, p = storage.resolve(base)
     return ray.train.Checkpoint(path=f"{p}/{dirs[-1]}", filesystem=fs)
 
 
@@ -318,9 +313,8 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
         log.info("finetune: %s is complete, skipping", out_dir)
         return storage.read_json(storage.join(out_dir, "metrics.json"))
     train_path = storage.join(out_dir, TRAIN_DIR)
-    if not resume and storage.exists(train_path):
-        fs, p = storage.resolve(train_path)
-        fs.delete_dir(p)
+    if not resume:
+        storage.delete(train_path)
     trainer, p, eff = build_trainer(cfg, out_dir, overrides, run_config_extra=run_config_extra,
                                     data_dir=data_dir, weights=weights, test_hooks=test_hooks)
     result = trainer.fit()

@@ -186,8 +186,8 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
         fn_kwargs={"a": ref}, batch_format="numpy",
     ).materialize()
 
-    fs, base = storage.resolve(out)
-    fs.delete_dir_contents(base, missing_dir_ok=True)  # partial output of an interrupted run
+    storage.clear_dir(out)  # partial output of an interrupted run
+    fs, base = storage.resolve(out)  # Ray Data writes through the filesystem itself
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
         part = tagged.filter(expr=col("split") == split).drop_columns(["split"])
