@@ -23,7 +23,7 @@ Sections:
 6. the compression table (``compress/metrics.json``: ``variants``);
 7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
    prepared test split;
-8. the pipeline summary (``summary``, also what the pipeline prints at its end), plus stage timings when the caller passes them;
+8. the pipeline summary (``summary``, also printed at the pipeline's end), plus stage timings when given;
 appendix: storage, fingerprints, stage manifests, git commits, the label budget record and package versions.
 """
 
@@ -801,7 +801,8 @@ def _per_class(cfg: Any, page: _Page) -> None:
 
 
 def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rows of the final table (the pipeline prints it; section 8 shows it): test accuracy / NLL / ECE of the models that matter, read from their files."""
+    """Rows of the final table (the pipeline prints it; section 8 shows it): test accuracy / NLL / ECE of the
+    models that matter, read from their files."""
     rows: list[dict[str, Any]] = []
 
     def member_row(label: str, d: str) -> None:
