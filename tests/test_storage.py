@@ -1,0 +1,35 @@
+"""transfuse.storage: the one owner of filesystem calls (local paths here; URIs go through the same pyarrow code)."""
+
+from __future__ import annotations
+
+from transfuse import storage
+
+
+def _tree(root) -> None:
+    (root / "a" / "b").mkdir(parents=True)
+    (root / ".ray_train" / "checkpoint_000001").mkdir(parents=True)
+    (root / "a" / "b" / "x.json").write_text("{}")
+    (root / "top.bin").write_bytes(b"1")
+
+
+def test_list_dirs_lists_the_folders_directly_under_a_path(tmp_path):
+    _tree(tmp_path)
+    assert storage.list_dirs(str(tmp_path)) == [".ray_train", "a"]  # dot-folders too, sorted; files not
+    assert storage.list_dirs(str(tmp_path / ".ray_train")) == ["checkpoint_000001"]
+    assert storage.list_dirs(str(tmp_path / "missing")) == [] == storage.list_dirs(str(tmp_path / "top.bin"))
+
+
+def test_clear_dir_empties_a_folder_and_keeps_it(tmp_path):
+    _tree(tmp_path)
+    storage.clear_dir(str(tmp_path))
+    assert tmp_path.is_dir() and list(tmp_path.iterdir()) == []
+    storage.clear_dir(str(tmp_path / "missing"))  # nothing to clear is fine
+
+
+def test_delete_removes_a_file_or_a_folder_and_ignores_what_is_not_there(tmp_path):
+    _tree(tmp_path)
+    storage.delete(str(tmp_path / "top.bin"))
+    storage.delete(str(tmp_path / "a"))
+    storage.delete(str(tmp_path / "missing"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ray_train"]
+    assert storage.list_files(str(tmp_path)) == []  # dot-folders hold working state, not outputs
