@@ -111,8 +111,8 @@ def read_ensemble(cfg: Config) -> EnsembleSource:
     h = hashlib.sha256(cfg.fingerprint("compress", "data").encode())
     ens_dir = storage.stage_dir(cfg, "ensemble")
     desc_path = storage.join(ens_dir, ensemble.DESCRIPTION_FILE)
-    if storage.exists(desc_path):
-        desc = ensemble.read_description(ens_dir)
+    desc = ensemble.read_description(ens_dir, missing_ok=True)
+    if desc is not None:
         members = [(str(m["name"]), str(m["dir"])) for m in desc["cnn_members"]]
         sk = [SklearnMember(name=m.name, data=storage.read_bytes(storage.join(ens_dir, m.file)),
                             embedding_of=m.embedding_source, probabilities_output=m.output, features=m.features,

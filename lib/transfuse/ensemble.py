@@ -580,10 +580,13 @@ class SavedSklearnMember:
     output: str = ONNX_OUTPUT
 
 
-def read_description(out_dir: str) -> dict[str, Any]:
-    """``ensemble.json`` of an ensemble stage, its format checked (``EnsembleError`` otherwise)."""
+def read_description(out_dir: str, missing_ok: bool = False) -> Optional[dict[str, Any]]:
+    """``ensemble.json`` of an ensemble stage, its format checked (``EnsembleError`` otherwise); when it is not
+    there, None with ``missing_ok``, else ``EnsembleError``."""
     path = storage.join(out_dir, DESCRIPTION_FILE)
     if not storage.exists(path):
+        if missing_ok:
+            return None
         raise EnsembleError(f"{path} not found: run the ensemble stage (python -m jobs.ensemble) first")
     desc = storage.read_json(path)
     if desc.get("format") != ENSEMBLE_FORMAT:

@@ -305,7 +305,8 @@ def float32_exact_thresholds(estimator: Any) -> None:
 
 def to_onnx_bytes(estimator: Any, dim: int, name: str = "member") -> bytes:
     """A fitted classifier as an ONNX model: input ``embedding`` (N x dim float32), outputs ``label`` and
-    ``probabilities`` (N x K float32; zipmap off so it is a plain tensor)."""
+    ``probabilities`` (N x K float32; zipmap off so it is a plain tensor). A HistGradientBoosting ``estimator``
+    gets float32 thresholds in place first (``float32_exact_thresholds``: its predictions do not move)."""
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 

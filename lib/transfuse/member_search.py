@@ -14,9 +14,10 @@ store for them), each trial records the ids every fold model was fitted on and p
 
 The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records; a dot folder is
 working state, not a stage output). A run whose inputs match the experiment's fingerprint restores it
-(``Tuner.restore``): an interrupted search resumes and no finished trial is fitted again. Sampling is seeded
-(``BasicVariantGenerator(random_state=seed)``) and every fit uses ``random_state=seed``: the same seed gives the
-same trials, scores and choice, unless ``time_budget_s`` cuts the search short.
+(``Tuner.restore``): an interrupted search resumes and no finished trial is fitted again. Every trial is drawn
+before Tune sees it, from one generator seeded with ``seed`` (``candidates``), and every fit uses
+``random_state=seed``: the same seed gives the same trials, scores and choice, unless ``time_budget_s`` cuts the
+search short.
 
 Stage outputs, next to ``ensemble.json``: ``member_search.json`` (a row per trial with its start and end time, the
 chosen members, the leakage check, the wall time), ``member_search.csv`` (the rows) and ``member_search.png``
@@ -268,7 +269,7 @@ def _tuner(cfg: Config, inp: EnsembleInputs, base: str, restore: bool) -> Any:
         trainable,
         param_space={"trial": tune.grid_search(candidates(e, cnn_names, inp.embedding_source, seed))},
         tune_config=tune.TuneConfig(metric=METRIC, mode="min", num_samples=1,
-                                    search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=s.max_concurrent),
+                                    search_alg=BasicVariantGenerator(max_concurrent=s.max_concurrent),
                                     max_concurrent_trials=s.max_concurrent, time_budget_s=s.time_budget_s,
                                     reuse_actors=True, trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=EXPERIMENT, storage_path=path, storage_filesystem=fs, verbose=1),

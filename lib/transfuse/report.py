@@ -128,9 +128,9 @@ def _plt() -> Any:
 
 def _description(ens_dir: str) -> Optional[dict]:
     """ensemble.json through its reader (format checked); None when the ensemble stage has not written it."""
-    from transfuse.ensemble import DESCRIPTION_FILE, read_description
+    from transfuse.ensemble import read_description
 
-    return read_description(ens_dir) if storage.exists(storage.join(ens_dir, DESCRIPTION_FILE)) else None
+    return read_description(ens_dir, missing_ok=True)
 
 
 def _tuned_members(cfg: Any) -> list[Any]:

@@ -17,7 +17,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
@@ -64,7 +64,7 @@ def write_members(cfg: Config, rows: list[dict[str, Any]]) -> list[TunedMember]:
     members = [TunedMember(f"cnn_{i}_u{r['unfreeze']}", r["dir"], r["trial_id"], {k: r[k] for k in SEARCHED},
                            r["val_accuracy"]) for i, r in enumerate(rows)]
     storage.write_json(storage.join(tune_dir(cfg), MEMBERS_FILE),
-                       {"members": [dict(m.__dict__) for m in members]})
+                       {"members": [asdict(m) for m in members]})
     return members
 
 
