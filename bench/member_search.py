@@ -1,7 +1,7 @@
 """Member-search benchmark: does Ray Tune's search over the scikit-learn members pay, and what does it cost?
 
 For several label draws (as bench/transfer.py: the config's seed decides which images are labelled) it runs the
-pipeline up to the tune stage (complete stages are reused), then fits the ensemble twice on the same CNN members
+pipeline up to the tune stage without the scratch baseline (complete stages are reused), then fits the ensemble twice on the same CNN members
 and the same labels: with the fixed ``ensemble.members`` list (the baseline) and with the members the member
 search chose (``ensemble.search``). Neither fit touches the run's ensemble stage folder except the member search's
 own state (``ensemble/member_search/``, resumable). Prints, per draw and as the mean over draws, the stacks' test
@@ -42,7 +42,7 @@ def one_draw(cfg: Config) -> dict[str, Any]:
     from transfuse.ensemble import load_inputs
     from transfuse.pipeline import run_pipeline
 
-    run_pipeline(cfg, until="tune")
+    run_pipeline(cfg, until="tune", skip=("scratch",))  # the ensemble reads no scratch baseline
     tune_seconds = float(storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))["seconds"])
     scfg = cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(
         update={"search": cfg.ensemble.search.model_copy(update={"enabled": True})})})

@@ -152,14 +152,17 @@ def query(url: str, cfg: Config, n: int = 4) -> dict[str, Any]:
 
 
 def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[str] = None,
-                 deploy: Optional[Callable[..., str]] = None, echo: Callable[[str], None] = print,
-                 console: Optional[Console] = None) -> list[StageResult]:
-    """Run every stage up to ``until``; ``force`` names stages to rerun even when complete.
+                 skip: tuple[str, ...] = (), deploy: Optional[Callable[..., str]] = None,
+                 echo: Callable[[str], None] = print, console: Optional[Console] = None) -> list[StageResult]:
+    """Run every stage up to ``until``; ``force`` names stages to rerun even when complete; ``skip`` names stages
+    not to run (reported "off"; a benchmark that needs no scratch baseline skips it).
 
     A line per stage start and end goes to ``console`` (else ``echo``); with a console, the long stages also
     draw a progress bar read from their files (``transfuse.console.watch``)."""
     for f in force:
         _check_stage(f, "--force")
+    for f in skip:
+        _check_stage(f, "skip")
     _check_stage(until, "--until")
     say = console.line if console else echo
     stop = STAGES.index(until) if until else len(STAGES) - 1
@@ -168,7 +171,7 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[st
     for i, stage in enumerate(PIPELINE[: stop + 1]):
         name = stage.name
         tag = f"[{i + 1}/{stop + 1}] {name:<9}"
-        if not stage.enabled(cfg, deploy):
+        if name in skip or not stage.enabled(cfg, deploy):
             results.append(StageResult(name, 0.0, "off"))
             say(f"{tag} off")
             continue
