@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -30,6 +31,8 @@ from transfuse.member_search import (
     SHORT,
     check_trials,
     max_overlap,
+    paired_gain,
+    read_records,
     select,
     validate_search,
 )
@@ -91,6 +94,9 @@ def test_search_finds_a_better_C_and_a_better_stack(runs):
     assert set(chosen) == {"logreg_px"}  # the best of its (kind, view family)
     assert chosen["logreg_px"]["fixed"] is None and chosen["logreg_px"]["params"]["C"] > 100 * BAD_C
     assert chosen["logreg_px"]["oof_nll"] < bad["oof_nll"]
+    gain = chosen["logreg_px"]["vs_fixed"]  # it displaced the fixed member by more than one paired SE
+    assert gain["fixed"] == "px_bad" and gain["mean_nll_difference"] + gain["se"] < 0
+    assert gain["mean_nll_difference"] == pytest.approx(chosen["logreg_px"]["oof_nll"] - bad["oof_nll"], abs=1e-4)
     for c in chosen.values():  # each is the best of its family out of fold
         family = [r["oof_nll"] for r in rows if r["features"] == c["features"]]
         assert c["oof_nll"] == min(family)
@@ -135,7 +141,7 @@ def test_no_trial_sees_a_test_row(runs):
         d["records"][0]["fit_ids"].append(str(splits["test"][2][0]))
         tampered.write_text(json.dumps(d))
         with pytest.raises(LeakageError, match=r"fitted on 1 test ids"):
-            check_trials(str(base), results["trials"], inp)
+            check_trials(read_records(str(base), results["trials"]), inp)
     finally:
         tampered.write_text(original)
 
@@ -200,9 +206,9 @@ def test_trials_are_drawn_before_tune_from_the_seed():
 
 
 def test_selection_and_overlap_from_rows():
-    row = lambda i, kind, features, nll, view="a", C=1.0, start=0.0, end=1.0: {  # noqa: E731
+    row = lambda i, kind, features, nll, view="a", C=1.0, start=0.0, end=1.0, fixed=None: {  # noqa: E731
         "trial": i, "trial_id": f"t{i}", "kind": kind, "features": features, "view": view, "params": {"C": C},
-        "oof_nll": nll, "start": start, "end": end}
+        "oof_nll": nll, "start": start, "end": end, "fixed": fixed}
     rows = [row(0, "svc", "embedding", 0.5), row(1, "svc", "embedding", 0.3, C=2.0),
             row(2, "svc", "embedding", 0.3, C=3.0), row(3, "svc", "pixels", 0.9, "pixels"),
             row(4, "logistic_regression", "embedding", None), row(5, "svc", "embedding", 0.3, C=2.0)]
@@ -210,6 +216,24 @@ def test_selection_and_overlap_from_rows():
     assert [(n, r["trial"]) for n, r in select(rows, 1)] == [("svc", 1), ("svc_px", 3)]
     assert [(n, r["trial"]) for n, r in select(rows, 3)] == [("svc", 1), ("svc_2", 2), ("svc_3", 0),
                                                              ("svc_px", 3)]
+    # the one-standard-error rule: a fixed trial keeps its family's place against drawn trials that score lower
+    # out of fold but not by more than se_rule paired standard errors of the per-row NLL difference
+    z = np.random.default_rng(0).normal(size=100)
+    z = (z - z.mean()) / z.std(ddof=1)  # exactly mean 0, sd 1: the SE of 0.3 z over 100 rows is 0.03
+    base = np.random.default_rng(1).exponential(0.3, 100) + 1.0
+    per_row = {"t0": base, "t1": base - 0.02 + 0.3 * z, "t2": base - 0.01 + 0.001 * z}
+    fam = [row(i, "svc", "embedding", float(per_row[f"t{i}"].mean()), C=C, fixed=fixed)
+           for i, C, fixed in ((0, 1.0, "svc"), (1, 5.0, None), (2, 9.0, None))]
+    assert fam[1]["oof_nll"] < fam[2]["oof_nll"] < fam[0]["oof_nll"]
+    assert select(fam, 1)[0][1]["trial"] == 1  # no rule: the lowest score
+    # t1's gain (0.02) is less than its SE (0.03): noise; t2's (0.01, SE 1e-4) is consistent
+    assert select(fam, 1, per_row, se_rule=1.0)[0][1]["trial"] == 2
+    assert [(n, r["trial"]) for n, r in select(fam, 3, per_row, se_rule=1.0)] == [("svc_3", 1), ("svc", 2),
+                                                                                ("svc_2", 0)]
+    per_row["t2"] = base  # no gain at all: the fixed trial keeps its place
+    fam[2]["oof_nll"] = fam[0]["oof_nll"]
+    assert select(fam, 1, per_row, se_rule=1.0)[0][1]["trial"] == 0
+    assert paired_gain(per_row, "t1", "t0") == pytest.approx((-0.02, 0.03))
     timed = [row(0, "svc", "embedding", 1, start=0, end=4), row(1, "svc", "embedding", 1, start=1, end=2),
              row(2, "svc", "embedding", 1, start=2, end=3), row(3, "svc", "embedding", 1, start=4, end=5)]
     assert max_overlap(timed) == 2  # touching bars (2 -> 2, 4 -> 4) do not overlap

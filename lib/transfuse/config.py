@@ -285,6 +285,9 @@ class MemberSearchConfig(_Strict):
     space: dict[str, dict[str, Any]] = {}
     num_samples: int = Field(6, ge=1)  # trials per (kind, view family), besides one per fixed member
     per_kind: int = Field(1, ge=1)  # configurations kept per (kind, view family), best out-of-fold NLL first
+    # a drawn configuration displaces its family's fixed one only if it beats it by more than this many paired
+    # standard errors of the per-row out-of-fold NLL (the one-standard-error rule); 0: the plain lowest score
+    se_rule: float = Field(1.0, ge=0.0)
     max_concurrent: int = Field(4, ge=1)  # trials at once
     cpus_per_trial: float = Field(1.0, gt=0.0)  # Ray CPUs a trial holds; its fits run on one thread
     # seconds; past it Tune starts no new trial (the choice then depends on the machine's speed); None: no limit

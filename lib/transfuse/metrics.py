@@ -20,10 +20,15 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(1) == labels))
 
 
+def row_nll(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Each row's negative log-likelihood of its true class (natural log; probabilities floored at 1e-12)."""
+    probs, labels = _check(probs, labels)
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0))
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class (natural log)."""
-    probs, labels = _check(probs, labels)
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0))))
+    return float(np.mean(row_nll(probs, labels)))
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list[float]]:
