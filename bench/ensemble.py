@@ -16,7 +16,8 @@ import numpy as np
 
 from transfuse import runtime
 from transfuse.config import EnsembleConfig, MemberConfig
-from transfuse.ensemble import EnsembleInputs, fit_ensemble, format_table
+from transfuse.ensemble import fit_ensemble, format_table
+from transfuse.stack_inputs import EnsembleInputs
 from transfuse.learners import LocalRunner, RayRunner
 
 MEMBERS = [  # small but real settings: the development machine has 2 shared cores

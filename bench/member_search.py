@@ -39,7 +39,7 @@ def stack_metrics(cfg: Config, inp: Any, ecfg: Any) -> dict[str, float]:
 
 def one_draw(cfg: Config) -> dict[str, Any]:
     from transfuse import member_search
-    from transfuse.ensemble import load_inputs
+    from transfuse.stack_inputs import load_inputs
     from transfuse.pipeline import run_pipeline
 
     run_pipeline(cfg, until="tune", skip=("scratch",))  # the ensemble reads no scratch baseline

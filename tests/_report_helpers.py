@@ -149,7 +149,8 @@ def write_ensemble(cfg, *, pixels: bool = True) -> dict:
     """ensemble/: fitted with the real ensemble code on the tune members' predictions (local runner, 2 seeds), with
     a logistic regression on the embeddings and (``pixels``, reading data/) one on the pixels."""
     from transfuse.config import EnsembleConfig, MemberConfig
-    from transfuse.ensemble import _report, find_cnn_members, fit_ensemble, load_inputs, save_ensemble, verify_saved
+    from transfuse.ensemble import fit_ensemble, fit_report, save_ensemble, verify_saved
+    from transfuse.stack_inputs import find_cnn_members, load_inputs
     from transfuse.learners import LocalRunner
 
     members_cfg = [MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 300})]
@@ -162,7 +163,7 @@ def write_ensemble(cfg, *, pixels: bool = True) -> dict:
     fit = fit_ensemble(inp, ecfg, LocalRunner())
     out = storage.stage_dir(cfg, "ensemble")
     save_ensemble(out, fit, inp, members, ecfg)
-    report = _report(fit, inp)
+    report = fit_report(fit, inp)
     report["reload_max_abs_diff"] = verify_saved(out, fit, inp)
     storage.write_json(storage.join(out, "metrics.json"), report)
     storage.write_manifest(out, cfg, "ensemble", "fp-ens")

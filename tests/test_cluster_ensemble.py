@@ -26,7 +26,7 @@ def _inputs():
     """scikit-learn's digits as ensemble inputs: pixels in place of CNN embeddings, a fixed split."""
     from sklearn.datasets import load_digits
 
-    from transfuse.ensemble import EnsembleInputs
+    from transfuse.stack_inputs import EnsembleInputs
 
     d = load_digits()
     x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)

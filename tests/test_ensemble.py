@@ -17,7 +17,8 @@ from tests._ensemble_helpers import write_member_dir, write_member_run
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
-from transfuse.ensemble import EnsembleInputs, fit_ensemble, load_saved_members, read_member_split, run_ensemble
+from transfuse.ensemble import fit_ensemble, load_saved_members, run_ensemble
+from transfuse.stack_inputs import EnsembleInputs, read_member_split
 from transfuse.learners import (
     LocalRunner,
     MemberError,
@@ -510,7 +511,7 @@ def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, t
     from sklearn.linear_model import LogisticRegression
 
     from transfuse.data import read_split_numpy
-    from transfuse.ensemble import read_pixels
+    from transfuse.stack_inputs import read_pixels
     from transfuse.preprocess import pixel_features
 
     cfg, splits = member_run

@@ -20,7 +20,8 @@ from tests._ensemble_helpers import write_member_run
 from tests.conftest import ROOT
 from transfuse import storage
 from transfuse.config import MEMBER_KINDS, ConfigError, load_config
-from transfuse.ensemble import holdout_folds, load_inputs, run_ensemble
+from transfuse.ensemble import run_ensemble
+from transfuse.stack_inputs import holdout_folds, load_inputs
 from transfuse.learners import MemberError
 from transfuse.member_search import (
     DEFAULT_SPACE,

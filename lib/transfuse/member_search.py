@@ -3,7 +3,7 @@
 One trial = one member configuration: a kind (``MEMBER_KINDS``), its parameters drawn from that kind's space
 (``DEFAULT_SPACE``, or ``ensemble.search.space``) and a feature view (one CNN member's embedding, itself drawn,
 or the pixels). A trial fits the member K times, exactly as the ensemble fits it for the stacker: the holdout is
-split into the same K folds (``ensemble.holdout_folds`` with the first of ``ensemble.seeds``), fold k's model is
+split into the same K folds (``stack_inputs.holdout_folds`` with the first of ``ensemble.seeds``), fold k's model is
 fitted on train + the other holdout folds and predicts fold k. Its score is the out-of-fold NLL over the holdout.
 The fixed list (``ensemble.members``) is evaluated as trials too, so each (kind, view family) keeps its best
 configuration among the fixed one and the drawn ones, where a drawn one displaces the fixed one only by beating it
@@ -40,7 +40,7 @@ import numpy as np
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig, digest
-from transfuse.ensemble import (
+from transfuse.stack_inputs import (
     CnnMember,
     EnsembleInputs,
     fold_tasks,
