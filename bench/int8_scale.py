@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from transfuse import runtime  # noqa: E402,F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import models, tflite_export  # noqa: E402
-from transfuse.bundle import LiteRTRunner  # noqa: E402
+from transfuse.runtimes import LiteRTRunner  # noqa: E402
 from transfuse.config import HeadConfig, ModelConfig  # noqa: E402
 from transfuse.preprocess import PreprocessSpec, preprocess  # noqa: E402
 

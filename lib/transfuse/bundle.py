@@ -35,12 +35,12 @@ import numpy as np
 from transfuse import storage
 from transfuse.errors import TransfuseError
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.runtimes import MODEL_FORMATS, LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
 from transfuse.stacking import Stacker, combine_probs, softmax
 
 FORMAT = "transfuse.bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-MODEL_FORMATS = ("tflite", "onnx")
 FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
 MAX_BATCH = 256  # images per interpreter call: bounds peak memory for large requests
 
@@ -104,10 +104,6 @@ def sklearn_inputs(features: str, pixel_size: Optional[int], embedding_of: Optio
     if features == "pixels":
         return pixel_features(images, pixel_size)
     return embeddings[embedding_of]
-
-
-def _sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
 
 
 def _safe_rel(rel: str) -> str:
@@ -218,7 +214,7 @@ def write_bundle(
         rel = f"trunk.{trunk_format}"
         files[rel] = trunk
         manifest["trunk"] = {"file": rel, "format": trunk_format}
-    digests = [_sha256_bytes(m.data) for m in cnn_members]
+    digests = [hashlib.sha256(m.data).hexdigest() for m in cnn_members]
     shared: dict[str, str] = {}  # sha256 -> file: members exported as one graph share one file
     for i, (m, digest) in enumerate(zip(cnn_members, digests)):
         if digests.count(digest) > 1:
@@ -264,7 +260,7 @@ def write_bundle(
     manifest["versions"] = storage.versions()
     manifest["git_commit"] = storage.git_commit()
     manifest.update(extra or {})
-    manifest["files"] = {rel: _sha256_bytes(b) for rel, b in sorted(files.items())}
+    manifest["files"] = {rel: hashlib.sha256(b).hexdigest() for rel, b in sorted(files.items())}
 
     if storage.exists(directory) and (storage.list_files(directory) or storage.exists(storage.join(directory, MANIFEST))):
         if not overwrite:
@@ -318,7 +314,7 @@ def fetch(uri: str, cache_dir: Optional[Union[str, Path]] = None) -> Path:
         raise BundleError(f"{uri}: cannot read {MANIFEST}: {e}") from None
     manifest = _parse_manifest(raw, uri)
     root = Path(cache_dir) if cache_dir else _cache_root()
-    dest = root / _sha256_bytes(raw)[:32]
+    dest = root / hashlib.sha256(raw).hexdigest()[:32]
     if dest.is_dir():
         return dest  # verified again by load_bundle
     root.mkdir(parents=True, exist_ok=True)
@@ -402,61 +398,11 @@ def verify(directory: Union[str, Path]) -> tuple[dict, bytes]:
     return m, raw
 
 
-class LiteRTRunner:
-    """One .tflite model run through its serving signature; inputs are resized to each batch."""
-
-    def __init__(self, path: Path, num_threads: int, what: str):
-        from ai_edge_litert.interpreter import Interpreter
-
-        try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
-            sigs = self.interpreter.get_signature_list()
-            if len(sigs) != 1:
-                raise BundleError(f"{what}: expected one signature in {path.name}, found {sorted(sigs)}")
-            self.runner = self.interpreter.get_signature_runner(next(iter(sigs)))
-        except (ValueError, RuntimeError) as e:
-            raise BundleError(f"{what}: LiteRT cannot load {path.name}: {e}") from None
-        ins = self.runner.get_input_details()
-        if len(ins) != 1:
-            raise BundleError(f"{what}: {path.name} must take one input, takes {sorted(ins)}")
-        self.input_name = next(iter(ins))
-        self.input_dtype = ins[self.input_name]["dtype"]
-        self.outputs = sorted(self.runner.get_output_details())
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runner(**{self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
-
-
-class OnnxRunner:
-    """One ONNX model on ONNX Runtime's CPU provider."""
-
-    def __init__(self, path: Path, num_threads: int, what: str):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = num_threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise BundleError(f"{what}: ONNX Runtime cannot load {path.name}: {e}") from None
-        ins = self.session.get_inputs()
-        if len(ins) != 1:
-            raise BundleError(f"{what}: {path.name} must take one input, takes {[i.name for i in ins]}")
-        self.input_name = ins[0].name
-        self.outputs = [o.name for o in self.session.get_outputs()]
-
-    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        res = self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
-        return dict(zip(self.outputs, res))
-
-
 def _runner(path: Path, fmt: str, num_threads: int, what: str) -> Union[LiteRTRunner, OnnxRunner]:
-    if fmt == "tflite":
-        return LiteRTRunner(path, num_threads, what)
-    if fmt == "onnx":
-        return OnnxRunner(path, num_threads, what)
-    raise BundleError(f"{what}: format must be one of {MODEL_FORMATS}, got {fmt!r}")
+    try:
+        return load_runner(path, fmt, num_threads, what)
+    except ModelLoadError as e:
+        raise BundleError(str(e)) from None
 
 
 def _need_output(r: Union[LiteRTRunner, OnnxRunner], name: Optional[str], what: str) -> None:
@@ -587,7 +533,7 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
     threads = int(num_threads or m.get("runtime", {}).get("num_threads", 1))
     if threads < 1:
         raise BundleError(f"num_threads must be >= 1, got {threads}")
-    b = Bundle(path=local, manifest=m, checksum=_sha256_bytes(raw))
+    b = Bundle(path=local, manifest=m, checksum=hashlib.sha256(raw).hexdigest())
     k = len(m["class_names"])
     try:
         PreprocessSpec(**m["preprocess"])

@@ -185,7 +185,7 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
     import tensorflow as tf
 
     from transfuse import models
-    from transfuse.bundle import OnnxRunner
+    from transfuse.runtimes import OnnxRunner
 
     nets = {m.name: tf.keras.Model(m.model.input, [m.model.output, models.embedding_model(m.model).output])
             for m in members}
