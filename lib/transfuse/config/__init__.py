@@ -2,7 +2,9 @@
 
 Loaded from YAML, overridden with ``--set key.path=value``, validated once by pydantic. Unknown keys are
 errors. A validation error names the field, the value it got and what is allowed (``ConfigError``).
-This module sits at the bottom of the package: it imports nothing else from ``transfuse``.
+This package sits at the bottom of the package tree: it imports nothing else from ``transfuse`` but its error base.
+``config.base`` holds the error and the strict model base; ``config.ensemble`` the ensemble's members, their
+search space and the stacker; this module every other section, the root ``Config`` and the YAML loading.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from transfuse.errors import TransfuseError
+from transfuse.config.base import ConfigError, Strict
+from transfuse.config.ensemble import (
+    MEMBER_FEATURES,
+    MEMBER_KINDS,
+    MEMBER_SAMPLERS,
+    EnsembleConfig,
+    MemberConfig,
+    MemberSearchConfig,
+)
 
 BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0", "efficientnet_lite1",
              "efficientnet_lite2", "vgg_small")
@@ -25,15 +35,7 @@ SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
 SPLITS = ("train", "val", "test", "holdout")
 
 
-class ConfigError(TransfuseError, ValueError):
-    """A configuration value is missing, unknown or out of range."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     """Fractions of the pooled examples per split; train gets the rest."""
 
     val: float = Field(0.1, ge=0.0, lt=1.0)
@@ -48,7 +50,7 @@ class SplitConfig(_Strict):
         return self
 
 
-class BudgetSplitConfig(_Strict):
+class BudgetSplitConfig(Strict):
     """How the label budget is divided, as fractions of it per class; train gets the rest."""
 
     val: float = Field(0.2, gt=0.0, lt=1.0)  # early stopping, best epoch, Tune's trial choice
@@ -62,7 +64,7 @@ class BudgetSplitConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     source: Literal[SOURCES] = "fashion_mnist"  # type: ignore[valid-type]
     path: Optional[str] = None  # folder or URI; None: the source's default locations
     download: bool = False  # allow Keras' downloader when the files are not found locally
@@ -115,18 +117,18 @@ class DataConfig(_Strict):
         return v
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(Strict):
     flip: bool = False  # random horizontal flip
     pad_crop: int = Field(0, ge=0, le=16)  # pad by this many pixels, then random crop back
 
 
-class HeadConfig(_Strict):
+class HeadConfig(Strict):
     dense: list[int] = [256]  # the seed's head: Flatten -> Dense(256, relu) -> Dense(classes)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     pooling: Literal["flatten", "avg"] = "flatten"
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     backbone: Literal[BACKBONES] = "vgg_small"  # type: ignore[valid-type]
     # imagenet (Keras download), none (random init), pretrain (the pretrain stage's output) or a file path
     weights: str = "pretrain"
@@ -148,7 +150,7 @@ class ModelConfig(_Strict):
         return v
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)  # Ray Train workers
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0.0)
@@ -196,7 +198,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class PretrainConfig(_Strict):
+class PretrainConfig(Strict):
     """Train the backbone on a source task where no pretrained weights exist (the offline default)."""
 
     data: DataConfig = DataConfig(classes=[0, 2, 4, 6, 8])
@@ -205,7 +207,7 @@ class PretrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0.0)
 
 
-class TuneConfig(_Strict):
+class TuneConfig(Strict):
     num_samples: int = Field(6, ge=1)  # trials
     unfreeze: list[int] = [0, 4, 8, 13]  # depths searched, from the top, in unfreeze_unit
     unfreeze_unit: Optional[Literal[UNFREEZE_UNITS]] = None  # type: ignore[valid-type]  # None: model.unfreeze_unit
@@ -221,176 +223,7 @@ class TuneConfig(_Strict):
     members: int = Field(3, ge=1)  # CNN members kept for the ensemble: best M, diverse
 
 
-# scikit-learn learners fitted on CNN embeddings (transfuse.ensemble maps each kind to its estimator and checks
-# params against the estimator's get_params() before any work starts).
-MEMBER_KINDS = ("random_forest", "bagging", "adaboost", "hist_gradient_boosting", "svc", "logistic_regression")
-
-
-MEMBER_FEATURES = ("embedding", "pixels")
-
-
-class MemberConfig(_Strict):
-    """One scikit-learn ensemble member: a unique file-safe name, a kind, estimator keyword arguments, and what it
-    reads: the best CNN member's embedding (its penultimate layer) or the image's pixels (scaled to [0, 1] and
-    flattened, at ``ensemble.pixel_size``), a second view of the data whose errors differ from the CNNs'."""
-
-    name: str
-    kind: str
-    params: dict[str, Any] = {}
-    features: Literal[MEMBER_FEATURES] = "embedding"  # type: ignore[valid-type]
-    # features: embedding only: which CNN member's embedding (its name in tune/members.json); None: the best on val
-    embedding_of: Optional[str] = None
-
-    @model_validator(mode="after")
-    def _embedding_of_needs_embedding(self) -> "MemberConfig":
-        if self.embedding_of is not None and self.features != "embedding":
-            raise ValueError(f"member {self.name!r}: embedding_of={self.embedding_of!r} names a CNN member's "
-                             f"embedding, but features={self.features!r}; drop one of them")
-        return self
-
-    @field_validator("name")
-    @classmethod
-    def _file_safe_name(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "_-" for c in v):
-            raise ValueError(f"member name must be non-empty letters, digits, '_' or '-' (it names a file), got {v!r}")
-        return v
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, v: str, info: Any) -> str:
-        if v not in MEMBER_KINDS:  # the error is located at members.N.kind and names the member
-            name = info.data.get("name")
-            raise ValueError(f"member {name!r}: unknown kind {v!r}; allowed: {', '.join(MEMBER_KINDS)}")
-        return v
-
-
-# How one hyperparameter of a searched member kind is drawn (Ray Tune's samplers; lograndint/randint: upper bound
-# excluded); any other value is a constant: {C: {loguniform: [0.001, 100]}, max_iter: 2000}
-MEMBER_SAMPLERS = ("loguniform", "uniform", "lograndint", "randint", "choice")
-
-
-class MemberSearchConfig(_Strict):
-    """Ray Tune over the scikit-learn members (transfuse.member_search): one trial = one member configuration (kind,
-    parameters, feature view) scored by its out-of-fold NLL on the holdout, over the folds the stacker's inputs use.
-    The best configurations per (kind, view family) replace ``ensemble.members``; those fixed members are searched
-    as trials too, so a searched member is never worse on that score than the fixed one of its kind and view."""
-
-    enabled: bool = False  # false: ensemble.members as given (the fixed list; the way to opt out)
-    # kinds searched; the default space of each (member_search.DEFAULT_SPACE) covers every kind in MEMBER_KINDS
-    kinds: list[str] = ["logistic_regression", "svc", "random_forest", "hist_gradient_boosting"]
-    # view families searched for every kind: embedding (one of the CNN members' embeddings, itself searched) and
-    # pixels (ensemble.pixel_size); the best of each family is kept, so the pixel view's diversity survives
-    features: list[Literal[MEMBER_FEATURES]] = ["embedding", "pixels"]  # type: ignore[valid-type]
-    # per kind: {param: constant or {sampler: [args]}}; replaces that kind's default space as a whole
-    space: dict[str, dict[str, Any]] = {}
-    num_samples: int = Field(6, ge=1)  # trials per (kind, view family), besides one per fixed member
-    per_kind: int = Field(1, ge=1)  # configurations kept per (kind, view family), best out-of-fold NLL first
-    # a drawn configuration displaces its family's fixed one only if it beats it by more than this many paired
-    # standard errors of the per-row out-of-fold NLL (the one-standard-error rule); 0: the plain lowest score
-    se_rule: float = Field(1.0, ge=0.0)
-    max_concurrent: int = Field(4, ge=1)  # trials at once
-    cpus_per_trial: float = Field(1.0, gt=0.0)  # Ray CPUs a trial holds; its fits run on one thread
-    # seconds; past it Tune starts no new trial (the choice then depends on the machine's speed); None: no limit
-    time_budget_s: Optional[float] = Field(None, gt=0.0)
-
-    @field_validator("kinds")
-    @classmethod
-    def _kinds(cls, v: list[str]) -> list[str]:
-        bad = [k for k in v if k not in MEMBER_KINDS]
-        if bad or not v or len(set(v)) != len(v):
-            raise ValueError(f"must be distinct kinds from {', '.join(MEMBER_KINDS)} (at least one), got {v}")
-        return v
-
-    @field_validator("features")
-    @classmethod
-    def _features(cls, v: list[str]) -> list[str]:
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"must be distinct views from {MEMBER_FEATURES} (at least one), got {v}")
-        return v
-
-    @field_validator("space")
-    @classmethod
-    def _space(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        for kind, params in v.items():
-            if kind not in MEMBER_KINDS:
-                raise ValueError(f"space: unknown kind {kind!r}; allowed: {', '.join(MEMBER_KINDS)}")
-            for name, spec in params.items():
-                _check_sampler(f"space.{kind}.{name}", spec)
-        return v
-
-
-def _check_sampler(where: str, spec: Any) -> None:
-    """A searched value: a constant, or exactly one sampler with valid arguments."""
-    if not isinstance(spec, dict):
-        return
-    if len(spec) != 1 or next(iter(spec)) not in MEMBER_SAMPLERS:
-        raise ValueError(f"{where}: a sampled value is one of {{{', '.join(MEMBER_SAMPLERS)}}} with its arguments "
-                         f"(e.g. {{loguniform: [0.001, 100]}}), got {spec!r}")
-    (sampler, args), = spec.items()
-    if sampler == "choice":
-        if not isinstance(args, list) or not args:
-            raise ValueError(f"{where}: choice needs a non-empty list of values, got {args!r}")
-        return
-    ok = isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)
-    if not ok or not args[0] < args[1] or (sampler.startswith("log") and args[0] <= 0):
-        raise ValueError(f"{where}: {sampler} needs [low, high] with low < high"
-                         f"{' and low > 0' if sampler.startswith('log') else ''}, got {args!r}")
-    if sampler.endswith("randint") and not all(isinstance(a, int) for a in args):
-        raise ValueError(f"{where}: {sampler} needs integer bounds, got {args!r}")
-
-
-class EnsembleConfig(_Strict):
-    members: list[MemberConfig] = [
-        MemberConfig(name="rf", kind="random_forest", params={"n_estimators": 200}),
-        MemberConfig(name="ada", kind="adaboost", params={"n_estimators": 100}),
-        MemberConfig(name="svc", kind="svc", params={"C": 1.0}),
-        MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 1000}),
-        # the pixel view: on the default run alone 0.9305 test accuracy (the embedding logreg 0.918), and the stack
-        # of all members 0.9445 with it vs 0.919 without (seed 0; issue 5's note). C=0.1: 784 unscaled [0, 1] inputs
-        MemberConfig(name="px_logreg", kind="logistic_regression", params={"C": 0.1, "max_iter": 2000},
-                     features="pixels"),
-    ]
-    # pixels members read images resized to pixel_size x pixel_size (None: as prepared), in [0, 1], flattened:
-    # one pixel view for every such member, computed by transfuse.preprocess.pixel_features here and in serving
-    pixel_size: Optional[int] = Field(None, ge=2, le=512)
-    folds: int = Field(5, ge=2)  # K: out-of-fold predictions on the holdout split for the stacker
-    # the meta-learner: "auto" picks, by K-fold cross-validated NLL on the holdout, among the logistic stacker on
-    # probs and on log-probs and the log-linear pool, each at every C in stacker_grid_C; or name one (then
-    # stacker_C and stacker_features are used as given)
-    stacker: Literal["auto", "logistic", "log_pool"] = "auto"
-    stacker_grid_C: list[float] = Field([0.1, 1.0, 10.0], min_length=1)
-    stacker_C: float = Field(1.0, gt=0.0)  # inverse L2 strength of the meta-learner
-    # member outputs fed to the meta-learner: probabilities (as scikit-learn's StackingClassifier and AutoGluon) or
-    # their logs clipped at 1e-2; on digits pixels probs gave 0.980 test accuracy vs 0.971 (NLL 0.111 vs 0.091)
-    stacker_features: Literal["log_probs", "probs"] = "probs"
-    # temperature scaling (Guo et al. 2017): one scalar fitted by NLL on the chosen stacker's out-of-fold holdout
-    # logits and folded into the saved, compressed and served stacker (accuracy unchanged)
-    temperature_scaling: bool = True
-    greedy_rounds: int = Field(25, ge=1)  # Caruana et al. 2004: selection steps, with replacement
-    greedy_metric: Literal["nll", "accuracy"] = "nll"  # what greedy selection minimises/maximises on holdout
-    seeds: list[int] = Field([0, 1, 2], min_length=1)  # seed range reported; the first seed's fit is saved
-    parallel: Literal["ray", "local"] = "ray"  # ray: one Ray task per (member, fold); local: sequential
-    cpus_per_task: float = Field(1.0, gt=0.0)  # Ray CPUs per fitting task
-    onnx_threads: int = Field(1, ge=1)  # onnxruntime intra-op threads when reloading members
-    search: MemberSearchConfig = MemberSearchConfig()  # Ray Tune over the members (off: the fixed list above)
-
-    @field_validator("stacker_grid_C")
-    @classmethod
-    def _positive_grid(cls, v: list[float]) -> list[float]:
-        if any(c <= 0 for c in v):
-            raise ValueError(f"every C must be > 0, got {v}")
-        return v
-
-    @field_validator("members")
-    @classmethod
-    def _unique_names(cls, v: list[MemberConfig]) -> list[MemberConfig]:
-        names = [m.name for m in v]
-        if len(set(names)) != len(names):
-            raise ValueError(f"member names must be unique, got {names}")
-        return v
-
-
-class CompressConfig(_Strict):
+class CompressConfig(Strict):
     """Pruning, quantization and the bundle. ``variants`` lists kinds; ``pruned`` and ``pruned_int8`` expand to one
     variant per ``sparsity`` named by it (``pruned50``, ``pruned80_int8``): see ``variant_names()``."""
 
@@ -462,7 +295,7 @@ def pruned_name(sparsity: float) -> str:
     return "pruned" + f"{100 * sparsity:g}".replace(".", "p")
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     name: str = "transfuse"  # model name in /v1/models/{name}
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -489,12 +322,12 @@ class ServeConfig(_Strict):
         return self
 
 
-class RayConfig(_Strict):
+class RayConfig(Strict):
     address: Optional[str] = None  # None: connect to RAY_ADDRESS or start a local cluster
     num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of a local cluster
 
 
-class GoalsConfig(_Strict):
+class GoalsConfig(Strict):
     """What the report's verdict checks; each row is marked met or missed. Accuracy margins are in points (1 point
     = 0.01 test accuracy, the first model minus the second, at least this); the served variant (compress.
     serve_variant, int8 by default) is held to its ratios against float32 measured in the same run."""
@@ -508,7 +341,7 @@ class GoalsConfig(_Strict):
     served_faster: float = Field(3.0, gt=0.0)  # batch-1 speed-up of the served variant over float32, at least
 
 
-class Config(_Strict):
+class Config(Strict):
     storage: str = "./runs"  # local folder or URI (s3://bucket/prefix, gs://...)
     run: str = "default"
     seed: int = 0
@@ -612,3 +445,12 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+__all__ = [
+    "BACKBONES", "MEMBER_FEATURES", "MEMBER_KINDS", "MEMBER_SAMPLERS", "SOURCES", "SPLITS", "UNFREEZE_UNITS",
+    "AugmentConfig", "BudgetSplitConfig", "CompressConfig", "Config", "ConfigError", "DataConfig", "EnsembleConfig",
+    "GoalsConfig", "HeadConfig", "MemberConfig", "MemberSearchConfig", "ModelConfig", "PretrainConfig", "RayConfig",
+    "ServeConfig", "SplitConfig", "Strict", "TrainConfig", "TuneConfig", "apply_overrides", "digest",
+    "expand_variants", "load_config", "pruned_name",
+]
