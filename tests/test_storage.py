@@ -33,3 +33,19 @@ def test_delete_removes_a_file_or_a_folder_and_ignores_what_is_not_there(tmp_pat
     storage.delete(str(tmp_path / "missing"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ray_train"]
     assert storage.list_files(str(tmp_path)) == []  # dot-folders hold working state, not outputs
+
+
+def test_skip_complete_only_for_a_complete_manifest_with_the_same_fingerprint(tmp_path, caplog):
+    from transfuse.config import load_config
+
+    cfg = load_config(None, [f"storage={tmp_path}"])
+    out = str(tmp_path / "stage")
+    assert not storage.skip_complete(out, "fp1", "demo")  # nothing written yet
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "out.txt").write_text("x")
+    storage.write_manifest(out, cfg, "demo", "fp1")
+    with caplog.at_level("INFO", logger="transfuse.storage"):
+        assert storage.skip_complete(out, "fp1", "demo")
+    assert "demo: " in caplog.text and "fp1" in caplog.text
+    assert not storage.skip_complete(out, "fp1", "demo", force=True)  # forced: run again
+    assert not storage.skip_complete(out, "fp2", "demo")  # another config: run again

@@ -276,8 +276,8 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src, dropped = ensemble_to_compress(cfg)
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
-    if not force and storage.is_complete(out, src.fingerprint) and storage.exists(storage.join(bundle_dir, "manifest.json")):
-        log.info("compress stage complete (fingerprint %s): %s", src.fingerprint, out)
+    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, src.fingerprint,
+                                                                                            STAGE, force):
         return storage.read_manifest(out)
     members = []
     for name, d in src.members:

@@ -362,8 +362,7 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     members = find_cnn_members(cfg)
     out = storage.stage_dir(cfg, STAGE)
     fp = stage_fingerprint(cfg, members)
-    if not force and storage.is_complete(out, fp):
-        log.info("ensemble stage complete (fingerprint %s): %s", fp, out)
+    if storage.skip_complete(out, fp, STAGE, force):
         return storage.read_manifest(out)
     inp, members = load_inputs(cfg, members)
     ecfg, searched = cfg.ensemble, None

@@ -32,8 +32,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
 
     out_dir = storage.stage_dir(cfg, STAGE)
     fp = cfg.fingerprint("pretrain", "model", "seed")
-    if not force and storage.is_complete(out_dir, fp):
-        log.info("pretrain: %s is complete, skipping", out_dir)
+    if storage.skip_complete(out_dir, fp, STAGE, force):
         return storage.read_json(storage.join(out_dir, "metrics.json"))
     prepare(cfg, data_cfg=cfg.pretrain.data, stage=DATA_STAGE)
     data_dir = storage.stage_dir(cfg, DATA_STAGE)

@@ -278,8 +278,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
 
     out = tune_dir(cfg)
     fp = cfg.fingerprint("data", "model", "train", "tune", "seed")
-    if not force and storage.is_complete(out, fp):
-        log.info("tune: %s is complete, skipping", out)
+    if storage.skip_complete(out, fp, STAGE, force):
         return storage.read_manifest(out)
     from transfuse.data import data_manifest
 

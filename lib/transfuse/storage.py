@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any, Optional
 import pyarrow.fs as pafs
 
 from transfuse import __version__
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -209,3 +212,14 @@ def read_manifest(directory: str) -> Optional[dict]:
 def is_complete(directory: str, fingerprint: str) -> bool:
     m = read_manifest(directory)
     return bool(m and m.get("complete") and m.get("fingerprint") == fingerprint)
+
+
+def skip_complete(directory: str, fingerprint: str, stage: str, force: bool = False) -> bool:
+    """Every stage's first step: True (and a log line) when ``directory`` holds a complete run of ``stage`` with
+    this fingerprint and the caller was not forced, so the stage returns its saved outputs without running.
+    What a stage that does run keeps of an earlier attempt is its own rule: Train and Tune resume from their
+    working state, the others clear their folder before writing."""
+    if force or not is_complete(directory, fingerprint):
+        return False
+    log.info("%s: %s is complete (fingerprint %s), skipping", stage, directory, fingerprint)
+    return True

@@ -309,8 +309,7 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
     out_dir = out_dir or storage.stage_dir(cfg, STAGE)
     eff = effective(cfg, overrides)
     fp = _fingerprint(eff, weights)
-    if not force and storage.is_complete(out_dir, fp):
-        log.info("finetune: %s is complete, skipping", out_dir)
+    if storage.skip_complete(out_dir, fp, STAGE, force):
         return storage.read_json(storage.join(out_dir, "metrics.json"))
     train_path = storage.join(out_dir, TRAIN_DIR)
     if not resume:

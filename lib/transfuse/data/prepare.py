@@ -171,8 +171,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     dcfg = data_cfg or cfg.data
     out = storage.stage_dir(cfg, stage)
     fingerprint = digest({"data": dcfg.model_dump(mode="json"), "seed": cfg.seed})
-    if not force and storage.is_complete(out, fingerprint):
-        log.info("prepare: %s is complete, skipping", out)
+    if storage.skip_complete(out, fingerprint, "prepare", force):
         return storage.read_manifest(out)
 
     source = load_source(dcfg)
