@@ -1,0 +1,466 @@
+"""The report's sections, each drawn on a ``transfuse.report.page.Page`` from the files its stage wrote (a stage
+that has not run gives "stage X not run"): the title, the verdict (section 0, rows from
+``transfuse.report.judge``), 1. learning curves of the best trial, 2. val accuracy against unfreeze depth,
+3. transfer vs scratch, 4. every member vs the ensemble, 5. the confusion matrix and reliability diagram,
+6. the compression table, 7. precision and recall per class (``per_class``), float32 vs the served variant, and
+the appendix (storage, fingerprints, stage manifests, git commits, the label budget record, package versions).
+Section 8, the pipeline summary, is ``transfuse.report.pipeline_summary``'s."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+from transfuse import metrics as tm
+from transfuse import storage
+from transfuse.report.judge import BENCH_FILE, read_json, verdict
+from transfuse.report.page import Page, esc, not_run, num, pyplot, table
+from transfuse.report.pipeline_summary import tuned_members
+
+# Stages whose manifest.json is listed in the header (fingerprint, creation time, git commit).
+MANIFEST_STAGES = ("data", "pretrain_data", "pretrain", "finetune", "scratch", "tune", "ensemble", "compress",
+                   "bundle")
+COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.COMBINERS: not members
+
+
+def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
+    """(dir of the best trial's member, how it was found): tune/members.json's first entry, else finetune/."""
+    tuned = tuned_members(cfg)
+    if tuned:
+        return tuned[0].dir, f"best tuned trial {tuned[0].name} (first entry of tune/members.json)"
+    ft = storage.stage_dir(cfg, "finetune")
+    if storage.exists(storage.join(ft, "metrics.json")):
+        return ft, "the seed's fixed-depth model (finetune/; tune not run)"
+    return None, ""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+def title(cfg: Any, page: Page) -> None:
+    page.add(f"<h1>transfuse run <code>{esc(cfg.run)}</code></h1>")
+
+
+def verdict_section(cfg: Any, page: Page) -> None:
+    page.add('<h2 id="verdict">Verdict</h2>')
+    v = verdict(cfg)
+    page.add('<div class="verdict-lines">' + "".join(f"<p>{esc(line)}</p>" for line in v.lines()) + "</div>")
+    head = "".join(f"<th>{h}</th>" for h in ("comparison", "first", "second", "difference", "goal", "draws",
+                                            "verdict"))
+    body = "".join(
+        f'<tr data-key="{esc(r.key)}" data-met="{esc(r.verdict_text())}"'
+        f' data-difference="{"" if r.difference is None else repr(r.difference)}">'
+        f"<td>{esc(r.comparison)}</td><td>{esc(r.first)}</td><td>{esc(r.second)}</td>"
+        f"<td>{esc(r.difference_text())}</td><td>{esc(r.goal_text())}</td>"
+        f"<td>{r.draws if r.met is not None else '-'}</td>"
+        f'<td class="{esc(r.verdict_text().replace(" ", "-"))}">{esc(r.verdict_text())}</td></tr>'
+        for r in v.rows)
+    page.add(f'<table id="verdict-table"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+    src = (f"Rows with several draws read {BENCH_FILE} (bench/transfer.py); the others this run's files."
+           if v.bench else "Every row reads this run's files (1 draw; bench/transfer.py writes several).")
+    page.add(f'<p class="note">{esc(src)} Goals: the config\'s <code>goals</code> section. Accuracy on the '
+             "test split; a difference is the first model minus the second.</p>")
+
+
+def _versions(manifests: list[dict]) -> list[tuple[str, str]]:
+    """Package versions as the stage manifests recorded them (a package whose version changed between stages
+    lists each), else this process's; and the Python that writes the report."""
+    import platform
+
+    seen: dict[str, list[str]] = {}
+    for m in manifests or [{"versions": storage.versions()}]:
+        for k, v in (m.get("versions") or {}).items():
+            if v not in seen.setdefault(k, []):
+                seen[k].append(v)
+    return [(k, ", ".join(v)) for k, v in seen.items()] + [("python (report)", platform.python_version())]
+
+
+def appendix(cfg: Any, page: Page) -> None:
+    page.add('<h2 id="appendix">Appendix: paths, fingerprints and versions</h2>')
+    rows, commits, manifests = [], [], []
+    for s in MANIFEST_STAGES:
+        m = storage.read_manifest(storage.stage_dir(cfg, s))
+        if not m:
+            continue
+        manifests.append(m)
+        commit = m.get("git_commit")
+        if commit and commit not in commits:
+            commits.append(commit)
+        rows.append([esc(s), num(m.get("complete")), f"<code>{esc(m.get('fingerprint', '-'))}</code>",
+                     esc(m.get("created", "-")), f"<code>{esc((commit or '-')[:12])}</code>"])
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    info = [("storage", storage.run_dir(cfg)), ("config fingerprint", cfg.fingerprint()),
+            ("git commit", ", ".join(commits) if commits else "- (no stage manifest records one)"),
+            ("backbone", f"{cfg.model.backbone} (width {cfg.model.width}, {cfg.model.input_size} px, "
+                         f"weights {cfg.model.weights}, unfreeze {cfg.model.unfreeze})"),
+            ("written", now)]
+    data = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    if data.get("label_budget"):
+        info.append(("label budget (data manifest)", json.dumps(data["label_budget"], sort_keys=True)))
+    page.add(table(["", ""], [[esc(k), f"<code>{esc(v)}</code>"] for k, v in info]))
+    page.add("<h3>Stage manifests</h3>")
+    page.add(table(["stage", "complete", "fingerprint", "created", "git commit"], rows) if rows
+             else "<p>no stage has written a manifest yet</p>")
+    page.add("<h3>Package versions</h3>")
+    page.add(table(["package", "version"], [[esc(k), esc(v)] for k, v in _versions(manifests)]))
+
+
+def learning_curves(cfg: Any, page: Page) -> None:
+    page.add("<h2>1. Learning curves of the best trial</h2>")
+    d, how = _member_dir(cfg)
+    if d is None:
+        page.add(not_run("tune", "finetune"))
+        return
+    m = storage.read_json(storage.join(d, "metrics.json"))
+    hist = m.get("history") or []
+    if not hist:
+        page.add(f"<p>{esc(d)}/metrics.json has no per-epoch history</p>")
+        return
+    plt = pyplot()
+    epochs = [int(r["epoch"]) for r in hist]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, key, label in ((axes[0], "loss", "loss (cross-entropy)"), (axes[1], "accuracy", "accuracy")):
+        for k, style in ((key, "o-"), (f"val_{key}", "s--")):
+            pts = [(e, r[k]) for e, r in zip(epochs, hist) if r.get(k) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=k.replace("_", " "), ms=4)
+        ax.set_xlabel("epoch (both phases)")
+        ax.set_ylabel(label)
+    phases = [r.get("phase") for r in hist]
+    boundary = next((i for i in range(1, len(phases)) if phases[i] != phases[i - 1]), None)
+    for ax in axes:
+        if boundary is not None:  # between the last epoch of one phase and the first of the next
+            x = (epochs[boundary - 1] + epochs[boundary]) / 2
+            ax.axvline(x, color="grey", ls=":", lw=1.5, label=f"{phases[boundary - 1]} -> {phases[boundary]}")
+        ax.legend(fontsize=8)
+    axes[0].set_title("loss")
+    axes[1].set_title("accuracy")
+    per_phase = ", ".join(f"{p}: {phases.count(p)} epoch(s)" for p in dict.fromkeys(phases))
+    caption = (f"{esc(how)}. Phases: {esc(per_phase)}"
+               + ("; the dotted line marks where the backbone was unfrozen." if boundary is not None
+                  else "; one phase only (no boundary)."))
+    page.figure(fig, "learning_curves.png", "learning curves", caption)
+    rows = [[esc(split), num(m[split].get("accuracy")), num(m[split].get("nll")), num(m[split].get("ece")),
+             num(m[split].get("n"))] for split in ("val", "test", "holdout") if isinstance(m.get(split), dict)]
+    if rows:
+        page.add(table(["split", "accuracy", "NLL", "ECE", "n"], rows))
+
+
+def depth_search(cfg: Any, page: Page) -> None:
+    page.add("<h2>2. Val accuracy against unfreeze depth</h2>")
+    tune_dir = storage.stage_dir(cfg, "tune")
+    rows = read_json(storage.join(tune_dir, "results.json"))
+    if rows is None:
+        page.add(not_run("tune"))
+        return
+    tune_png = storage.join(tune_dir, "val_accuracy_vs_depth.png")
+    caption = (f"Best val accuracy of every trial by the number of unfrozen backbone layers; crosses were stopped "
+               f"early by the scheduler; dashed line: the seed's depth ({cfg.model.unfreeze}).")
+    if storage.exists(tune_png):  # the search's own plot, copied so the page works from its folder
+        page.image_bytes(storage.read_bytes(tune_png), "val_accuracy_vs_depth.png", "val accuracy vs depth",
+                         caption + " (plot written by the tune stage)")
+    else:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for stopped in (False, True):
+            pts = [(r["unfreeze"], r["best_val_accuracy"]) for r in rows if bool(r.get("stopped_early")) == stopped
+                   and r.get("best_val_accuracy") is not None and not math.isnan(r["best_val_accuracy"])]
+            if pts:
+                ax.scatter(*zip(*pts), marker="x" if stopped else "o",
+                           label="stopped early" if stopped else "ran to the end", alpha=0.8)
+        ax.axvline(cfg.model.unfreeze, color="grey", ls="--", lw=1, label=f"seed's depth ({cfg.model.unfreeze})")
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths are layer counts
+        ax.set_xlabel("unfrozen backbone layers (from the top)")
+        ax.set_ylabel("best val accuracy")
+        ax.set_title("Depth search")
+        ax.legend(fontsize=8)
+        page.figure(fig, "val_accuracy_vs_depth.png", "val accuracy vs depth", caption)
+    ordered = sorted(rows, key=lambda r: (r.get("unfreeze", 0), -(r.get("best_val_accuracy") or 0.0)))
+    page.add(table(
+        ["trial", "unfreeze", "best val acc", "epochs", "stopped early", "finished", "member val acc",
+         "member test acc", "error"],
+        [[esc(r.get("trial_id", "-")), num(r.get("unfreeze")), num(r.get("best_val_accuracy")),
+          num(r.get("epochs_run")), num(r.get("stopped_early")), num(r.get("finished")),
+          num(r.get("val_accuracy")), num(r.get("test_accuracy")), esc(r.get("error") or "")] for r in ordered]))
+
+
+def transfer_vs_scratch(cfg: Any, page: Page) -> None:
+    page.add("<h2>3. Transfer vs scratch</h2>")
+    found, missing = {}, []
+    for stage, label in (("finetune", f"transferred weights ({cfg.model.weights}), unfreeze {cfg.model.unfreeze}"),
+                         ("scratch", "same network from random weights")):
+        m = read_json(storage.join(storage.stage_dir(cfg, stage), "metrics.json"))
+        if m is None or not isinstance(m.get("test"), dict):
+            missing.append(stage)
+        else:
+            found[stage] = (label, m["test"], m.get("epochs"))
+    page.add(not_run(*missing))
+    if not found:
+        return
+    page.add(table(["stage", "model", "test accuracy", "NLL", "ECE", "n", "epochs"],
+                    [[esc(s), esc(lab), num(t.get("accuracy")), num(t.get("nll")), num(t.get("ece")),
+                      num(t.get("n")), num(ep)] for s, (lab, t, ep) in found.items()]))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    names = list(found)
+    x = np.arange(len(names))
+    w = 0.38
+    for i, (key, label) in enumerate((("accuracy", "test accuracy"), ("ece", "test ECE"))):
+        vals = [float(found[s][1].get(key, float("nan"))) for s in names]
+        bars = ax.bar(x + (i - 0.5) * w, vals, w, label=label)
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(x, [f"{s}\n({'transfer' if s == 'finetune' else 'random init'})" for s in names])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Transfer vs scratch (test split)")
+    ax.legend(fontsize=8)
+    page.figure(fig, "transfer_vs_scratch.png", "transfer vs scratch",
+                "Same architecture and epoch budget; higher accuracy and lower ECE are better.")
+
+
+def members_vs_ensemble(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict]) -> None:
+    page.add("<h2>4. Every member vs the ensemble</h2>")
+    if ens is None:
+        page.add(not_run("ensemble"))
+        return
+    per_model = ens["summary"]
+    # metrics.json is written with sorted keys: restore the ensemble's member order, then the combiners
+    order = [m for m in (desc or {}).get("member_order", []) if m in per_model]
+    models = order + sorted((m for m in per_model if m not in order and m not in COMBINERS), key=str) \
+        + [c for c in COMBINERS if c in per_model]
+    seeds = ens.get("seeds", [])
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.45 * len(models) + 1.4), sharey=True)
+    y = np.arange(len(models))
+    colors = ["tab:orange" if m in COMBINERS else "tab:blue" for m in models]
+    for ax, metric, label in ((axes[0], "accuracy", "test accuracy (higher is better)"),
+                              (axes[1], "ece", "test ECE (lower is better)")):
+        mean = np.array([per_model[m][metric]["mean"] for m in models])
+        # clipped: the mean of equal seed values can round one ulp above their min, and matplotlib refuses a
+        # negative error bar (it did, in a default run where a member gave the same accuracy on every seed)
+        lo = np.clip(mean - np.array([per_model[m][metric]["min"] for m in models]), 0.0, None)
+        hi = np.clip(np.array([per_model[m][metric]["max"] for m in models]) - mean, 0.0, None)
+        ax.barh(y, mean, color=colors, xerr=[lo, hi] if len(seeds) > 1 else None, capsize=3)
+        for yi, v in zip(y, mean):
+            ax.text(v, yi, f" {v:.3f}", va="center", fontsize=8)
+        ax.set_xlabel(label)
+        ax.set_xlim(0, max(1.0, float(mean.max()) * 1.2) if metric == "accuracy" else float(mean.max()) * 1.35 + 1e-3)
+    axes[0].set_yticks(y, models)
+    axes[0].invert_yaxis()
+    from matplotlib.patches import Patch
+
+    axes[1].legend(handles=[Patch(color="tab:blue", label="member"), Patch(color="tab:orange", label="combiner")],
+                   fontsize=8, loc="lower right")
+    page.figure(fig, "members_vs_ensemble.png", "members vs ensemble",
+                f"Test split, mean over {len(seeds) or 1} ensemble seed(s)"
+                + ("; error bars span the seed range." if len(seeds) > 1 else "."))
+    rows = []
+    for m in models:
+        s = per_model[m]
+        cell = lambda k: f"{num(s[k]['mean'])} [{num(s[k]['min'])}, {num(s[k]['max'])}]"  # noqa: E731
+        rows.append([esc(m), "combiner" if m in COMBINERS else "member", cell("accuracy"), cell("nll"),
+                     cell("ece")])
+    page.add(table(["model", "kind", "accuracy mean [min, max]", "NLL", "ECE"], rows))
+    best, gain = ens.get("best_member"), ens.get("stack_vs_best_member")
+    if best and gain:
+        page.add(f"<p>Best single member: <b>{esc(best['name'])}</b> (accuracy {num(best.get('accuracy'))}). "
+                 f"Stacked ensemble vs it: accuracy {gain['accuracy_gain_mean']:+.4f}, NLL gain "
+                 f"{gain['nll_gain_mean']:+.4f}; beats it on accuracy or NLL: "
+                 f"{num(bool(gain['beats_on_accuracy_or_nll']))}.</p>")
+    counts = ens.get("counts")
+    if counts:
+        page.add(f"<p>Examples per split: {esc(', '.join(f'{k} {v}' for k, v in counts.items()))}.</p>")
+
+
+def _best_cnn_member(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> tuple[Optional[str], str]:
+    """The CNN member with the best test accuracy in the ensemble report, else the best trial / finetune."""
+    if ens and desc and desc.get("cnn_members"):
+        summary = ens.get("summary", {})
+        cnn = [c for c in desc["cnn_members"] if c["name"] in summary] or desc["cnn_members"]
+        best = max(cnn, key=lambda c: summary.get(c["name"], {}).get("accuracy", {}).get("mean", -1.0))
+        return str(best["dir"]), f"CNN member {best['name']} (best CNN member on test in the ensemble report)"
+    return _member_dir(cfg)
+
+
+def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict]) -> None:
+    page.add("<h2>5. Confusion matrix and reliability</h2>")
+    class_names = (desc or {}).get("class_names")
+    if ens is None or "confusion_stack" not in ens:
+        page.add(not_run("ensemble"))
+    else:
+        cm = np.asarray(ens["confusion_stack"], dtype=np.int64)
+        k = cm.shape[0]
+        names = [str(c) for c in class_names] if class_names and len(class_names) == k else [str(i) for i in range(k)]
+        plt = pyplot()
+        side = min(9.0, 2.5 + 0.45 * k)
+        fig, ax = plt.subplots(figsize=(side + 1.0, side))
+        im = ax.imshow(cm, cmap="Blues")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        if k <= 20:  # counts are readable up to ~20 classes
+            thresh = cm.max() / 2 if cm.size else 0
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if cm[i, j] > thresh else "black")
+        ax.set_xticks(range(k), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), names, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        acc = float(np.trace(cm) / max(cm.sum(), 1))
+        ax.set_title(f"Stacked ensemble, test (accuracy {acc:.3f}, n={int(cm.sum())})")
+        page.figure(fig, "confusion_ensemble.png", "confusion matrix of the stacked ensemble",
+                    "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
+                    "predicted), from ensemble/metrics.json.")
+    from transfuse.stack_inputs import read_member_split
+
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    curves = []  # (label, probs, labels)
+    if storage.exists(storage.join(ens_dir, "predictions", "test.parquet")):
+        how, served = "the stacked ensemble, from ensemble/predictions/test*.parquet", "stacked ensemble (served)"
+        if storage.exists(storage.join(ens_dir, "predictions", "test_uncalibrated.parquet")):  # temperature-scaled
+            t = float((desc or {}).get("stacker", {}).get("temperature", 1.0))
+            _, labels, probs = read_member_split(ens_dir, "predictions", "test_uncalibrated")
+            curves.append(("stacked ensemble, before temperature scaling", probs, labels))
+            served = f"stacked ensemble, T = {t:.3f} (served)"
+            how += (f"; the temperature T = {t:.3f} was fitted on the stacker's out-of-fold holdout logits "
+                    "(Guo et al. 2017) and divides the served stacker's logits")
+        _, labels, probs = read_member_split(ens_dir, "predictions", "test")
+        curves.append((served, probs, labels))
+    else:
+        d, how = _best_cnn_member(cfg, ens, desc)
+        if d is None or not storage.exists(storage.join(d, "predictions", "test.parquet")):
+            page.add("<p>No test predictions to draw a reliability diagram from "
+                     "(no ensemble/predictions/test.parquet, no member dir with predictions/test.parquet).</p>")
+            return
+        _, labels, probs = read_member_split(d, "predictions", "test")
+        curves.append((how, probs, labels))
+        how += ", from its predictions/test.parquet (the ensemble stage has not saved test probabilities)"
+    plt = pyplot()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    rows = []
+    for i, (label, probs, labels) in enumerate(curves):
+        rel = tm.reliability(probs, labels)
+        edges = np.asarray(rel["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        count = np.asarray(rel["count"])
+        has = count > 0
+        ece, nll = tm.ece(probs, labels), tm.nll(probs, labels)
+        rows.append((label, tm.accuracy(probs, labels), nll, ece, len(labels)))
+        last = i == len(curves) - 1
+        if last:  # the served model's bins as bars, an earlier curve as a line over them
+            ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.6,
+                   label="accuracy per confidence bin")
+            axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+        ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o" if last else "o-",
+                color="tab:red" if last else "tab:orange", ms=4, label=f"{label}: ECE {ece:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.45)  # room above 1.0 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(f"Reliability on the test split (n={rows[-1][4]})")
+    ax.legend(fontsize=6.5, loc="upper left")
+    axc.set_xlabel("confidence (max probability)")
+    axc.set_ylabel("examples")
+    axc.set_xlim(0, 1)
+    page.figure(fig, "reliability.png", "reliability diagram", f"Reliability diagram of {esc(how)}.")
+    page.add(table(["model", "test accuracy", "NLL", "ECE", "n"],
+                    [(esc(label), num(a), num(n), num(e), num(k)) for label, a, n, e, k in rows]))
+
+
+def compression(cfg: Any, page: Page) -> None:
+    page.add("<h2>6. Compression: size, latency and accuracy per variant</h2>")
+    rep = read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
+    if rep is None:
+        page.add(not_run("compress"))
+        return
+    rows = rep.get("variants") or []
+    if not rows:
+        page.add("<p>compress/metrics.json lists no variants</p>")
+        return
+    thr_key = next((k for k in rows[0] if k.startswith("throughput_b")), None)
+    cols = [("variant", "variant", "{}"), ("size_bytes", "bytes", "{}"), ("size_gzip_bytes", "gzip bytes", "{}"),
+            ("p50_ms_b1", "p50 ms (batch 1)", "{:.2f}"), ("p99_ms_b1", "p99 ms (batch 1)", "{:.2f}")]
+    if thr_key:
+        cols.append((thr_key, f"images/s (batch {thr_key[len('throughput_b'):]})", "{:.1f}"))
+    cols += [("accuracy", "accuracy", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
+             ("speedup_b1", "x faster", "{:.2f}"), ("smaller_raw", "x smaller", "{:.2f}"),
+             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("accuracy_delta_points", "accuracy change (points)",
+                                                              "{:+.2f}")]
+    page.add(table([c[1] for c in cols], [[num(r.get(k), f) for k, _, f in cols] for r in rows]))
+    serve = getattr(cfg.compress, "serve_variant", None)
+    notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
+             f"threads: {rep.get('num_threads', '-')}", f"served variant: {serve}"]
+    page.add(f"<p>{esc('; '.join(notes))}. Ratios are against float32, measured in the same run.</p>")
+    dropped = (rep.get("zero_weight_members") or {}).get("dropped")
+    if dropped:
+        page.add(f"<p>Left out of every variant (zero stacker weight: they cannot change a prediction): "
+                 f"{esc(', '.join(dropped))}.</p>")
+    from transfuse.measure import goals_line
+
+    for key in ("goals", "goals_pruned_int8"):
+        g = rep.get(key) or {}
+        if g and "faster_goal" in g:  # (a run from before the goals config lacks them: the verdict table judges)
+            page.add(f"<p>Goals: {esc(goals_line(g))}.</p>")
+    plt = pyplot()
+    names = [str(r["variant"]) for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    sizes = [r.get("size_bytes") for r in rows]
+    mib = max((x or 0) for x in sizes) >= 10 * 2**20  # MiB for real bundles, KiB for tiny ones
+    panels = ((axes[0], sizes, 2.0 ** (-20 if mib else -10), f"size ({'MiB' if mib else 'KiB'})", "{:.3g}"),
+              (axes[1], [r.get("p50_ms_b1") for r in rows], 1.0, "p50 latency, batch 1 (ms)", "{:.3g}"),
+              (axes[2], [r.get("accuracy") for r in rows], 1.0, "test accuracy", "{:.3f}"))
+    for ax, vals, scale, label, fmt in panels:
+        v = np.array([np.nan if x is None else float(x) * scale for x in vals])
+        bars = ax.bar(names, v, color=["tab:green" if n == serve else "tab:blue" for n in names])
+        ax.bar_label(bars, labels=["" if np.isnan(x) else fmt.format(x) for x in v], fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    page.figure(fig, "compression.png", "compression variants",
+                "Every variant as a full bundle, loaded back and measured (served variant in green).")
+
+
+def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision and recall per class (NaN where a class is never predicted / never present) and support."""
+    cm = np.asarray(tm.confusion(probs, labels), dtype=np.float64)
+    hit = np.diag(cm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"precision": hit / cm.sum(0), "recall": hit / cm.sum(1), "n": cm.sum(1).astype(np.int64)}
+
+
+def per_class_section(cfg: Any, page: Page) -> None:
+    serve = cfg.compress.serve_variant
+    page.add(f"<h2>7. Precision and recall per class: float32 vs {esc(serve)}</h2>")
+    from transfuse.bundle import MANIFEST, load_bundle
+
+    comp = storage.stage_dir(cfg, "compress")
+    names = list(dict.fromkeys(["float32", serve]))
+    if not all(storage.exists(storage.join(comp, v, MANIFEST)) for v in names):
+        page.add(not_run("compress") if not storage.exists(comp) else
+                 f"<p>compress/ has no {esc(' and '.join(names))} bundle to compare</p>")
+        return
+    data_dir = storage.stage_dir(cfg, "data")
+    if not storage.read_manifest(data_dir):
+        page.add(not_run("prepare"))
+        return
+    from transfuse.data import read_split_numpy
+
+    images, labels, _ = read_split_numpy(data_dir, "test")
+    stats, class_names = {}, None
+    for v in names:
+        b = load_bundle(storage.join(comp, v))
+        stats[v] = per_class(b.predict_proba(images), labels)
+        class_names = b.class_names
+    rows = []
+    for k, cname in enumerate(class_names or []):
+        row = [esc(cname), num(int(stats["float32"]["n"][k]))]
+        for metric in ("precision", "recall"):
+            a, q = float(stats["float32"][metric][k]), float(stats[serve][metric][k])
+            row += [num(a), num(q), num(100.0 * (q - a), "{:+.2f}")]
+        rows.append(row)
+    page.add(table(["class", "test n", "precision float32", f"precision {serve}", "change (points)",
+                     "recall float32", f"recall {serve}", "change (points)"], rows))
+    page.add(f"<p>Both bundles (compress/float32/ and compress/{esc(serve)}/) run on the prepared test split "
+             f"({len(labels):,} images); '-': the class was never predicted.</p>")
