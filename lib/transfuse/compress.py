@@ -20,7 +20,7 @@ import numpy as np
 
 from transfuse import measure, stacking
 from transfuse.bundle import CNNMember, SklearnMember, example_images, write_bundle
-from transfuse.config import CompressConfig, Config, expand_variants, pruned_name
+from transfuse.config import STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants, pruned_name
 from transfuse.onnx_rewrite import optimize_sklearn_onnx
 from transfuse.preprocess import PreprocessSpec, preprocess
 from transfuse.prune import prune_member
@@ -263,6 +263,37 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
     return exported, pruning
 
 
+def _fingerprint(cfg: Config, src: EnsembleSource) -> str:
+    """The ensemble's fingerprint, and the distilled student's manifest when distilling."""
+    from transfuse import storage
+
+    if not cfg.distill.enabled:
+        return src.fingerprint
+    from transfuse.distill import STAGE as DISTILL
+
+    man = storage.join(storage.stage_dir(cfg, DISTILL), storage.MANIFEST)
+    if not storage.exists(man):
+        raise CompressError(f"distill.enabled, but the distill stage has not run: no {man}")
+    return digest({"ensemble": src.fingerprint, "distill": storage.sha256(man)})
+
+
+def student_variant(cfg: Config, rep_raw: np.ndarray, num_classes: int) -> tuple[Exported, list[Member],
+                                                                                  EnsembleParts, str]:
+    """The distilled student as an int8 bundle's contents: the one CNN member (no scikit-learn member), and its
+    fitted temperature as a one-member stacker (none when the distill stage fitted none)."""
+    from transfuse import distill, models, storage
+
+    d = storage.stage_dir(cfg, distill.STAGE)
+    model, spec = models.load_member(storage.join(d, distill.STUDENT))
+    student = Member(distill.STUDENT, model, spec)
+    rep = preprocess(rep_raw, PreprocessSpec(**spec["preprocess"]))
+    ex = export_members([student], "int8", rep, share_trunk=False)
+    ex.mode = STUDENT_VARIANT
+    temp = distill.read_temperature(d)
+    stacker = distill.temperature_stacker(temp, num_classes) if temp else None
+    return ex, [student], EnsembleParts([], stacker), "distill"
+
+
 def run_compress(cfg: Config, *, force: bool = False) -> dict:
     """The compress stage: every variant as a bundle under ``<run>/compress/<variant>/`` with the measured table in
     ``compress/metrics.json``, and the ``compress.serve_variant`` bundle in ``<run>/bundle/``. Returns the compress
@@ -271,13 +302,13 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     from transfuse.data import data_manifest, read_split_numpy
 
     ccfg = cfg.compress
-    names = expand_variants(list(ccfg.variants), list(ccfg.sparsity))
+    names = expand_variants(list(ccfg.variants), list(ccfg.sparsity)) + [STUDENT_VARIANT] * cfg.distill.enabled
     if ccfg.serve_variant not in names:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src, dropped = ensemble_to_compress(cfg)
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
-    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, src.fingerprint,
-                                                                                            STAGE, force):
+    fp = _fingerprint(cfg, src)
+    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, fp, STAGE, force):
         return storage.read_manifest(out)
     members = []
     for name, d in src.members:
@@ -300,14 +331,18 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         src = EnsembleSource(src.members, parts, src.source, src.fingerprint)
     exported, pruning = build_variants(members, list(ccfg.variants), rep=rep, x_train=preprocess(x_tr, pspec),
                                        y_train=y_tr, ccfg=ccfg)
+    # what each variant's bundle holds: (exported files, CNN members, scikit-learn members + combiner, source)
+    contents = {v: (ex, members, src.parts, src.source) for v, ex in exported.items()}
+    if cfg.distill.enabled:
+        contents[STUDENT_VARIANT] = student_variant(cfg, rep_raw, len(class_names))
     storage.makedirs(out)
     storage.clear_dir(out)  # no stale variants from an earlier run
     common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
                   num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names))
     rows = []
-    for v, ex in exported.items():
+    for v, (ex, v_members, v_parts, v_source) in contents.items():
         vdir = storage.join(out, v)
-        write_variant(vdir, ex, members, src.parts, **common, extra={"ensemble_source": src.source})
+        write_variant(vdir, ex, v_members, v_parts, **common, extra={"ensemble_source": v_source})
         local = vdir if not storage.is_uri(vdir) else None
         if local is None:
             from transfuse.bundle import fetch
@@ -322,7 +357,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         from transfuse.bundle import fetch
 
         dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
-                for v in exported}
+                for v in contents}
         lat = measure.interleaved_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
         for r in rows:
             r.update(lat[r["variant"]], latency="interleaved")
@@ -337,10 +372,11 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
               "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()}}
     storage.write_json(storage.join(out, "metrics.json"), report)
     serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)
-    write_variant(bundle_dir, exported[ccfg.serve_variant], members, src.parts, **common, overwrite=True,
+    ex, v_members, v_parts, v_source = contents[ccfg.serve_variant]
+    write_variant(bundle_dir, ex, v_members, v_parts, **common, overwrite=True,
                   metrics={"test": {k: serve_row[k] for k in ("accuracy", "nll", "ece", "n")}, "variants": rows,
                            "goals": report["goals"]},
-                  extra={"ensemble_source": src.source, "stage": "bundle", "complete": True,
-                         "fingerprint": src.fingerprint, "config": cfg.model_dump(mode="json")})
-    return storage.write_manifest(out, cfg, STAGE, src.fingerprint, variants=[r["variant"] for r in rows],
+                  extra={"ensemble_source": v_source, "stage": "bundle", "complete": True,
+                         "fingerprint": fp, "config": cfg.model_dump(mode="json")})
+    return storage.write_manifest(out, cfg, STAGE, fp, variants=[r["variant"] for r in rows],
                                   serve_variant=ccfg.serve_variant, bundle=bundle_dir, metrics=report["goals"])

@@ -92,6 +92,12 @@ def _ensemble(cfg: Config, ctx: RunContext) -> Any:
     return ensemble.run_ensemble(cfg, force=ctx.force)
 
 
+def _distill(cfg: Config, ctx: RunContext) -> Any:
+    from transfuse import distill
+
+    return distill.run_distill(cfg, force=ctx.force)
+
+
 def _compress(cfg: Config, ctx: RunContext) -> Any:
     from transfuse import compress
 
@@ -117,6 +123,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("scratch", "scratch", _scratch, lambda cfg, deploy: cfg.model.weights != "none"),
     Stage("tune", "tune", _tune),
     Stage("ensemble", "ensemble", _ensemble),
+    Stage("distill", "distill", _distill, lambda cfg, deploy: cfg.distill.enabled),
     Stage("compress", "compress", _compress),
     Stage("deploy", None, _deploy, lambda cfg, deploy: deploy is not None),
     Stage("report", None, _report),

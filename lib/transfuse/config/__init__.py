@@ -33,6 +33,8 @@ BACKBONES = ("vgg16", "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientn
 UNFREEZE_UNITS = ("layers", "blocks")
 SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
 SPLITS = ("train", "val", "test", "holdout")
+STUDENT_VARIANT = "student_int8"  # the distilled student as an int8 bundle (compress adds it when distilling)
+UNLABELLED = "unlabelled"  # the split of images without labels (data.unlabelled_per_class): it has no label column
 
 
 class SplitConfig(Strict):
@@ -85,12 +87,16 @@ class DataConfig(Strict):
     # with labelled_per_class: the test split comes from the source's own test set (Fashion-MNIST's t10k files,
     # CIFAR-10's test_batch), the budget from its training set
     test_from_source: bool = False
+    # with labelled_per_class: this many of each class's remaining training images are written as the
+    # ``unlabelled`` split, without a label column (the distill stage's pool); 0: none written
+    unlabelled_per_class: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _budget(self) -> "DataConfig":
         if self.labelled_per_class is None:
-            if self.test_per_class is not None or self.test_from_source:
-                raise ValueError("test_per_class and test_from_source need labelled_per_class (the label budget)")
+            if self.test_per_class is not None or self.test_from_source or self.unlabelled_per_class:
+                raise ValueError("test_per_class, test_from_source and unlabelled_per_class need "
+                                 "labelled_per_class (the label budget)")
             return self
         if self.train_per_class is not None or self.train_fraction != 1.0:
             raise ValueError("labelled_per_class (the label budget) replaces train_per_class/train_fraction: "
@@ -223,6 +229,33 @@ class TuneConfig(Strict):
     members: int = Field(3, ge=1)  # CNN members kept for the ensemble: best M, diverse
 
 
+class DistillConfig(Strict):
+    """One student CNN trained on the stacked ensemble's predictions (the teacher) over the unlabelled pool
+    (``data.unlabelled_per_class``) and the labelled train split, on augmented views the teacher labels itself.
+    The student starts from the best fine-tuned CNN member: its architecture, weights and unfrozen depth."""
+
+    enabled: bool = False
+    input_size: Optional[int] = Field(None, ge=16)  # None: the member's; smaller is a faster student, same weights
+    unfreeze_layers: Optional[int] = Field(None, ge=0)  # backbone layers the student trains; None: the member's
+    views: int = Field(2, ge=1)  # views of each image: the first as is, the others augmented (distill.augment)
+    augment: AugmentConfig = AugmentConfig(flip=True, pad_crop=2)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0.0)  # Adam, on the member's trainable layers
+    temperature: float = Field(2.0, gt=0.0)  # softens teacher and student alike (Hinton et al. 2015)
+    soft_weight: float = Field(1.0, ge=0.0)  # on T^2 KL(teacher_T || student_T), every row
+    hard_weight: float = Field(1.0, ge=0.0)  # on the cross-entropy with the label, labelled rows only
+    teacher_actors: int = Field(1, ge=1)  # Ray Data actors labelling the views (one per GPU on a cluster)
+    teacher_batch_size: int = Field(128, ge=1)
+    temperature_scaling: bool = True  # fit one temperature on the student's holdout NLL; the bundle serves it
+
+    @model_validator(mode="after")
+    def _weights(self) -> "DistillConfig":
+        if self.soft_weight == 0 and self.hard_weight == 0:
+            raise ValueError("soft_weight and hard_weight cannot both be 0")
+        return self
+
+
 class CompressConfig(Strict):
     """Pruning, quantization and the bundle. ``variants`` lists kinds; ``pruned`` and ``pruned_int8`` expand to one
     variant per ``sparsity`` named by it (``pruned50``, ``pruned80_int8``): see ``variant_names()``."""
@@ -250,7 +283,7 @@ class CompressConfig(Strict):
     variants: list[Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]] = [
         "float32", "pruned", "int8", "pruned_int8", "float16",
     ]
-    serve_variant: str = "int8"  # one of variant_names(), e.g. int8 or pruned50_int8
+    serve_variant: str = "int8"  # one of variant_names() (e.g. int8, pruned50_int8), or student_int8 (distill)
     representative_examples: int = Field(200, ge=1)  # drawn from train for int8 calibration
     num_threads: int = Field(1, ge=1)  # threads per LiteRT/ORT model; batch 1, shared 2 cores: 2 measured 15x slower
 
@@ -272,7 +305,7 @@ class CompressConfig(Strict):
     @model_validator(mode="after")
     def _serve_variant(self) -> "CompressConfig":
         names = self.variant_names()
-        if self.serve_variant not in names:
+        if self.serve_variant not in names and self.serve_variant != STUDENT_VARIANT:
             raise ValueError(f"serve_variant {self.serve_variant!r} is not an exported variant; allowed (from "
                              f"variants {self.variants} and sparsity {self.sparsity}): {names}")
         return self
@@ -351,6 +384,7 @@ class Config(Strict):
     pretrain: PretrainConfig = PretrainConfig()
     tune: TuneConfig = TuneConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
+    distill: DistillConfig = DistillConfig()
     compress: CompressConfig = CompressConfig()
     serve: ServeConfig = ServeConfig()
     ray: RayConfig = RayConfig()
@@ -370,6 +404,15 @@ class Config(Strict):
         if not v or "/" in v or v.startswith("."):
             raise ValueError(f"must be a plain name (no '/', not starting with '.'), got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _distill(self) -> "Config":
+        if self.distill.enabled and not self.data.unlabelled_per_class:
+            raise ValueError("distill.enabled needs an unlabelled pool: set data.unlabelled_per_class (with "
+                             "data.labelled_per_class)")
+        if self.compress.serve_variant == STUDENT_VARIANT and not self.distill.enabled:
+            raise ValueError(f"compress.serve_variant {STUDENT_VARIANT!r} needs distill.enabled")
+        return self
 
     def fingerprint(self, *sections: str) -> str:
         """sha256 of the named sections (all when none): a stage is complete only for the same inputs."""
@@ -448,7 +491,8 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
 
 
 __all__ = [
-    "BACKBONES", "MEMBER_FEATURES", "MEMBER_KINDS", "MEMBER_SAMPLERS", "SOURCES", "SPLITS", "UNFREEZE_UNITS",
+    "BACKBONES", "MEMBER_FEATURES", "MEMBER_KINDS", "MEMBER_SAMPLERS", "SOURCES", "SPLITS", "STUDENT_VARIANT",
+    "UNFREEZE_UNITS", "UNLABELLED", "DistillConfig",
     "AugmentConfig", "BudgetSplitConfig", "CompressConfig", "Config", "ConfigError", "DataConfig", "EnsembleConfig",
     "GoalsConfig", "HeadConfig", "MemberConfig", "MemberSearchConfig", "ModelConfig", "PretrainConfig", "RayConfig",
     "ServeConfig", "SplitConfig", "Strict", "TrainConfig", "TuneConfig", "apply_overrides", "digest",

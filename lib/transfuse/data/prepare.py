@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.config import SPLITS, Config, DataConfig, digest
+from transfuse.config import SPLITS, UNLABELLED, Config, DataConfig, digest
 from transfuse.data.sources import DataError, Source, load_source
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def _budget_class(cls_ids: np.ndarray, is_test: Optional[np.ndarray], cfg: DataC
     for split, part in parts.items():
         for i in part:
             out[i] = (split, new_label)
+    for i in pool[b:b + int(cfg.unlabelled_per_class)]:
+        out[i] = (UNLABELLED, -1)  # its label is not kept: the split is written without a label column
     excluded["unlabelled"] += len(pool) - b
     excluded["test_cap"] += len(test_pool) - n_test if is_test is not None else 0
 
@@ -188,21 +190,24 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     storage.clear_dir(out)  # partial output of an interrupted run
     fs, base = storage.resolve(out)  # Ray Data writes through the filesystem itself
     counts: dict[str, dict[str, int]] = {}
-    for split in SPLITS:
-        part = tagged.filter(expr=col("split") == split).drop_columns(["split"])
+    n_unlabelled = sum(1 for v in assignment.values() if v[0] == UNLABELLED)
+    for split in (*SPLITS, UNLABELLED):
         n = sum(1 for v in assignment.values() if v[0] == split)
         if n == 0:
             counts[split] = {}
             continue
+        drop = ["split", "label"] if split == UNLABELLED else ["split"]
+        part = tagged.filter(expr=col("split") == split).drop_columns(drop)
         part.repartition(max(1, -(-n // dcfg.rows_per_shard))).write_parquet(
             f"{base}/{split}", filesystem=fs, max_rows_per_file=dcfg.rows_per_shard)
         c = Counter(v[1] for v in assignment.values() if v[0] == split)
         counts[split] = {str(k): int(c[k]) for k in sorted(c)}
+    counts.pop(UNLABELLED)  # per class it would record labels: the manifest keeps only its size
 
     kept = dcfg.classes if dcfg.classes is not None else list(range(len(source.class_names)))
     class_names = [source.class_names[i] for i in kept]
     shards = {s: [{"file": f, "rows": _rows(storage.join(out, f))} for f in storage.list_files(out)
-                  if f.startswith(f"{s}/")] for s in SPLITS}
+                  if f.startswith(f"{s}/")] for s in (*SPLITS, UNLABELLED)}
     image_shape = [int(v) for v in good["shape"].iloc[0].split("x")]
     return storage.write_manifest(
         out, cfg, stage, fingerprint,
@@ -217,6 +222,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
         skipped={"count": len(skipped), "rows": skipped},
         ignored_files={"count": len(source.ignored), "files": source.ignored},
         excluded=excluded,
+        unlabelled={"rows": n_unlabelled, "per_class": dcfg.unlabelled_per_class, "columns": ["image", "id"]},
         label_budget=label_budget(dcfg, counts),
     )
 

@@ -20,7 +20,8 @@ Sections:
    reliability diagram before and after temperature scaling (``ensemble/predictions/test*.parquet``), with NLL
    and ECE; from the best CNN member's ``predictions/test.parquet`` when the ensemble saved none (the caption
    says which);
-6. the compression table (``compress/metrics.json``: ``variants``);
+6. the compression table (``compress/metrics.json``: ``variants``); 6b. with ``distill.enabled``, the distilled
+   student against its teacher (the stacked ensemble) and the best single CNN member (``distill/metrics.json``);
 7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
    prepared test split;
 8. the pipeline summary (``summary``, also printed at the pipeline's end), plus stage timings when given;
@@ -45,8 +46,8 @@ from transfuse.report.judge import (Measure, Verdict, VerdictRow, budget_text, d
                                     verdict_lines)
 from transfuse.report.page import CSS, Page, esc, pyplot, section
 from transfuse.report.pipeline_summary import format_summary, summary, summary_section
-from transfuse.report.sections import (appendix, calibration, compression, depth_search, learning_curves,
-                                       members_vs_ensemble, per_class, per_class_section, title,
+from transfuse.report.sections import (appendix, calibration, compression, depth_search, distillation,
+                                       learning_curves, members_vs_ensemble, per_class, per_class_section, title,
                                        transfer_vs_scratch, verdict_section)
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     section(page, "members vs ensemble", lambda: members_vs_ensemble(cfg, page, ens, desc))
     section(page, "confusion and reliability", lambda: calibration(cfg, page, ens, desc))
     section(page, "compression", lambda: compression(cfg, page))
+    section(page, "distillation", lambda: distillation(cfg, page))
     section(page, "per class", lambda: per_class_section(cfg, page))
     section(page, "pipeline summary", lambda: summary_section(cfg, page, results))
     section(page, "appendix", lambda: appendix(cfg, page))

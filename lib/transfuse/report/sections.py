@@ -422,6 +422,43 @@ def compression(cfg: Any, page: Page) -> None:
                 "Every variant as a full bundle, loaded back and measured (served variant in green).")
 
 
+def distillation(cfg: Any, page: Page) -> None:
+    """Teacher (the stacked ensemble) vs the distilled student vs the best single CNN member, and the served
+    variants' size and batch-1 latency (``distill/metrics.json``, ``compress/metrics.json``)."""
+    page.add("<h2>6b. Distillation: one student CNN learns the stacked ensemble</h2>")
+    if not cfg.distill.enabled:
+        page.add("<p>distill.enabled is false: no student</p>")
+        return
+    m = read_json(storage.join(storage.stage_dir(cfg, "distill"), "metrics.json"))
+    if m is None:
+        page.add(not_run("distill"))
+        return
+    comp = read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")) or {}
+    served = {r["variant"]: r for r in comp.get("variants") or []}
+    cal = m.get("calibration") or {}
+    best = m["best_cnn_member"]
+    rows = [["teacher: stacked ensemble", m["teacher"]["accuracy"], m["teacher"]["nll"], m["teacher"]["ece"], 1.0,
+             "int8"],
+            [f"student ({m.get('student_input_size', '-')} px)", m["student"]["accuracy"], m["student"]["nll"],
+             m["student"]["ece"], m["fidelity"], "student_int8"],
+            [f"best single CNN member ({best['name']})", best["accuracy"], best["nll"], best["ece"], None, None]]
+    if cal:
+        a = cal["test"]["after"]
+        rows.insert(2, [f"student, temperature {cal['temperature']:.3f}", a["accuracy"], a["nll"], a["ece"],
+                        m["fidelity"], None])
+    page.add(table(["model", "test accuracy", "NLL", "ECE", "agreement with the teacher", "served bytes",
+                    "p50 ms (batch 1)"],
+                   [[name, num(acc), num(nll), num(ece), num(fid), num((served.get(v) or {}).get("size_bytes"), "{}"),
+                     num((served.get(v) or {}).get("p50_ms_b1"), "{:.3f}")] for name, acc, nll, ece, fid, v in rows]))
+    gain = m.get("gain_kept")
+    t, st = served.get("int8"), served.get("student_int8")
+    speed = t["p50_ms_b1"] / st["p50_ms_b1"] if t and st and st.get("p50_ms_b1") else None
+    notes = [f"the student keeps {num(gain, '{:.0%}')} of the ensemble's accuracy gain over {best['name']}",
+             f"student_int8 is {num(speed, '{:.2f}')}x faster than the int8 ensemble at batch 1",
+             f"{m['rows']['views']} teacher-labelled views ({m['rows']['views_per_image']} per image)"]
+    page.add(f"<p>{esc('; '.join(notes))}.</p>")
+
+
 def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     """Precision and recall per class (NaN where a class is never predicted / never present) and support."""
     cm = np.asarray(tm.confusion(probs, labels), dtype=np.float64)

@@ -1,0 +1,153 @@
+"""The distill stage on digits with a label budget and an unlabelled pool: the prepared pool has no label column
+and the stage refuses one that has; the teacher labels every augmented view itself; the student is a member like
+any other; compress writes it as the ``student_int8`` bundle serving its fitted temperature; the report shows
+teacher, student and best member in one table. Plus the pieces: views, the loss, the temperature stacker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import smoke_config
+from transfuse import storage
+from transfuse.config import ConfigError, load_config
+from transfuse.distill import (DistillError, augment_view, kd_loss, read_pool, soften, temperature_stacker)
+from transfuse.stacking import combine_probs
+
+BUDGET = ["data.labelled_per_class=40", "data.test_per_class=30", "data.unlabelled_per_class=40",
+          "distill.enabled=true", "distill.epochs=4", "distill.views=2", "distill.batch_size=32",
+          "distill.lr=3.0e-3", "distill.unfreeze_layers=18", "compress.variants=[float32, int8]"]
+# (the smoke CNN members learn from random weights on 160 labels and stay near chance; the teacher's accuracy
+# comes from its pixel members: so the student here trains every layer, as from scratch, at a higher rate)
+
+
+@pytest.fixture(scope="module")
+def distilled(ray_cluster, tmp_path_factory):
+    from transfuse.pipeline import run_pipeline
+
+    cfg = smoke_config(tmp_path_factory.mktemp("distill"), "distill", BUDGET)
+    run_pipeline(cfg, until="compress")
+    return cfg
+
+
+def _dir(cfg, stage: str) -> Path:
+    return Path(storage.stage_dir(cfg, stage))
+
+
+def test_the_unlabelled_pool_is_written_without_labels_and_apart_from_every_labelled_split(distilled):
+    data = _dir(distilled, "data")
+    table = pq.read_table(data / "unlabelled")
+    assert set(table.column_names) == {"image", "id"}  # no label column at all
+    manifest = storage.read_manifest(str(data))
+    assert manifest["unlabelled"]["rows"] == table.num_rows == 10 * 40
+    assert "unlabelled" not in manifest["counts"]  # per-class counts would be labels
+    pool = set(table.column("id").to_pylist())
+    for split in ("train", "val", "holdout", "test"):
+        ids = set(pq.read_table(data / split).column("id").to_pylist())
+        assert ids and not ids & pool, split
+
+
+def test_the_stage_refuses_a_pool_with_a_label_column_and_a_run_without_a_pool(tmp_path, ray_cluster):
+    bad = tmp_path / "data" / "unlabelled"
+    bad.mkdir(parents=True)
+    pq.write_table(pa.table({"image": [b"x"], "id": ["a"], "label": [3]}), bad / "part.parquet")
+    with pytest.raises(DistillError, match=r"has a label column .*must never read their labels"):
+        read_pool(str(tmp_path / "data"))
+    with pytest.raises(DistillError, match=r"no unlabelled split .*data.unlabelled_per_class"):
+        read_pool(str(tmp_path / "nothing"))
+    with pytest.raises(ConfigError, match=r"distill.enabled needs an unlabelled pool"):
+        load_config(None, ["distill.enabled=true"])
+    with pytest.raises(ConfigError, match=r"serve_variant 'student_int8' needs distill.enabled"):
+        load_config(None, ["compress.serve_variant=student_int8"])
+
+
+def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distilled):
+    m = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
+    ens = json.loads((_dir(distilled, "ensemble") / "metrics.json").read_text())
+    # the teacher is the stacked ensemble: its test accuracy is the ensemble stage's first seed's
+    assert m["teacher"]["accuracy"] == pytest.approx(ens["test"]["0"]["stack"]["accuracy"])
+    assert m["best_cnn_member"]["name"] in ens["summary"]
+    assert m["rows"] == {"views": 2 * (400 + 160), "per_view": 400 + 160, "views_per_image": 2}
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
+    # agreement with the teacher, recomputed from the saved predictions
+    from transfuse.stack_inputs import read_member_split
+
+    ids, y, student = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
+    t_ids, _, teacher = read_member_split(str(_dir(distilled, "ensemble")), "predictions", "test")
+    assert list(ids) == list(t_ids)
+    assert m["fidelity"] == pytest.approx(float(np.mean(student.argmax(1) == teacher.argmax(1))))
+    assert m["student"]["accuracy"] == pytest.approx(float(np.mean(student.argmax(1) == y)))
+    assert m["fidelity"] > 0.5 and m["student"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
+    cal = m["calibration"]
+    assert cal["temperature"] > 0 and cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
+
+
+def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(distilled):
+    from transfuse.bundle import load_bundle
+    from transfuse.data import read_split_numpy
+
+    comp = json.loads((_dir(distilled, "compress") / "metrics.json").read_text())
+    assert [r["variant"] for r in comp["variants"]] == ["float32", "int8", "student_int8"]
+    b = load_bundle(_dir(distilled, "compress") / "student_int8")
+    man = b.manifest
+    assert [c["name"] for c in man["cnn_members"]] == ["student"] and not man.get("sklearn_members")
+    m = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
+    assert man["combiner"]["temperature"] == pytest.approx(m["calibration"]["temperature"])
+    x, y, _ = read_split_numpy(str(_dir(distilled, "data")), "test")
+    from transfuse.stack_inputs import read_member_split
+
+    _, _, keras = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
+    served = b.predict_proba(x)
+    # int8 against the float student at its temperature: the same class nearly everywhere
+    assert np.mean(served.argmax(1) == keras.argmax(1)) > 0.9
+
+
+def test_the_report_shows_teacher_student_and_best_member(distilled):
+    from transfuse.report import write_report
+
+    html = Path(write_report(distilled)).read_text()
+    assert "6b. Distillation" in html and "agreement with the teacher" in html
+    assert "student_int8 is " in html and "teacher: stacked ensemble" in html
+
+
+def test_views_are_the_image_first_then_augmented_by_id_not_by_batch():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 8, 8, 1)).astype(np.uint8)
+    batch = {"image": images, "label": np.arange(6), "id": np.array([f"i{k}" for k in range(6)], dtype=object)}
+    v0 = augment_view(batch, 0, seed=1, flip=True, pad_crop=2)
+    assert np.array_equal(v0["image"], images) and list(v0["view"]) == [0] * 6
+    v1 = augment_view(batch, 1, seed=1, flip=True, pad_crop=2)
+    assert not np.array_equal(v1["image"], images)
+    half = augment_view({k: v[3:] for k, v in batch.items()}, 1, seed=1, flip=True, pad_crop=2)
+    assert np.array_equal(half["image"], v1["image"][3:])  # a row's view depends on its id, not its batch
+    assert not np.array_equal(augment_view(batch, 1, seed=2, flip=True, pad_crop=2)["image"], v1["image"])
+
+
+def test_kd_loss_is_t_squared_kl_plus_the_labelled_rows_cross_entropy():
+    import tensorflow as tf
+
+    k, t = 3, 2.0
+    teacher = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    student = np.array([[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]])
+    soft = soften(teacher, t)
+    target = np.concatenate([soft, np.array([[1, 0, 0], [0, 0, 0]]), np.array([[1.0], [0.0]])], 1)
+    got = kd_loss(k, t, soft_weight=0.5, hard_weight=2.0)(tf.constant(target, tf.float32),
+                                                            tf.constant(student, tf.float32)).numpy()
+    s_t = soften(student, t)
+    kl = np.sum(soft * (np.log(soft) - np.log(s_t)), axis=1)
+    want = 0.5 * t * t * kl + 2.0 * np.array([-np.log(0.5), 0.0])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_the_temperature_stacker_is_softmax_of_log_p_over_t():
+    p = np.random.default_rng(0).dirichlet(np.ones(4), size=20)
+    st = temperature_stacker(1.7, 4)
+    np.testing.assert_allclose(st.predict_proba({"student": p}), soften(p, 1.7), rtol=1e-9)
+    np.testing.assert_allclose(combine_probs({"student": p}, ["student"], coef=st.coef_, intercept=st.intercept_,
+                                             features="log_probs", eps=st.eps), soften(p, 1.7), rtol=1e-9)
+    assert soften(p, 1.0).argmax(1).tolist() == soften(p, 3.0).argmax(1).tolist() == p.argmax(1).tolist()
