@@ -85,6 +85,22 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert m["fidelity"] > 0.5 and m["student"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
     cal = m["calibration"]
     assert cal["temperature"] > 0 and cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
+    # the console's progress reading: the newest checkpoint's history holds every epoch
+    from transfuse.console import newest_checkpoint_file
+    from transfuse.distill import HISTORY_FILE, TRAIN_DIR
+
+    path = newest_checkpoint_file(str(_dir(distilled, "distill") / TRAIN_DIR), HISTORY_FILE, 0.0)
+    assert path is not None and len(json.loads(Path(path).read_text())) == 4
+
+
+def test_plan_shows_the_distill_stage():
+    from transfuse.plan import plan
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml", BUDGET)
+    p = plan(cfg)
+    assert p["distill"]["enabled"] and p["distill"]["teacher_labelled_rows"] == 2 * 10 * (40 + 16)
+    assert p["compress"]["variants"][-1] == "student_int8"
+    assert plan(load_config(None))["distill"] == {"enabled": False}
 
 
 def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(distilled):

@@ -149,13 +149,18 @@ def epochs_done(member_dir: str, since: float = 0.0) -> int:
     from transfuse.train import TRAIN_DIR
     from transfuse.train_loop import STATE_FILE, LoopState
 
-    base = storage.join(member_dir, TRAIN_DIR)
-    for d in reversed([d for d in storage.list_dirs(base) if d.startswith("checkpoint_")]):  # named by time: newest last
-        path = storage.join(base, d, STATE_FILE)
-        # a checkpoint being written has no state file yet; one an earlier run left is not this run's progress
+    path = newest_checkpoint_file(storage.join(member_dir, TRAIN_DIR), STATE_FILE, since)
+    return 0 if path is None else LoopState.from_json(storage.read_json(path)).epoch
+
+
+def newest_checkpoint_file(train_dir: str, name: str, since: float) -> Optional[str]:
+    """``name`` in the newest Ray Train checkpoint under ``train_dir`` that has it written since ``since``: a
+    checkpoint being written has no such file yet, and one an earlier run left is not this run's progress."""
+    for d in reversed([d for d in storage.list_dirs(train_dir) if d.startswith("checkpoint_")]):  # newest last
+        path = storage.join(train_dir, d, name)
         if storage.written_since(path, since):
-            return LoopState.from_json(storage.read_json(path)).epoch
-    return 0
+            return path
+    return None
 
 
 def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
@@ -185,6 +190,16 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
             return int(p["done"]), int(p["total"]), "member fits"
 
         return tasks
+    if stage == "distill":
+        from transfuse.distill import HISTORY_FILE, TRAIN_DIR as STUDENT_DIR
+
+        base = storage.join(storage.stage_dir(cfg, "distill"), STUDENT_DIR)
+
+        def student() -> Reading:
+            path = newest_checkpoint_file(base, HISTORY_FILE, since)
+            return (0 if path is None else len(storage.read_json(path))), cfg.distill.epochs, "student epochs"
+
+        return student
     if stage == "compress":
         from transfuse.bundle import MANIFEST
 

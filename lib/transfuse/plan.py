@@ -186,9 +186,28 @@ def member_search_plan(cfg: Config) -> dict[str, Any]:
             "fit_tasks_at_most": len(groups) * s.per_kind * (e.folds + 1) * len(e.seeds)}
 
 
+def distill_plan(cfg: Config) -> dict[str, Any]:
+    """What the distill stage would train on and with what (transfuse.distill)."""
+    d = cfg.distill
+    if not d.enabled:
+        return {"enabled": False}
+    k = num_classes(cfg)
+    return {"enabled": True, "teacher": "the stacked ensemble (ensemble/), float32 Keras + ONNX members",
+            "student": "the best CNN member" + (f" at {d.input_size} px" if d.input_size else "")
+                       + (f", last {d.unfreeze_layers} backbone layers trained" if d.unfreeze_layers is not None
+                          else ", at its own unfrozen depth"),
+            "unlabelled_per_class": cfg.data.unlabelled_per_class, "views": d.views,
+            "teacher_labelled_rows": d.views * k * (cfg.data.unlabelled_per_class
+                                                     + cfg.data.budget_counts()["train"]),
+            "teacher_actors": {"count": d.teacher_actors, "each": {"GPU": 1} if cfg.train.use_gpu else {"CPU": 1}},
+            "train_workers": train_plan_resources(cfg.train), "epochs": d.epochs, "temperature": d.temperature,
+            "loss": f"{d.soft_weight} * T^2 KL(teacher_T || student_T) + {d.hard_weight} * labelled CE",
+            "variant": "student_int8 (compress)"}
+
+
 def compress_plan(cfg: Config) -> dict[str, Any]:
     c = cfg.compress
-    return {"variants": c.variant_names(), "sparsity": c.sparsity,
+    return {"variants": c.variant_names() + (["student_int8"] if cfg.distill.enabled else []), "sparsity": c.sparsity,
             "serve_variant": c.serve_variant, "num_threads": c.num_threads,
             "output": storage.stage_dir(cfg, "bundle")}
 
@@ -199,5 +218,5 @@ def plan(cfg: Config) -> dict[str, Any]:
     k = num_classes(cfg)
     return {"run": storage.run_dir(cfg), "data": data_plan(cfg), "model": model_plan(cfg, k),
             "finetune": finetune_plan(cfg), "tune": tune_plan(cfg), "ensemble": ensemble_plan(cfg),
-            "compress": compress_plan(cfg), "serve": cfg.serve.model_dump(mode="json"),
+            "distill": distill_plan(cfg), "compress": compress_plan(cfg), "serve": cfg.serve.model_dump(mode="json"),
             "ray": cfg.ray.model_dump(mode="json")}
