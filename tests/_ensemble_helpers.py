@@ -1,5 +1,7 @@
-"""Ensemble test helpers: CNN member directories in the real formats, written from real fitted networks (a
-one-hidden-layer MLP on the prepared digits), so the ensemble stage and the member search run on them end to end."""
+"""Ensemble test helpers: scikit-learn's digits split into train/holdout/test and complementary prob-only members
+fitted on them (test_ensemble.py and test_stacking.py share them); CNN member directories in the real formats,
+written from real fitted networks (a one-hidden-layer MLP on the prepared digits), so the ensemble stage and the
+member search run on them end to end."""
 
 from __future__ import annotations
 
@@ -13,6 +15,39 @@ import pyarrow.parquet as pq
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config
+
+
+def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Digits pixels scaled to [0, 1] as the "embeddings", split 50/25/25 into train/holdout/test by a fixed
+    permutation; ids are strings as in the data contract."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    ids = np.array([f"digits-{i:04d}" for i in range(len(y))])
+    perm = np.random.default_rng(0).permutation(len(y))
+    n = len(y)
+    parts = {"train": perm[: n // 2], "holdout": perm[n // 2: 3 * n // 4], "test": perm[3 * n // 4:]}
+    out = {}
+    for split, idx in parts.items():
+        idx = idx[np.argsort(ids[idx])]  # sorted by id, like every reader here
+        out[split] = (x[idx], y[idx].astype(np.int64), ids[idx])
+    return out
+
+
+def subset_members(digits, row_groups=((0, 1, 2), (3, 4), (5, 6, 7))):
+    """Complementary "CNN" members: logistic regressions that each see only some pixel rows of the 8x8 image,
+    trained on train only. Returns (probs per member and split, the ids each was fitted on)."""
+    from sklearn.linear_model import LogisticRegression
+
+    x_tr, y_tr, ids_tr = digits["train"]
+    probs, seen = {}, {}
+    for g, rows in enumerate(row_groups):
+        cols = np.array([r * 8 + c for r in rows for c in range(8)])
+        lr = LogisticRegression(C=0.5, max_iter=500).fit(x_tr[:, cols], y_tr)
+        probs[f"rows{g}"] = {s: lr.predict_proba(digits[s][0][:, cols]) for s in ("holdout", "test")}
+        seen[f"rows{g}"] = ids_tr
+    return probs, seen
 
 
 def write_rows(path: Path, ids, labels, column: str, values: np.ndarray) -> None:

@@ -17,7 +17,7 @@ from _compress_helpers import CLASS_NAMES, trained
 from transfuse import compress, tflite_export
 from transfuse.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
-from transfuse.stacking import Stacker, softmax
+from transfuse.stacking import Stacker
 
 SPEC = PreprocessSpec(32, "unit")
 
@@ -193,8 +193,3 @@ def test_http_bundle_is_fetched_and_verified(ensemble, tmp_path):
             load_bundle(url + "/nowhere", cache_dir=tmp_path / "cache")
     finally:
         srv.shutdown()
-
-
-def test_softmax_is_stable():
-    p = softmax(np.array([[1000.0, 0.0], [0.0, 0.0]]))
-    np.testing.assert_allclose(p, [[1.0, 0.0], [0.5, 0.5]])

@@ -1,19 +1,18 @@
-"""Ensemble tests on scikit-learn's digits: member validation, Ray-parallel fitting, no leakage, stacking,
-ONNX round trips, and the ensemble stage end to end on member directories written from real fitted models."""
+"""Ensemble tests on scikit-learn's digits: member validation, Ray-parallel fitting and what each model saw, the
+combiners chosen by the ensemble fit against its members, ONNX round trips of every member kind, and the ensemble
+stage end to end on member directories written from real fitted models. The combiners themselves (stacker,
+temperature, greedy selection, voting, the leakage check) are tested in test_stacking.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from scipy.special import softmax
 
-from tests._ensemble_helpers import write_member_dir, write_member_run
+from tests._ensemble_helpers import digits_splits, subset_members, write_member_dir, write_member_run
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
@@ -29,20 +28,7 @@ from transfuse.learners import (
     to_onnx_bytes,
     validate_members,
 )
-from transfuse.stacking import (
-    EnsembleError,
-    FitRecord,
-    GreedyEnsemble,
-    LeakageError,
-    Stacker,
-    average,
-    check_no_leakage,
-    fit_temperature,
-    hard_vote,
-    load_sklearn_member,
-    select_stacker,
-    stacker_candidates,
-)
+from transfuse.stacking import EnsembleError, load_sklearn_member
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {  # small settings: the machine is shared
@@ -67,21 +53,8 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def digits():
-    """Digits pixels scaled to [0, 1] as the "embeddings", split 50/25/25 into train/holdout/test by a fixed
-    permutation; ids are strings as in the data contract."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    ids = np.array([f"digits-{i:04d}" for i in range(len(y))])
-    perm = np.random.default_rng(0).permutation(len(y))
-    n = len(y)
-    parts = {"train": perm[: n // 2], "holdout": perm[n // 2: 3 * n // 4], "test": perm[3 * n // 4:]}
-    out = {}
-    for split, idx in parts.items():
-        idx = idx[np.argsort(ids[idx])]  # sorted by id, like every reader here
-        out[split] = (x[idx], y[idx].astype(np.int64), ids[idx])
-    return out
+    """Digits train/holdout/test splits (tests._ensemble_helpers.digits_splits)."""
+    return digits_splits()
 
 
 def _inputs(digits, cnn_probs=None, cnn_fit_ids=None, columns=None) -> EnsembleInputs:
@@ -94,21 +67,6 @@ def _inputs(digits, cnn_probs=None, cnn_fit_ids=None, columns=None) -> EnsembleI
 
 def _members(*names: str) -> list[MemberConfig]:
     return [MemberConfig(name=n, kind=n, params=KINDS[n]) for n in names]
-
-
-def _subset_members(digits, row_groups=((0, 1, 2), (3, 4), (5, 6, 7))):
-    """Complementary "CNN" members: logistic regressions that each see only some pixel rows of the 8x8 image,
-    trained on train only. Returns (probs per member and split, the ids each was fitted on)."""
-    from sklearn.linear_model import LogisticRegression
-
-    x_tr, y_tr, ids_tr = digits["train"]
-    probs, seen = {}, {}
-    for g, rows in enumerate(row_groups):
-        cols = np.array([r * 8 + c for r in rows for c in range(8)])
-        lr = LogisticRegression(C=0.5, max_iter=500).fit(x_tr[:, cols], y_tr)
-        probs[f"rows{g}"] = {s: lr.predict_proba(digits[s][0][:, cols]) for s in ("holdout", "test")}
-        seen[f"rows{g}"] = ids_tr
-    return probs, seen
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,7 +132,7 @@ def test_fit_time_error_is_rewrapped_with_the_member_name(digits):
 @pytest.fixture(scope="module")
 def ray_fit(ray_cluster, digits):
     """Two members, 3 folds, 2 seeds, fitted as Ray tasks; plus complementary prob-only members."""
-    cnn, seen = _subset_members(digits)
+    cnn, seen = subset_members(digits)
     ecfg = EnsembleConfig(members=_members("logistic_regression", "random_forest"), folds=3, seeds=[0, 1],
                           parallel="ray", cpus_per_task=1.0)
     inp = _inputs(digits, cnn, seen)
@@ -223,32 +181,13 @@ def test_no_model_saw_the_examples_it_predicted_for_the_stacker(ray_fit, digits)
         assert s.leakage["leaks"] == 0
 
 
-def test_leakage_check_catches_in_sample_predictions(digits):
-    """Stacking on predictions a model made for its own training examples is refused."""
-    _, _, ids_ho = digits["holdout"]
-    ids_tr = digits["train"][2]
-    good = FitRecord("lr", "lr/fold0", ids_tr, ids_ho)
-    check_no_leakage([good], ids_ho, ["lr"])
-    leaky = FitRecord("lr", "lr/final", np.concatenate([ids_tr, ids_ho]), ids_ho)
-    with pytest.raises(LeakageError, match=r"member 'lr': model lr/final predicted \d+ ids it was fitted on"):
-        check_no_leakage([leaky], ids_ho, ["lr"])
-    with pytest.raises(LeakageError, match=r"stacker rows have no held-out prediction"):
-        check_no_leakage([FitRecord("lr", "lr/fold0", ids_tr, ids_ho[:10])], ids_ho, ["lr"])
-    ids_te = digits["test"][2]
-    with pytest.raises(LeakageError, match=r"the stacker was fitted on 5 test ids"):
-        check_no_leakage([good], ids_ho, ["lr"], test_ids=ids_ho[:5])
-    with pytest.raises(LeakageError, match=r"model lr/final used for test predictions was fitted on 5 test ids"):
-        check_no_leakage([good], ids_ho, ["lr"], test_ids=ids_te,
-                         final_records=[FitRecord("lr", "lr/final", np.concatenate([ids_tr, ids_te[:5]]), ids_te)])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Combiners
 
 
 def test_stack_is_at_least_as_good_as_the_best_complementary_member(digits):
     """Members that each see different pixel rows are weak alone and complementary together."""
-    cnn, seen = _subset_members(digits)
+    cnn, seen = subset_members(digits)
     fit = fit_ensemble(_inputs(digits, cnn, seen), EnsembleConfig(members=[], seeds=[0], parallel="local"),
                        LocalRunner())
     m = fit.first.metrics
@@ -258,113 +197,6 @@ def test_stack_is_at_least_as_good_as_the_best_complementary_member(digits):
     assert m["greedy"]["nll"] <= best_nll  # greedy can always fall back to the single best member
     for c in ("average", "hard_vote", "greedy", "stack"):
         assert set(m[c]) == {"accuracy", "nll", "ece", "n"} and m[c]["n"] == len(digits["test"][1])
-
-
-def test_log_pool_stacker_weights_members_and_contains_the_best_one(digits):
-    """The log-linear pool learns one non-negative weight per member: a member that is pure noise gets the least
-    weight, and the pool is at least as good as the best member on the rows it was fitted on (the best member alone,
-    weight 1, is one of its solutions)."""
-    cnn, _ = _subset_members(digits)
-    rng = np.random.default_rng(0)
-    noise = {s: rng.dirichlet(np.ones(10), size=len(cnn["rows0"][s])) for s in ("holdout", "test")}
-    ho = {**{k: v["holdout"] for k, v in cnn.items()}, "noise": noise["holdout"]}
-    y = digits["holdout"][1]
-    pool = Stacker(list(ho), C=10.0, features="log_probs", eps=1e-4, method="log_pool").fit(ho, y, num_classes=10)
-    w = pool.member_weights
-    assert set(w) == set(ho) and min(w.values()) >= 0.0
-    assert w["noise"] == min(w.values()) and w["noise"] < 0.3 * max(w.values()), w  # in-sample: not exactly 0
-    best_nll = min(tm.evaluate(ho[k], y)["nll"] for k in cnn)
-    assert tm.evaluate(pool.predict_proba(ho), y)["nll"] <= best_nll
-    back = Stacker.from_arrays(json.loads(json.dumps(pool.to_arrays())))  # the server's JSON path
-    assert back.method == "log_pool" and back.member_weights == pytest.approx(w)
-    np.testing.assert_array_equal(back.predict_proba(ho), pool.predict_proba(ho))
-    with pytest.raises(EnsembleError, match=r"log_pool stacker reads log_probs"):
-        Stacker(list(ho), method="log_pool").fit(ho, y)
-    with pytest.raises(EnsembleError, match=r"stacker method must be one of \('logistic', 'log_pool'\)"):
-        Stacker(list(ho), method="mlp").fit(ho, y)
-
-
-def test_stacker_selection_by_cross_validated_nll_on_holdout(digits):
-    cnn, _ = _subset_members(digits)
-    ho = {k: v["holdout"] for k, v in cnn.items()}
-    y = digits["holdout"][1]
-    cands = stacker_candidates("auto", 1.0, "probs", [0.1, 10.0])
-    assert [(c.method, c.features, c.C) for c in cands] == [
-        ("logistic", "probs", 0.1), ("logistic", "probs", 10.0), ("logistic", "log_probs", 0.1),
-        ("logistic", "log_probs", 10.0), ("log_pool", "log_probs", 0.1), ("log_pool", "log_probs", 10.0)]
-    chosen, table, calibration = select_stacker(ho, y, list(cnn), cands, folds=3, ids=digits["holdout"][2],
-                                                num_classes=10)
-    assert calibration is None and chosen.temperature == 1.0
-    assert len(table) == len(cands) and all(np.isfinite(r["cv_nll"]) for r in table)
-    best = min(table, key=lambda r: r["cv_nll"])
-    assert (chosen.method, chosen.features, chosen.C) == (best["method"], best["features"], best["C"])
-    assert set(chosen.fit_ids_) == set(digits["holdout"][2])  # refitted on every holdout row
-    # a named stacker is used as given, without cross-validation
-    only, table, _ = select_stacker(ho, y, list(cnn), stacker_candidates("log_pool", 3.0, "probs", [1.0]))
-    assert table == [] and (only.method, only.features, only.C) == ("log_pool", "log_probs", 3.0)
-    y_few = y[:41].copy()
-    y_few[y_few == 9] = 0
-    y_few[-1] = 9  # class 9 has one row: no 2-fold split can hold it out and fit on it
-    with pytest.raises(EnsembleError, match=r"a class has 1 holdout rows"):
-        select_stacker({k: v[:41] for k, v in ho.items()}, y_few, list(cnn), cands)
-
-
-def test_temperature_is_recovered_from_labels_drawn_at_that_temperature(digits):
-    """Labels drawn from softmax(z / 2.5) for the logits z of a model on digits: the fitted temperature is 2.5 up
-    to sampling noise, and it never changes a prediction."""
-    from sklearn.linear_model import LogisticRegression
-
-    x, y, _ = digits["train"]
-    z = LogisticRegression(C=10.0, max_iter=2000).fit(x, y).decision_function(np.concatenate([x] * 20))
-    rng = np.random.default_rng(0)
-    p = softmax(z / 2.5, axis=1)
-    drawn = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
-    assert fit_temperature(z, drawn) == pytest.approx(2.5, rel=0.05)
-    assert fit_temperature(z / 2.5, drawn) == pytest.approx(1.0, rel=0.05)
-    with pytest.raises(EnsembleError, match=r"finite N x K logits and N labels"):
-        fit_temperature(z[:5], drawn[:4])
-
-
-def test_calibrated_stacker_keeps_accuracy_and_lowers_out_of_fold_nll(digits):
-    """An over-confident stacker (C large on few holdout rows): the temperature is fitted on its out-of-fold
-    logits, lowers their NLL and ECE, is folded into the saved arrays (so a server applies it) and leaves every
-    argmax as it was; on test it does not raise the NLL."""
-    cnn, _ = _subset_members(digits)
-    ho = {k: v["holdout"] for k, v in cnn.items()}
-    te = {k: v["test"] for k, v in cnn.items()}
-    y, y_te = digits["holdout"][1], digits["test"][1]
-    cands = stacker_candidates("logistic", 1000.0, "log_probs", [1.0])
-    raw, _, none = select_stacker(ho, y, list(cnn), cands, folds=3)
-    cal, table, c = select_stacker(ho, y, list(cnn), cands, folds=3, calibrate=True)
-    assert none is None and table == []  # one candidate: nothing chosen, cross-validated only to calibrate
-    assert c["temperature"] > 1.2 and cal.temperature == c["temperature"]  # over-confident: softened
-    oof = c["holdout_oof"]
-    assert oof["after"]["nll"] < oof["before"]["nll"] and oof["after"]["ece"] < oof["before"]["ece"], oof
-    np.testing.assert_allclose(cal.decision_function(te), raw.decision_function(te) / c["temperature"], rtol=1e-12,
-                               atol=1e-12)  # float noise on logits near 0 (seen 1.5e-15)
-    np.testing.assert_array_equal(cal.predict(te), raw.predict(te))
-    assert tm.nll(cal.predict_proba(te), y_te) <= tm.nll(raw.predict_proba(te), y_te)
-    back = Stacker.from_arrays(json.loads(json.dumps(cal.to_arrays())))  # the JSON the bundle and server read
-    assert back.temperature == cal.temperature
-    np.testing.assert_array_equal(back.predict_proba(te), cal.predict_proba(te))
-    np.testing.assert_allclose(back.calibrated(1.0 / back.temperature).predict_proba(te), raw.predict_proba(te),
-                               rtol=1e-9, atol=1e-12)
-    with pytest.raises(EnsembleError, match=r"temperature must be a positive number"):
-        cal.calibrated(0.0)
-
-
-def test_greedy_selection_with_replacement_and_voting():
-    labels = np.array([0, 1, 1, 0])
-    good = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
-    bad = good[:, ::-1].copy()
-    g = GreedyEnsemble(["good", "bad"], rounds=5).fit({"good": good, "bad": bad}, labels)
-    assert g.weights_.tolist() == [1.0, 0.0]  # picked "good" (with replacement), never "bad"
-    np.testing.assert_allclose(g.predict_proba({"good": good, "bad": bad}), good)
-    np.testing.assert_allclose(average({"a": good, "b": bad}), 0.5)
-    hv = hard_vote({"a": good, "b": good, "c": bad})
-    assert (hv.argmax(1) == good.argmax(1)).all() and np.allclose(hv.sum(1), 1.0)
-    with pytest.raises(EnsembleError, match=r"member probabilities missing for \['c'\]"):
-        average({"a": good}, ["a", "c"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -404,45 +236,6 @@ def test_hist_gradient_boosting_onnx_is_exact_on_pixels(fashion_dir):
     np.testing.assert_array_equal(est.predict_proba(x[150:]), before)
     got = load_sklearn_member(to_onnx_bytes(est, x.shape[1], "hgb_px"))(x[150:])
     np.testing.assert_allclose(got, before, atol=1e-5)
-
-
-def test_stacker_round_trips_through_plain_arrays(digits, tmp_path):
-    cnn, _ = _subset_members(digits)
-    ho = {k: v["holdout"] for k, v in cnn.items()}
-    te = {k: v["test"] for k, v in cnn.items()}
-    s = Stacker(list(cnn), C=0.5).fit(ho, digits["holdout"][1], num_classes=10)
-    s.save(tmp_path / "stacker.json")
-    text = (tmp_path / "stacker.json").read_text()
-    back = Stacker.load(tmp_path / "stacker.json")
-    np.testing.assert_array_equal(back.predict_proba(te), s.predict_proba(te))
-    assert json.loads(text)["members"] == list(cnn)
-    with pytest.raises(EnsembleError, match=r"member probabilities missing"):
-        back.predict_proba({"rows0": te["rows0"]})
-
-
-def test_loading_needs_only_numpy_and_onnxruntime(digits, tmp_path):
-    """A fresh interpreter loads an ONNX member and a stacker without importing scikit-learn."""
-    x, y, _ = digits["train"]
-    est = build_estimator(MemberConfig(name="lr", kind="logistic_regression", params={}), 0).fit(x, y)
-    (tmp_path / "lr.onnx").write_bytes(to_onnx_bytes(est, x.shape[1], "lr"))
-    Stacker(["lr"]).fit({"lr": est.predict_proba(x)}, y, num_classes=10).save(tmp_path / "stacker.json")
-    np.save(tmp_path / "x.npy", digits["test"][0])
-    np.save(tmp_path / "want.npy", est.predict_proba(digits["test"][0]))
-    code = (
-        "import sys, numpy as np\n"
-        "from transfuse.stacking import load_sklearn_member, Stacker, stack_predict\n"
-        f"d = {str(tmp_path)!r}\n"
-        "m = load_sklearn_member(d + '/lr.onnx')\n"
-        "p = m(np.load(d + '/x.npy'))\n"
-        "assert np.abs(p - np.load(d + '/want.npy')).max() < 1e-4\n"
-        "s = stack_predict(Stacker.load(d + '/stacker.json'), {'lr': p})\n"
-        "assert s.shape == p.shape\n"
-        "bad = [k for k in sys.modules if k.split('.')[0] in ('sklearn', 'tensorflow', 'ray', 'skl2onnx')]\n"
-        "assert not bad, bad\n"
-        "print('ok')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -146,42 +146,6 @@ def test_bad_overrides_are_refused(digits_run):
         effective(digits_run, {"learning_rate": 1.0})
 
 
-def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
-    """Two trials asking for the same cut point at the same moment: one computes, the other reuses."""
-    import logging
-    from concurrent.futures import ThreadPoolExecutor
-
-    from transfuse import cache, models
-    from transfuse.data import data_manifest
-    from transfuse.train import prepare_run
-
-    cfg = _cfg(digits_run)
-    out = storage.join(storage.run_dir(cfg), "cache_race")
-    p = prepare_run(cfg.model_copy(update={"train": cfg.train.model_copy(update={"cache_frozen": False})}), out)
-    spec, init = p.spec, p.init_weights
-    full = models.build_model(spec)
-    models.load_weights(full, init)
-    cut = "block3_pool"  # not used by the fine-tuning run above, so nobody built it yet
-    data_dir = storage.stage_dir(cfg, "data")
-    key = cache.cache_key(spec, cut, cache.trunk_digest(full, cut), data_manifest(data_dir)["fingerprint"])
-    caplog.set_level(logging.INFO, logger="transfuse.cache")
-    with ThreadPoolExecutor(2) as pool:
-        dirs = list(pool.map(lambda _: cache.ensure_cache(cfg, data_dir, spec, init, {key: cut}), range(2)))
-    assert dirs[0] == dirs[1]
-    msgs = [r.getMessage() for r in caplog.records if r.name == "transfuse.cache"]
-    assert sum(m.startswith("cache: computing") for m in msgs) == 1
-    assert sum(m.startswith("cache: reusing") for m in msgs) == 1
-    # the cached activations are the trunk's outputs on the preprocessed images
-    from transfuse.data import read_split_numpy
-    from transfuse.preprocess import PreprocessSpec, preprocess
-
-    images, labels, _ = read_split_numpy(data_dir, "val")
-    x, y = cache.read_cache_numpy(dirs[0][cut], "val")
-    np.testing.assert_array_equal(y, labels)
-    expect = models.trunk_model(full, cut).predict(preprocess(images, PreprocessSpec(**spec["preprocess"])), verbose=0)
-    np.testing.assert_allclose(x, expect, rtol=1e-4, atol=1e-5)
-
-
 def test_overrides_and_scratch_budget(digits_run):
     from transfuse.train import effective, mixed_policy, scratch_overrides
 
