@@ -362,8 +362,11 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
             "epochs": d.epochs, "batch_size": d.batch_size,
             "lr": d.lr, "temperature": d.temperature, "soft_weight": d.soft_weight, "hard_weight": d.hard_weight,
             "num_classes": k, "seed": cfg.seed, "data_dir": data_dir}
-    if force:
+    # Ray Train resumes from the checkpoints in TRAIN_DIR: only those of a run with this same fingerprint
+    stamp = storage.join(out, ".train_fingerprint.json")
+    if force or not storage.exists(stamp) or storage.read_json(stamp).get("fingerprint") != fp:
         storage.delete(storage.join(out, TRAIN_DIR))
+        storage.write_json(stamp, {"fingerprint": fp})
     t1 = time.time()
     result = _trainer(cfg, out, loop, views).fit()
     train_seconds = time.time() - t1
