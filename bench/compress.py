@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import compress, measure, tflite_export
+from transfuse import compress, ensemble_source, measure, tflite_export
 from transfuse.preprocess import PreprocessSpec, preprocess
 
 ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]  # pruned kinds: once per sparsity
@@ -88,7 +88,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     dim = int(emb_net.output.shape[-1])
     onx = convert_sklearn(lr, initial_types=[("embedding", FloatTensorType([None, dim]))],
                           options={id(lr): {"zipmap": False}}).SerializeToString()
-    parts = compress.EnsembleParts(
+    parts = ensemble_source.EnsembleParts(
         sklearn=[SklearnMember("logreg", onx, embedding_of=members[0].name)],
         stacker=stacker)
     info = {"source": source, "train": len(tr), "stacker_holdout": len(ho), "test": len(te), "epochs": epochs,
@@ -101,7 +101,7 @@ def run_members(cfg):
     from transfuse import models, storage
     from transfuse.data import data_manifest, read_split_numpy
 
-    src, dropped = compress.ensemble_to_compress(cfg)
+    src, dropped = ensemble_source.ensemble_to_compress(cfg)
     members = [tflite_export.Member(n, *models.load_member(d)) for n, d in src.members]
     data_dir = storage.stage_dir(cfg, "data")
     names = data_manifest(data_dir)["class_names"]
@@ -190,7 +190,7 @@ def main() -> None:
                                                num_threads=args.threads, runs=args.latency_runs)
             for r in rows:
                 r.update(lat[r["variant"]], latency="interleaved")
-    base = compress.keras_baseline(members, parts0, pspec)
+    base = ensemble_source.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
     row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
     row.update(measure.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))

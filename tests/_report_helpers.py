@@ -109,7 +109,7 @@ def write_member(cfg, out_dir: str, data, seed: int, epochs=(3, 2), alpha: float
 
 
 def write_tune(cfg, data, *, plot: bool) -> list[dict]:
-    """tune/: trials' member dirs, results.json rows in search._row's format, members.json, summary.json, the plot."""
+    """tune/: trials' member dirs, results.json rows in search.result_row's format, members.json, summary.json, the plot."""
     from transfuse.search import SEARCHED, plot_depth
 
     tune = storage.stage_dir(cfg, "tune")

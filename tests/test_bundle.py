@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress, tflite_export
+from transfuse import compress, ensemble_source, tflite_export
 from transfuse.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
 from transfuse.stacking import Stacker
@@ -41,7 +41,7 @@ def ensemble(tmp_path_factory):
     px_onx = to_onnx(px, pix[:1], options={id(px): {"zipmap": False}}).SerializeToString()
     probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb), px.predict_proba(pix)]
     stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)  # the reference
-    parts = compress.EnsembleParts(
+    parts = ensemble_source.EnsembleParts(
         sklearn=[SklearnMember("logreg_cnn0", onx, embedding_of="cnn0"),
                  SklearnMember("px", px_onx, features="pixels", pixel_size=6)],
         stacker=Stacker(["cnn0", "cnn1", "logreg_cnn0", "px"], coef_=stacker.coef_, intercept_=stacker.intercept_))
@@ -91,7 +91,7 @@ def test_round_trip_matches_float_models(ensemble):
 
 def test_plain_average_without_stacker(ensemble, tmp_path):
     ex, members = ensemble["exported"], ensemble["members"]
-    compress.write_variant(str(tmp_path / "avg"), ex, members, compress.EnsembleParts(), name="avg", version="1",
+    compress.write_variant(str(tmp_path / "avg"), ex, members, ensemble_source.EnsembleParts(), name="avg", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     b = load_bundle(tmp_path / "avg")
     x = ensemble["data"].x_test[:20]
@@ -163,9 +163,9 @@ def test_bad_input_refused(ensemble):
 def test_write_refuses_non_empty_dir(ensemble, tmp_path):
     ex, members = ensemble["exported"], ensemble["members"]
     kw = dict(name="x", version="1", class_names=CLASS_NAMES, input_shape=(8, 8, 1))
-    compress.write_variant(str(tmp_path / "w"), ex, members, compress.EnsembleParts(), overwrite=False, **kw)
+    compress.write_variant(str(tmp_path / "w"), ex, members, ensemble_source.EnsembleParts(), overwrite=False, **kw)
     with pytest.raises(BundleError, match="not empty"):
-        compress.write_variant(str(tmp_path / "w"), ex, members, compress.EnsembleParts(), overwrite=False, **kw)
+        compress.write_variant(str(tmp_path / "w"), ex, members, ensemble_source.EnsembleParts(), overwrite=False, **kw)
     with pytest.raises(BundleError, match="embedding_of must be one of"):
         write_bundle(str(tmp_path / "w2"), preprocess_spec=SPEC, trunk=ex.trunk,
                      cnn_members=[compress.CNNMember("a", ex.tops["cnn0"])],

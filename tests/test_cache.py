@@ -80,7 +80,7 @@ def test_trunk_digest_covers_the_layers_up_to_the_cut_only():
 def test_cache_parts_read_back_per_split_and_cut_in_id_order(tmp_path):
     """The writers' layout (one parquet file per batch, split and cut: x tensor, label, id) read back by
     read_cache_numpy: each split's rows of each cut, sorted by id across batches, float32 and int64."""
-    from transfuse.cache import _write_parts, read_cache_numpy
+    from transfuse.cache import read_cache_numpy, write_parts
 
     rng = np.random.default_rng(0)
     ids = np.array(["r07", "r02", "r11", "r05", "r01", "r09"])
@@ -90,7 +90,7 @@ def test_cache_parts_read_back_per_split_and_cut_in_id_order(tmp_path):
     labels = np.array([3, 1, 0, 2, 2, 1], dtype=np.int64)
     dirs = [str(tmp_path / "cut0"), str(tmp_path / "cut1")]
     for batch in (slice(0, 3), slice(3, 6)):
-        _write_parts(dirs, {"out0": x0[batch], "out1": x1[batch], "label": labels[batch], "id": ids[batch],
+        write_parts(dirs, {"out0": x0[batch], "out1": x1[batch], "label": labels[batch], "id": ids[batch],
                             "split": splits[batch]})
     assert len(list((tmp_path / "cut0" / "train").glob("part-*.parquet"))) == 2
     for split in ("train", "val"):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress, measure, onnx_rewrite, prune, tflite_export
+from transfuse import compress, ensemble_source, measure, onnx_rewrite, prune, tflite_export
 from transfuse.bundle import SklearnMember, load_bundle
 from transfuse.config import GoalsConfig
 from transfuse.preprocess import PreprocessSpec, preprocess
@@ -163,13 +163,13 @@ def int8_bundle(setup, tmp_path_factory):
     d, members, _, rep = setup
     ex = tflite_export.export_members(members, "int8", rep)
     path = tmp_path_factory.mktemp("int8") / "b"
-    compress.write_variant(str(path), ex, members, compress.EnsembleParts(), name="q", version="1",
+    compress.write_variant(str(path), ex, members, ensemble_source.EnsembleParts(), name="q", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)
     return path
 
 
 def _bundle(tmp_path, name, members, ex):
-    compress.write_variant(str(tmp_path / name), ex, members, compress.EnsembleParts(), name=name, version="1",
+    compress.write_variant(str(tmp_path / name), ex, members, ensemble_source.EnsembleParts(), name=name, version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     return load_bundle(tmp_path / name)
 
@@ -225,7 +225,7 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
 def test_quantized_variant_loads_and_predicts(setup, tmp_path, mode):
     d, members, _, rep = setup
     ex = tflite_export.export_members(members, mode, rep)
-    compress.write_variant(str(tmp_path / mode), ex, members, compress.EnsembleParts(), name=mode, version="1",
+    compress.write_variant(str(tmp_path / mode), ex, members, ensemble_source.EnsembleParts(), name=mode, version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     b = load_bundle(tmp_path / mode)
     p = b.predict_proba(d.x_test)
@@ -247,7 +247,7 @@ def test_int8_is_integer_inside(int8_bundle):
 def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     d, members, _, _ = setup
     ex = tflite_export.export_members(members, "float32")
-    compress.write_variant(str(tmp_path / "f"), ex, members, compress.EnsembleParts(), name="f", version="1",
+    compress.write_variant(str(tmp_path / "f"), ex, members, ensemble_source.EnsembleParts(), name="f", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     rows = [measure.variant_row(str(p), d.x_test, d.y_test, latency_runs=5, throughput_runs=2)
             for p in (tmp_path / "f", int8_bundle)]
@@ -383,7 +383,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
                             {"name": "px", "file": "members/lr.onnx", "features": "pixels", "pixel_size": 4,
                              "input": "embedding", "output": "probabilities"}],
         "stacker": {"file": "stacker.json", "features": "log_probs"}})
-    src = compress.read_ensemble(cfg)
+    src = ensemble_source.read_ensemble(cfg)
     assert src.source == "ensemble" and src.members == [("a", "/x/a"), ("b", "/x/b")]
     sk, px = src.parts.sklearn
     assert sk.embedding_of == "a" and sk.probabilities_output == "probabilities" and sk.data[:2] != b""
@@ -404,23 +404,23 @@ def test_zero_weight_members_are_left_out_losslessly():
     for dead in ("a", "b", "sv"):
         j = names.index(dead)
         coef[:, j * k:(j + 1) * k] = 0.0
-    parts = compress.EnsembleParts(
+    parts = ensemble_source.EnsembleParts(
         sklearn=[SklearnMember("lr", b"1", embedding_of="a"), SklearnMember("px", b"2", features="pixels"),
                  SklearnMember("sv", b"3", embedding_of="b")],
         stacker=Stacker(names, coef_=coef, intercept_=rng.normal(size=k)))
-    src = compress.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
-    out, info = compress.drop_zero_weight_members(src)
+    src = ensemble_source.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
+    out, info = ensemble_source.drop_zero_weight_members(src)
     assert out.members == [("a", "/a")] and [s.name for s in out.parts.sklearn] == ["lr", "px"]
     assert info["dropped"] == ["b", "sv"] and info["kept_at_zero_weight"] == ["a"]
     assert out.parts.stacker.members == ["a", "lr", "px"] and out.parts.stacker.coef_.shape == (k, 3 * k)
     probs = {m: rng.dirichlet(np.ones(k), size=20) for m in names}
     np.testing.assert_allclose(out.parts.stacker.predict_proba(probs), parts.stacker.predict_proba(probs), atol=1e-12)
     # nothing at zero: nothing dropped; no stacker (plain averaging): nothing dropped
-    live = compress.EnsembleSource(src.members, compress.EnsembleParts(parts.sklearn, Stacker(
+    live = ensemble_source.EnsembleSource(src.members, ensemble_source.EnsembleParts(parts.sklearn, Stacker(
         names, coef_=rng.normal(size=(k, k * len(names))), intercept_=np.zeros(k))), "ensemble", "f")
-    assert compress.drop_zero_weight_members(live)[1]["dropped"] == []
-    avg = compress.EnsembleSource(src.members, compress.EnsembleParts(), "members", "f")
-    assert compress.drop_zero_weight_members(avg)[0] is avg
+    assert ensemble_source.drop_zero_weight_members(live)[1]["dropped"] == []
+    avg = ensemble_source.EnsembleSource(src.members, ensemble_source.EnsembleParts(), "members", "f")
+    assert ensemble_source.drop_zero_weight_members(avg)[0] is avg
 
 
 def test_sklearn_onnx_rewrites_are_lossless(setup):

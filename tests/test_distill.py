@@ -75,7 +75,7 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert m["rows"] == {"views": 2 * (400 + 160), "per_view": 400 + 160, "views_per_image": 2}
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
     # agreement with the teacher, recomputed from the saved predictions
-    from transfuse.stack_inputs import read_member_split
+    from transfuse.member_split import read_member_split
 
     ids, y, student = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
     t_ids, _, teacher = read_member_split(str(_dir(distilled, "ensemble")), "predictions", "test")
@@ -115,7 +115,7 @@ def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(dist
     m = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
     assert man["combiner"]["temperature"] == pytest.approx(m["calibration"]["temperature"])
     x, y, _ = read_split_numpy(str(_dir(distilled, "data")), "test")
-    from transfuse.stack_inputs import read_member_split
+    from transfuse.member_split import read_member_split
 
     _, _, keras = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
     served = b.predict_proba(x)

@@ -17,7 +17,8 @@ from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
 from transfuse.ensemble import fit_ensemble, load_saved_members, run_ensemble
-from transfuse.stack_inputs import EnsembleInputs, read_member_split
+from transfuse.member_split import read_member_split
+from transfuse.stack_inputs import EnsembleInputs
 from transfuse.learners import (
     LocalRunner,
     MemberError,

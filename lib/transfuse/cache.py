@@ -99,7 +99,7 @@ class CacheWriter(ApplyModel):
         t = time.perf_counter()
         res = super().__call__(batch)
         t_model = time.perf_counter() - t
-        _write_parts(self._dirs, res)
+        write_parts(self._dirs, res)
         n = len(res["split"])
         # seconds spent here, spread over the batch's rows so that the driver's sums are the actor's totals
         timing = {"model_s": np.full(n, t_model / n), "write_s": np.full(n, (time.perf_counter() - t - t_model) / n),
@@ -108,7 +108,7 @@ class CacheWriter(ApplyModel):
         return {"split": res["split"], **timing}
 
 
-def _write_parts(out_dirs: list[str], res: dict[str, Any]) -> None:
+def write_parts(out_dirs: list[str], res: dict[str, Any]) -> None:
     """One parquet file per split and cut for a batch of outputs (out0.., label, id, split)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -168,7 +168,7 @@ def _compute_in_driver(data_dir: str, splits: tuple[str, ...], spec: dict[str, A
             res["split"] = np.full(len(res["label"]), split)
             spent["model_s"] += time.perf_counter() - t
             t = time.perf_counter()
-            _write_parts(out_dirs, res)
+            write_parts(out_dirs, res)
             spent["write_s"] += time.perf_counter() - t
             counts[split] += len(res["label"])
             t = time.perf_counter()

@@ -12,7 +12,7 @@ at a smaller input) trained on Ray Train to match the ensemble (the teacher) on
 Each image is seen in ``distill.views`` views (the first as is, the others augmented with ``distill.augment``,
 seeded by the image's id and the view), and the teacher labels every view itself (Beyer et al. 2022: teacher and
 student see the same augmented image). The teacher runs on a Ray Data actor pool (``TeacherActor``: the float32
-Keras members, the scikit-learn members in ONNX Runtime, the stacker: ``compress.keras_baseline``); its soft
+Keras members, the scikit-learn members in ONNX Runtime, the stacker: ``ensemble_source.keras_baseline``); its soft
 labels are computed once per view and materialized, and the student's epochs stream them from the object store.
 
 The loss of a row: ``soft_weight * T^2 * KL(teacher_T || student_T) + hard_weight * labelled * CE(label,
@@ -101,7 +101,7 @@ class TeacherActor:
 
     def __init__(self, members: list[tuple[str, str]], parts: Any, temperature: float, num_classes: int):
         from transfuse import models
-        from transfuse.compress import keras_baseline
+        from transfuse.ensemble_source import keras_baseline
         from transfuse.preprocess import PreprocessSpec
         from transfuse.tflite_export import Member
 
@@ -327,9 +327,9 @@ def _best_cnn(ens: dict[str, Any], cnn_names: list[str]) -> str:
 def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     """The distill stage (see the module docstring). Returns its manifest."""
     from transfuse import models
-    from transfuse.compress import ensemble_to_compress
+    from transfuse.ensemble_source import ensemble_to_compress
     from transfuse.data import data_manifest, read_split_numpy
-    from transfuse.stack_inputs import read_member_split, write_member_split
+    from transfuse.member_split import read_member_split, write_member_split
     from transfuse.stacking import fit_temperature
 
     d = cfg.distill

@@ -28,15 +28,15 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from transfuse import member_search
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig
-from transfuse import member_search
 from transfuse.learners import (ONNX_INPUT, ONNX_OUTPUT, FitOutput, FitTask, Progress, data_key, make_runner,
                                  to_onnx_bytes, validate_members)
+from transfuse.member_split import write_member_split
 from transfuse.stack_inputs import (CnnMember, EnsembleInputs, find_cnn_members, fold_tasks, holdout_folds,
-                                    load_inputs, member_inputs, oof_predictions, shared_data, stage_fingerprint,
-                                    write_member_split)
+                                    load_inputs, member_inputs, oof_predictions, shared_data, stage_fingerprint)
 from transfuse.stacking import (
     EnsembleError,
     FitRecord,

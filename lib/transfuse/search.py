@@ -188,7 +188,7 @@ def build_tuner(cfg: Config, *, resume: bool = False) -> Any:
     )
 
 
-def _row(cfg: Config, result: Any) -> dict[str, Any]:
+def result_row(cfg: Config, result: Any) -> dict[str, Any]:
     trial_id = result.metrics.get("trial_id") if result.metrics else None
     if not trial_id:  # errored before its first report: the id is in the trial folder's name
         found = re.search(r"_([0-9a-f]{5}_\d{5})(_|$)", result.path.rstrip("/").rsplit("/", 1)[-1])
@@ -287,7 +287,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
         storage.clear_dir(out)
     start = time.time()
     grid = build_tuner(cfg, resume=resume).fit()
-    rows = [_row(cfg, r) for r in grid]
+    rows = [result_row(cfg, r) for r in grid]
     members = select_members(rows, cfg.tune.members)
     if not members:
         errors = [r["error"] for r in rows if r["error"]]

@@ -1,7 +1,7 @@
 """What the ensemble stage and the member search read, and the out-of-fold protocol they share.
 
 The inputs: the CNN members' saved outputs (``<member>/<kind>/<split>.parquet``: id, label, and probabilities or
-an embedding; this module writes and reads that format), the images' pixels as a second view, all aligned by id
+an embedding; ``transfuse.member_split`` owns that format), the images' pixels as a second view, all aligned by id
 in ``EnsembleInputs``; and the fingerprint of those inputs (``stage_fingerprint``). The protocol: the holdout is
 split into K stratified folds (``holdout_folds``), fold k's model is fitted on train + the other folds and predicts
 fold k (``fold_tasks``), and the K predictions make one member's out-of-fold holdout probabilities with a record
@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig
 from transfuse.learners import FitOutput, FitTask
+from transfuse.member_split import read_member_split
 from transfuse.preprocess import pixel_features
 from transfuse.stacking import EnsembleError, FitRecord
 
@@ -133,70 +134,6 @@ class CnnMember:
     name: str
     dir: str
     val_accuracy: Optional[float] = None
-
-
-def _read_table(path: str) -> Any:
-    import pyarrow.parquet as pq
-
-    fs, p = storage.resolve(path)
-    if not storage.exists(path):
-        raise EnsembleError(f"missing file {path}")
-    return pq.read_table(p, filesystem=fs)
-
-
-def _list_column(table: Any, column: str, where: str) -> np.ndarray:
-    """A list<float> column as an N x width float32 array; every row must have the same width."""
-    import pyarrow.compute as pc
-
-    if column not in table.column_names:
-        raise EnsembleError(f"{where}: no column {column!r}; has {table.column_names}")
-    col = table.column(column).combine_chunks()
-    if col.null_count:
-        raise EnsembleError(f"{where}: {col.null_count} rows have a null {column}")
-    lengths = np.asarray(pc.list_value_length(col))
-    if len(lengths) and lengths.min() != lengths.max():
-        raise EnsembleError(f"{where}: {column} rows have different lengths ({lengths.min()}..{lengths.max()})")
-    width = int(lengths[0]) if len(lengths) else 0
-    return np.asarray(col.flatten(), dtype=np.float32).reshape(len(col), width)
-
-
-SPLIT_COLUMNS = {"predictions": "probs", "embeddings": "embedding"}  # <dir>/<kind>/<split>.parquet's value column
-
-
-def write_member_split(member_dir: str, kind: str, split: str, ids: np.ndarray, labels: np.ndarray,
-                       values: np.ndarray) -> None:
-    """``<member_dir>/<kind>/<split>.parquet``: id (str), label (int64) and one float32 list per row (probs for
-    predictions, embedding for embeddings), what ``read_member_split`` reads."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if kind not in SPLIT_COLUMNS:
-        raise EnsembleError(f"split kind must be one of {sorted(SPLIT_COLUMNS)}, got {kind!r}")
-    values = np.asarray(values, dtype=np.float32).reshape(len(ids), -1)
-    table = pa.table({"id": pa.array(np.asarray(ids).astype(str)),
-                      "label": pa.array(np.asarray(labels).astype(np.int64)),
-                      SPLIT_COLUMNS[kind]: pa.array(list(values), type=pa.list_(pa.float32()))})
-    fs, path = storage.resolve(storage.join(member_dir, kind, f"{split}.parquet"))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path) as f:
-        pq.write_table(table, f)
-
-
-def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, labels, values) of ``<member_dir>/<kind>/<split>.parquet`` sorted by id; kind: predictions (probs) or
-    embeddings (embedding)."""
-    path = storage.join(member_dir, kind, f"{split}.parquet")
-    table = _read_table(path)
-    for c in ("id", "label"):
-        if c not in table.column_names:
-            raise EnsembleError(f"{path}: no column {c!r}; has {table.column_names}")
-    ids = np.asarray(table.column("id").to_pylist(), dtype=str)
-    labels = np.asarray(table.column("label"), dtype=np.int64)
-    values = _list_column(table, SPLIT_COLUMNS[kind], path)
-    if len(np.unique(ids)) != len(ids):
-        raise EnsembleError(f"{path}: ids are not unique")
-    order = np.argsort(ids, kind="stable")
-    return ids[order], labels[order], values[order]
 
 
 def find_cnn_members(cfg: Config) -> list[CnnMember]:
@@ -359,7 +296,6 @@ def member_inputs(inp: EnsembleInputs, features: str, split: str, embedding_of: 
 
 
 __all__ = [
-    "CnnMember", "EnsembleInputs", "SPLIT_COLUMNS", "find_cnn_members", "fold_tasks", "holdout_folds", "load_inputs",
-    "member_inputs", "oof_predictions", "read_member_split", "read_pixels", "shared_data", "stage_fingerprint",
-    "write_member_split",
+    "CnnMember", "EnsembleInputs", "find_cnn_members", "fold_tasks", "holdout_folds", "load_inputs",
+    "member_inputs", "oof_predictions", "read_pixels", "shared_data", "stage_fingerprint",
 ]

@@ -214,7 +214,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
 
 def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], splits: list[str],
                          num_classes: int) -> dict[str, dict]:
-    from transfuse.stack_inputs import write_member_split
+    from transfuse.member_split import write_member_split
     from transfuse.metrics import evaluate
 
     results = {}

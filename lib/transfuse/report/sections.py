@@ -314,7 +314,7 @@ def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict])
         page.figure(fig, "confusion_ensemble.png", "confusion matrix of the stacked ensemble",
                     "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
                     "predicted), from ensemble/metrics.json.")
-    from transfuse.stack_inputs import read_member_split
+    from transfuse.member_split import read_member_split
 
     ens_dir = storage.stage_dir(cfg, "ensemble")
     curves = []  # (label, probs, labels)
