@@ -454,7 +454,8 @@ def distillation(cfg: Any, page: Page) -> None:
     t, st = served.get("int8"), served.get("student_int8")
     speed = t["p50_ms_b1"] / st["p50_ms_b1"] if t and st and st.get("p50_ms_b1") else None
     notes = [f"the student keeps {num(gain, '{:.0%}')} of the ensemble's accuracy gain over {best['name']}",
-             f"student_int8 is {num(speed, '{:.2f}')}x faster than the int8 ensemble at batch 1",
+             f"student_int8 is {num(speed, '{:.2f}')}x faster than the int8 ensemble at batch 1 (timed "
+             "interleaved with every variant; bench/distill.py times them in warm blocks)",
              f"{m['rows']['views']} teacher-labelled views ({m['rows']['views_per_image']} per image)"]
     page.add(f"<p>{esc('; '.join(notes))}.</p>")
 

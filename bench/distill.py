@@ -1,0 +1,100 @@
+"""Distillation benchmark: does one student CNN keep the stacked ensemble's gain, and how much faster is it served?
+
+For several label draws (as bench/transfer.py: the config's seed decides which images are labelled) it runs the
+pipeline up to compress with the distill stage on (``distill.enabled``; ``data.unlabelled_per_class`` must give
+it a pool) and without the scratch baseline (complete stages are reused), then reads per draw: the teacher (the
+stacked ensemble), the student and the best single fine-tuned CNN member on test (accuracy, NLL, ECE), the
+student's agreement with the teacher, the share of the ensemble's accuracy gain over that member the student
+keeps, and the served int8 ensemble against ``student_int8``: bundle bytes, and batch-1 p50 latency in warm
+blocks as one replica serving one bundle sees it (``measure.blocked_latency``; the compress stage's
+interleaved number beside it). Prints the table and the issue's goals; writes
+``<storage>/<run>/bench_distill.json``.
+
+    python bench/distill.py --config configs/default.yaml --set data.unlabelled_per_class=200 \\
+        --set distill.enabled=true [--draws 0 1 2] [--set distill.input_size=64 ...]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from bench.transfer import draw_config, draws_cli, print_goals  # noqa: E402
+from transfuse import storage  # noqa: E402
+from transfuse.config import Config  # noqa: E402
+
+GAIN_KEPT, FIDELITY, FASTER = 0.8, 0.95, 3.0  # the issue's goals
+
+
+def one_draw(cfg: Config) -> dict[str, Any]:
+    from transfuse.pipeline import run_pipeline
+
+    run_pipeline(cfg, until="compress", skip=("scratch",))
+    m = storage.read_json(storage.join(storage.stage_dir(cfg, "distill"), "metrics.json"))
+    from transfuse.data import read_split_numpy
+    from transfuse.measure import blocked_latency
+
+    comp = storage.stage_dir(cfg, "compress")
+    rows = {r["variant"]: r for r in storage.read_json(storage.join(comp, "metrics.json"))["variants"]}
+    x, _, _ = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+    lat = blocked_latency({v: storage.join(comp, v) for v in ("int8", "student_int8")}, x,
+                          num_threads=cfg.compress.num_threads)
+    for v in lat:
+        rows[v] = {**rows[v], "p50_ms_b1_interleaved": rows[v]["p50_ms_b1"], **lat[v]}
+    ens, stu = rows["int8"], rows["student_int8"]
+    return {"teacher": m["teacher"], "student": m["student"], "best_member": m["best_cnn_member"],
+            "fidelity": m["fidelity"], "gain_kept": m["gain_kept"], "calibration": m["calibration"],
+            "served": {v: {k: rows[v][k] for k in ("accuracy", "nll", "ece", "p50_ms_b1", "p99_ms_b1",
+                                                   "p50_ms_b1_interleaved", "size_bytes")}
+                       for v in ("int8", "student_int8")},
+            "faster_b1": ens["p50_ms_b1"] / stu["p50_ms_b1"], "smaller": ens["size_bytes"] / stu["size_bytes"],
+            "student_input_size": m["student_input_size"], "seconds": {"teacher": m["teacher_seconds"],
+                                                                       "student": m["train_seconds"]}}
+
+
+def goals(rows: list[dict[str, Any]]) -> list[tuple[str, bool]]:
+    mean = lambda key: float(np.mean([r[key] for r in rows]))  # noqa: E731
+    return [
+        (f"student keeps >= {GAIN_KEPT:.0%} of the ensemble's accuracy gain over the best member (mean)",
+         mean("gain_kept") >= GAIN_KEPT),
+        (f"student agrees with the teacher on >= {FIDELITY:.0%} of test (mean)", mean("fidelity") >= FIDELITY),
+        (f"student_int8 >= {FASTER:g}x faster than the int8 ensemble at batch 1 (every draw)",
+         all(r["faster_b1"] >= FASTER for r in rows)),
+    ]
+
+
+def format_table(draws: list[int], rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'draw':>5}{'teacher':>9}{'student':>9}{'best mem':>9}{'kept':>7}{'fidelity':>9}"
+             f"{'ens ms':>8}{'stu ms':>8}{'faster':>7}{'smaller':>8}   NLL teacher/student"]
+    for d, r in zip(draws, rows):
+        s = r["served"]
+        lines.append(f"{d:>5}{r['teacher']['accuracy']:>9.4f}{r['student']['accuracy']:>9.4f}"
+                     f"{r['best_member']['accuracy']:>9.4f}{r['gain_kept']:>7.2f}{r['fidelity']:>9.4f}"
+                     f"{s['int8']['p50_ms_b1']:>8.3f}{s['student_int8']['p50_ms_b1']:>8.3f}{r['faster_b1']:>7.2f}"
+                     f"{r['smaller']:>8.2f}   {r['teacher']['nll']:.4f}/{r['student']['nll']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, draws = draws_cli(__doc__.splitlines()[0], argv)
+    rows = []
+    for d in draws:
+        rows.append(one_draw(draw_config(cfg, d)))
+        r = rows[-1]
+        print(f"draw {d}: teacher {r['teacher']['accuracy']:.4f}, student {r['student']['accuracy']:.4f}, "
+              f"fidelity {r['fidelity']:.4f}, {r['faster_b1']:.2f}x faster", flush=True)
+    met = goals(rows)
+    path = storage.join(storage.run_dir(cfg), "bench_distill.json")
+    storage.write_json(path, {"draws": draws, "per_draw": rows, "goals": [{"goal": g, "met": ok} for g, ok in met]})
+    print(format_table(draws, rows))
+    print_goals(met, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
