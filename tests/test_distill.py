@@ -167,3 +167,18 @@ def test_the_temperature_stacker_is_softmax_of_log_p_over_t():
     np.testing.assert_allclose(combine_probs({"student": p}, ["student"], coef=st.coef_, intercept=st.intercept_,
                                              features="log_probs", eps=st.eps), soften(p, 1.7), rtol=1e-9)
     assert soften(p, 1.0).argmax(1).tolist() == soften(p, 3.0).argmax(1).tolist() == p.argmax(1).tolist()
+
+
+def test_the_same_config_and_seed_give_the_same_student(distilled):
+    """Run last: it reruns the stage in place (force), after the tests that read the first run's outputs."""
+    from transfuse.distill import run_distill
+    from transfuse.member_split import read_member_split
+
+    student = str(_dir(distilled, "distill") / "student")
+    _, _, before = read_member_split(student, "predictions", "test")
+    first = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
+    run_distill(distilled, force=True)
+    _, _, after = read_member_split(student, "predictions", "test")
+    again = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
+    np.testing.assert_allclose(after, before, atol=1e-6)
+    assert again["history"] == first["history"] and again["fidelity"] == first["fidelity"]

@@ -246,8 +246,15 @@ def student_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, int(c["batch_size"]) // world)
     k2 = 2 * int(c["num_classes"]) + 1
+    held = _read_shard(shard) if c["materialize"] else None
     for epoch in range(len(history), int(c["epochs"])):
         def batches(epoch: int = epoch) -> Any:
+            if held is not None:  # the same order for the same seed: rows sorted by (id, view), then permuted
+                images, target = held
+                order = np.random.default_rng([int(c["seed"]), epoch]).permutation(len(target))
+                for i in range(0, len(order), per_worker):
+                    yield preprocess(images[order[i:i + per_worker]], pspec), target[order[i:i + per_worker]]
+                return
             for b in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
                                         local_shuffle_buffer_size=8 * per_worker,
                                         local_shuffle_seed=int(c["seed"]) * 1000 + epoch):
@@ -270,6 +277,20 @@ def student_loop(config: dict[str, Any]) -> None:
                     json.dump(history, f)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _read_shard(shard: Any) -> tuple[np.ndarray, np.ndarray]:
+    """A worker's whole shard as (images, targets), sorted by (id, view): Ray Data hands the teacher actors'
+    output over in whatever order they finished, and the student's epochs must not depend on it."""
+    images, target, keys = [], [], []
+    for b in shard.iter_batches(batch_size=4096, batch_format="numpy"):
+        images.append(_images(b))
+        target.append(np.asarray(b["target"], np.float32))
+        keys += [f"{i}\x00{v}" for i, v in zip(b["id"], b["view"])]
+    if not keys:
+        raise DistillError("this worker's shard of teacher-labelled views is empty: fewer rows than workers?")
+    order = np.argsort(np.asarray(keys), kind="stable")
+    return np.concatenate(images)[order], np.concatenate(target)[order]
 
 
 def read_history(checkpoint_dir: str) -> list[dict[str, Any]]:
@@ -359,7 +380,7 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     teacher_seconds = time.time() - t0
     n_rows = views.count()
     loop = {"member_dir": best_dir, "input_size": d.input_size, "unfreeze_layers": d.unfreeze_layers,
-            "epochs": d.epochs, "batch_size": d.batch_size,
+            "materialize": d.materialize, "epochs": d.epochs, "batch_size": d.batch_size,
             "lr": d.lr, "temperature": d.temperature, "soft_weight": d.soft_weight, "hard_weight": d.hard_weight,
             "num_classes": k, "seed": cfg.seed, "data_dir": data_dir}
     # Ray Train resumes from the checkpoints in TRAIN_DIR: only those of a run with this same fingerprint

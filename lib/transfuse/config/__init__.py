@@ -241,6 +241,10 @@ class DistillConfig(Strict):
     augment: AugmentConfig = AugmentConfig(flip=True, pad_crop=2)
     epochs: int = Field(3, ge=1)
     batch_size: int = Field(32, ge=1)
+    # each worker reads its shard of labelled views into memory once: a fixed order (sorted by id and view,
+    # permuted per epoch from the seed), so the same config and seed give the same student; false: stream it from
+    # Ray Data every epoch (pools larger than a worker's memory; the order then follows Ray Data's)
+    materialize: bool = True
     lr: float = Field(1e-4, gt=0.0)  # Adam, on the member's trainable layers
     temperature: float = Field(2.0, gt=0.0)  # softens teacher and student alike (Hinton et al. 2015)
     soft_weight: float = Field(1.0, ge=0.0)  # on T^2 KL(teacher_T || student_T), every row
