@@ -77,7 +77,9 @@ def test_budget_from_one_pool_without_a_source_test_set():
     (["data.labelled_per_class=50", "data.train_per_class=20", "data.test_per_class=10"],
      r"labelled_per_class \(the label budget\) replaces train_per_class"),
     (["data.labelled_per_class=50"], r"labelled_per_class needs test_per_class"),
-    (["data.test_from_source=true"], r"test_per_class and test_from_source need labelled_per_class"),
+    (["data.test_from_source=true"], r"test_per_class, test_from_source and unlabelled_per_class need "
+                                     r"labelled_per_class"),
+    (["data.unlabelled_per_class=10"], r"unlabelled_per_class need labelled_per_class \(the label budget\)"),
     (["data.labelled_per_class=50", "data.test_per_class=10", "data.budget_split.val=0.5",
       "data.budget_split.holdout=0.45"], r"val \+ holdout must be < 0.9 of the budget"),
     (["data.labelled_per_class=2", "data.test_per_class=10"], r"data.labelled_per_class = 2"),

@@ -427,7 +427,7 @@ def distillation(cfg: Any, page: Page) -> None:
     variants' size and batch-1 latency (``distill/metrics.json``, ``compress/metrics.json``)."""
     page.add("<h2>6b. Distillation: one student CNN learns the stacked ensemble</h2>")
     if not cfg.distill.enabled:
-        page.add("<p>distill.enabled is false: no student</p>")
+        page.add("<p>distill: off (distill.enabled is false)</p>")
         return
     m = read_json(storage.join(storage.stage_dir(cfg, "distill"), "metrics.json"))
     if m is None:
