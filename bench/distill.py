@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from bench.transfer import draw_config, draws_cli, print_goals  # noqa: E402
+from bench.transfer import run_draws  # noqa: E402
 from transfuse import storage  # noqa: E402
 from transfuse.config import Config  # noqa: E402
 
@@ -90,20 +90,13 @@ def format_table(draws: list[int], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def progress(r: dict[str, Any]) -> str:
+    return (f"teacher {r['teacher']['accuracy']:.4f}, student {r['student']['accuracy']:.4f}, "
+            f"fidelity {r['fidelity']:.4f}, {r['faster_b1']:.2f}x faster")
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, draws = draws_cli(__doc__.splitlines()[0], argv)
-    rows = []
-    for d in draws:
-        rows.append(one_draw(draw_config(cfg, d)))
-        r = rows[-1]
-        print(f"draw {d}: teacher {r['teacher']['accuracy']:.4f}, student {r['student']['accuracy']:.4f}, "
-              f"fidelity {r['fidelity']:.4f}, {r['faster_b1']:.2f}x faster", flush=True)
-    met = goals(rows)
-    path = storage.join(storage.run_dir(cfg), "bench_distill.json")
-    storage.write_json(path, {"draws": draws, "per_draw": rows, "goals": [{"goal": g, "met": ok} for g, ok in met]})
-    print(format_table(draws, rows))
-    print_goals(met, path)
-    return 0
+    return run_draws(__doc__.splitlines()[0], argv, one_draw, progress, goals, format_table, "bench_distill.json")
 
 
 if __name__ == "__main__":

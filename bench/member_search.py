@@ -1,12 +1,12 @@
 """Member-search benchmark: does Ray Tune's search over the scikit-learn members pay, and what does it cost?
 
 For several label draws (as bench/transfer.py: the config's seed decides which images are labelled) it runs the
-pipeline up to the tune stage without the scratch baseline (complete stages are reused), then fits the ensemble twice on the same CNN members
-and the same labels: with the fixed ``ensemble.members`` list (the baseline) and with the members the member
-search chose (``ensemble.search``). Neither fit touches the run's ensemble stage folder except the member search's
-own state (``ensemble/member_search/``, resumable). Prints, per draw and as the mean over draws, the stacks' test
-accuracy / NLL / ECE and the member search's seconds against the tune stage's (the CNN depth search of the same
-draw), with the trials' overlap; writes ``<storage>/<run>/bench_member_search.json``.
+pipeline up to the tune stage without the scratch baseline (complete stages are reused), then fits the ensemble
+twice on the same CNN members and the same labels: with the fixed ``ensemble.members`` list (the baseline) and
+with the members the member search chose (``ensemble.search``). Neither fit touches the run's ensemble stage
+folder except the member search's own state (``ensemble/.search/``, resumable). Prints, per draw and as the mean
+over draws, the stacks' test accuracy / NLL / ECE and the member search's seconds against the tune stage's (the
+CNN depth search of the same draw), with the trials' overlap; writes ``<storage>/<run>/bench_member_search.json``.
 
     python bench/member_search.py --config configs/default.yaml [--draws 0 1 2] [--set key=value ...]
 """
@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from bench.transfer import draw_config, draws_cli, print_goals  # noqa: E402
+from bench.transfer import run_draws  # noqa: E402
 from transfuse import storage  # noqa: E402
 from transfuse.config import Config  # noqa: E402
 
@@ -92,20 +92,14 @@ def format_table(draws: list[int], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def progress(r: dict[str, Any]) -> str:
+    return (f"fixed nll {r['fixed']['nll']:.4f}, searched nll {r['searched']['nll']:.4f}, search "
+            f"{r['search_seconds']:.0f} s vs tune {r['tune_seconds']:.0f} s; chosen {r['chosen']}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg, draws = draws_cli(__doc__.splitlines()[0], argv)
-    rows = []
-    for d in draws:
-        rows.append(one_draw(draw_config(cfg, d)))
-        r = rows[-1]
-        print(f"draw {d}: fixed nll {r['fixed']['nll']:.4f}, searched nll {r['searched']['nll']:.4f}, search "
-              f"{r['search_seconds']:.0f} s vs tune {r['tune_seconds']:.0f} s; chosen {r['chosen']}", flush=True)
-    met = goals(rows)
-    path = storage.join(storage.run_dir(cfg), "bench_member_search.json")
-    storage.write_json(path, {"draws": draws, "per_draw": rows, "goals": [{"goal": g, "met": ok} for g, ok in met]})
-    print(format_table(draws, rows))
-    print_goals(met, path)
-    return 0
+    return run_draws(__doc__.splitlines()[0], argv, one_draw, progress, goals, format_table,
+                     "bench_member_search.json")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -159,6 +160,27 @@ def print_goals(met: list[tuple[str, bool]], path: str) -> None:
     for g, ok in met:
         print(f"{'met   ' if ok else 'MISSED'} {g}")
     print(f"wrote {path}")
+
+
+Row = dict[str, Any]  # one draw's results
+
+
+def run_draws(description: str, argv: list[str] | None, one_draw: Callable[[Config], Row],
+              progress: Callable[[Row], str], goals: Callable[[list[Row]], list[tuple[str, bool]]],
+              table: Callable[[list[int], list[Row]], str], out_file: str) -> int:
+    """The body of an over-draws benchmark: ``one_draw`` per label draw (a line of ``progress`` after each), then
+    the goals, ``<storage>/<run>/<out_file>`` (draws, per-draw rows, goals), the table and the goals printed."""
+    cfg, draws = draws_cli(description, argv)
+    rows = []
+    for d in draws:
+        rows.append(one_draw(draw_config(cfg, d)))
+        print(f"draw {d}: {progress(rows[-1])}", flush=True)
+    met = goals(rows)
+    path = storage.join(storage.run_dir(cfg), out_file)
+    storage.write_json(path, {"draws": draws, "per_draw": rows, "goals": [{"goal": g, "met": ok} for g, ok in met]})
+    print(table(draws, rows))
+    print_goals(met, path)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
