@@ -87,7 +87,8 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert cal["temperature"] > 0 and cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
     # the console's progress reading: the newest checkpoint's history holds every epoch
     from transfuse.console import newest_checkpoint_file
-    from transfuse.distill import HISTORY_FILE, TRAIN_DIR
+    from transfuse.distill import HISTORY_FILE
+    from transfuse.train import TRAIN_DIR
 
     path = newest_checkpoint_file(str(_dir(distilled, "distill") / TRAIN_DIR), HISTORY_FILE, 0.0)
     assert path is not None and len(json.loads(Path(path).read_text())) == 4

@@ -49,3 +49,13 @@ def test_skip_complete_only_for_a_complete_manifest_with_the_same_fingerprint(tm
     assert "demo: " in caplog.text and "fp1" in caplog.text
     assert not storage.skip_complete(out, "fp1", "demo", force=True)  # forced: run again
     assert not storage.skip_complete(out, "fp2", "demo")  # another config: run again
+
+
+def test_clear_outputs_keeps_working_state_and_removes_the_manifest(tmp_path):
+    _tree(tmp_path)
+    (tmp_path / storage.MANIFEST).write_text("{}")
+    (tmp_path / ".stamp.json").write_text("{}")
+    storage.clear_outputs(str(tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".ray_train", ".stamp.json", "a"]
+    assert storage.list_files(str(tmp_path)) == [] and not (tmp_path / "a" / "b" / "x.json").exists()
+    assert (tmp_path / ".ray_train" / "checkpoint_000001").is_dir()

@@ -191,9 +191,10 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
 
         return tasks
     if stage == "distill":
-        from transfuse.distill import HISTORY_FILE, TRAIN_DIR as STUDENT_DIR
+        from transfuse.distill import HISTORY_FILE
+        from transfuse.train import TRAIN_DIR
 
-        base = storage.join(storage.stage_dir(cfg, "distill"), STUDENT_DIR)
+        base = storage.join(storage.stage_dir(cfg, "distill"), TRAIN_DIR)
 
         def student() -> Reading:
             path = newest_checkpoint_file(base, HISTORY_FILE, since)

@@ -43,12 +43,12 @@ from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import UNLABELLED, Config, digest
 from transfuse.errors import TransfuseError
+from transfuse.train import TRAIN_DIR  # the student's Ray Train storage under distill/, as a member's
 
 log = logging.getLogger(__name__)
 
 STAGE = "distill"
 STUDENT = "student"  # the member directory under distill/, and the member's name in its bundle
-TRAIN_DIR = ".ray_train"
 HISTORY_FILE = "history.json"  # in each student checkpoint, beside the weights
 PROB_FLOOR = 1e-12  # probabilities are clipped here before their log (soften, the served temperature stacker)
 
@@ -224,7 +224,7 @@ def student_loop(config: dict[str, Any]) -> None:
     from transfuse.preprocess import PreprocessSpec, preprocess
     from transfuse.train_loop import load_checkpoint_weights, save_checkpoint_weights
 
-    c = config
+    c = config["loop"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     tf.keras.utils.set_random_seed(int(c["seed"]) + rank)
@@ -299,22 +299,6 @@ def read_history(checkpoint_dir: str) -> list[dict[str, Any]]:
         return list(json.load(f))
 
 
-def _trainer(cfg: Config, out: str, loop: dict[str, Any], views: Any) -> Any:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.tensorflow import TensorflowTrainer
-
-    from transfuse import runtime
-    from transfuse.train import scaling_config
-
-    fs, path = storage.resolve(out)
-    return TensorflowTrainer(
-        student_loop, train_loop_config=loop, scaling_config=scaling_config(cfg.train), datasets={"train": views},
-        run_config=RunConfig(name=TRAIN_DIR, storage_path=path, storage_filesystem=fs,
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             worker_runtime_env=runtime.runtime_env()))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The stage
 
@@ -372,8 +356,7 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     best = _best_cnn(ens, cnn_names)
     best_dir = dict(src.members)[best]
     storage.makedirs(out)
-    for stale in storage.list_files(out):  # Ray Train's working state (a dot folder) stays: it resumes
-        storage.delete(storage.join(out, stale))
+    storage.clear_outputs(out)  # Ray Train's working state (a dot folder) stays: it resumes
 
     t0 = time.time()
     views = teacher_views(cfg, list(src.members), src.parts, k)
@@ -389,7 +372,9 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
         storage.delete(storage.join(out, TRAIN_DIR))
         storage.write_json(stamp, {"fingerprint": fp})
     t1 = time.time()
-    result = _trainer(cfg, out, loop, views).fit()
+    from transfuse.train import make_trainer
+
+    result = make_trainer(cfg.train, loop, {"train": views}, out, name=TRAIN_DIR, func=student_loop).fit()
     train_seconds = time.time() - t1
     if result.error is not None or result.checkpoint is None:
         raise DistillError(f"student training failed: {result.error}")

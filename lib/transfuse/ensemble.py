@@ -371,8 +371,7 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
         ecfg = ecfg.model_copy(update={"members": searched.members})
     fit = fit_ensemble(inp, ecfg, runner, progress=_progress_file(out))
     storage.makedirs(out)
-    for stale in storage.list_files(out) + [storage.MANIFEST]:  # a rerun must not leave old members behind
-        storage.delete(storage.join(out, stale))
+    storage.clear_outputs(out)  # a rerun must not leave old members behind
     desc = save_ensemble(out, fit, inp, members, ecfg)
     report = fit_report(fit, inp)
     if searched is not None:

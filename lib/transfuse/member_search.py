@@ -308,6 +308,12 @@ def paired_gain(row_nll: Mapping[str, np.ndarray], trial_id: str, baseline_id: s
     return float(d.mean()), float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else math.inf
 
 
+def fixed_anchor(family: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """A (kind, view family)'s best-scored fixed trial, the earlier on ties (None: the family has none scored)."""
+    return min((r for r in family if r["fixed"] and r[METRIC] is not None), key=lambda r: (r[METRIC], r["trial"]),
+               default=None)
+
+
 def select(rows: Sequence[Mapping[str, Any]], per_kind: int, row_nll: Mapping[str, np.ndarray] | None = None,
            se_rule: float = 0.0) -> list[tuple[str, Mapping[str, Any]]]:
     """Best ``per_kind`` trials by out-of-fold NLL in each (kind, view family), in trial order on ties, named by
@@ -326,7 +332,7 @@ def select(rows: Sequence[Mapping[str, Any]], per_kind: int, row_nll: Mapping[st
     chosen = []
     for (kind, features), group in groups.items():
         ranked = sorted(group, key=lambda r: (r[METRIC], r["trial"]))
-        anchor = next((r for r in ranked if r["fixed"]), None)
+        anchor = fixed_anchor(group)
         if se_rule > 0 and row_nll is not None and anchor is not None:
             def beats(r: Mapping[str, Any]) -> bool:
                 mean, se = paired_gain(row_nll, r["trial_id"], anchor["trial_id"])
@@ -414,11 +420,9 @@ def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[Cn
 def _vs_fixed(rows: Sequence[Mapping[str, Any]], r: Mapping[str, Any],
               row_nll: Mapping[str, np.ndarray]) -> dict[str, Any] | None:
     """How a chosen drawn trial compares with its family's best fixed trial (None: it is fixed, or none exists)."""
-    fixed = [f for f in rows if f["fixed"] and f[METRIC] is not None and (f["kind"], f["features"])
-             == (r["kind"], r["features"])]
-    if r["fixed"] or not fixed:
+    anchor = fixed_anchor([f for f in rows if (f["kind"], f["features"]) == (r["kind"], r["features"])])
+    if r["fixed"] or anchor is None:
         return None
-    anchor = min(fixed, key=lambda f: (f[METRIC], f["trial"]))
     mean, se = paired_gain(row_nll, r["trial_id"], anchor["trial_id"])
     return {"fixed": anchor["fixed"], "mean_nll_difference": round(mean, 5), "se": round(se, 5)}
 
@@ -477,5 +481,6 @@ def plot(result: SearchResult) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["DEFAULT_SPACE", "MemberSearchError", "SearchResult", "candidates", "kind_space", "max_overlap",
-           "paired_gain", "run_member_search", "select", "trial_count", "tune_space", "validate_search", "write_results"]
+__all__ = ["DEFAULT_SPACE", "MemberSearchError", "SearchResult", "candidates", "fixed_anchor", "kind_space",
+           "max_overlap", "paired_gain", "run_member_search", "select", "trial_count", "tune_space",
+           "validate_search", "write_results"]

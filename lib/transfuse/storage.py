@@ -146,6 +146,13 @@ def clear_dir(path: str) -> None:
     fs.delete_dir_contents(p, missing_dir_ok=True)
 
 
+def clear_outputs(directory: str) -> None:
+    """Delete a stage's outputs and its manifest before it writes new ones, keeping its dot-folders: working state
+    (Ray Train checkpoints, a search's trials) that a rerun resumes from."""
+    for rel in list_files(directory) + [MANIFEST]:
+        delete(join(directory, rel))
+
+
 def delete(path: str) -> None:
     """Delete a file or a whole folder; nothing when it does not exist."""
     fs, p = resolve(path)

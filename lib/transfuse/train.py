@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -170,9 +170,11 @@ def scaling_config(t: TrainConfig) -> Any:
     return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources)
 
 
-def make_trainer(t: TrainConfig, loop: LoopConfig, datasets: dict[str, Any], out_dir: str, *,
-                 name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None) -> Any:
-    """A TensorflowTrainer running ``train_func``: the one place train config becomes Ray's objects."""
+def make_trainer(t: TrainConfig, loop: Any, datasets: dict[str, Any], out_dir: str, *,
+                 name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None,
+                 func: Callable[[dict[str, Any]], None] = train_func) -> Any:
+    """A TensorflowTrainer running ``func`` (``train_func``, or the distill stage's student loop) with
+    ``{"loop": loop}``: the one place train config becomes Ray's objects."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -183,7 +185,7 @@ def make_trainer(t: TrainConfig, loop: LoopConfig, datasets: dict[str, Any], out
         checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what resumes; one spare
         worker_runtime_env=runtime.runtime_env(), **dict(run_config_extra or {}))
     return TensorflowTrainer(
-        train_func, train_loop_config={"loop": loop},
+        func, train_loop_config={"loop": loop},
         scaling_config=scaling_config(t),
         run_config=run_config, datasets=datasets)
 

@@ -35,6 +35,7 @@ SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "parquet")
 SPLITS = ("train", "val", "test", "holdout")
 STUDENT_VARIANT = "student_int8"  # the distilled student as an int8 bundle (compress adds it when distilling)
 UNLABELLED = "unlabelled"  # the split of images without labels (data.unlabelled_per_class): it has no label column
+PREPARED_SPLITS = (*SPLITS, UNLABELLED)  # every split the prepare stage can write
 
 
 class SplitConfig(Strict):
@@ -496,7 +497,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: Optional[list[st
 
 __all__ = [
     "BACKBONES", "MEMBER_FEATURES", "MEMBER_KINDS", "MEMBER_SAMPLERS", "SOURCES", "SPLITS", "STUDENT_VARIANT",
-    "UNFREEZE_UNITS", "UNLABELLED", "DistillConfig",
+    "UNFREEZE_UNITS", "UNLABELLED", "PREPARED_SPLITS", "DistillConfig",
     "AugmentConfig", "BudgetSplitConfig", "CompressConfig", "Config", "ConfigError", "DataConfig", "EnsembleConfig",
     "GoalsConfig", "HeadConfig", "MemberConfig", "MemberSearchConfig", "ModelConfig", "PretrainConfig", "RayConfig",
     "ServeConfig", "SplitConfig", "Strict", "TrainConfig", "TuneConfig", "apply_overrides", "digest",

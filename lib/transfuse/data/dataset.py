@@ -13,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.config import SPLITS, UNLABELLED, AugmentConfig
+from transfuse.config import PREPARED_SPLITS, AugmentConfig
 from transfuse.data.sources import DataError
 from transfuse.preprocess import PreprocessSpec, preprocess
 
@@ -26,8 +26,8 @@ def data_manifest(data_dir: str) -> dict[str, Any]:
 
 
 def _split_dir(data_dir: str, split: str) -> str:
-    if split not in (*SPLITS, UNLABELLED):
-        raise ValueError(f"split must be one of {(*SPLITS, UNLABELLED)}, got {split!r}")
+    if split not in PREPARED_SPLITS:
+        raise ValueError(f"split must be one of {PREPARED_SPLITS}, got {split!r}")
     return storage.join(data_dir, split)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.config import SPLITS, UNLABELLED, Config, DataConfig, digest
+from transfuse.config import PREPARED_SPLITS, UNLABELLED, Config, DataConfig, digest
 from transfuse.data.sources import DataError, Source, load_source
 
 log = logging.getLogger(__name__)
@@ -190,8 +190,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     storage.clear_dir(out)  # partial output of an interrupted run
     fs, base = storage.resolve(out)  # Ray Data writes through the filesystem itself
     counts: dict[str, dict[str, int]] = {}
-    n_unlabelled = sum(1 for v in assignment.values() if v[0] == UNLABELLED)
-    for split in (*SPLITS, UNLABELLED):
+    for split in PREPARED_SPLITS:
         n = sum(1 for v in assignment.values() if v[0] == split)
         if n == 0:
             counts[split] = {}
@@ -202,12 +201,13 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
             f"{base}/{split}", filesystem=fs, max_rows_per_file=dcfg.rows_per_shard)
         c = Counter(v[1] for v in assignment.values() if v[0] == split)
         counts[split] = {str(k): int(c[k]) for k in sorted(c)}
-    counts.pop(UNLABELLED)  # per class it would record labels: the manifest keeps only its size
+    # its rows carry no label (-1): the manifest keeps only its size, apart from the labelled splits' class counts
+    n_unlabelled = sum(counts.pop(UNLABELLED).values())
 
     kept = dcfg.classes if dcfg.classes is not None else list(range(len(source.class_names)))
     class_names = [source.class_names[i] for i in kept]
     shards = {s: [{"file": f, "rows": _rows(storage.join(out, f))} for f in storage.list_files(out)
-                  if f.startswith(f"{s}/")] for s in (*SPLITS, UNLABELLED)}
+                  if f.startswith(f"{s}/")] for s in PREPARED_SPLITS}
     image_shape = [int(v) for v in good["shape"].iloc[0].split("x")]
     return storage.write_manifest(
         out, cfg, stage, fingerprint,
