@@ -377,6 +377,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="LiteRT threads per model (demo bundle)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--direct-ingress", action="store_true",
+                   help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica "
+                        "listens itself, no proxy hop); (a) and (b) are then measured on the replica's own ports")
     args = p.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0:
         p.error("--clients must be >= 1 and --seconds > 0")
@@ -404,9 +407,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     bodies = protocol_bodies(images[:256])
     json_headers = [{"content-type": "application/json"}]
 
-    runtime.init_ray(num_cpus=4)
     port, gport = free_port(), free_port()
+    if args.direct_ingress:  # read by Serve's controller and replicas at import: set before Ray starts them
+        import os
+
+        di_port, di_gport = free_port(), free_port()
+        os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(di_port),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(di_port + 1),
+                           "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(di_gport),
+                           "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(di_gport + 1)})
+    runtime.init_ray(num_cpus=4)
     serve.start(**proxy_options(ServeConfig(host="127.0.0.1", port=port, grpc_port=gport)))
+    if args.direct_ingress:
+        port, gport = di_port, di_gport
     base = f"http://127.0.0.1:{port}"
     senders = {
         "a_tfserving_rest": http_sender(f"{base}/v1/models/bench:predict", bodies["tf"], json_headers),
