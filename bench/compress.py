@@ -185,11 +185,11 @@ def main() -> None:
             if v in args.breakdown.split(","):
                 breakdown[v] = measure.component_breakdown(os.path.join(d, v), xte, num_threads=args.threads,
                                                             runs=args.latency_runs)
-        if len(exported) > 1:  # batch-1 latency again, every variant in turn (robust to load from others)
-            lat = measure.interleaved_latency({v: os.path.join(d, v) for v in exported}, xte,
-                                               num_threads=args.threads, runs=args.latency_runs)
+        if len(exported) > 1:  # batch-1 latency again, in warm blocks alternating between variants
+            lat = measure.blocked_latency({v: os.path.join(d, v) for v in exported}, xte,
+                                          num_threads=args.threads, runs=args.latency_runs)
             for r in rows:
-                r.update(lat[r["variant"]], latency="interleaved")
+                r.update(lat[r["variant"]], latency="blocked")
     base = ensemble_source.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
     row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
@@ -197,7 +197,7 @@ def main() -> None:
     rows.append(row)
     rows = measure.with_ratios(rows, "float32")
     print(f"\nvariants ({len(yte)} test images; LiteRT num_threads={args.threads}; batch-1 latency of the bundles "
-          f"timed in turns; ratios x* against the float32 bundle measured in this command)")
+          f"timed in alternating warm blocks; ratios x* against the float32 bundle measured in this command)")
     print(measure.format_table(rows))
     kb = next(r for r in rows if r["variant"] == "keras_seq")
     print("\nagainst the seed-style baseline (float32 tf_keras members, model.predict one after another):")

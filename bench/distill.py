@@ -6,8 +6,8 @@ it a pool) and without the scratch baseline (complete stages are reused), then r
 stacked ensemble), the student and the best single fine-tuned CNN member on test (accuracy, NLL, ECE), the
 student's agreement with the teacher, the share of the ensemble's accuracy gain over that member the student
 keeps, and the served int8 ensemble against ``student_int8``: bundle bytes, and batch-1 p50 latency in warm
-blocks as one replica serving one bundle sees it (``measure.blocked_latency``; the compress stage's
-interleaved number beside it). Prints the table and the issue's goals; writes
+blocks as one replica serving one bundle sees it (the compress stage's ``measure.blocked_latency``). Prints the
+table and the issue's goals; writes
 ``<storage>/<run>/bench_distill.json``.
 
     python bench/distill.py --config configs/default.yaml --set data.unlabelled_per_class=200 \\
@@ -36,21 +36,13 @@ def one_draw(cfg: Config) -> dict[str, Any]:
 
     run_pipeline(cfg, until="compress", skip=("scratch",))
     m = storage.read_json(storage.join(storage.stage_dir(cfg, "distill"), "metrics.json"))
-    from transfuse.data import read_split_numpy
-    from transfuse.measure import blocked_latency
-
     comp = storage.stage_dir(cfg, "compress")
     rows = {r["variant"]: r for r in storage.read_json(storage.join(comp, "metrics.json"))["variants"]}
-    x, _, _ = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
-    lat = blocked_latency({v: storage.join(comp, v) for v in ("int8", "student_int8")}, x,
-                          num_threads=cfg.compress.num_threads)
-    for v in lat:
-        rows[v] = {**rows[v], "p50_ms_b1_interleaved": rows[v]["p50_ms_b1"], **lat[v]}
     ens, stu = rows["int8"], rows["student_int8"]
     return {"teacher": m["teacher"], "student": m["student"], "best_member": m["best_cnn_member"],
             "fidelity": m["fidelity"], "gain_kept": m["gain_kept"], "calibration": m["calibration"],
             "served": {v: {k: rows[v][k] for k in ("accuracy", "nll", "ece", "p50_ms_b1", "p99_ms_b1",
-                                                   "p50_ms_b1_interleaved", "size_bytes")}
+                                                   "size_bytes")}
                        for v in ("int8", "student_int8")},
             "faster_b1": ens["p50_ms_b1"] / stu["p50_ms_b1"], "smaller": ens["size_bytes"] / stu["size_bytes"],
             "student_input_size": m["student_input_size"], "seconds": {"teacher": m["teacher_seconds"],

@@ -264,7 +264,8 @@ def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     assert "smaller (goal" in measure.goals_line(hi) and "NOT met" in measure.goals_line(hi)
     text = measure.format_table(rows)
     assert "float32" in text and "int8" in text
-    lat = measure.interleaved_latency({"f": str(tmp_path / "f"), "q": str(int8_bundle)}, d.x_test, runs=6)
+    lat = measure.blocked_latency({"f": str(tmp_path / "f"), "q": str(int8_bundle)}, d.x_test, runs=6, blocks=2,
+                                  warmup=2)
     assert set(lat) == {"f", "q"} and all(0 < v["p50_ms_b1"] <= v["p99_ms_b1"] for v in lat.values())
     # where the batch-1 time and the bytes go, part by part
     parts = measure.component_breakdown(str(int8_bundle), d.x_test, runs=5)
@@ -308,7 +309,7 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     assert m["variants"] == names and m["serve_variant"] == "pruned80_int8"
     report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
     assert [r["variant"] for r in report["variants"]] == names
-    assert all(r["latency"] == "interleaved" and r["p50_ms_b1"] > 0 for r in report["variants"])
+    assert all(r["latency"] == "blocked" and r["p50_ms_b1"] > 0 for r in report["variants"])
     assert report["ensemble_source"] == "members" and report["shared_trunk"]["pruned50_int8"] == "block3_pool"
     # every sparsity is pruned and measured on exactly the fine-tuned layers (unfreeze 4 / 8 of vgg_small)
     assert set(report["pruning"]) == {"pruned50", "pruned80"}

@@ -124,12 +124,99 @@ def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(dist
     assert np.mean(served.argmax(1) == keras.argmax(1)) > 0.9
 
 
+def test_serve_swaps_the_ensemble_for_the_student_and_back_under_load(distilled):
+    """One replica serving the int8 ensemble is reconfigured (only ``user_config`` changes: what a new Serve config
+    does) to ``student_int8`` and back while a client keeps sending: every request answered, each answer wholly one
+    bundle's offline prediction, the order ensemble -> student -> ensemble, the replica never restarted."""
+    import threading
+
+    import httpx
+    from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    from bench.serve import free_port
+    from serve.app import AppArgs, proxy_options
+    from tests._cluster import wait_for
+    from transfuse.bundle import load_bundle
+    from transfuse.config import ServeConfig
+    from transfuse.data import read_split_numpy
+
+    comp = _dir(distilled, "compress")
+    paths = {v: str(comp / v) for v in ("int8", "student_int8")}
+    offline = {v: load_bundle(p) for v, p in paths.items()}
+    x, _, _ = read_split_numpy(str(_dir(distilled, "data")), "test")
+    x = x[:16]
+    want = {v: b.predict_proba(x) for v, b in offline.items()}
+    assert np.abs(want["int8"] - want["student_int8"]).max() > 1e-3  # the two are told apart by their answers
+    name = distilled.serve.name
+
+    def config(bundle: str) -> ServeDeploySchema:
+        args = AppArgs(bundle=paths["int8"], name=name, num_cpus=0.25, min_replicas=1, max_replicas=1,
+                       batch_wait_timeout_s=0.005).model_dump()
+        return ServeDeploySchema.model_validate({"applications": [{
+            "name": "swap", "route_prefix": "/", "import_path": "serve.app:build_app", "args": args,
+            "runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent.parent)}},
+            "deployments": [{"name": "TransfuseModel", "user_config": {"bundle": bundle}}]}]})
+
+    port = free_port()
+    serve.start(**proxy_options(ServeConfig(host="127.0.0.1", port=port)))
+    base = f"http://127.0.0.1:{port}"
+    client = serve_api.serve_start()
+    stop = threading.Event()
+    answers: list[tuple[int, int, np.ndarray]] = []  # (image index, status, probabilities) in the order received
+    sent = [0]
+
+    def client_loop() -> None:
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                i = sent[0] % len(x)
+                sent[0] += 1
+                r = c.post(f"{base}/v1/models/{name}:predict", json={"instances": x[i:i + 1].tolist()})
+                probs = np.array(r.json()["predictions"][0]["probabilities"]) if r.status_code == 200 else None
+                answers.append((i, r.status_code, probs))
+
+    def served(variant: str) -> bool:
+        meta = httpx.get(f"{base}/v1/models/{name}").json()
+        return meta["bundle"]["checksum"] == offline[variant].checksum
+
+    thread = threading.Thread(target=client_loop, daemon=True)
+    try:
+        client.deploy_apps(config(paths["int8"]), _blocking=True)
+        replica = httpx.get(f"{base}/healthz").json()["replica"]
+        thread.start()
+        for variant in ("student_int8", "int8"):
+            n = len(answers)
+            wait_for("20 answers", lambda: len(answers) >= n + 20, 120, 0.1)
+            client.deploy_apps(config(paths[variant]))
+            wait_for(f"the swap to {variant}", lambda: served(variant), 120, 0.2)
+        n = len(answers)
+        wait_for("20 answers after the swap back", lambda: len(answers) >= n + 20, 120, 0.1)
+        assert httpx.get(f"{base}/healthz").json()["replica"] == replica  # reconfigured in place
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+        serve.shutdown()
+    assert len(answers) == sent[0] and all(s == 200 for _, s, _ in answers), [s for _, s, _ in answers if s != 200]
+    order = []
+    for i, _, p in answers:
+        match = [v for v in want if np.allclose(p, want[v][i], rtol=0, atol=1e-5)]
+        assert len(match) == 1, f"answer for image {i} is neither bundle's offline prediction"
+        if not order or order[-1] != match[0]:
+            order.append(match[0])
+    assert order == ["int8", "student_int8", "int8"], order
+
+
 def test_the_report_shows_teacher_student_and_best_member(distilled):
     from transfuse.report import write_report
 
     html = Path(write_report(distilled)).read_text()
     assert "6b. Distillation" in html and "agreement with the teacher" in html
     assert "student_int8 is " in html and "teacher: stacked ensemble" in html
+    # the student's reliability diagram beside its teacher's, and its table row from the same predictions
+    sec = html[html.index("6b. Distillation"):]
+    assert "reliability_student.png" in sec
+    assert (Path(storage.stage_dir(distilled, "report")) / "reliability_student.png").stat().st_size > 1000
 
 
 def test_views_are_the_image_first_then_augmented_by_id_not_by_batch():

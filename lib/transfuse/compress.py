@@ -227,14 +227,14 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         row["variant"] = v
         rows.append(row)
         log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
-    if len(rows) > 1:  # batch-1 latency again, every variant in turn: ratios robust to load from other processes
+    if len(rows) > 1:  # batch-1 latency again, in warm blocks alternating between variants: ratios robust to load
         from transfuse.bundle import fetch
 
         dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
                 for v in contents}
-        lat = measure.interleaved_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
+        lat = measure.blocked_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
         for r in rows:
-            r.update(lat[r["variant"]], latency="interleaved")
+            r.update(lat[r["variant"]], latency="blocked")
     rows = measure.with_ratios(rows)
     pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
     report = {"variants": rows, "goals": measure.goals(rows, cfg.goals, "int8") if "int8" in exported else {},

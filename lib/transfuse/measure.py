@@ -1,6 +1,6 @@
 """Measuring bundles: model bytes (raw and gzip), latency at batch 1 (p50, p99), throughput at batch 32, test
-accuracy / NLL / ECE, interleaved latency across variants, a per-component breakdown, ratios against a baseline
-variant, the goals check and the table. The compress stage and bench/ scripts measure through these."""
+accuracy / NLL / ECE, batch-1 latency across variants in alternating warm blocks, a per-component breakdown,
+ratios against a baseline variant, the goals check and the table. The compress stage and bench/ scripts measure through these."""
 
 from __future__ import annotations
 
@@ -71,34 +71,15 @@ def variant_row(directory: str, images: np.ndarray, labels: np.ndarray, *, num_t
     return row
 
 
-def interleaved_latency(directories: dict[str, str], images: np.ndarray, *, num_threads: int = 1, runs: int = 100,
-                        warmup: int = 5) -> dict[str, dict[str, float]]:
-    """Batch-1 latency of several bundles timed in turns (A B C, C B A, ...) rather than one after another, so
-    that load from other processes on a shared machine falls on every variant alike and the ratios between them
-    hold. Returns {name: {p50_ms_b1, p99_ms_b1}}."""
-    bundles = {k: load_bundle(d, num_threads=num_threads) for k, d in directories.items()}
-    one = np.asarray(images[:1])
-    for b in bundles.values():
-        for _ in range(warmup):
-            b.predict_proba(one)
-    order = list(bundles)
-    t = {k: np.empty(runs) for k in order}
-    for i in range(runs):
-        for k in (order if i % 2 == 0 else order[::-1]):
-            t0 = time.perf_counter()
-            bundles[k].predict_proba(one)
-            t[k][i] = time.perf_counter() - t0
-    return {k: _latency_ms(v) for k, v in t.items()}
-
-
 def blocked_latency(directories: dict[str, str], images: np.ndarray, *, num_threads: int = 1, runs: int = 100,
                     blocks: int = 6, warmup: int = 10) -> dict[str, dict[str, float]]:
     """Batch-1 latency of several bundles as a replica serving one of them sees it: each timed in warm blocks of
     ``runs`` calls, the blocks alternating between bundles (A B, B A, ...) so that load from other processes
-    falls on every bundle alike. ``interleaved_latency`` instead switches bundle every call, so each call also
-    pays the caches the other bundles evicted: that penalises a small model most (measured on the default: int8
-    ensemble vs the distilled student 0.83 vs 0.32 ms interleaved, 0.75 vs 0.25 ms in blocks; with the 22 MB
-    float32 bundle in the rotation, 1.08 vs 0.67 ms). Returns {name: {p50_ms_b1, p99_ms_b1}}."""
+    falls on every bundle alike. Switching bundle every call instead (what the compress stage did before) makes
+    each call also pay for the caches the other bundles evicted, which penalises a small model most (measured on
+    the default: int8 ensemble vs the distilled student 0.83 vs 0.32 ms switching every call, 0.75 vs 0.25 ms in
+    blocks; with the 22 MB float32 bundle in the rotation, 1.08 vs 0.67 ms). Returns {name: {p50_ms_b1,
+    p99_ms_b1}}."""
     bundles = {k: load_bundle(d, num_threads=num_threads) for k, d in directories.items()}
     one = np.asarray(images[:1])
     t: dict[str, list[np.ndarray]] = {k: [] for k in bundles}

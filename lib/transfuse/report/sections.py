@@ -285,6 +285,41 @@ def _best_cnn_member(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> tup
     return _member_dir(cfg)
 
 
+def reliability_figure(page: Page, curves: list, filename: str, how: str) -> None:
+    """A reliability diagram on the test split and its table (accuracy, NLL, ECE, n) for ``curves``
+    [(label, probs, labels)]: the last curve (the served model) as bars with its counts, earlier ones as lines."""
+    plt = pyplot()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    rows = []
+    for i, (label, probs, labels) in enumerate(curves):
+        rel = tm.reliability(probs, labels)
+        edges = np.asarray(rel["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        count = np.asarray(rel["count"])
+        has = count > 0
+        ece, nll = tm.ece(probs, labels), tm.nll(probs, labels)
+        rows.append((label, tm.accuracy(probs, labels), nll, ece, len(labels)))
+        last = i == len(curves) - 1
+        if last:  # the served model's bins as bars, an earlier curve as a line over them
+            ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.6,
+                   label="accuracy per confidence bin")
+            axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+        ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o" if last else "o-",
+                color="tab:red" if last else "tab:orange", ms=4, label=f"{label}: ECE {ece:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.45)  # room above 1.0 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(f"Reliability on the test split (n={rows[-1][4]})")
+    ax.legend(fontsize=6.5, loc="upper left")
+    axc.set_xlabel("confidence (max probability)")
+    axc.set_ylabel("examples")
+    axc.set_xlim(0, 1)
+    page.figure(fig, filename, "reliability diagram", f"Reliability diagram of {esc(how)}.")
+    page.add(table(["model", "test accuracy", "NLL", "ECE", "n"],
+                    [(esc(label), num(a), num(n), num(e), num(k)) for label, a, n, e, k in rows]))
+
+
 def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict]) -> None:
     page.add("<h2>5. Confusion matrix and reliability</h2>")
     class_names = (desc or {}).get("class_names")
@@ -338,36 +373,7 @@ def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict])
         _, labels, probs = read_member_split(d, "predictions", "test")
         curves.append((how, probs, labels))
         how += ", from its predictions/test.parquet (the ensemble stage has not saved test probabilities)"
-    plt = pyplot()
-    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    rows = []
-    for i, (label, probs, labels) in enumerate(curves):
-        rel = tm.reliability(probs, labels)
-        edges = np.asarray(rel["edges"])
-        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
-        count = np.asarray(rel["count"])
-        has = count > 0
-        ece, nll = tm.ece(probs, labels), tm.nll(probs, labels)
-        rows.append((label, tm.accuracy(probs, labels), nll, ece, len(labels)))
-        last = i == len(curves) - 1
-        if last:  # the served model's bins as bars, an earlier curve as a line over them
-            ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.6,
-                   label="accuracy per confidence bin")
-            axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
-        ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o" if last else "o-",
-                color="tab:red" if last else "tab:orange", ms=4, label=f"{label}: ECE {ece:.3f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.45)  # room above 1.0 for the legend
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_title(f"Reliability on the test split (n={rows[-1][4]})")
-    ax.legend(fontsize=6.5, loc="upper left")
-    axc.set_xlabel("confidence (max probability)")
-    axc.set_ylabel("examples")
-    axc.set_xlim(0, 1)
-    page.figure(fig, "reliability.png", "reliability diagram", f"Reliability diagram of {esc(how)}.")
-    page.add(table(["model", "test accuracy", "NLL", "ECE", "n"],
-                    [(esc(label), num(a), num(n), num(e), num(k)) for label, a, n, e, k in rows]))
+    reliability_figure(page, curves, "reliability.png", how)
 
 
 def compression(cfg: Any, page: Page) -> None:
@@ -455,9 +461,28 @@ def distillation(cfg: Any, page: Page) -> None:
     speed = t["p50_ms_b1"] / st["p50_ms_b1"] if t and st and st.get("p50_ms_b1") else None
     notes = [f"the student keeps {num(gain, '{:.0%}')} of the ensemble's accuracy gain over {best['name']}",
              f"student_int8 is {num(speed, '{:.2f}')}x faster than the int8 ensemble at batch 1 (timed "
-             "interleaved with every variant; bench/distill.py times them in warm blocks)",
+             "in warm blocks alternating with every variant)",
              f"{m['rows']['views']} teacher-labelled views ({m['rows']['views_per_image']} per image)"]
     page.add(f"<p>{esc('; '.join(notes))}.</p>")
+    from transfuse.distill import STUDENT, soften
+    from transfuse.member_split import read_member_split
+
+    student_dir = storage.join(storage.stage_dir(cfg, "distill"), STUDENT)
+    ens_dir = storage.stage_dir(cfg, "ensemble")
+    if not all(storage.exists(storage.join(d, "predictions", "test.parquet")) for d in (student_dir, ens_dir)):
+        page.add("<p>No test predictions of the student and the teacher to draw their reliability from.</p>")
+        return
+    _, labels, teacher = read_member_split(ens_dir, "predictions", "test")
+    _, _, student = read_member_split(student_dir, "predictions", "test")
+    curves = [("teacher: stacked ensemble", teacher, labels), ("student", student, labels)]
+    how = ("the distilled student on the test split (distill/student/predictions/test.parquet) beside its teacher, "
+           "the stacked ensemble")
+    if cal:
+        curves.append((f"student, T = {cal['temperature']:.3f} (served)", soften(student, cal["temperature"]),
+                       labels))
+        how += (f"; the student's temperature T = {cal['temperature']:.3f} was fitted on the holdout's NLL and is "
+                "what student_int8 serves")
+    reliability_figure(page, curves, "reliability_student.png", how)
 
 
 def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
