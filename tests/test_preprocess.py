@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess, resize_bilinear
+from transfuse.preprocess import PreprocessError, PreprocessSpec, pixel_features, preprocess, resize_bilinear
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +75,20 @@ def test_augmentation_changes_images_not_shapes(images):
     aug = preprocess(images, PreprocessSpec(32, "unit"), rng=rng, flip=True, pad_crop=4)
     assert aug.shape == plain.shape
     assert not np.allclose(aug, plain)
+
+
+@pytest.mark.parametrize("shape, dtype", [((2500, 28, 28), np.uint8), ((2100, 20, 20, 3), np.float32)])
+def test_many_images_go_through_in_chunks_with_the_same_values(shape, dtype, monkeypatch):
+    """More than CHUNK images are preprocessed chunk by chunk into one array: bit-equal to one pass over all."""
+    import transfuse.preprocess as pp
+
+    rng = np.random.default_rng(0)
+    images = (rng.random(shape) * (255 if dtype == np.uint8 else 1)).astype(dtype)
+    spec = PreprocessSpec(32, "lite")
+    chunked = preprocess(images, spec)
+    monkeypatch.setattr(pp, "CHUNK", len(images))
+    whole = preprocess(images, spec)
+    assert chunked.shape == whole.shape == (len(images), 32, 32, 3) and chunked.dtype == np.float32
+    np.testing.assert_array_equal(chunked, whole)
+    with pytest.raises(PreprocessError, match="shape"):  # bad input is named whichever path it takes
+        preprocess(np.zeros((2500, 8, 8, 2), np.uint8), spec)

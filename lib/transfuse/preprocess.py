@@ -129,6 +129,9 @@ def augment(x: np.ndarray, rng: np.random.Generator, flip: bool, pad_crop: int) 
     return x
 
 
+CHUNK = 1024  # images per chunk in preprocess without augmentation
+
+
 def preprocess(
     images: np.ndarray,
     spec: PreprocessSpec,
@@ -137,7 +140,17 @@ def preprocess(
     flip: bool = False,
     pad_crop: int = 0,
 ) -> np.ndarray:
-    """Images -> the backbone's float32 input. Augmentation only when ``rng`` is given (training)."""
+    """Images -> the backbone's float32 input. Augmentation only when ``rng`` is given (training).
+
+    Without augmentation, more than ``CHUNK`` images go through in chunks written into one output array: the same
+    values, but the float intermediates (up to 3x the output, as float32 before the grey -> RGB repeat) are a
+    chunk's, not the whole split's (the small-data training path preprocesses a whole split at once)."""
+    if rng is None and len(images) > CHUNK:
+        images = np.asarray(images)
+        out = np.empty((len(images), spec.input_size, spec.input_size, 3), np.float32)
+        for i in range(0, len(images), CHUNK):
+            out[i:i + CHUNK] = preprocess(images[i:i + CHUNK], spec)
+        return out
     x = _as_nhwc_uint8_range(images)
     if rng is not None and (flip or pad_crop):
         x = augment(x, rng, flip, pad_crop)

@@ -48,11 +48,16 @@ def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray,
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     if table.num_rows == 0:
         return np.zeros((0, 1, 1, 1), np.uint8), np.zeros(0, np.int64), np.zeros(0, object)
-    table = table.sort_by("id")
     col = table.column("image")
     images = np.concatenate([c.to_numpy() for c in col.chunks]) if col.num_chunks > 1 else col.chunk(0).to_numpy()
-    return (images.astype(np.uint8, copy=False), table.column("label").to_numpy().astype(np.int64),
-            table.column("id").to_numpy(zero_copy_only=False).astype(object))
+    labels = table.column("label").to_numpy().astype(np.int64)
+    ids = table.column("id").to_numpy(zero_copy_only=False).astype(object)
+    # id order from the ids alone, applied to the arrays (Arrow's sort_by took the whole table: 0.43 s of a 0.6 s
+    # read of 9,500 images, most of it copying the image column)
+    order = np.argsort(ids, kind="stable")
+    if np.any(order != np.arange(len(order))):
+        images, labels, ids = images[order], labels[order], ids[order]
+    return images.astype(np.uint8, copy=False), labels, ids
 
 
 IN_MEMORY_FRACTION = 0.25  # of this node's object store: the most a split preprocessed in memory may take
