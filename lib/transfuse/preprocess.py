@@ -155,6 +155,9 @@ def preprocess(
     if rng is not None and (flip or pad_crop):
         x = augment(x, rng, flip, pad_crop)
     x = resize_bilinear(x, spec.input_size)
-    if x.shape[-1] == 1:  # grey -> RGB after resizing: the same values, a third of the work
+    if x.shape[-1] == 1 and spec.normalization != "caffe":  # per-pixel normalizations: grey, then repeated
+        x = np.asarray(normalize(x, spec.normalization), dtype=np.float32)
+        return np.repeat(x, 3, axis=-1)  # grey -> RGB last: the same values, a third of the work before it
+    if x.shape[-1] == 1:  # caffe subtracts a mean per channel: RGB first
         x = np.repeat(x, 3, axis=-1)
     return np.ascontiguousarray(normalize(x, spec.normalization), dtype=np.float32)
