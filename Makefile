@@ -37,8 +37,10 @@ browser:
 demo: install data
 	$(PY) -m jobs.pipeline --config configs/default.yaml
 
+# TESTS: a subset (files), default the whole default suite
+TESTS ?=
 test: install data browser
-	$(PY) -m pytest
+	$(PY) -m pytest $(TESTS)
 
 test-slow: install data
 	$(PY) -m pytest -m slow
