@@ -1,6 +1,7 @@
 """Measuring bundles: model bytes (raw and gzip), latency at batch 1 (p50, p99), throughput at batch 32, test
 accuracy / NLL / ECE, batch-1 latency across variants in alternating warm blocks, a per-component breakdown,
-ratios against a baseline variant, the goals check and the table. The compress stage and bench/ scripts measure through these."""
+ratios against a baseline variant, the goals check and the table. The compress stage and bench/ scripts measure
+through these."""
 
 from __future__ import annotations
 

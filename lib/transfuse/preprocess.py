@@ -155,9 +155,8 @@ def preprocess(
     if rng is not None and (flip or pad_crop):
         x = augment(x, rng, flip, pad_crop)
     x = resize_bilinear(x, spec.input_size)
-    if x.shape[-1] == 1 and spec.normalization != "caffe":  # per-pixel normalizations: grey, then repeated
-        x = np.asarray(normalize(x, spec.normalization), dtype=np.float32)
-        return np.repeat(x, 3, axis=-1)  # grey -> RGB last: the same values, a third of the work before it
-    if x.shape[-1] == 1:  # caffe subtracts a mean per channel: RGB first
+    if x.shape[-1] == 1 and spec.normalization == "caffe":  # a mean per channel: RGB before normalizing
         x = np.repeat(x, 3, axis=-1)
-    return np.ascontiguousarray(normalize(x, spec.normalization), dtype=np.float32)
+    x = np.ascontiguousarray(normalize(x, spec.normalization), dtype=np.float32)
+    # grey -> RGB last for the per-pixel normalizations: the same values, a third of the work before it
+    return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
