@@ -267,3 +267,64 @@ def test_same_config_and_seed_give_the_same_member(digits_run, tmp_path):
     assert digests[0] == digests[1]
     assert runs[0]["test"] == runs[1]["test"]
     assert runs[0]["history"] == runs[1]["history"]
+
+
+def test_streamed_rows_are_preprocessed_and_augmented_by_the_worker(digits_run):
+    """The streamed path's dataset holds the stored uint8 rows; the worker's tf.data pipeline preprocesses each
+    batch with the one function: every row once, the same values as preprocessing the split in memory; with
+    flip augmentation each row is itself or its mirror, the draw repeats for the same (seed, rank, epoch) and
+    changes with the epoch."""
+    from transfuse.config import AugmentConfig
+    from transfuse.data import read_split_numpy, training_rows
+    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.train_loop import tf_dataset
+
+    data_dir = storage.stage_dir(digits_run, "data")
+    rows = training_rows(data_dir, "val")
+    assert rows.schema().names == ["image", "label"]
+    assert "uint8" in str(rows.schema().types[0])
+    rows = rows.materialize()  # read once: the passes below differ only in the worker's preprocessing
+    spec = PreprocessSpec(32, "unit")
+    images, labels, _ = read_split_numpy(data_dir, "val")
+    expected = preprocess(images, spec)
+
+    def one_pass(augment=None, epoch=0, rank=0):
+        batches = list(tf_dataset(rows, 16, False, 7, False, lambda: epoch, images=spec, augment=augment, rank=rank))
+        return np.concatenate([b[0].numpy() for b in batches]), np.concatenate([b[1].numpy() for b in batches])
+
+    def by_content(x, y):
+        order = np.lexsort((x.reshape(len(x), -1).sum(1), y))
+        return x[order], y[order]
+
+    x, y = one_pass()
+    assert x.dtype == np.float32 and x.shape == expected.shape and y.dtype == np.int64
+    for got, want in zip(by_content(x, y), by_content(expected, labels)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+    flip = AugmentConfig(flip=True)
+    x0, y0 = one_pass(flip, epoch=0)
+    (xp, yp), (x0b, _), (x1, _), (xr, _) = one_pass(), one_pass(flip, 0), one_pass(flip, 1), one_pass(flip, 0, 1)
+    np.testing.assert_array_equal(y0, yp)  # one block, one order: row i is the same image in every pass
+    mirrored = np.all(np.isclose(x0, xp[:, :, ::-1]), axis=(1, 2, 3))
+    kept = np.all(np.isclose(x0, xp), axis=(1, 2, 3))
+    assert np.all(mirrored | kept)
+    flipped = mirrored & ~kept  # symmetric images look the same either way
+    assert 0.3 < flipped.mean() < 0.7, flipped.mean()
+    np.testing.assert_array_equal(x0, x0b)
+    assert not np.array_equal(x0, x1) and not np.array_equal(x0, xr)
+
+
+def test_streamed_rows_with_augmentation_train(digits_run, tmp_path):
+    """``train.materialize=false`` with flip augmentation: both phases read the stored rows and the worker
+    preprocesses them; the run goes through both phases and its training loss falls."""
+    from transfuse.train import build_trainer, finetune
+
+    data = _cfg(digits_run).model_dump(mode="json")
+    data["train"].update(materialize=False, augment={"flip": True}, cache_frozen=False, num_workers=1, lr_frozen=0.01)
+    cfg = type(digits_run).model_validate(data)
+    _, inputs, _ = build_trainer(cfg, str(tmp_path / "plan"), OVERRIDES)
+    assert all(p.images for p in inputs.phases) and not inputs.in_memory
+    assert all(ds.schema().names == ["image", "label"] for ds in inputs.datasets.values())
+    hist = finetune(cfg, str(tmp_path / "member"), OVERRIDES, force=True)["history"]
+    assert [h["phase"] for h in hist] == ["frozen", "frozen", "unfrozen"]
+    assert hist[1]["loss"] < hist[0]["loss"]  # measured: 2.325 -> 2.304 (the smoke model learns slowly)

@@ -26,7 +26,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     import tensorflow as tf
 
     from transfuse import models, train, train_loop
-    from transfuse.data import data_manifest, prepare, preprocessed, read_split
+    from transfuse.data import data_manifest, prepare, preprocessed, read_split, training_rows
     from transfuse.metrics import evaluate
     from transfuse.preprocess import PreprocessSpec
 
@@ -46,12 +46,13 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     init_path = storage.join(out_dir, train.INIT_DIR, "initial.weights.h5")
     models.save_weights(models.build_model(spec, None, bn_training=True), init_path)
     pspec = PreprocessSpec(**spec["preprocess"])
-    datasets = {f"{s}_image": preprocessed(read_split(data_dir, s), pspec).select_columns(["x", "label"])
-                for s in ("train", "val")}
-    if cfg.train.materialize:
-        datasets = {k: v.materialize() for k, v in datasets.items()}
+    if cfg.train.materialize:  # preprocessed once, every worker keeps its shard
+        datasets = {f"{s}_image": preprocessed(read_split(data_dir, s), pspec).select_columns(["x", "label"])
+                    .materialize() for s in ("train", "val")}
+    else:  # streamed stored rows, preprocessed by the workers
+        datasets = {f"{s}_image": training_rows(data_dir, s) for s in ("train", "val")}
     phases = [train_loop.Phase("pretrain", len(names), cfg.pretrain.epochs, cfg.pretrain.lr, None,
-                          "train_image", "val_image")]
+                               "train_image", "val_image", images=not cfg.train.materialize)]
     loop = train_loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases, batch_size=cfg.pretrain.batch_size,
                             patience=cfg.train.early_stopping_patience, seed=cfg.seed,
                             policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu), cached=False,

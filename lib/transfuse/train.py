@@ -103,7 +103,7 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
     import tensorflow as tf
 
     from transfuse import cache, models
-    from transfuse.data import data_manifest, preprocessed, read_split, read_split_numpy
+    from transfuse.data import data_manifest, read_split_numpy, training_rows
     from transfuse.data.dataset import in_memory
     from transfuse.preprocess import PreprocessSpec, preprocess
 
@@ -134,15 +134,23 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus,
                                   in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
-    augmenting = t.augment.flip or t.augment.pad_crop
+    augmenting = bool(t.augment.flip or t.augment.pad_crop)
+    # image phases read stored rows that each worker preprocesses (and augments) per batch, except small data
+    # without augmentation: preprocessed here once
+    rows = augmenting or not t.materialize
     for p in phases:
         tag = p.cut_layer if cached and p.cut_layer is not None else "image"
         p.train, p.val = f"train_{tag}", f"val_{tag}"
+        p.images = tag == "image" and rows
         if p.train in datasets:
             continue
         for split in ("train", "val"):
             augment = t.augment if split == "train" and augmenting else None
-            if t.materialize and augment is None:
+            if p.images:
+                ds = training_rows(data_dir, split)
+                if t.materialize:
+                    ds = ds.materialize()  # small data augmented per epoch: its uint8 rows, no read tasks per epoch
+            elif t.materialize and augment is None:
                 # small data: read (and preprocess) here once, keep it in the object store for every epoch;
                 # no per-epoch Ray Data tasks (their worker start-up dominated on a loaded 2-core machine)
                 if tag == "image":
@@ -151,8 +159,6 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
                 else:
                     x, labels = cache.read_cache_numpy(dirs[p.cut_layer], split)
                 ds = in_memory(x, labels)
-            elif tag == "image":
-                ds = preprocessed(read_split(data_dir, split), pspec, augment=augment).select_columns(["x", "label"])
             else:
                 ds = cache.read_cache(dirs[p.cut_layer], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
@@ -209,6 +215,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
                       # from random weights BatchNorm learns its statistics (training mode, as the pretrain
                       # stage); transferred backbones keep theirs (inference mode, however deep the unfreeze)
                       bn_training=(weights or cfg.model.weights) == "none", op_determinism=t.op_determinism,
+                      augment=t.augment if t.augment.flip or t.augment.pad_crop else None,
                       hooks=LoopHooks(**(test_hooks or {})))
     trainer = make_trainer(t, loop, p.datasets, out_dir, name=name, run_config_extra=run_config_extra)
     return trainer, p, cfg

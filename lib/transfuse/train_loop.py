@@ -36,7 +36,8 @@ class TrainError(TransfuseError, ValueError):
 class Phase:
     """One training phase: the last ``unfreeze`` backbone units (and the head) train for up to ``epochs`` epochs at
     ``lr``; ``cut_layer``: where the frozen part ends (the cache's layer; None: nothing cached); ``train`` /
-    ``val``: the names of the datasets the workers read."""
+    ``val``: the names of the datasets the workers read; ``images``: they are stored rows, not model inputs (the
+    streamed path: ``transfuse.data.training_rows``)."""
 
     name: str
     unfreeze: int
@@ -45,6 +46,7 @@ class Phase:
     cut_layer: Optional[str]
     train: str = ""
     val: str = ""
+    images: bool = False  # the datasets hold canonical rows (uint8 image, label) that each worker preprocesses
 
 
 @dataclass
@@ -90,6 +92,7 @@ class LoopConfig:
     restore_best: bool = True
     bn_training: bool = False  # BatchNorm in training mode (from random weights)
     op_determinism: bool = False
+    augment: Optional[Any] = None  # AugmentConfig for the training split of ``images`` phases
     hooks: LoopHooks = field(default_factory=LoopHooks)
 
 
@@ -138,12 +141,15 @@ def _phase_model(full: Any, phase: Phase, cached: bool) -> Any:
     return full
 
 
-def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory: bool,
-                epoch: Callable[[], int] = lambda: 0) -> Any:
+def tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory: bool,
+               epoch: Callable[[], int] = lambda: 0, *, images: Optional[Any] = None, augment: Optional[Any] = None,
+               rank: int = 0) -> Any:
     """This worker's shard as a tf.data pipeline. ``in_memory`` (``train.materialize``: small data): the shard is
     read once into arrays and every epoch iterates those (a Ray Data pass per epoch cost 0.3-1 s of each 4-step
     epoch of the default's head), shuffled per epoch from (``seed``, ``epoch()``); otherwise it streams from Ray
-    Data every epoch. The arrays are fed through a generator, as Ray's ``to_tf`` does: a ``from_tensor_slices``
+    Data every epoch. ``images`` (a PreprocessSpec): the streamed shard holds stored rows and each batch is
+    preprocessed here, augmented (``augment``) from (``seed``, ``rank``, ``epoch()``), one batch ahead of the
+    model. The arrays are fed through a generator, as Ray's ``to_tf`` does: a ``from_tensor_slices``
     dataset (known cardinality) did not train at all under MultiWorkerMirroredStrategy with two workers here (val
     loss flat at chance in test_phase_ends_with_its_best_epoch[cached])."""
     import tensorflow as tf
@@ -164,6 +170,21 @@ def _tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory
 
         ds = tf.data.Dataset.from_generator(batches, output_signature=(
             tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.as_dtype(y.dtype))))
+    elif images is not None:
+        from transfuse.data.dataset import preprocess_batch
+
+        def batches() -> Any:
+            e = epoch()
+            rng = np.random.default_rng([seed, rank, e]) if augment is not None else None
+            for b in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                        local_shuffle_buffer_size=4 * batch_size if shuffle else None,
+                                        local_shuffle_seed=seed + e if shuffle else None):
+                out = preprocess_batch(b, images, augment, rng=rng)
+                yield out["x"], out["label"]
+
+        size = images.input_size
+        ds = tf.data.Dataset.from_generator(batches, output_signature=(
+            tf.TensorSpec((None, size, size, 3), tf.float32), tf.TensorSpec((None,), tf.int64))).prefetch(1)
     else:
         ds = shard.to_tf(feature_columns="x", label_columns="label", batch_size=batch_size,
                          local_shuffle_buffer_size=4 * batch_size if shuffle else None,
@@ -236,6 +257,7 @@ def train_func(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
     from transfuse import models
+    from transfuse.preprocess import PreprocessSpec
 
     loop: LoopConfig = config["loop"]
     ctx = ray.train.get_context()
@@ -290,9 +312,11 @@ def train_func(config: dict[str, Any]) -> None:
         if opt_state is not None:
             _restore_optimizer(model, opt_state, strategy)
             opt_state = None
-        train = _tf_dataset(ray.train.get_dataset_shard(phase.train), per_worker, True, loop.seed,
-                            loop.in_memory, epoch=lambda: state.epoch)
-        val = _tf_dataset(ray.train.get_dataset_shard(phase.val), per_worker, False, 0, loop.in_memory)
+        images = PreprocessSpec(**loop.spec["preprocess"]) if phase.images else None
+        train = tf_dataset(ray.train.get_dataset_shard(phase.train), per_worker, True, loop.seed, loop.in_memory,
+                           epoch=lambda: state.epoch, images=images, augment=loop.augment, rank=rank)
+        val = tf_dataset(ray.train.get_dataset_shard(phase.val), per_worker, False, 0, loop.in_memory,
+                         images=images)
         while state.phase_epoch < phase.epochs and not state.stopped:
             h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
             row = {"phase": phase.name, "epoch": state.epoch + 1, "phase_epoch": state.phase_epoch + 1,
