@@ -190,7 +190,7 @@ def _compute_with_actors(data_dir: str, splits: tuple[str, ...], spec: dict[str,
         fs, p = storage.resolve(storage.join(data_dir, s_))
         paths.append(p)
     gpu = {"num_gpus": 1} if use_gpu else {}
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True).map_batches(
+    ds = storage.read_parquet(paths, fs, include_paths=True).map_batches(
         CacheWriter, fn_constructor_kwargs={"spec": spec, "weights_path": weights_path, "outputs": names,
                                             "out_dirs": out_dirs},
         compute=ray.data.ActorPoolStrategy(size=actors), batch_size=batch_size, batch_format="numpy",
@@ -231,7 +231,7 @@ def apply_model(data_dir: str, splits: list[str], spec: dict[str, Any], weights_
     for s in splits:
         fs, p = storage.resolve(storage.join(data_dir, s))
         paths.append(p)
-    ds = ray.data.read_parquet(paths, filesystem=fs, include_paths=True)
+    ds = storage.read_parquet(paths, fs, include_paths=True)
     gpu = {"num_gpus": 1} if use_gpu else {}
     return ds.map_batches(
         ApplyModel, fn_constructor_kwargs={"spec": spec, "weights_path": weights_path, "outputs": outputs},
@@ -359,10 +359,8 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
 
 def read_cache(cache_dir: str, split: str) -> Any:
     """The cached activations of one split: a Ray Dataset with x (float32 tensor), label, id."""
-    import ray.data
-
     fs, p = storage.resolve(storage.join(cache_dir, split))
-    return ray.data.read_parquet(p, filesystem=fs)
+    return storage.read_parquet(p, fs)
 
 
 def read_cache_numpy(cache_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:

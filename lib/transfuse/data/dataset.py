@@ -33,10 +33,8 @@ def _split_dir(data_dir: str, split: str) -> str:
 
 def read_split(data_dir: str, split: str) -> Any:
     """The split as a lazy Ray Dataset of canonical rows (image, label, id), streamed from parquet."""
-    import ray.data
-
     fs, path = storage.resolve(_split_dir(data_dir, split))
-    return ray.data.read_parquet(path, filesystem=fs)
+    return storage.read_parquet(path, fs)
 
 
 def read_split_numpy(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

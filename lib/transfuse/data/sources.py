@@ -323,14 +323,12 @@ def load_image_folder_source(cfg: DataConfig) -> Source:
 
 
 def load_parquet_source(cfg: DataConfig) -> Source:
-    import ray.data
-
     if not cfg.path:
         raise DataError("data.source=parquet needs data.path: a folder or URI of parquet files")
     fs, base = storage.resolve(cfg.path)
     if not storage.exists(cfg.path):
         raise DataError(f"parquet path not found: {cfg.path}")
-    ds = ray.data.read_parquet(base, filesystem=fs)
+    ds = storage.read_parquet(base, fs)
     cols = set(ds.schema().names)
     missing = {"image", "label", "id"} - cols
     if missing:
