@@ -9,8 +9,9 @@ object store (``--object-store-mib``) then runs, each timed on its own:
       function's driver path (every row read into this process's memory, the same model, the same files);
   (c) the training iterator, streamed: ``training_rows`` (the stored uint8 rows) through a streaming split into
       ``train_loop.tf_dataset``, which preprocesses each batch as a Ray Train worker does, against (d) the same
-      rows already in this process's memory, preprocessed batch by batch with the same function, as tf tensors;
-      and (e) the same files read here with pyarrow one after another, then (d): the floor of reading them.
+      rows already in this process's memory, preprocessed batch by batch with the same function, as tf tensors
+      (nothing read: timed after the read); and (e) the read too: the split read into memory as transfuse's
+      small-data path reads it (``read_split_numpy``, pyarrow), then (d). (b) includes its read as (e) does.
 
 For each: rows/s and its ratio to the in-memory path, peak object-store use against the limit, bytes spilled
 (and plasma's fallback allocations on disk), and peak PSS summed over this Ray session's processes and this
@@ -204,18 +205,6 @@ def iterate_streaming(data_dir: str, spec: Any) -> int:
     return seen
 
 
-def iterate_read_here(data_dir: str, spec: Any) -> int:
-    """The same files read in this process with pyarrow, one after another, then as ``iterate_in_memory``."""
-    import pyarrow.parquet as pq
-
-    seen = 0
-    for f in sorted(Path(data_dir, "train").glob("*.parquet")):
-        col = pq.read_table(f, columns=["image", "label"])
-        images = np.concatenate([c.to_numpy() for c in col.column("image").chunks])
-        seen += iterate_in_memory(images, col.column("label").to_numpy(), spec)
-    return seen
-
-
 def iterate_in_memory(images: np.ndarray, labels: np.ndarray, spec: Any) -> int:
     """The same rows already in memory: the same preprocessing per batch, handed to TensorFlow as tensors."""
     import tensorflow as tf
@@ -228,6 +217,15 @@ def iterate_in_memory(images: np.ndarray, labels: np.ndarray, spec: Any) -> int:
         tf.convert_to_tensor(labels[i:i + BATCH])
         seen += int(x.shape[0])
     return seen
+
+
+def iterate_read_then_in_memory(data_dir: str, spec: Any) -> int:
+    """The in-memory path with its read: the split read into this process's memory as transfuse's small-data path
+    reads it (``read_split_numpy``: pyarrow, no Ray Data), then ``iterate_in_memory``."""
+    from transfuse.data import read_split_numpy
+
+    images, labels, _ = read_split_numpy(data_dir, "train")
+    return iterate_in_memory(images, labels, spec)
 
 
 def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96, backbone: str = "vgg_small",
@@ -277,7 +275,8 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
         results.append(timed("training iterator, in memory", marker,
                              lambda: iterate_in_memory(images, labels, pspec)))
         images = labels = None  # freed before the next pass
-        results.append(timed("training iterator, read here", marker, lambda: iterate_read_here(data_dir, pspec)))
+        results.append(timed("training iterator, read + in memory", marker,
+                             lambda: iterate_read_then_in_memory(data_dir, pspec)))
         caches = {"streamed": storage.stage_dir(cfg, "cache"), "in_memory": storage.stage_dir(cfg_mem, "cache")}
         out = {"results": results, "rows": rows, "decoded_bytes": rows * row_bytes, "on_disk_bytes": on_disk,
                "write_s": write_s, "object_store_bytes": object_store_mib * MiB, "cut": cut, "work": work,
@@ -307,19 +306,21 @@ def report(out: dict[str, Any]) -> str:
              f"{out['decoded_bytes'] / MiB:.0f} MiB decoded ({out['decoded_bytes'] / store:.1f}x the "
              f"{store / MiB:.0f} MiB object store), {out['on_disk_bytes'] / MiB:.0f} MiB of parquet; written in "
              f"{out['write_s']:.0f} s", f"cache cut point: {out['cut']}",
-             f"{'path':34s} {'rows':>7s} {'s':>7s} {'rows/s':>8s} {'vs mem':>7s} {'peak store':>11s} "
+             f"{'path':36s} {'rows':>7s} {'s':>7s} {'rows/s':>8s} {'vs mem':>7s} {'peak store':>11s} "
              f"{'spilled':>8s} {'fallback':>9s} {'peak PSS':>9s}"]
     res = out["results"]
     base = {"cache": res[1]["rows_per_s"], "training": res[3]["rows_per_s"]}
     for r in res:
         ratio = r["rows_per_s"] / base[r["path"].split()[0]]
-        lines.append(f"{r['path']:34s} {r['rows']:7d} {r['seconds']:7.1f} {r['rows_per_s']:8.0f} {ratio:6.2f}x "
+        lines.append(f"{r['path']:36s} {r['rows']:7d} {r['seconds']:7.1f} {r['rows_per_s']:8.0f} {ratio:6.2f}x "
                      f"{r['peak_store'] / MiB:6.0f} MiB {r['spilled'] / MiB:4.0f} MiB {r['fallback'] / MiB:5.0f} MiB "
                      f"{r['peak_pss'] / 2**30:5.2f} GiB")
     if len(res) > 4:
-        lines.append(f"training iterator, streamed / read here: {res[2]['rows_per_s'] / res[4]['rows_per_s']:.2f}x")
+        lines.append(f"training iterator, streamed / read + in memory (the in-memory path with its read, as the "
+                     f"cache pass's): {res[2]['rows_per_s'] / res[4]['rows_per_s']:.2f}x")
     lines.append(f"goals: peak object store <= {store / MiB:.0f} MiB, nothing spilled, every row through, "
-                 "streamed rows/s within 2x of in memory (ratio >= 0.50x)")
+                 "streamed rows/s within 2x of the in-memory path (ratio >= 0.50x; for the iterator both baselines "
+                 "are printed: without its read, vs mem, and with it, the line above)")
     return "\n".join(lines)
 
 
