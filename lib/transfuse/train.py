@@ -145,12 +145,11 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
         if p.train in datasets:
             continue
         for split in ("train", "val"):
-            augment = t.augment if split == "train" and augmenting else None
             if p.images:
                 ds = training_rows(data_dir, split)
                 if t.materialize:
                     ds = ds.materialize()  # small data augmented per epoch: its uint8 rows, no read tasks per epoch
-            elif t.materialize and augment is None:
+            elif t.materialize:
                 # small data: read (and preprocess) here once, keep it in the object store for every epoch;
                 # no per-epoch Ray Data tasks (their worker start-up dominated on a loaded 2-core machine)
                 if tag == "image":
@@ -215,7 +214,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
                       # from random weights BatchNorm learns its statistics (training mode, as the pretrain
                       # stage); transferred backbones keep theirs (inference mode, however deep the unfreeze)
                       bn_training=(weights or cfg.model.weights) == "none", op_determinism=t.op_determinism,
-                      augment=t.augment if t.augment.flip or t.augment.pad_crop else None,
+                      augment=t.augment,
                       hooks=LoopHooks(**(test_hooks or {})))
     trainer = make_trainer(t, loop, p.datasets, out_dir, name=name, run_config_extra=run_config_extra)
     return trainer, p, cfg
