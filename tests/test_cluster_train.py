@@ -118,6 +118,26 @@ def _wait_for_epoch(digests, epoch, thread):
                     WAIT_S, 0.2)
 
 
+def _wait_for_registered_checkpoints(out, n, thread):
+    """Until Ray Train's controller has registered ``n`` checkpoints of the run in ``out`` (its checkpoint manager's
+    snapshot): a worker writes its digest right after ``report`` returns, but the controller takes the report only
+    when it polls, and a node killed in between restarts the run from the checkpoint before (seen under load:
+    epoch 1 trained again after the kill)."""
+    import json
+
+    from transfuse.train import TRAIN_DIR
+
+    snapshot = Path(out, TRAIN_DIR, "checkpoint_manager_snapshot.json")
+
+    def registered():
+        try:
+            return len(json.loads(snapshot.read_text()).get("checkpoint_results", [])) >= n
+        except (OSError, ValueError):
+            return False
+
+    return wait_for(f"{n} registered checkpoints", lambda: (not thread.is_alive()) or registered(), WAIT_S, 0.1)
+
+
 @pytest.fixture(scope="module")
 def baseline(prepared, tmp_path_factory):
     """The undisturbed run, on the nodes left after the writer's death."""
@@ -162,6 +182,7 @@ def test_node_killed_mid_phase_resumes_and_matches_the_undisturbed_run(cluster, 
     workers_before = len(actor_nodes("RayTrainWorker", alive=False))
     thread, result = _finetune_in_thread(cfg, out, digests)
     _wait_for_epoch(digests, 1, thread)  # epoch 1 checkpointed: epoch 2 of the phase is in flight
+    _wait_for_registered_checkpoints(out, 1, thread)
     assert thread.is_alive(), "the run ended before a node could be killed"
     victims = sorted({n for _, n in actor_nodes("RayTrainWorker")})
     assert len(victims) == 2
