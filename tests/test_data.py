@@ -99,6 +99,25 @@ def test_streaming_preprocessing_on_ray_data(digits_run):
     assert 0.0 <= batch["x"].min() and batch["x"].max() <= 1.0
 
 
+def test_batch_augmentation_draws_only_from_the_callers_generator():
+    """Augmentation in ``preprocess_batch`` needs the worker's seeded generator: the same draw for the same seed,
+    and a clear error instead of an unseeded (unrepeatable) one."""
+    from transfuse.config import AugmentConfig
+    from transfuse.data.dataset import preprocess_batch
+
+    rows = np.random.default_rng(0).integers(0, 256, (32, 12, 12, 1), dtype=np.uint8)
+    batch = {"image": rows, "label": np.arange(32)}
+    spec, aug = PreprocessSpec(12, "unit"), AugmentConfig(flip=True, pad_crop=2)
+    with pytest.raises(ValueError, match="seeded generator"):
+        preprocess_batch(batch, spec, aug)
+    a, b, c = (preprocess_batch(batch, spec, aug, rng=np.random.default_rng(s))["x"] for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    plain = preprocess_batch(batch, spec, AugmentConfig(), rng=np.random.default_rng(1))  # nothing to draw
+    np.testing.assert_array_equal(plain["x"], preprocess_batch(batch, spec)["x"])
+    assert "id" not in plain and plain["label"].dtype == np.int64
+
+
 # ---------------------------------------------------------------- Fashion-MNIST idx
 
 

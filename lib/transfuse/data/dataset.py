@@ -3,7 +3,8 @@
 ``training_split`` picks between the two by size for a training input: a split that fits comfortably in this
 node's object store is read with pyarrow here, preprocessed once with numpy and put in the object store as one
 materialized dataset (no Ray Data read or map tasks: their start-up was most of a small epoch's time); a larger
-one, or one augmented per epoch, streams from parquet through ``map_batches``.
+one streams from parquet through ``map_batches``. Training itself streams ``training_rows`` (the stored uint8
+rows), which each Train worker preprocesses and augments (``train_loop.tf_dataset``).
 """
 
 from __future__ import annotations
@@ -88,22 +89,20 @@ def _local_object_store_bytes() -> int:
     return 0
 
 
-def training_split(data_dir: str, split: str, spec: PreprocessSpec, *, augment: Optional[AugmentConfig] = None,
-                   max_bytes: Optional[int] = None) -> Any:
-    """The split as model inputs (``x``, ``label``) for training, by size.
+def training_split(data_dir: str, split: str, spec: PreprocessSpec, *, max_bytes: Optional[int] = None) -> Any:
+    """The split as model inputs (``x``, ``label``), by size, unaugmented (augmentation happens in the Train
+    worker, ``train_loop.tf_dataset``).
 
-    Without per-epoch augmentation and at most ``max_bytes`` preprocessed (default: ``IN_MEMORY_FRACTION`` of
-    this node's object store): read here, preprocessed once, one materialized dataset that every epoch reuses.
-    Otherwise the streaming path (``preprocessed(read_split(...))``), which keeps only a window of blocks in
-    the object store.
+    At most ``max_bytes`` preprocessed (default: ``IN_MEMORY_FRACTION`` of this node's object store): read here,
+    preprocessed once, one materialized dataset that every epoch reuses. Otherwise the streaming path
+    (``preprocessed(read_split(...))``), which keeps only a window of blocks in the object store.
     """
     size = in_memory_bytes(data_dir, split, spec)
     limit = int(IN_MEMORY_FRACTION * _local_object_store_bytes()) if max_bytes is None else max_bytes
-    augmented = augment is not None and (augment.flip or augment.pad_crop)
-    if not augmented and size is not None and size <= limit:
+    if size is not None and size <= limit:
         images, labels, _ = read_split_numpy(data_dir, split)
         return in_memory(preprocess(images, spec), labels)
-    return preprocessed(read_split(data_dir, split), spec, augment=augment).select_columns(["x", "label"])
+    return preprocessed(read_split(data_dir, split), spec).select_columns(["x", "label"])
 
 
 def training_rows(data_dir: str, split: str) -> Any:
@@ -115,13 +114,14 @@ def training_rows(data_dir: str, split: str) -> Any:
 
 
 def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, augment: Optional[AugmentConfig] = None,
-                     seed: Optional[int] = None, rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
+                     rng: Optional[np.random.Generator] = None) -> dict[str, Any]:
     """Canonical rows -> model input ``x`` (float32) and ``label`` (and ``id`` when the batch has one): the body
-    of Ray Data's ``map_batches`` and of a Train worker's streamed batches. ``augment`` draws from ``rng`` (else
-    from ``seed``)."""
+    of Ray Data's ``map_batches`` (unaugmented) and of a Train worker's streamed batches, which ``augment``
+    from the worker's seeded ``rng``."""
     flip = pad_crop = 0
     if augment is not None and (augment.flip or augment.pad_crop):
-        rng = rng if rng is not None else np.random.default_rng(seed)
+        if rng is None:
+            raise ValueError("augmentation needs the caller's seeded generator (rng)")
         flip, pad_crop = augment.flip, augment.pad_crop
     else:
         rng = None
@@ -133,8 +133,6 @@ def preprocess_batch(batch: dict[str, Any], spec: PreprocessSpec, augment: Optio
     return out
 
 
-def preprocessed(ds: Any, spec: PreprocessSpec, *, augment: Optional[AugmentConfig] = None,
-                 batch_size: int = 512) -> Any:
-    """Streaming preprocessing of a canonical Ray Dataset with the one preprocessing function."""
-    return ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec, "augment": augment}, batch_size=batch_size,
-                          batch_format="numpy")
+def preprocessed(ds: Any, spec: PreprocessSpec, *, batch_size: int = 512) -> Any:
+    """Streaming preprocessing of a canonical Ray Dataset with the one preprocessing function (unaugmented)."""
+    return ds.map_batches(preprocess_batch, fn_kwargs={"spec": spec}, batch_size=batch_size, batch_format="numpy")
