@@ -230,7 +230,7 @@ def iterate_read_then_in_memory(data_dir: str, spec: Any) -> int:
 
 def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96, backbone: str = "vgg_small",
         width: float = 0.125, cpus: int = 2, keep: bool = False) -> dict[str, Any]:
-    """Write the dataset, start a local Ray with the bounded object store, run the four passes; returns the rows
+    """Write the dataset, start a local Ray with the bounded object store, run the five passes; returns the rows
     of the table plus the dataset's sizes and the caches' directories (under ``work``, removed unless ``keep``)."""
     import ray
     from ray.data import DataContext, ExecutionResources

@@ -1,9 +1,9 @@
 """Data larger than the object store, at a small scale: bench/data_scale.py's passes with an 80 MiB object store.
 
 The prepared dataset is about 2.5 times the object store once decoded (its float32 model inputs 10 times; the
-training iterator keeps the uint8 rows in the store and each batch is preprocessed by the worker): every row comes through each path, and the streamed cache holds the same activations as the cache
-computed from the same rows in memory; and the object store stays within its limit with nothing spilled and no
-fallback allocation on disk.
+training iterator keeps the uint8 rows in the store and each batch is preprocessed by the worker): every row
+comes through each path, the streamed cache holds the same activations as the cache computed from the same rows
+in memory, and the object store stays within its limit with nothing spilled and no fallback allocation on disk.
 """
 
 from __future__ import annotations
