@@ -134,10 +134,9 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
                                   batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus,
                                   in_driver_max_rows=t.cache_in_driver_max_rows) if cuts else {}
     pspec = PreprocessSpec(**spec["preprocess"])
-    augmenting = bool(t.augment.flip or t.augment.pad_crop)
     # image phases read stored rows that each worker preprocesses (and augments) per batch, except small data
     # without augmentation: preprocessed here once
-    rows = augmenting or not t.materialize
+    rows = bool(t.augment.flip or t.augment.pad_crop) or not t.materialize
     for p in phases:
         tag = p.cut_layer if cached and p.cut_layer is not None else "image"
         p.train, p.val = f"train_{tag}", f"val_{tag}"
@@ -161,8 +160,8 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
             else:
                 ds = cache.read_cache(dirs[p.cut_layer], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
-    # small data without per-epoch augmentation: each worker reads its shard once and keeps it (train_func)
-    return RunInputs(spec, init_path, phases, datasets, cached, bool(t.materialize and not augmenting), data_dir)
+    # small data without per-epoch augmentation (no rows): each worker reads its shard once and keeps it
+    return RunInputs(spec, init_path, phases, datasets, cached, not rows, data_dir)
 
 
 def scaling_config(t: TrainConfig) -> Any:
