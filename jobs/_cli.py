@@ -49,7 +49,7 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
             args.console = con.quiet(args.log_path)
             err = args.console.line
         if needs_ray(args) if callable(needs_ray) else needs_ray:
-            runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet)
+            runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet, ingress=cfg.serve.ingress)
         body(cfg, args)
     except TransfuseError as e:
         # the library's own errors (bad config, data, members, bundles) say what was wrong: print that, no

@@ -47,8 +47,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import tfserving, v2
 from serve.inputs import ApiError, ImageSpec, decode_image, input_shape, parse_uploads, read_body
+from transfuse import runtime
 from transfuse.bundle import BundleError, load_bundle
-from transfuse.config import ServeConfig
+from transfuse.config import ALL_INTERFACES, ConfigError, ServeConfig
 
 logger = logging.getLogger("ray.serve")
 
@@ -62,7 +63,7 @@ class AppArgs(ServeConfig):
     """Builder arguments: ServeConfig's fields and defaults plus the bundle to serve.
 
     ``host``, ``port`` and ``grpc_port`` are the proxies' (``serve.start`` / the Serve config's ``http_options``
-    and ``grpc_options``); the application itself ignores them.
+    and ``grpc_options``), ``ingress`` the cluster's (``runtime.init_ray``); the application itself ignores them.
     """
 
     bundle: str = Field(..., min_length=1)  # bundle directory or URI (s3://..., gs://...)
@@ -586,6 +587,14 @@ def proxy_options(cfg: ServeConfig) -> dict[str, Any]:
     return opts
 
 
+def cluster_ingress() -> str:
+    """The Serve ingress of the connected Ray cluster ('haproxy' or 'proxy'), read where Ray runs a task: from
+    the node's environment, which Serve's processes read when they start."""
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0)(runtime.serve_ingress).remote())
+
+
 def deploy(cfg: ServeConfig, bundle: str, *, app_name: str = "transfuse", route_prefix: str = "/") -> str:
     """Start Serve's proxies (HTTP on ``cfg.host:cfg.port``, gRPC on ``cfg.grpc_port`` when set) and run the app
     for ``bundle`` on the connected Ray cluster; returns the model's base URL. Re-running it with a new bundle
@@ -593,8 +602,13 @@ def deploy(cfg: ServeConfig, bundle: str, *, app_name: str = "transfuse", route_
     ``user_config`` instead: serve/config.yaml).
     """
     load_bundle(bundle)  # refuse a bad bundle here, with its error, before any replica tries
+    if cfg.ingress and cfg.ingress != (used := cluster_ingress()):
+        raise ConfigError(f"serve.ingress is {cfg.ingress!r} but this Ray cluster's nodes run Serve with {used!r} "
+                          "(set when the nodes start: RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+                          "in their environment for 'haproxy', as cluster.yaml does); set serve.ingress to "
+                          f"{used!r} or leave it unset to use the cluster's")
     args = AppArgs(bundle=bundle, **cfg.model_dump())
     serve.start(**proxy_options(cfg))
     serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
-    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    host = "127.0.0.1" if cfg.host in ALL_INTERFACES else cfg.host
     return f"http://{host}:{cfg.port}{route_prefix.rstrip('/')}/v1/models/{cfg.name}"

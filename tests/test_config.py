@@ -35,6 +35,8 @@ BAD = [
     (["data.split.test=0.8"], r"val \+ test \+ holdout must be < 0\.95"),
     (["train.cache_frozen=true", "train.augment.flip=true"], r"cache_frozen=true cannot be combined"),
     (["serve.min_replicas=5", "serve.max_replicas=2"], r"min_replicas \(5\) must be <= max_replicas \(2\)"),
+    (["serve.ingress=nginx"], r"serve\.ingress = 'nginx'.*'proxy'.*'haproxy'"),
+    (["serve.ingress=haproxy"], r"ingress 'haproxy' with host '127\.0\.0\.1'.*all interfaces.*0\.0\.0\.0"),
     (["run=a/b"], r"run = 'a/b': must be a plain name"),
     (["data.classes=[3]"], r"data\.classes = \[3\]: needs at least 2 classes"),
     (["data.classes=[1, 1]"], r"must be distinct"),

@@ -633,6 +633,15 @@ def test_jobs_deploy(server, bundles, digits, offline, tmp_path, capsys):
     ours = [ln for ln in capsys.readouterr().err.splitlines() if not re.match(r"(\x1b\[[0-9;]*m)?\(\w", ln)]
     assert ours and ours[0].startswith("error: ") and "altered" in ours[0], ours
     assert not any("Traceback" in ln for ln in ours), ours
+    # a config naming another ingress than the one the cluster's nodes started Serve with is refused, naming both
+    from transfuse.runtime import serve_ingress
+
+    used = serve_ingress()  # the test cluster is started by this process, from its environment
+    other = "proxy" if used == "haproxy" else "haproxy"
+    assert main("deploy", _run, extra=deploy_args, argv=[*common, "--bundle", bundles["v1"], "--set",
+                                                          f"serve.ingress={other}", "--set", "serve.host=0.0.0.0"]) == 2
+    err = capsys.readouterr().err
+    assert f"serve.ingress is '{other}' but this Ray cluster's nodes run Serve with '{used}'" in err, err
     try:
         assert main("deploy", _run, extra=deploy_args, argv=[*common, "--bundle", bundles["v1"]]) == 0
         url = capsys.readouterr().out.split(": ", 1)[1].split()[0]

