@@ -636,7 +636,7 @@ def test_jobs_deploy(server, bundles, digits, offline, tmp_path, capsys):
     # a config naming another ingress than the one the cluster's nodes started Serve with is refused, naming both
     from transfuse.runtime import serve_ingress
 
-    used = serve_ingress()  # the test cluster is started by this process, from its environment
+    used = serve_ingress()  # the test cluster's `ray start` inherits this process's environment
     other = "proxy" if used == "haproxy" else "haproxy"
     assert main("deploy", _run, extra=deploy_args, argv=[*common, "--bundle", bundles["v1"], "--set",
                                                           f"serve.ingress={other}", "--set", "serve.host=0.0.0.0"]) == 2
