@@ -257,9 +257,29 @@ def test_the_temperature_stacker_is_softmax_of_log_p_over_t():
     assert soften(p, 1.0).argmax(1).tolist() == soften(p, 3.0).argmax(1).tolist() == p.argmax(1).tolist()
 
 
+def test_the_teachers_probabilities_do_not_depend_on_how_the_views_were_batched(distilled):
+    """Ray Data cuts the teacher's batches where blocks happen to arrive; the same rows in other batches (one of a
+    single row, where TensorFlow's kernels round differently) get bit-identical probabilities."""
+    from transfuse.data import read_split_numpy
+    from transfuse.distill import TeacherActor
+    from transfuse.ensemble_source import ensemble_to_compress
+
+    src, _ = ensemble_to_compress(distilled)
+    teacher = TeacherActor(list(src.members), src.parts, 2.0, 10, batch_size=distilled.distill.teacher_batch_size)
+    x, _, _ = read_split_numpy(str(_dir(distilled, "data")), "test")
+    whole = teacher.predict(x)
+    order = np.random.default_rng(0).permutation(len(x))
+    got = np.empty_like(whole)
+    for rows in np.split(order, [1, 2, 40, 41, 200]):
+        got[rows] = teacher.predict(x[rows])
+    np.testing.assert_array_equal(got, whole)
+
+
 @pytest.mark.xfail(strict=False, reason="2026-12-03 evening: the forced rerun's student differed (2,727-2,852 of 3,000 "
-                   "test probabilities) 4 runs of 4 on this VM, at 28d1bbc too, where CI had passed it that afternoon; "
-                   "cause not found yet (see the issue 17 note)")
+                   "test probabilities) 4 runs of 4 on this VM, at 28d1bbc too, where CI had passed it that afternoon. "
+                   "2026-12-04: passed 2 of 2 and 3 forced reruns under CPU load were identical; one source of "
+                   "timing-dependent targets found and removed (the teacher's batch-1 rounding, the test above); "
+                   "not proven to be that evening's cause, so the mark stays until it has passed on CI too")
 def test_the_same_config_and_seed_give_the_same_student(distilled):
     """Run last: it reruns the stage in place (force), after the tests that read the first run's outputs."""
     from transfuse.distill import run_distill

@@ -99,15 +99,30 @@ class TeacherActor:
     a batch of views. Adds ``teacher`` (its probabilities) and ``target``: [teacher at T (K), one-hot label or
     zeros (K), labelled flag (1)], what the student's loss reads."""
 
-    def __init__(self, members: list[tuple[str, str]], parts: Any, temperature: float, num_classes: int):
+    def __init__(self, members: list[tuple[str, str]], parts: Any, temperature: float, num_classes: int,
+                 batch_size: int):
         from transfuse import models
         from transfuse.ensemble_source import keras_baseline
         from transfuse.preprocess import PreprocessSpec
         from transfuse.tflite_export import Member
 
         loaded = [Member(name, *models.load_member(d)) for name, d in members]
-        self.predict = keras_baseline(loaded, parts, PreprocessSpec(**loaded[0].spec["preprocess"]))
-        self.t, self.k = temperature, num_classes
+        self.ensemble = keras_baseline(loaded, parts, PreprocessSpec(**loaded[0].spec["preprocess"]))
+        self.t, self.k, self.rows = temperature, num_classes, int(batch_size)
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """The ensemble's probabilities in chunks of exactly ``batch_size`` rows (the last one padded with zeros):
+        Ray Data cuts batches where its blocks happen to arrive, and TensorFlow's kernels for a batch of one image
+        round differently (1e-7) from a batch of many; under Adam such differences in the targets grow into a
+        different student. In fixed-shape chunks a view's probabilities do not depend on its batch mates."""
+        out = []
+        for i in range(0, len(images), self.rows):
+            part = images[i:i + self.rows]
+            n = len(part)
+            if n < self.rows:
+                part = np.concatenate([part, np.zeros((self.rows - n, *part.shape[1:]), part.dtype)])
+            out.append(self.ensemble(part)[:n])
+        return np.concatenate(out)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         images = _images(batch)
@@ -153,7 +168,8 @@ def teacher_views(cfg: Config, members: list[tuple[str, str]], parts: Any, num_c
     gpu = {"num_gpus": 1} if cfg.train.use_gpu else {"num_cpus": 1}
     return ds.map_batches(TeacherActor, fn_constructor_kwargs={"members": members, "parts": parts,
                                                               "temperature": d.temperature,
-                                                              "num_classes": num_classes},
+                                                              "num_classes": num_classes,
+                                                              "batch_size": d.teacher_batch_size},
                           compute=ray.data.ActorPoolStrategy(size=d.teacher_actors),
                           batch_size=d.teacher_batch_size, batch_format="numpy", **gpu).materialize()
 
