@@ -115,7 +115,7 @@ class TeacherActor:
         Ray Data cuts batches where its blocks happen to arrive, and TensorFlow's kernels for a batch of one image
         round differently (1e-7) from a batch of many; under Adam such differences in the targets grow into a
         different student. In fixed-shape chunks a view's probabilities do not depend on its batch mates."""
-        out = []
+        out = [np.zeros((0, self.k), np.float32)]  # (an empty block's batch has no rows to predict)
         for i in range(0, len(images), self.rows):
             part = images[i:i + self.rows]
             n = len(part)
