@@ -417,7 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from ray import serve
 
-    from serve.app import AppArgs, build_app, cluster_ingress, proxy_options
+    from serve.app import AppArgs, build_app, cluster_ingress, proxy_options, undeploy
     from transfuse.bundle import load_bundle
     from transfuse.config import ServeConfig
 
@@ -463,12 +463,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             warm_up(make)
             results[name] = load_test(make, args.clients, args.seconds)
         print(f"haproxy_servers={haproxy_servers()}")
-        serve.delete("bench")
+        undeploy("bench")
         baseline = _baseline_deployment().options(ray_actor_options={"num_cpus": args.num_cpus})
         serve.run(baseline.bind(weights, bundle.class_names), name="baseline", route_prefix="/")
         warm_up(senders["a_tfserving_rest"])
         results["b_keras_float32_unbatched"] = load_test(senders["a_tfserving_rest"], args.clients, args.seconds)
-        serve.delete("baseline")
+        undeploy("baseline")
     finally:
         serve.shutdown()
     bare_port = free_port()

@@ -595,6 +595,19 @@ def cluster_ingress() -> str:
     return ray.get(ray.remote(num_cpus=0)(runtime.serve_ingress).remote())
 
 
+def undeploy(app_name: str = "transfuse", timeout_s: float = 120.0) -> None:
+    """Delete a Serve app and wait until Serve no longer lists it, on the monotonic clock: ``serve.delete`` waits
+    60 s by ``time.time()``, and a wall-clock step on a CI VM made it time out while the deletion took seconds."""
+    import time
+
+    serve.delete(app_name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while app_name in serve.status().applications:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Serve still lists app {app_name!r} {timeout_s:.0f} s after it was asked to delete it")
+        time.sleep(1.0)
+
+
 def deploy(cfg: ServeConfig, bundle: str, *, app_name: str = "transfuse", route_prefix: str = "/") -> str:
     """Start Serve's proxies (HTTP on ``cfg.host:cfg.port``, gRPC on ``cfg.grpc_port`` when set) and run the app
     for ``bundle`` on the connected Ray cluster; returns the model's base URL. Re-running it with a new bundle

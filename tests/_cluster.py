@@ -51,15 +51,6 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: floa
         time.sleep(interval)
 
 
-def delete_app(name: str, timeout: float = 120) -> None:
-    """Delete a Serve app and wait until it is gone, on the monotonic clock: ``serve.delete`` waits 60 s by
-    ``time.time()``, and a wall-clock step on a CI VM made it time out while the deletion took seconds."""
-    from ray import serve
-
-    serve.delete(name, _blocking=False)
-    wait_for(f"Serve to delete app {name!r}", lambda: name not in serve.status().applications, timeout, 1.0)
-
-
 def _retry_start(start: Callable[[], Any], attempts: int = 3) -> Any:
     """``start()``, again after a failed node start, killing what the failed attempt left running.
 

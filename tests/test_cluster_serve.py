@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests._cluster import actor_nodes, delete_app, free_port, wait_for
+from serve.app import undeploy
+from tests._cluster import actor_nodes, free_port, wait_for
 from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
@@ -57,7 +58,7 @@ def served(cluster, tmp_path_factory):
     x = x[:32]
     expected = load_bundle(bundle).predict(x)
     yield f"http://127.0.0.1:{port}/v1/models/{MODEL}:predict", x, expected
-    delete_app("cluster")
+    undeploy("cluster")
 
 
 def _replicas() -> list[str]:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
-from tests._cluster import delete_app
+from serve.app import undeploy
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "digits"
@@ -649,7 +649,7 @@ def test_jobs_deploy(server, bundles, digits, offline, tmp_path, capsys):
         np.testing.assert_allclose(_probs(httpx.post(f"{url}:predict", json={"instances": x.tolist()})),
                                    offline["v1"].predict_proba(x), rtol=0, atol=1e-6)
     finally:
-        delete_app("job")
+        undeploy("job")
 
 
 # ------------------------------------------------------------------------- TensorFlow Serving REST
@@ -921,7 +921,7 @@ def test_queue_limit_answers_503_with_retry_after_and_the_replica_stays_healthy(
         assert h.status_code == 200 and h.json()["status"] == "ok"
         assert httpx.post(f"{server}/queue{PREDICT}", json={"instances": x[:1].tolist()}, timeout=60).status_code == 200
     finally:
-        delete_app("queue")
+        undeploy("queue")
 
 
 def test_request_timeout_is_a_clean_504_and_the_replica_stays_healthy(server, bundles, digits):
@@ -943,7 +943,7 @@ def test_request_timeout_is_a_clean_504_and_the_replica_stays_healthy(server, bu
         assert httpx.get(f"{server}/slow/v2/health/ready").json() == {"ready": True}
         assert httpx.get(f"{server}/slow/healthz").json()["replica"] == replica
     finally:
-        delete_app("slow")
+        undeploy("slow")
 
 
 def test_a_batch_whose_model_call_fails_answers_its_other_items(bundles, broken_bundle, digits, offline):
