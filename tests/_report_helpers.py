@@ -145,7 +145,7 @@ def write_tune(cfg, data, *, plot: bool) -> list[dict]:
     return rows
 
 
-def write_ensemble(cfg, *, pixels: bool = True) -> dict:
+def write_ensemble(cfg, *, pixels: bool = True, temperature_check: bool = True) -> dict:
     """ensemble/: fitted with the real ensemble code on the tune members' predictions (local runner, 2 seeds), with
     a logistic regression on the embeddings and (``pixels``, reading data/) one on the pixels."""
     from transfuse.config import EnsembleConfig, MemberConfig
@@ -157,7 +157,8 @@ def write_ensemble(cfg, *, pixels: bool = True) -> dict:
     if pixels:
         members_cfg.append(MemberConfig(name="px_logreg", kind="logistic_regression",
                                         params={"C": 0.1, "max_iter": 300}, features="pixels"))
-    ecfg = EnsembleConfig(members=members_cfg, folds=2, seeds=[0, 1], parallel="local")
+    ecfg = EnsembleConfig(members=members_cfg, folds=2, seeds=[0, 1], parallel="local",
+                          temperature_check=temperature_check)
     members = find_cnn_members(cfg)
     inp, members = load_inputs(cfg.model_copy(update={"ensemble": ecfg}), members)
     fit = fit_ensemble(inp, ecfg, LocalRunner())
@@ -257,13 +258,13 @@ class FullRun:
     linear: Linear
 
 
-def write_full_run(cfg, data, label_budget: dict | None = None) -> FullRun:
+def write_full_run(cfg, data, label_budget: dict | None = None, temperature_check: bool = True) -> FullRun:
     """Every stage the report reads, in its real format."""
     write_data(cfg, data, label_budget)
     ft = write_member(cfg, storage.stage_dir(cfg, "finetune"), data, seed=10)
     scratch = write_member(cfg, storage.stage_dir(cfg, "scratch"), data, seed=11, epochs=(0, 2), alpha=1e-1)
     rows = write_tune(cfg, data, plot=True)
-    ens = write_ensemble(cfg)
+    ens = write_ensemble(cfg, temperature_check=temperature_check)
     comp, lin = write_compress(cfg, data, ft["clf"])
     return FullRun(ft, scratch, rows, ens, comp, lin)
 

@@ -16,12 +16,14 @@ import pytest
 from tests.conftest import smoke_config
 from transfuse import storage
 from transfuse.config import ConfigError, load_config
-from transfuse.distill import (DistillError, augment_view, kd_loss, read_pool, soften, temperature_stacker)
+from transfuse.distill import (DistillError, augment_view, kd_loss, read_pool, read_temperature, soften,
+                               temperature_stacker)
 from transfuse.stacking import combine_probs
 
 BUDGET = ["data.labelled_per_class=40", "data.test_per_class=30", "data.unlabelled_per_class=40",
           "distill.enabled=true", "distill.epochs=4", "distill.views=2", "distill.batch_size=32",
-          "distill.lr=3.0e-3", "distill.unfreeze_layers=18", "compress.variants=[float32, int8]"]
+          "distill.lr=3.0e-3", "distill.unfreeze_layers=18", "compress.variants=[float32, int8]",
+          "distill.temperature_check=false"]  # serve the fitted temperature (a rejected one: the test at the end)
 # (the smoke CNN members learn from random weights on 160 labels and stay near chance; the teacher's accuracy
 # comes from its pixel members: so the student here trains every layer, as from scratch, at a higher rate)
 
@@ -293,3 +295,21 @@ def test_the_same_config_and_seed_give_the_same_student(distilled):
     again = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
     np.testing.assert_allclose(after, before, atol=1e-6)
     assert again["history"] == first["history"] and again["fidelity"] == first["fidelity"]
+
+
+def test_compress_reads_only_an_applied_student_temperature(tmp_path):
+    """distill/metrics.json's calibration as run_distill writes it: the temperature compress serves is the applied
+    one; one that its check rejected (``applied: false``) is served as no temperature at all."""
+    from transfuse.stacking import checked_temperature
+
+    z = np.zeros((80, 3))
+    z[:, 0] = 3.0
+    y = np.zeros(80, dtype=np.int64)
+    y[:40:2] = 1
+    halves = [np.arange(40), np.arange(40, 80)]  # as in test_stacking: each half's temperature hurts the other
+    for check, want in ((True, None), (False, checked_temperature(z, y, check=False)["temperature"])):
+        cal = checked_temperature(z, y, [(halves[0], halves[1]), (halves[1], halves[0])], check=check)
+        storage.write_json(str(tmp_path / "metrics.json"), {"calibration": cal})
+        assert read_temperature(str(tmp_path)) == want
+    storage.write_json(str(tmp_path / "metrics.json"), {"calibration": None})  # temperature_scaling: false
+    assert read_temperature(str(tmp_path)) is None

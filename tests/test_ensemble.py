@@ -296,7 +296,45 @@ def test_ensemble_stage_end_to_end(member_run):
     assert run_ensemble(cfg)["created"] == manifest["created"]
 
 
-def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, tmp_path):
+def test_a_temperature_is_served_only_where_its_check_says_it_pays(member_run, tmp_path):
+    """``ensemble.temperature_check`` (the default): per seed, the fitted temperature is applied only when, fitted
+    on K - 1 folds of the holdout's out-of-fold logits, it lowered the left-out fold's NLL on the mean. The saved
+    stacker, the test metrics and the files the report reads follow the first seed's decision either way."""
+    import shutil
+
+    from transfuse.ensemble import format_table
+    from transfuse.stacking import temperature_line
+
+    cfg, _ = member_run
+    run = cfg.model_copy(update={"storage": str(tmp_path), "run": "checked"})
+    for stage in ("tune", "data"):
+        shutil.copytree(storage.stage_dir(cfg, stage), storage.stage_dir(run, stage))
+    run = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"storage={tmp_path}", "run=checked", "ensemble.folds=3", "ensemble.seeds=[0, 1, 2]",
+        "ensemble.temperature_check=true", "ensemble.parallel=local",
+        "ensemble.members=[{name: logreg, kind: logistic_regression, params: {max_iter: 300}}]"])
+    run_ensemble(run, force=True)
+    out = Path(storage.stage_dir(run, "ensemble"))
+    report = json.loads((out / "metrics.json").read_text())
+    decided = {}
+    for seed, cal in report["calibration"].items():
+        chk = cal["check"]
+        assert chk["enabled"] and chk["folds"] == 3 and cal["applied"] == (chk["nll_gain"] > 0)
+        assert cal["temperature"] == (cal["fitted_temperature"] if cal["applied"] else 1.0)
+        if not cal["applied"]:  # served as fitted; what the rejected temperature would have done is kept
+            assert cal["test"]["after"] == cal["test"]["before"] == report["test"][seed]["stack"]
+            assert cal["test"]["rejected"]["accuracy"] == cal["test"]["before"]["accuracy"]
+            assert cal["test"]["rejected"]["nll"] != cal["test"]["before"]["nll"]
+        assert temperature_line(cal) in format_table(report)
+        decided[seed] = cal["applied"]
+    first = report["calibration"]["0"]
+    assert json.loads((out / "stacker.json").read_text())["temperature"] == first["temperature"]
+    assert (out / "predictions" / "test_uncalibrated.parquet").exists() == first["applied"]
+    # on these members' holdout rows the check rejected every seed's temperature: the rejected branch ran
+    assert decided == {"0": False, "1": False, "2": False}
+
+
+
     """``features: pixels``: the member is fitted (on Ray, from the shared object) on ``pixel_features`` of the
     prepared split's images, joined by id with the CNN members' rows, saved as ONNX over that view, and reloads to
     the same predictions; scikit-learn fitted here on the same rows and view agrees."""

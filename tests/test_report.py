@@ -133,13 +133,12 @@ def test_full_run_report(full):
     expected = order + ["average", "hard_vote", "greedy", "stack"]  # members in the ensemble's order, then combiners
     positions = [s4.index(f"<td>{m}</td>") for m in expected]
     assert positions == sorted(positions) and len(expected) == len(ens["summary"])
-    # 5: the reliability diagram is the stacked ensemble's, before and after its temperature, with both NLLs
+    # 5: the reliability diagram is the served stack's; its temperature's check (2 folds of these few holdout
+    # rows) rejected it, and the caption says so
     cal = ens["calibration"]["0"]
-    assert "stacked ensemble, before temperature scaling" in sec["5"] and f"T = {cal['temperature']:.3f}" in sec["5"]
-    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", sec["5"])]
-    table = {r[0]: r[1:] for r in cells if r}
-    nlls = [float(cells[1]) for name, cells in table.items() if name.startswith("stacked ensemble")]
-    assert nlls == pytest.approx([cal["test"]["before"]["nll"], cal["test"]["after"]["nll"]], abs=2e-4), table
+    assert not cal["applied"] and "before temperature scaling" not in sec["5"]
+    assert f"temperature {cal['fitted_temperature']:.3f} fitted" in sec["5"] and "not applied" in sec["5"]
+    assert _reliability_nlls(sec["5"]) == pytest.approx([cal["test"]["after"]["nll"]], abs=2e-4)
     # 6: a row per variant with its size and accuracy; the members left out at zero stacker weight are named
     s6 = sec["6"]
     assert "zero stacker weight" in s6 and "svc_on_cnn, cnn_u2" in s6
@@ -148,6 +147,24 @@ def test_full_run_report(full):
         assert f"{r['size_bytes']:,}" in s6 and f"{r['accuracy']:.4f}" in s6
     # 8: the pipeline's own summary rows
     assert "stacked ensemble" in sec["8"] and "same network from scratch" in sec["8"]
+
+
+def _reliability_nlls(section: str) -> list[float]:
+    cells = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", section)]
+    return [float(r[2]) for r in cells if r and r[0].startswith("stacked ensemble")]
+
+
+def test_an_applied_temperature_is_drawn_before_and_after(tmp_path, digits):
+    """``ensemble.temperature_check: false``: the fitted temperature is served, and the reliability diagram has the
+    stack before and after it, with both NLLs."""
+    cfg = smoke_config(tmp_path, "applied")
+    H.write_full_run(cfg, digits, temperature_check=False)
+    sec = _sections(_html(write_report(cfg)))
+    cal = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"))["calibration"]["0"]
+    assert cal["applied"] and cal["temperature"] == cal["fitted_temperature"] != 1.0
+    assert "stacked ensemble, before temperature scaling" in sec["5"] and f"T = {cal['temperature']:.3f}" in sec["5"]
+    assert _reliability_nlls(sec["5"]) == pytest.approx([cal["test"]["before"]["nll"], cal["test"]["after"]["nll"]],
+                                                        abs=2e-4)
 
 
 def test_per_class_table_float32_vs_int8(full, digits):

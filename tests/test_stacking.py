@@ -26,8 +26,10 @@ from transfuse.stacking import (
     Stacker,
     average,
     check_no_leakage,
+    checked_temperature,
     combine_probs,
     fit_temperature,
+    temperature_line,
     hard_vote,
     load_sklearn_member,
     select_stacker,
@@ -209,6 +211,46 @@ def test_temperature_is_recovered_from_labels_drawn_at_that_temperature(digits):
         fit_temperature(z[:5], drawn[:4])
 
 
+def test_the_temperature_check_applies_a_temperature_that_lowers_the_nll_of_rows_it_was_not_fitted_on(digits):
+    """Labels drawn at temperature 2.5: a temperature fitted on 4 folds lowers the 5th fold's NLL on the mean, so
+    the check applies the one fitted on all rows."""
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, _ = digits["train"]
+    z = LogisticRegression(C=10.0, max_iter=2000).fit(x, y).decision_function(x)
+    p = scipy_softmax(z / 2.5, axis=1)
+    drawn = (p.cumsum(1) > np.random.default_rng(0).random((len(z), 1))).argmax(1)
+    c = checked_temperature(z, drawn, folds=5, seed=0)
+    assert c["applied"] and c["temperature"] == c["fitted_temperature"] == fit_temperature(z, drawn)
+    assert c["temperature"] == pytest.approx(2.5, rel=0.2)
+    assert c["check"]["folds"] == 5 and c["check"]["nll_gain"] > 0 and c["check"]["nll_gain_se"] > 0
+    assert temperature_line(c).startswith(f"temperature {c['temperature']:.3f} applied")
+
+
+def test_the_temperature_check_rejects_a_temperature_that_raises_the_nll_of_rows_it_was_not_fitted_on():
+    """Two halves that disagree: on one the confident class is right only half the time (fitted alone: T > 1),
+    on the other it is always right (T < 1). Fitted on either half, the temperature raises the other half's NLL,
+    so the check keeps T = 1 and reports the one fitted on all rows; ``check=False`` applies it."""
+    n, k = 40, 3
+    z = np.zeros((2 * n, k))
+    z[:, 0] = 3.0
+    y = np.zeros(2 * n, dtype=np.int64)
+    y[:n:2] = 1  # first half: class 0 right on every other row
+    halves = [np.arange(n), np.arange(n, 2 * n)]
+    splits = [(halves[0], halves[1]), (halves[1], halves[0])]
+    assert fit_temperature(z[halves[0]], y[halves[0]]) > 1 > fit_temperature(z[halves[1]], y[halves[1]])
+    c = checked_temperature(z, y, splits)
+    assert not c["applied"] and c["temperature"] == 1.0 and c["check"]["nll_gain"] < 0
+    assert c["fitted_temperature"] == fit_temperature(z, y) != 1.0
+    line = temperature_line(c)
+    assert line.startswith(f"temperature {c['fitted_temperature']:.3f} fitted") and "not applied" in line
+    forced = checked_temperature(z, y, splits, check=False)
+    assert forced["applied"] and forced["temperature"] == c["fitted_temperature"]
+    assert forced["check"] == {"enabled": False}
+    with pytest.raises(EnsembleError, match=r"cannot check a temperature by cross-validation on 5 rows: a class has 1"):
+        checked_temperature(z[:5], np.array([0, 0, 1, 1, 2]))
+
+
 def test_calibrated_stacker_keeps_accuracy_and_lowers_out_of_fold_nll(digits):
     """An over-confident stacker (C large on few holdout rows): the temperature is fitted on its out-of-fold
     logits, lowers their NLL and ECE, is folded into the saved arrays (so a server applies it) and leaves every
@@ -221,6 +263,7 @@ def test_calibrated_stacker_keeps_accuracy_and_lowers_out_of_fold_nll(digits):
     raw, _, none = select_stacker(ho, y, list(cnn), cands, folds=3)
     cal, table, c = select_stacker(ho, y, list(cnn), cands, folds=3, calibrate=True)
     assert none is None and table == []  # one candidate: nothing chosen, cross-validated only to calibrate
+    assert c["applied"] and c["check"]["nll_gain"] > 0  # it pays on the left-out folds
     assert c["temperature"] > 1.2 and cal.temperature == c["temperature"]  # over-confident: softened
     oof = c["holdout_oof"]
     assert oof["after"]["nll"] < oof["before"]["nll"] and oof["after"]["ece"] < oof["before"]["ece"], oof

@@ -48,6 +48,7 @@ from transfuse.stacking import (
     load_sklearn_member,
     select_stacker,
     stacker_candidates,
+    temperature_line,
 )
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,8 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
     stacker, selection, calibration = select_stacker(
         holdout, y_ho, order, stacker_candidates(ecfg.stacker, ecfg.stacker_C, ecfg.stacker_features,
                                                  ecfg.stacker_grid_C),
-        folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes, calibrate=ecfg.temperature_scaling)
+        folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes, calibrate=ecfg.temperature_scaling,
+        check_temperature=ecfg.temperature_check)
     greedy = GreedyEnsemble(order, rounds=ecfg.greedy_rounds, metric=ecfg.greedy_metric).fit(holdout, y_ho, ho_ids)
     combined = {"average": average(test, order), "hard_vote": hard_vote(test, order),
                 "greedy": greedy.predict_proba(test), "stack": stacker.predict_proba(test)}
@@ -134,8 +136,12 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
     scores.update({c: tm.evaluate(p, y_te) for c, p in combined.items()})
     if calibration is not None:
         uncalibrated = stacker.calibrated(1.0 / stacker.temperature).predict_proba(test)
-        combined["stack_uncalibrated"] = uncalibrated  # saved for the report, not a servable combiner
+        if calibration["applied"]:
+            combined["stack_uncalibrated"] = uncalibrated  # saved for the report, not a servable combiner
         calibration["test"] = {"before": tm.evaluate(uncalibrated, y_te), "after": scores["stack"]}
+        if not calibration["applied"]:  # what the rejected temperature would have done on test, for the record
+            calibration["test"]["rejected"] = tm.evaluate(
+                stacker.calibrated(calibration["fitted_temperature"]).predict_proba(test), y_te)
     return SeedFit(seed, order, cnn, estimators, holdout, test, stacker, greedy, records, finals, scores, combined,
                    leakage, selection, calibration)
 
@@ -393,9 +399,10 @@ def format_table(report: Mapping[str, Any]) -> str:
                      f"{n['mean']:>8.4f} [{n['min']:.4f},{n['max']:.4f}]{e['mean']:>10.4f}")
     for seed, c in (report.get("calibration") or {}).items():
         if c:
-            b, a = c["test"]["before"], c["test"]["after"]
-            lines.append(f"stack, seed {seed}: temperature {c['temperature']:.3f} (fitted on {c['fitted_on']}); "
-                         f"test NLL {b['nll']:.4f} -> {a['nll']:.4f}, ECE {b['ece']:.4f} -> {a['ece']:.4f}")
+            b, a = c["test"]["before"], c["test"].get("rejected", c["test"]["after"])
+            arrow = "->" if c.get("applied", True) else "-> (had it been applied)"
+            lines.append(f"stack, seed {seed}: {temperature_line(c)}; "
+                         f"test NLL {b['nll']:.4f} {arrow} {a['nll']:.4f}, ECE {b['ece']:.4f} -> {a['ece']:.4f}")
     return "\n".join(lines)
 
 

@@ -252,7 +252,8 @@ class DistillConfig(Strict):
     hard_weight: float = Field(1.0, ge=0.0)  # on the cross-entropy with the label, labelled rows only
     teacher_actors: int = Field(1, ge=1)  # Ray Data actors labelling the views (one per GPU on a cluster)
     teacher_batch_size: int = Field(128, ge=1)
-    temperature_scaling: bool = True  # fit one temperature on the student's holdout NLL; the bundle serves it
+    temperature_scaling: bool = True  # fit one temperature on the student's val NLL; the bundle serves it...
+    temperature_check: bool = True  # ...only where K-fold cross-validation on val says it lowers the NLL
 
     @model_validator(mode="after")
     def _weights(self) -> "DistillConfig":

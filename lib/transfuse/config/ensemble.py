@@ -156,6 +156,9 @@ class EnsembleConfig(Strict):
     # temperature scaling (Guo et al. 2017): one scalar fitted by NLL on the chosen stacker's out-of-fold holdout
     # logits and folded into the saved, compressed and served stacker (accuracy unchanged)
     temperature_scaling: bool = True
+    # ...applied only where a temperature fitted on K-1 folds of those logits lowers the NLL of the K-th on the
+    # mean over folds (false: applied as fitted)
+    temperature_check: bool = True
     greedy_rounds: int = Field(25, ge=1)  # Caruana et al. 2004: selection steps, with replacement
     greedy_metric: Literal["nll", "accuracy"] = "nll"  # what greedy selection minimises/maximises on holdout
     seeds: list[int] = Field([0, 1, 2], min_length=1)  # seed range reported; the first seed's fit is saved

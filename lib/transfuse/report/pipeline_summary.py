@@ -45,7 +45,7 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
     ens_path = storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json")
     if storage.exists(ens_path):
         rep = storage.read_json(ens_path)
-        before = [c["test"]["before"] for c in (rep.get("calibration") or {}).values() if c]
+        before = [c["test"]["before"] for c in (rep.get("calibration") or {}).values() if c and c.get("applied", True)]
         if before:  # mean over seeds, as the summary's rows
             rows.append({"model": "stack, before temperature scaling",
                          **{k: float(sum(b[k] for b in before) / len(before)) for k in ("accuracy", "nll", "ece")}})

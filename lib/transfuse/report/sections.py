@@ -20,6 +20,7 @@ from transfuse import storage
 from transfuse.report.judge import BENCH_FILE, read_json, verdict
 from transfuse.report.page import Page, esc, not_run, num, pyplot, table
 from transfuse.report.pipeline_summary import tuned_members
+from transfuse.stacking import temperature_line
 
 # Stages whose manifest.json is listed in the header (fingerprint, creation time, git commit).
 MANIFEST_STAGES = ("data", "pretrain_data", "pretrain", "finetune", "scratch", "tune", "ensemble", "compress",
@@ -362,6 +363,9 @@ def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict])
             served = f"stacked ensemble, T = {t:.3f} (served)"
             how += (f"; the temperature T = {t:.3f} was fitted on the stacker's out-of-fold holdout logits "
                     "(Guo et al. 2017) and divides the served stacker's logits")
+        saved = next(iter(((ens or {}).get("calibration") or {}).values()), None)  # the first seed's is saved
+        if saved and not saved.get("applied", True):
+            how += f"; the stacker's {temperature_line(saved)}"
         _, labels, probs = read_member_split(ens_dir, "predictions", "test")
         curves.append((served, probs, labels))
     else:
@@ -448,10 +452,12 @@ def distillation(cfg: Any, page: Page) -> None:
             [f"student ({m.get('student_input_size', '-')} px)", m["student"]["accuracy"], m["student"]["nll"],
              m["student"]["ece"], m["fidelity"], "student_int8"],
             [f"best single CNN member ({best['name']})", best["accuracy"], best["nll"], best["ece"], None, None]]
+    applied = bool(cal) and cal.get("applied", True)
     if cal:
-        a = cal["test"]["after"]
-        rows.insert(2, [f"student, temperature {cal['temperature']:.3f}", a["accuracy"], a["nll"], a["ece"],
-                        m["fidelity"], None])
+        a = cal["test"]["after"] if applied else cal["test"]["rejected"]
+        label = (f"student, temperature {cal['temperature']:.3f}" if applied else
+                 f"student, temperature {cal['fitted_temperature']:.3f} (rejected by its check, not served)")
+        rows.insert(2, [label, a["accuracy"], a["nll"], a["ece"], m["fidelity"], None])
     page.add(table(["model", "test accuracy", "NLL", "ECE", "agreement with the teacher", "served bytes",
                     "p50 ms (batch 1)"],
                    [[name, num(acc), num(nll), num(ece), num(fid), num((served.get(v) or {}).get("size_bytes"), "{}"),
@@ -463,6 +469,8 @@ def distillation(cfg: Any, page: Page) -> None:
              f"student_int8 is {num(speed, '{:.2f}')}x faster than the int8 ensemble at batch 1 (timed "
              "in warm blocks alternating with every variant)",
              f"{m['rows']['views']} teacher-labelled views ({m['rows']['views_per_image']} per image)"]
+    if cal:
+        notes.append(f"the student's {temperature_line(cal)}")
     page.add(f"<p>{esc('; '.join(notes))}.</p>")
     from transfuse.distill import STUDENT, soften
     from transfuse.member_split import read_member_split
@@ -477,10 +485,10 @@ def distillation(cfg: Any, page: Page) -> None:
     curves = [("teacher: stacked ensemble", teacher, labels), ("student", student, labels)]
     how = ("the distilled student on the test split (distill/student/predictions/test.parquet) beside its teacher, "
            "the stacked ensemble")
-    if cal:
+    if applied:
         curves.append((f"student, T = {cal['temperature']:.3f} (served)", soften(student, cal["temperature"]),
                        labels))
-        how += (f"; the student's temperature T = {cal['temperature']:.3f} was fitted on the holdout's NLL and is "
+        how += (f"; the student's temperature T = {cal['temperature']:.3f} was fitted on val (NLL) and is "
                 "what student_int8 serves")
     reliability_figure(page, curves, "reliability_student.png", how)
 
