@@ -334,7 +334,7 @@ def test_a_temperature_is_served_only_where_its_check_says_it_pays(member_run, t
     assert decided == {"0": False, "1": False, "2": False}
 
 
-
+def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, tmp_path):
     """``features: pixels``: the member is fitted (on Ray, from the shared object) on ``pixel_features`` of the
     prepared split's images, joined by id with the CNN members' rows, saved as ONNX over that view, and reloads to
     the same predictions; scikit-learn fitted here on the same rows and view agrees."""

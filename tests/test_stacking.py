@@ -29,7 +29,6 @@ from transfuse.stacking import (
     checked_temperature,
     combine_probs,
     fit_temperature,
-    temperature_line,
     hard_vote,
     load_sklearn_member,
     select_stacker,
@@ -37,6 +36,7 @@ from transfuse.stacking import (
     stack_members,
     stacker_candidates,
     stacker_features,
+    temperature_line,
 )
 
 
