@@ -297,6 +297,44 @@ def test_the_same_config_and_seed_give_the_same_student(distilled):
     assert again["history"] == first["history"] and again["fidelity"] == first["fidelity"]
 
 
+def _trained(cfg) -> tuple[list[dict], int]:
+    """(history, Adam's step count) in the newest checkpoint of the student's Ray Train run."""
+    from transfuse.distill import read_history
+    from transfuse.train import latest_checkpoint
+    from transfuse.train_loop import read_optimizer_state
+
+    with latest_checkpoint(str(_dir(cfg, "distill"))).as_directory() as d:
+        return read_history(d), int(read_optimizer_state(d)[0])  # the optimizer's first variable: its step
+
+
+def test_a_rerun_with_more_epochs_resumes_the_student_with_its_adam_state(distilled):
+    """Run after the tests that read the first run's outputs (it retrains the student in place). distill.epochs
+    4 -> 5: only epoch 5 trains, from the checkpoint's weights and Adam's state, so Adam's step count goes on (a
+    fresh optimizer would be back at one epoch's steps); 5 -> 2: fewer epochs than the checkpoint has trained, so
+    the student trains again from the member."""
+    from transfuse.distill import run_distill
+
+    def epochs(n: int):
+        return distilled.model_copy(update={"distill": distilled.distill.model_copy(update={"epochs": n})})
+
+    from transfuse.train import TRAIN_DIR
+
+    def checkpoints() -> list[str]:
+        return sorted(p.name for p in (_dir(distilled, "distill") / TRAIN_DIR).glob("checkpoint_*") if p.is_dir())
+
+    history, steps = _trained(distilled)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and steps > 0 and steps % 4 == 0
+    fourth = checkpoints()[-1]
+    run_distill(epochs(5))
+    metrics = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3, 4, 5] and metrics["history"][:4] == history
+    assert checkpoints()[0] == fourth  # resumed from it (a run from scratch would have replaced every checkpoint)
+    assert _trained(distilled) == (metrics["history"], steps // 4 * 5)
+    run_distill(epochs(2))
+    again, steps_2 = _trained(distilled)
+    assert [h["epoch"] for h in again] == [1, 2] and steps_2 == steps // 4 * 2 and fourth not in checkpoints()
+
+
 def test_compress_reads_only_an_applied_student_temperature(tmp_path):
     """distill/metrics.json's calibration as run_distill writes it: the temperature compress serves is the applied
     one; one that its check rejected (``applied: false``) is served as no temperature at all."""

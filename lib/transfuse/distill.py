@@ -233,13 +233,15 @@ def kd_loss(num_classes: int, temperature: float, soft_weight: float, hard_weigh
 
 def student_loop(config: dict[str, Any]) -> None:
     """What every Ray Train worker runs: the student's epochs over its shard of the teacher-labelled views, a
-    checkpoint (weights + epoch) after each, the val split's accuracy and NLL reported; resumes from a checkpoint."""
+    checkpoint (weights, Adam's state, the history) after each, the val split's accuracy and NLL reported; resumes
+    from a checkpoint with its weights and Adam's state, after a worker's failure or for a rerun with more epochs."""
     import ray.train
     import tensorflow as tf
 
     from transfuse.data import read_split_numpy
     from transfuse.preprocess import PreprocessSpec, preprocess
-    from transfuse.train_loop import load_checkpoint_weights, save_checkpoint_weights
+    from transfuse.train_loop import (load_checkpoint_weights, read_optimizer_state, restore_optimizer,
+                                      save_checkpoint_weights, save_optimizer_state)
 
     c = config["loop"]
     ctx = ray.train.get_context()
@@ -257,6 +259,9 @@ def student_loop(config: dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             load_checkpoint_weights(model, d)
             history = read_history(d)
+            opt_state = read_optimizer_state(d)
+        if opt_state is not None:
+            restore_optimizer(model, opt_state, strategy)
     pspec = PreprocessSpec(**spec["preprocess"])
     x_val, y_val, _ = read_split_numpy(c["data_dir"], "val")
     x_val = preprocess(x_val, pspec)
@@ -290,6 +295,7 @@ def student_loop(config: dict[str, Any]) -> None:
             checkpoint = None
             if rank == 0:
                 save_checkpoint_weights(model, d)
+                save_optimizer_state(model, d)
                 with open(os.path.join(d, HISTORY_FILE), "w") as f:
                     json.dump(history, f)
                 checkpoint = ray.train.Checkpoint.from_directory(d)
@@ -337,8 +343,10 @@ def read_temperature(out_dir: str) -> Optional[float]:
     return cal.get("temperature") if cal.get("applied", True) else None
 
 
-def _fingerprint(cfg: Config, source_fp: str) -> str:
-    return digest({"distill": cfg.distill.model_dump(mode="json"), "data": cfg.fingerprint("data"),
+def _fingerprint(cfg: Config, source_fp: str, *, epochs: bool = True) -> str:
+    """The stage's fingerprint; without ``epochs``, that of the student's training run (the one it resumes)."""
+    return digest({"distill": cfg.distill.model_dump(mode="json", exclude=None if epochs else {"epochs"}),
+                   "data": cfg.fingerprint("data"),
                    "train": cfg.fingerprint("train"), "seed": cfg.seed, "teacher": source_fp})
 
 
@@ -384,11 +392,13 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
             "materialize": d.materialize, "epochs": d.epochs, "batch_size": d.batch_size,
             "lr": d.lr, "temperature": d.temperature, "soft_weight": d.soft_weight, "hard_weight": d.hard_weight,
             "num_classes": k, "seed": cfg.seed, "data_dir": data_dir}
-    # Ray Train resumes from the checkpoints in TRAIN_DIR: only those of a run with this same fingerprint
-    stamp = storage.join(out, ".train_fingerprint.json")
-    if force or not storage.exists(stamp) or storage.read_json(stamp).get("fingerprint") != fp:
+    # Ray Train resumes from the checkpoints in TRAIN_DIR: only those of a run with the same settings but for its
+    # epochs, and no more epochs than asked for (a rerun with more epochs trains only the new ones)
+    stamp, train_fp = storage.join(out, ".train_fingerprint.json"), _fingerprint(cfg, src.fingerprint, epochs=False)
+    kept = storage.read_json(stamp) if storage.exists(stamp) else {}
+    if force or kept.get("fingerprint") != train_fp or int(kept.get("epochs", d.epochs + 1)) > d.epochs:
         storage.delete(storage.join(out, TRAIN_DIR))
-        storage.write_json(stamp, {"fingerprint": fp})
+    storage.write_json(stamp, {"fingerprint": train_fp, "epochs": d.epochs})
     t1 = time.time()
     from transfuse.train import make_trainer
 

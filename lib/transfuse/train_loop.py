@@ -219,7 +219,18 @@ def load_arrays(path: str) -> list[np.ndarray]:
         return [z[k] for k in sorted(z.files)]
 
 
-def _restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bool:
+def save_optimizer_state(model: Any, d: str) -> None:
+    """A checkpoint's optimizer variables (Adam: step, m, v), so a resumed run continues with the same state."""
+    _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
+
+
+def read_optimizer_state(d: str) -> Optional[list[np.ndarray]]:
+    """What ``save_optimizer_state`` wrote in checkpoint ``d`` (None: a checkpoint without it)."""
+    path = os.path.join(d, OPT_STATE)
+    return load_arrays(path) if os.path.exists(path) else None
+
+
+def restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bool:
     """Load a checkpointed optimizer state (Adam's step, m and v) into ``model``'s freshly compiled optimizer.
 
     The optimizer's slots are created first (``build`` on the trainable variables, in the strategy's scope),
@@ -287,8 +298,7 @@ def train_func(config: dict[str, Any]) -> None:
             state = LoopState.read(d)
             if loop.restore_best and os.path.exists(os.path.join(d, BEST_WEIGHTS)):
                 best_weights = load_arrays(os.path.join(d, BEST_WEIGHTS))
-            if os.path.exists(os.path.join(d, OPT_STATE)):
-                opt_state = load_arrays(os.path.join(d, OPT_STATE))
+            opt_state = read_optimizer_state(d)
             load_checkpoint_weights(full, d)
         weights_epoch = state.epoch if state.weights_epoch is None else state.weights_epoch
         if loop.restore_best and best_weights is None and state.best_epoch == weights_epoch:
@@ -310,7 +320,7 @@ def train_func(config: dict[str, Any]) -> None:
             model.compile(optimizer=tf.keras.optimizers.Adam(phase.lr),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         if opt_state is not None:
-            _restore_optimizer(model, opt_state, strategy)
+            restore_optimizer(model, opt_state, strategy)
             opt_state = None
         images = PreprocessSpec(**loop.spec["preprocess"]) if phase.images else None
         train = tf_dataset(ray.train.get_dataset_shard(phase.train), per_worker, True, loop.seed, loop.in_memory,
@@ -356,7 +366,7 @@ def train_func(config: dict[str, Any]) -> None:
                     save_checkpoint_weights(full, d)
                     # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
                     # same Adam state and still knows its best epoch
-                    _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
+                    save_optimizer_state(model, d)
                     if loop.restore_best and state.best_epoch not in (None, state.weights_epoch):
                         _save_arrays(os.path.join(d, BEST_WEIGHTS), best_weights)
                     with open(os.path.join(d, STATE_FILE), "w") as f:
