@@ -116,11 +116,10 @@ def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
 def _optimizer_step(out) -> int:
     """Adam's step counter in the newest checkpoint of the member dir's Ray Train run."""
     from transfuse.train import latest_checkpoint
-    from transfuse.train_loop import OPT_STATE
+    from transfuse.train_loop import read_optimizer_state
 
     with latest_checkpoint(out).as_directory() as d:
-        with np.load(f"{d}/{OPT_STATE}", allow_pickle=False) as z:
-            return int(z[sorted(z.files)[0]])  # the optimizer's first variable is its iteration count
+        return int(read_optimizer_state(d)[0])  # the optimizer's first variable is its iteration count
 
 
 def test_resume_continues_from_the_last_checkpoint(finetuned):

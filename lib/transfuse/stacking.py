@@ -354,16 +354,13 @@ def checked_temperature(logits: np.ndarray, labels: np.ndarray,
     if not check:
         return {"temperature": t, "fitted_temperature": t, "applied": True, "check": {"enabled": False}}
     if splits is None:
-        counts = np.bincount(labels)
-        if counts[counts > 0].min() < 2:
-            raise EnsembleError(f"cannot check a temperature by cross-validation on {len(labels)} rows: a class has "
-                                f"{int(counts[counts > 0].min())} of them; need >= 2 per class")
-        splits = _cv_splits(labels, folds, seed)
+        splits = _cv_splits(labels, folds, seed, "cannot check a temperature by cross-validation on {n} rows: a "
+                                                 "class has {smallest} of them; need >= 2 per class")
     gains = []
     for fit_rows, score_rows in splits:
-        tf = fit_temperature(logits[fit_rows], labels[fit_rows])
+        t_fit = fit_temperature(logits[fit_rows], labels[fit_rows])
         gains.append(_softmax_nll(logits[score_rows], labels[score_rows])
-                     - _softmax_nll(logits[score_rows] / tf, labels[score_rows]))
+                     - _softmax_nll(logits[score_rows] / t_fit, labels[score_rows]))
     gain = float(np.mean(gains))
     se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
     applied = gain > 0
@@ -381,16 +378,21 @@ def temperature_line(c: Mapping[str, Any]) -> str:
             f"{-chk.get('nll_gain', float('nan')):+.4f} on the mean")
 
 
-def _cv_splits(labels: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+_STACKER_CV_REFUSAL = ("cannot cross-validate the stacker: a class has {smallest} holdout rows; need >= 2 per class, "
+                       "or set ensemble.stacker to 'logistic' or 'log_pool' and ensemble.temperature_scaling to false")
+
+
+def _cv_splits(labels: np.ndarray, folds: int, seed: int, refusal: str = _STACKER_CV_REFUSAL,
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified ``folds``-fold splits (fewer when the smallest class has fewer rows); ``refusal`` (formatted
+    with ``n`` rows and the ``smallest`` class's count) is the error when a class has a single row."""
     from sklearn.model_selection import StratifiedKFold  # training side only
 
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min())
     n_splits = min(folds, smallest)
     if n_splits < 2:
-        raise EnsembleError(f"cannot cross-validate the stacker: a class has {smallest} holdout rows; need >= 2 "
-                            f"per class, or set ensemble.stacker to 'logistic' or 'log_pool' and "
-                            f"ensemble.temperature_scaling to false")
+        raise EnsembleError(refusal.format(n=len(labels), smallest=smallest))
     return list(StratifiedKFold(n_splits, shuffle=True, random_state=seed).split(labels, labels))
 
 
