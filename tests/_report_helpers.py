@@ -289,8 +289,8 @@ def expected_verdict(cfg) -> dict[str, tuple[Optional[float], Optional[bool]]]:
                   ["variants"] if r["variant"] == cfg.compress.serve_variant)
     points = lambda a, b: None if a is None or b is None else 100 * (a - b)  # noqa: E731
     values = {
-        "transfer_vs_scratch": (points(ft, scratch), g.transfer_vs_scratch_points),
-        "transfer_vs_pixels": (points(ft, summ[pixels]["accuracy"]["mean"]), g.transfer_vs_pixels_points),
+        "transfer_vs_scratch": (points(searched, scratch), g.transfer_vs_scratch_points),
+        "transfer_vs_pixels": (points(searched, summ[pixels]["accuracy"]["mean"]), g.transfer_vs_pixels_points),
         "searched_vs_seed": (points(searched, ft), g.searched_vs_seed_points),
         "stack_vs_best_member": (points(summ["stack"]["accuracy"]["mean"], summ[best]["accuracy"]["mean"]),
                                  g.stack_vs_best_member_points),

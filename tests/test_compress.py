@@ -327,6 +327,10 @@ def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     b = load_bundle(storage.stage_dir(cfg, "bundle"))
     assert b.manifest["variant"] == "pruned80_int8" and b.class_names == dm["class_names"]
     assert b.manifest["metrics"]["variants"][0]["variant"] == "float32"
+    # the default stores every model file gzip-coded: fewer bytes stored than the runtimes load, every variant
+    assert cfg.compress.coding == "gzip" and all(e["coding"] == "gzip" for e in b.manifest["cnn_members"])
+    assert all(r["size_bytes"] < r["size_loaded_bytes"] for r in report["variants"])
+    assert all(r["smaller_loaded"] > 1 for r in report["variants"] if r["variant"] != "float32")
     from transfuse.data import read_split_numpy
 
     x, _, _ = read_split_numpy(storage.stage_dir(cfg, "data"), "test")

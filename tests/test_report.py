@@ -217,7 +217,7 @@ def test_verdict_reads_bench_draws(tmp_path, full, digits):
     storage.write_json(storage.join(storage.run_dir(cfg), "bench_transfer.json"), bench)
     v = verdict(cfg)
     rows = {r.key: r for r in v.rows}
-    for key, a, b in (("transfer_vs_scratch", "seed_recipe", "scratch"), ("transfer_vs_pixels", "seed_recipe",
+    for key, a, b in (("transfer_vs_scratch", "searched_depth", "scratch"), ("transfer_vs_pixels", "searched_depth",
                       "pixels_logreg"), ("searched_vs_seed", "searched_depth", "seed_recipe"),
                       ("stack_vs_best_member", "stack", "searched_depth")):  # best non-stack model: searched_depth
         diffs = 100 * (np.array(acc[a]) - np.array(acc[b]))

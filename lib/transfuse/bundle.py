@@ -9,6 +9,10 @@ Layout (format_version 1)::
                             (``transfuse.preprocess.pixel_features``) -> probabilities
     stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
 
+Model files may be stored coded (``coding``, per file in the manifest: ``gzip`` adds ``.gz`` to the name): the
+bytes a deployment stores and fetches. The loader checks the stored bytes' sha256, decodes in memory and hands
+the model to its runtime; ``gunzip`` restores the plain file for other tools.
+
 Loading needs numpy, LiteRT (``ai_edge_litert``) and onnxruntime only: no TensorFlow, no pickle
 (``np.load(allow_pickle=False)``, JSON). ``load_bundle`` verifies every checksum before anything is parsed
 and refuses a bundle whose files are missing, altered, unlisted or of another format version.
@@ -17,6 +21,7 @@ and refuses a bundle whose files are missing, altered, unlisted or of another fo
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import hashlib
 import io
 import json
@@ -26,6 +31,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Optional, Union
@@ -43,6 +49,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
 MAX_BATCH = 256  # images per interpreter call: bounds peak memory for large requests
+# how a model file is stored: as written, or gzip-compressed (level 9, no timestamp: the same bytes every time)
+CODINGS = ("none", "gzip")
+MAX_DECODED_BYTES = 2 << 30  # a decoded model file larger than this is refused (a gzip bomb, not a model)
 
 
 class BundleError(TransfuseError):
@@ -153,14 +162,19 @@ def write_bundle(
     extra: Optional[dict] = None,
     examples: Optional[list[tuple[str, bytes]]] = None,
     overwrite: bool = False,
+    coding: str = "none",
 ) -> dict:
     """Write a bundle to ``directory`` (local or URI); the manifest goes last. Returns the manifest.
+
+    ``coding``: how the model files (trunk, CNN members, scikit-learn members) are stored, one of ``CODINGS``.
 
     A non-empty target is refused unless ``overwrite`` (then its contents are deleted first), since files left
     over from an earlier bundle would make the loader refuse this one. ``examples``: a few (true label, PNG bytes)
     test images shipped for people to try the served model with (``Bundle.example_images``).
     """
     sklearn_members = list(sklearn_members or [])
+    if coding not in CODINGS:
+        raise BundleError(f"coding must be one of {CODINGS}, got {coding!r}")
     if not cnn_members:
         raise BundleError("a bundle needs at least one CNN member")
     k = len(class_names)
@@ -210,25 +224,29 @@ def write_bundle(
         "cnn_members": [],
         "sklearn_members": [],
     }
+    suffix = ".gz" if coding == "gzip" else ""
     if trunk is not None:
-        rel = f"trunk.{trunk_format}"
-        files[rel] = trunk
-        manifest["trunk"] = {"file": rel, "format": trunk_format}
+        rel = f"trunk.{trunk_format}{suffix}"
+        files[rel] = encode(trunk, coding)
+        manifest["trunk"] = {"file": rel, "format": trunk_format, "coding": coding}
     digests = [hashlib.sha256(m.data).hexdigest() for m in cnn_members]
     shared: dict[str, str] = {}  # sha256 -> file: members exported as one graph share one file
     for i, (m, digest) in enumerate(zip(cnn_members, digests)):
         if digests.count(digest) > 1:
-            rel = shared.setdefault(digest, f"members/{len(shared):02d}_merged.{m.format}")
+            rel = shared.setdefault(digest, f"members/{len(shared):02d}_merged.{m.format}{suffix}")
         else:
-            rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}"
-        files[rel] = m.data
-        manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "input": m.input,
+            rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}{suffix}"
+        if rel not in files:
+            files[rel] = encode(m.data, coding)
+        manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "coding": coding,
+                                        "input": m.input,
                                         "outputs": {"logits": m.logits_output, "embedding": m.embedding_output}})
     for i, s in enumerate(sklearn_members):
-        rel = f"sklearn/{i:02d}_{_file_safe(s.name)}.onnx"
-        files[rel] = s.data
+        rel = f"sklearn/{i:02d}_{_file_safe(s.name)}.onnx{suffix}"
+        files[rel] = encode(s.data, coding)
         src = ({"embedding_of": s.embedding_of} if s.features == "embedding" else {"pixel_size": s.pixel_size})
-        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx", "features": s.features,
+        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx", "coding": coding,
+                                            "features": s.features,
                                             **src, "outputs": {"probabilities": s.probabilities_output}})
     if stacker is None:
         manifest["combiner"] = {"kind": "average", "members": names}
@@ -271,6 +289,30 @@ def write_bundle(
         storage.write_bytes(storage.join(directory, *rel.split("/")), b)
     storage.write_bytes(storage.join(directory, MANIFEST), storage.json_bytes(manifest))
     return manifest
+
+
+def encode(data: bytes, coding: str) -> bytes:
+    """A model file's bytes as stored under ``coding``."""
+    if coding == "gzip":
+        return gzip.compress(data, compresslevel=9, mtime=0)
+    return data
+
+
+def decode(path: Path, coding: Any, what: str) -> Union[Path, bytes]:
+    """A stored model file as its runtime takes it: the path itself (``none``: the runtime maps the file) or the
+    decoded bytes. ``BundleError`` for an unknown coding or bytes that do not decode."""
+    if coding in (None, "none"):
+        return path
+    if coding != "gzip":
+        raise BundleError(f"{what}: coding must be one of {CODINGS}, got {coding!r}")
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read(MAX_DECODED_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise BundleError(f"{what}: {path.name} is not valid gzip data: {e}") from None
+    if len(data) > MAX_DECODED_BYTES:
+        raise BundleError(f"{what}: {path.name} decodes to more than {MAX_DECODED_BYTES:,} bytes; refused")
+    return data
 
 
 # --------------------------------------------------------------------------------------------- fetching
@@ -398,9 +440,11 @@ def verify(directory: Union[str, Path]) -> tuple[dict, bytes]:
     return m, raw
 
 
-def _runner(path: Path, fmt: str, num_threads: int, what: str) -> Union[LiteRTRunner, OnnxRunner]:
+def _runner(path: Path, meta: dict, num_threads: int, what: str) -> Union[LiteRTRunner, OnnxRunner]:
+    """The runtime adapter for one manifest entry (``file``, ``format``, ``coding``) under the bundle's root."""
+    model = decode(path, meta.get("coding", "none"), what)
     try:
-        return load_runner(path, fmt, num_threads, what)
+        return load_runner(model, meta["format"], num_threads, what)
     except ModelLoadError as e:
         raise BundleError(str(e)) from None
 
@@ -541,7 +585,7 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         raise BundleError(f"{local}/{MANIFEST}: preprocess spec {m['preprocess']} is invalid: {e}") from None
     if m.get("trunk"):
         t = m["trunk"]
-        b._trunk = _runner(local / t["file"], t["format"], threads, f"trunk ({t['file']})")
+        b._trunk = _runner(local / t["file"], t, threads, f"trunk ({t['file']})")
         outs = b._trunk.outputs
         if len(outs) != 1:
             raise BundleError(f"trunk ({t['file']}): must have one output, has {outs}")
@@ -556,10 +600,12 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
             raise BundleError(f"{what}: reads the trunk, but the manifest has no trunk")
         if meta["file"] in runners:
             first, r = runners[meta["file"]]
-            if (first["input"], first["format"]) != (meta["input"], meta["format"]):
-                raise BundleError(f"{what}: shares its file with member {first['name']} but not its input/format")
+            key = lambda e: (e["input"], e["format"], e.get("coding", "none"))  # noqa: E731
+            if key(first) != key(meta):
+                raise BundleError(f"{what}: shares its file with member {first['name']} but not its "
+                                  f"input/format/coding")
         else:
-            r = _runner(local / meta["file"], meta["format"], threads, what)
+            r = _runner(local / meta["file"], meta, threads, what)
             runners[meta["file"]] = (meta, r)
         _need_output(r, meta["outputs"]["logits"], what)
         _need_output(r, meta["outputs"].get("embedding"), what)
@@ -573,7 +619,7 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         if meta["features"] == "embedding" and (src is None or not src["outputs"].get("embedding")):
             raise BundleError(f"{what}: embedding_of {meta.get('embedding_of')!r} is not a CNN member with an "
                               f"embedding output")
-        r = _runner(local / meta["file"], "onnx", threads, what)
+        r = _runner(local / meta["file"], {**meta, "format": "onnx"}, threads, what)
         _need_output(r, meta["outputs"]["probabilities"], what)
         b._sk.append((meta, r))
         names.add(meta["name"])

@@ -8,7 +8,7 @@
   members that do not help) cannot change a prediction, so no variant carries it (``drop_zero_weight_members``):
   lossless, and it shrinks float32 and int8 alike.
 - Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured
-  (``transfuse.measure``): file size raw and gzip, latency at batch 1 (p50, p99), throughput at batch 32, test
+  (``transfuse.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1 (p50, p99), throughput at batch 32, test
   accuracy / NLL / ECE.
 """
 
@@ -64,7 +64,8 @@ def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray)
 def write_variant(directory: str, exported: Exported, members: list[Member], parts: EnsembleParts, *,
                   name: str, version: str, class_names: list[str], input_shape: tuple[int, int, int],
                   num_threads: int = 1, metrics: Optional[dict] = None, extra: Optional[dict] = None,
-                  examples: Optional[list[tuple[str, bytes]]] = None, overwrite: bool = True) -> dict:
+                  examples: Optional[list[tuple[str, bytes]]] = None, overwrite: bool = True,
+                  coding: str = "none") -> dict:
     spec = members[0].spec
     if exported.merged is not None:
         cnn = [CNNMember(name=m.name, data=exported.merged, format="tflite", input="image",
@@ -77,7 +78,7 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
         directory, name=name, version=version, class_names=class_names, input_shape=input_shape,
         preprocess_spec=PreprocessSpec(**spec["preprocess"]), cnn_members=cnn, trunk=exported.trunk,
         sklearn_members=parts.sklearn, stacker=parts.stacker, variant=exported.mode, metrics=metrics,
-        num_threads=num_threads, examples=examples, overwrite=overwrite,
+        num_threads=num_threads, examples=examples, overwrite=overwrite, coding=coding,
         extra={"shared_trunk": {"cut_layer": exported.cut_layer}, **(extra or {})})
 
 
@@ -212,7 +213,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     storage.makedirs(out)
     storage.clear_dir(out)  # no stale variants from an earlier run
     common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
-                  num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names))
+                  num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names), coding=ccfg.coding)
     rows = []
     for v, (ex, v_members, v_parts, v_source) in contents.items():
         vdir = storage.join(out, v)

@@ -1,6 +1,6 @@
 """The inference runtimes a bundle's model files run on: LiteRT for .tflite, ONNX Runtime for .onnx.
 
-Each adapter loads one model file, checks it has one input, and is called with a batch (a numpy array) to return
+Each adapter loads one model (a file, or its bytes when the bundle stores it coded), checks it has one input, and is called with a batch (a numpy array) to return
 its outputs by name. They import only their runtime (no TensorFlow), so a Serve replica loads them without it.
 A file the runtime cannot load, or one whose signature is not what a bundle expects, is a ``ModelLoadError``
 (``bundle.load_bundle`` reports it as a ``BundleError`` naming the member).
@@ -9,6 +9,7 @@ A file the runtime cannot load, or one whose signature is not what a bundle expe
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Union
 
 import numpy as np
 
@@ -21,23 +22,35 @@ class ModelLoadError(TransfuseError, RuntimeError):
     """A model file that its runtime cannot load, or whose inputs and outputs are not as expected."""
 
 
+def _source(model: Union[Path, bytes]) -> tuple[dict, str]:
+    """(the runtime's keyword for ``model``, a name for errors): a path is mapped by the runtime, bytes are
+    copied."""
+    if isinstance(model, (bytes, bytearray)):
+        return {"content": bytes(model)}, f"the decoded model ({len(model):,} bytes)"
+    return {"path": str(model)}, Path(model).name
+
+
 class LiteRTRunner:
     """One .tflite model run through its serving signature; inputs are resized to each batch."""
 
-    def __init__(self, path: Path, num_threads: int, what: str):
+    def __init__(self, model: Union[Path, bytes], num_threads: int, what: str):
         from ai_edge_litert.interpreter import Interpreter
 
+        src, name = _source(model)
         try:
-            self.interpreter = Interpreter(model_path=str(path), num_threads=num_threads)
+            if "path" in src:
+                self.interpreter = Interpreter(model_path=src["path"], num_threads=num_threads)
+            else:
+                self.interpreter = Interpreter(model_content=src["content"], num_threads=num_threads)
             sigs = self.interpreter.get_signature_list()
             if len(sigs) != 1:
-                raise ModelLoadError(f"{what}: expected one signature in {path.name}, found {sorted(sigs)}")
+                raise ModelLoadError(f"{what}: expected one signature in {name}, found {sorted(sigs)}")
             self.runner = self.interpreter.get_signature_runner(next(iter(sigs)))
         except (ValueError, RuntimeError) as e:
-            raise ModelLoadError(f"{what}: LiteRT cannot load {path.name}: {e}") from None
+            raise ModelLoadError(f"{what}: LiteRT cannot load {name}: {e}") from None
         ins = self.runner.get_input_details()
         if len(ins) != 1:
-            raise ModelLoadError(f"{what}: {path.name} must take one input, takes {sorted(ins)}")
+            raise ModelLoadError(f"{what}: {name} must take one input, takes {sorted(ins)}")
         self.input_name = next(iter(ins))
         self.input_dtype = ins[self.input_name]["dtype"]
         self.outputs = sorted(self.runner.get_output_details())
@@ -49,19 +62,21 @@ class LiteRTRunner:
 class OnnxRunner:
     """One ONNX model on ONNX Runtime's CPU provider."""
 
-    def __init__(self, path: Path, num_threads: int, what: str):
+    def __init__(self, model: Union[Path, bytes], num_threads: int, what: str):
         import onnxruntime as ort
 
+        src, name = _source(model)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(src.get("path", src.get("content")), opts,
+                                                providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"{what}: ONNX Runtime cannot load {path.name}: {e}") from None
+            raise ModelLoadError(f"{what}: ONNX Runtime cannot load {name}: {e}") from None
         ins = self.session.get_inputs()
         if len(ins) != 1:
-            raise ModelLoadError(f"{what}: {path.name} must take one input, takes {[i.name for i in ins]}")
+            raise ModelLoadError(f"{what}: {name} must take one input, takes {[i.name for i in ins]}")
         self.input_name = ins[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -70,12 +85,13 @@ class OnnxRunner:
         return dict(zip(self.outputs, res))
 
 
-def load_runner(path: Path, fmt: str, num_threads: int, what: str) -> LiteRTRunner | OnnxRunner:
-    """The adapter for ``fmt`` (one of ``MODEL_FORMATS``) over ``path``; ``what`` names the model in errors."""
+def load_runner(model: Union[Path, bytes], fmt: str, num_threads: int, what: str) -> LiteRTRunner | OnnxRunner:
+    """The adapter for ``fmt`` (one of ``MODEL_FORMATS``) over a model file's path or its bytes; ``what`` names
+    the model in errors."""
     if fmt == "tflite":
-        return LiteRTRunner(path, num_threads, what)
+        return LiteRTRunner(model, num_threads, what)
     if fmt == "onnx":
-        return OnnxRunner(path, num_threads, what)
+        return OnnxRunner(model, num_threads, what)
     raise ModelLoadError(f"{what}: format must be one of {MODEL_FORMATS}, got {fmt!r}")
 
 

@@ -1,6 +1,6 @@
 """The report's verdict (its first section, drawn by ``sections.verdict_section``, and what the pipeline prints
-at its end, ``verdict_lines``): a few lines and one table, each row met or missed against ``cfg.goals``: transfer
-vs scratch vs pixels, the searched depth vs the seed's, the stack vs its best member, the served int8 variant vs
+at its end, ``verdict_lines``): a few lines and one table, each row met or missed against ``cfg.goals``: the
+tuned CNN vs scratch and vs pixels, the searched depth vs the seed's, the stack vs its best member, the served int8 variant vs
 float32, with the label budget and the number of draws. Rows read ``<run>/bench_transfer.json`` (written by
 bench/transfer.py: several draws of the label budget) where it has both models, else the run's own files (1 draw).
 Also the stage-file readers the other report modules share (``read_json``, ``description``)."""
@@ -221,10 +221,12 @@ def verdict(cfg: Any) -> Verdict:
     ens, desc = read_json(storage.join(ens_dir, "metrics.json")), description(ens_dir)
     b, r, g = _bench_measures(bench), _run_measures(cfg, ens, desc), cfg.goals
     rows = [
-        _accuracy_row("transfer_vs_scratch", "transfer vs scratch", "transfer", "scratch",
-                      g.transfer_vs_scratch_points, b, r, "finetune and scratch"),
-        _accuracy_row("transfer_vs_pixels", "transfer vs pixels", "transfer", "pixels",
-                      g.transfer_vs_pixels_points, b, r, "finetune and a pixels member in ensemble"),
+        # transfer is judged on the tuned CNN (the issue's goal: "the tuned ImageNet CNN beats ..."); the seed
+        # recipe's own margin is the searched-vs-seed row's other side and section 3's plot
+        _accuracy_row("transfer_vs_scratch", "tuned transfer vs scratch", "searched", "scratch",
+                      g.transfer_vs_scratch_points, b, r, "tune and scratch"),
+        _accuracy_row("transfer_vs_pixels", "tuned transfer vs pixels", "searched", "pixels",
+                      g.transfer_vs_pixels_points, b, r, "tune and a pixels member in ensemble"),
         _accuracy_row("searched_vs_seed", "searched depth vs the seed's", "searched", "transfer",
                       g.searched_vs_seed_points, b, r, "finetune and tune"),
         _accuracy_row("stack_vs_best_member", "stack vs best member", "stack", "best_member",

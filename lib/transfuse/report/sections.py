@@ -391,19 +391,22 @@ def compression(cfg: Any, page: Page) -> None:
         page.add("<p>compress/metrics.json lists no variants</p>")
         return
     thr_key = next((k for k in rows[0] if k.startswith("throughput_b")), None)
-    cols = [("variant", "variant", "{}"), ("size_bytes", "bytes", "{}"), ("size_gzip_bytes", "gzip bytes", "{}"),
+    cols = [("variant", "variant", "{}"), ("size_bytes", "bytes stored", "{}"), ("size_gzip_bytes", "gzip bytes", "{}"),
+            ("size_loaded_bytes", "bytes loaded", "{}"),
             ("p50_ms_b1", "p50 ms (batch 1)", "{:.2f}"), ("p99_ms_b1", "p99 ms (batch 1)", "{:.2f}")]
     if thr_key:
         cols.append((thr_key, f"images/s (batch {thr_key[len('throughput_b'):]})", "{:.1f}"))
     cols += [("accuracy", "accuracy", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
-             ("speedup_b1", "x faster", "{:.2f}"), ("smaller_raw", "x smaller", "{:.2f}"),
-             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("accuracy_delta_points", "accuracy change (points)",
+             ("speedup_b1", "x faster", "{:.2f}"), ("smaller_raw", "x smaller (stored)", "{:.2f}"),
+             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("smaller_loaded", "x smaller (loaded)", "{:.2f}"), ("accuracy_delta_points", "accuracy change (points)",
                                                               "{:+.2f}")]
     page.add(table([c[1] for c in cols], [[num(r.get(k), f) for k, _, f in cols] for r in rows]))
     serve = getattr(cfg.compress, "serve_variant", None)
     notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
              f"threads: {rep.get('num_threads', '-')}", f"served variant: {serve}"]
-    page.add(f"<p>{esc('; '.join(notes))}. Ratios are against float32, measured in the same run.</p>")
+    notes.append(f"model files stored: {getattr(cfg.compress, 'coding', 'none')}")
+    page.add(f"<p>{esc('; '.join(notes))}. Ratios are against float32, measured in the same run; stored bytes are "
+             f"what a deployment keeps and fetches, loaded bytes what the runtimes hold after decoding.</p>")
     dropped = (rep.get("zero_weight_members") or {}).get("dropped")
     if dropped:
         page.add(f"<p>Left out of every variant (zero stacker weight: they cannot change a prediction): "
