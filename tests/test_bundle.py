@@ -213,7 +213,8 @@ def test_gzip_coded_bundle_loads_the_same_models(ensemble, tmp_path):
     assert all(e["coding"] == "gzip" and e["file"].endswith(".gz") for e in entries)
     for e, p in zip(entries, [plain.manifest["trunk"], *plain.manifest["cnn_members"],
                               *plain.manifest["sklearn_members"]]):
-        assert gzip.decompress((tmp_path / "gz" / e["file"]).read_bytes()) == (tmp_path / "plain" / p["file"]).read_bytes()
+        stored = (tmp_path / "gz" / e["file"]).read_bytes()
+        assert gzip.decompress(stored) == (tmp_path / "plain" / p["file"]).read_bytes()
     x = ensemble["data"].x_test
     np.testing.assert_array_equal(coded.predict_proba(x), plain.predict_proba(x))
     stored, _, loaded = measure.model_bytes(str(tmp_path / "gz"))

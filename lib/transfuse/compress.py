@@ -8,8 +8,8 @@
   members that do not help) cannot change a prediction, so no variant carries it (``drop_zero_weight_members``):
   lossless, and it shrinks float32 and int8 alike.
 - Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured
-  (``transfuse.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1 (p50, p99), throughput at batch 32, test
-  accuracy / NLL / ECE.
+  (``transfuse.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1
+  (p50, p99), throughput at batch 32, test accuracy / NLL / ECE.
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ def goals(rows: list[dict], g: GoalsConfig, variant: str = "int8", base: str = "
     delta = r["accuracy_delta_points"]
     return {"variant": variant, "against": base,
             "speedup_b1": r["speedup_b1"], "faster_goal": g.served_faster, "faster": r["speedup_b1"] >= g.served_faster,
-            "smaller_raw": r["smaller_raw"], "smaller_goal": g.served_smaller, "smaller_loaded": r.get("smaller_loaded"),
+            "smaller_raw": r["smaller_raw"], "smaller_goal": g.served_smaller,
+            "smaller_loaded": r.get("smaller_loaded"),
             "smaller": r["smaller_raw"] >= g.served_smaller,
             "accuracy_delta_points": delta, "accuracy_goal_points": g.served_accuracy_points,
             "accuracy_kept": round(delta, 6) >= g.served_accuracy_points}  # rounded: points, not float noise

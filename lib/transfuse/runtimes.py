@@ -1,7 +1,7 @@
 """The inference runtimes a bundle's model files run on: LiteRT for .tflite, ONNX Runtime for .onnx.
 
-Each adapter loads one model (a file, or its bytes when the bundle stores it coded), checks it has one input, and is called with a batch (a numpy array) to return
-its outputs by name. They import only their runtime (no TensorFlow), so a Serve replica loads them without it.
+Each adapter loads one model (a file, or its bytes when the bundle stores it coded), checks it has one input,
+and is called with a batch (a numpy array) to return its outputs by name. They import only their runtime (no TensorFlow), so a Serve replica loads them without it.
 A file the runtime cannot load, or one whose signature is not what a bundle expects, is a ``ModelLoadError``
 (``bundle.load_bundle`` reports it as a ``BundleError`` naming the member).
 """

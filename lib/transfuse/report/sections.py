@@ -398,8 +398,8 @@ def compression(cfg: Any, page: Page) -> None:
         cols.append((thr_key, f"images/s (batch {thr_key[len('throughput_b'):]})", "{:.1f}"))
     cols += [("accuracy", "accuracy", "{:.4f}"), ("nll", "NLL", "{:.4f}"), ("ece", "ECE", "{:.4f}"),
              ("speedup_b1", "x faster", "{:.2f}"), ("smaller_raw", "x smaller (stored)", "{:.2f}"),
-             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("smaller_loaded", "x smaller (loaded)", "{:.2f}"), ("accuracy_delta_points", "accuracy change (points)",
-                                                              "{:+.2f}")]
+             ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("smaller_loaded", "x smaller (loaded)", "{:.2f}"),
+             ("accuracy_delta_points", "accuracy change (points)", "{:+.2f}")]
     page.add(table([c[1] for c in cols], [[num(r.get(k), f) for k, _, f in cols] for r in rows]))
     serve = getattr(cfg.compress, "serve_variant", None)
     notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
