@@ -304,12 +304,25 @@ def protocol_bodies(images: np.ndarray) -> dict[str, Any]:
     return {"tf": tf, "v2_http": (v2_http, v2_headers), "v2_grpc": v2_grpc}
 
 
-def warm_up(send_factory, n: int = 5) -> None:
+def warm_up(send_factory, n: int = 5, timeout_s: float = 60.0) -> None:
+    """``n`` answers of 200 in a row before the load starts. A just-deployed app behind HAProxy may answer 502/503
+    until HAProxy's health checks list the replica (seen once on a loaded machine), so other answers are retried
+    until ``timeout_s`` on the monotonic clock; then the statuses seen are the error."""
     send, close = send_factory()
+    seen: list[int] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        for i in range(n):
-            if send(i) != 200:
-                raise RuntimeError("warm-up request failed")
+        ok = i = 0
+        while ok < n:
+            status = send(i)
+            i += 1
+            ok = ok + 1 if status == 200 else 0
+            if status != 200:
+                seen.append(status)
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"warm-up: no {n} answers of 200 in a row within {timeout_s:.0f} s; "
+                                       f"statuses seen: {sorted(set(seen))}")
+                time.sleep(0.2)
     finally:
         close()
 
