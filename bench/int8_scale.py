@@ -16,7 +16,8 @@ OpenVINO (the two .tflite files; float32, bf16 and the int8 file). Both are opti
 
     .venv/bin/python bench/int8_scale.py                      # vgg_small@32, vgg16@64, vgg16@224
     .venv/bin/python bench/int8_scale.py --models vgg16@224 --runs 20
-    .venv/bin/python bench/int8_scale.py --models efficientnet_lite0@96 --runtimes litert,onnxruntime,openvino
+    .venv/bin/python bench/int8_scale.py --models efficientnet_lite0@96 --head avg \
+        --runtimes litert,onnxruntime,openvino
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from transfuse.config import HeadConfig, ModelConfig  # noqa: E402
 from transfuse.preprocess import PreprocessSpec, preprocess  # noqa: E402
 
 
-def export(backbone: str, size: int, width: float,
-           calib: int) -> tuple[dict[str, bytes], int, np.ndarray, Any, np.ndarray]:
+HEADS = {"dense256": HeadConfig(dense=[256]),  # the seed's head: Flatten -> Dense(256) -> Dense(classes)
+         "avg": HeadConfig(dense=[], pooling="avg")}  # configs/default.yaml's: global average pooling -> softmax
+
+
+def export(backbone: str, size: int, width: float, calib: int,
+           head: str = "dense256") -> tuple[dict[str, bytes], int, np.ndarray, Any, np.ndarray]:
     """The two .tflite files, the parameter count, one image to time, the Keras model and the calibration set."""
-    mc = ModelConfig(backbone=backbone, weights="none", input_size=size, width=width, head=HeadConfig(dense=[256]))
+    mc = ModelConfig(backbone=backbone, weights="none", input_size=size, width=width, head=HEADS[head])
     spec = models.model_spec(mc, 10, [str(i) for i in range(10)], seed=0, unfreeze=4)
     model = models.build_model(spec)
     rng = np.random.default_rng(0)
@@ -106,6 +111,9 @@ def main() -> None:
                     help="backbone@input_size list (vgg_small uses width 0.125, the default config's)")
     ap.add_argument("--runs", type=int, default=0, help="batch-1 calls per model (0: 300 below 10 ms, else 20)")
     ap.add_argument("--calib", type=int, default=32, help="int8 calibration images")
+    ap.add_argument("--head", choices=sorted(HEADS), default="dense256",
+                    help="dense256: Flatten -> Dense(256) (a large matmul, int8's best case); avg: the default "
+                         "config's pooled softmax (the served Lite0 members' head)")
     ap.add_argument("--runtimes", default="litert", help=f"comma list of {sorted(RUNTIMES)}: more runtimes, "
                     f"timed in the same turns, printed against LiteRT float32")
     args = ap.parse_args()
@@ -127,7 +135,7 @@ def main() -> None:
           f"{'f32 p50 ms':>12}{'int8 p50 ms':>12}{'x faster':>10}")
     for item in args.models.split(","):
         backbone, size = item.split("@")
-        files, params, x1, model, calib = export(backbone, int(size), 0.125, args.calib)
+        files, params, x1, model, calib = export(backbone, int(size), 0.125, args.calib, args.head)
         with tempfile.TemporaryDirectory() as d:
             runners: dict[str, Callable[[np.ndarray], Any]] = {}
             for mode, data in files.items():
