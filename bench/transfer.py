@@ -33,7 +33,6 @@ from transfuse import runtime, storage  # noqa: E402
 from transfuse.config import Config, load_config  # noqa: E402
 
 MODELS = ("pixels_logreg", "frozen_logreg", "scratch", "seed_recipe", "searched_depth", "stack")
-C_GRID = (0.01, 0.1, 1.0, 10.0)
 
 
 def draw_config(cfg: Config, draw: int) -> Config:
@@ -43,26 +42,6 @@ def draw_config(cfg: Config, draw: int) -> Config:
     data = cfg.model_dump(mode="json")
     data.update(seed=draw, run=f"{cfg.run}-draw{draw}")
     return Config.model_validate(data)
-
-
-def logreg_on_val(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_classes: int) -> dict[str, float]:
-    """Fit on train for each C, keep the C with the lowest val NLL, report test (as the CNN: fit on train, choose
-    on val)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from transfuse.metrics import evaluate
-
-    best = None
-    for c in C_GRID:
-        model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
-        model.fit(x["train"], y["train"])
-        val = evaluate(model.predict_proba(x["val"]), y["val"])
-        if best is None or val["nll"] < best[0]:
-            best = (val["nll"], c, model)
-    _, c, model = best
-    return {**evaluate(model.predict_proba(x["test"]), y["test"]), "C": c}
 
 
 def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.ndarray:
@@ -82,16 +61,14 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
 
 
 def baselines(cfg: Config) -> dict[str, dict[str, float]]:
+    from transfuse.baselines import logreg_on_val, pixels_logreg
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import pixel_features
 
     data_dir = storage.stage_dir(cfg, "data")
     splits = {s: read_split_numpy(data_dir, s) for s in ("train", "val", "test")}
     y = {s: v[1] for s, v in splits.items()}
-    n = int(max(v.max() for v in y.values())) + 1
-    pixels = {s: pixel_features(v[0]) for s, v in splits.items()}
     frozen = {s: frozen_features(cfg, v[0]) for s, v in splits.items()}
-    return {"pixels_logreg": logreg_on_val(pixels, y, n), "frozen_logreg": logreg_on_val(frozen, y, n)}
+    return {"pixels_logreg": pixels_logreg(data_dir), "frozen_logreg": logreg_on_val(frozen, y)}
 
 
 def pipeline_results(cfg: Config) -> dict[str, dict[str, float]]:

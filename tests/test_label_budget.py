@@ -87,3 +87,29 @@ def test_budget_from_one_pool_without_a_source_test_set():
 def test_bad_budget_configs_name_the_fix(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(None, overrides)
+
+
+def test_pixel_baseline_learns_from_train_and_chooses_c_on_val():
+    """baselines.logreg_on_val: fitted on train only, the C of the grid with the lowest val NLL kept (checked
+    against every C refitted here), scored on test."""
+    from sklearn.datasets import load_digits
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from transfuse import baselines
+    from transfuse.metrics import evaluate
+
+    d = load_digits()
+    x, y = d.data.astype(np.float32), d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(x))
+    parts = {"train": idx[:100], "val": idx[100:200], "test": idx[200:700]}
+    xs, ys = {s: x[i] for s, i in parts.items()}, {s: y[i] for s, i in parts.items()}
+    got = baselines.logreg_on_val(xs, ys)
+    val_nll = {c: evaluate(make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=3000))
+                           .fit(xs["train"], ys["train"]).predict_proba(xs["val"]), ys["val"])["nll"]
+               for c in baselines.C_GRID}
+    assert got["C"] == min(val_nll, key=val_nll.get) and got["n"] == 500
+    assert 0.7 < got["accuracy"] <= 1.0  # 100 labels of 8 x 8 digits: well above chance (0.1)
+    xs["train"] = xs["train"][:, ::-1]  # the model fitted on train is the one scored: scrambled train, worse test
+    assert baselines.logreg_on_val(xs, ys)["accuracy"] < got["accuracy"] - 0.3

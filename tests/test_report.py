@@ -203,6 +203,26 @@ def test_goals_come_from_the_config(full):
     assert lines[-1] == "note: left out of every compressed variant (zero stacker weight): svc_on_cnn, cnn_u2"
 
 
+def test_verdict_judges_pixels_on_the_same_labels(tmp_path, full):
+    """The scratch stage's same-labels pixel baseline (transfer_vs_scratch.json's pixels_logreg: train, C on val)
+    is the pixels row when present; without it the row falls back to the ensemble's pixel member."""
+    import shutil
+
+    from transfuse.baselines import TRANSFER_FILE
+
+    shutil.copytree(storage.run_dir(full[0]), tmp_path / "full")
+    cfg = smoke_config(tmp_path, "full")
+    before = next(r for r in verdict(cfg).rows if r.key == "transfer_vs_pixels")
+    assert "pixels (" in before.second  # the ensemble's pixel member
+    storage.write_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE),
+                       {"pixels_logreg": {"accuracy": 0.25, "nll": 2.0, "ece": 0.1, "n": 10, "C": 0.1}})
+    row = next(r for r in verdict(cfg).rows if r.key == "transfer_vs_pixels")
+    searched = next(r for r in verdict(cfg).rows if r.key == "searched_vs_seed")
+    assert row.second == "pixels logreg (train, C on val) 0.2500"
+    assert row.first == searched.first and row.difference == pytest.approx(
+        100 * (float(row.first.split()[-1]) - 0.25), abs=0.01)  # (the cell shows 4 digits)
+
+
 def test_verdict_reads_bench_draws(tmp_path, full, digits):
     """bench_transfer.json (bench/transfer.py's format): rows it has both models for use its draws, paired by draw;
     the rest stay on the run's files; its label budget is shown, unless the data manifest has its own."""

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
+from transfuse.baselines import TRANSFER_FILE
 
 BENCH_FILE = "bench_transfer.json"  # under <storage>/<run>/, from bench/transfer.py
 # bench_transfer.json's model names for the verdict's rows
@@ -135,12 +136,17 @@ def _label_budget(cfg: Any, bench: Optional[dict]) -> Optional[dict[str, Any]]:
 
 
 def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[str, Measure]:
-    """The run's own test accuracies (1 draw): transfer, scratch, pixels, searched, stack, best_member."""
+    """The run's own test accuracies (1 draw): transfer, scratch, pixels (the same-labels baseline of the scratch
+    stage, else the ensemble's pixel member), searched, stack, best_member."""
     out: dict[str, Measure] = {}
     for key, stage, name in (("transfer", "finetune", "seed recipe"), ("scratch", "scratch", "scratch")):
         m = read_json(storage.join(storage.stage_dir(cfg, stage), "metrics.json"))
         if m and isinstance(m.get("test"), dict):
             out[key] = Measure(name, [float(m["test"]["accuracy"])])
+    # the pixels on the CNNs' own labels (train, C chosen on val), written beside the scratch baseline
+    tvs = read_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE)) or {}
+    if isinstance(tvs.get("pixels_logreg"), dict) and tvs["pixels_logreg"].get("accuracy") is not None:
+        out["pixels"] = Measure("pixels logreg (train, C on val)", [float(tvs["pixels_logreg"]["accuracy"])])
     tsum = read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))
     if tsum and tsum.get("best", {}).get("test_accuracy") is not None:
         out["searched"] = Measure(f"searched depth {tsum['best'].get('unfreeze')}",
@@ -149,7 +155,7 @@ def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[s
         summ = ens["summary"]
         pixels = [m["name"] for m in (desc or {}).get("sklearn_members", [])
                   if m.get("features") == "pixels" and m["name"] in summ]
-        if pixels:
+        if pixels and "pixels" not in out:  # the ensemble's pixel member (it also learns the holdout labels)
             out["pixels"] = Measure(f"pixels ({pixels[0]})", [float(summ[pixels[0]]["accuracy"]["mean"])])
         if "stack" in summ:
             out["stack"] = Measure("stack", [float(summ["stack"]["accuracy"]["mean"])])
