@@ -1,7 +1,8 @@
 """The inference runtimes a bundle's model files run on: LiteRT for .tflite, ONNX Runtime for .onnx.
 
 Each adapter loads one model (a file, or its bytes when the bundle stores it coded), checks it has one input,
-and is called with a batch (a numpy array) to return its outputs by name. They import only their runtime (no TensorFlow), so a Serve replica loads them without it.
+and is called with a batch (a numpy array) to return its outputs by name. They import only their runtime (no
+TensorFlow), so a Serve replica loads them without it.
 A file the runtime cannot load, or one whose signature is not what a bundle expects, is a ``ModelLoadError``
 (``bundle.load_bundle`` reports it as a ``BundleError`` naming the member).
 """
@@ -22,12 +23,11 @@ class ModelLoadError(TransfuseError, RuntimeError):
     """A model file that its runtime cannot load, or whose inputs and outputs are not as expected."""
 
 
-def _source(model: Union[Path, bytes]) -> tuple[dict, str]:
-    """(the runtime's keyword for ``model``, a name for errors): a path is mapped by the runtime, bytes are
-    copied."""
+def _source(model: Union[Path, bytes]) -> tuple[Union[str, bytes], str]:
+    """(what the runtime loads: a path as a string, which it maps, or the model's bytes; a name for errors)."""
     if isinstance(model, (bytes, bytearray)):
-        return {"content": bytes(model)}, f"the decoded model ({len(model):,} bytes)"
-    return {"path": str(model)}, Path(model).name
+        return bytes(model), f"the decoded model ({len(model):,} bytes)"
+    return str(model), Path(model).name
 
 
 class LiteRTRunner:
@@ -38,10 +38,8 @@ class LiteRTRunner:
 
         src, name = _source(model)
         try:
-            if "path" in src:
-                self.interpreter = Interpreter(model_path=src["path"], num_threads=num_threads)
-            else:
-                self.interpreter = Interpreter(model_content=src["content"], num_threads=num_threads)
+            kw = {"model_content": src} if isinstance(src, bytes) else {"model_path": src}
+            self.interpreter = Interpreter(num_threads=num_threads, **kw)
             sigs = self.interpreter.get_signature_list()
             if len(sigs) != 1:
                 raise ModelLoadError(f"{what}: expected one signature in {name}, found {sorted(sigs)}")
@@ -70,8 +68,7 @@ class OnnxRunner:
         opts.intra_op_num_threads = num_threads
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(src.get("path", src.get("content")), opts,
-                                                providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"{what}: ONNX Runtime cannot load {name}: {e}") from None
         ins = self.session.get_inputs()

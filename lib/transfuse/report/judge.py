@@ -1,8 +1,9 @@
 """The report's verdict (its first section, drawn by ``sections.verdict_section``, and what the pipeline prints
 at its end, ``verdict_lines``): a few lines and one table, each row met or missed against ``cfg.goals``: the
 tuned CNN vs scratch and vs pixels, the searched depth vs the seed's, the stack vs its best member, the served
-int8 variant vs float32, with the label budget and the number of draws. Rows read ``<run>/bench_transfer.json`` (written by
-bench/transfer.py: several draws of the label budget) where it has both models, else the run's own files (1 draw).
+int8 variant vs float32, with the label budget and the number of draws. Rows read ``<run>/bench_transfer.json``
+(written by bench/transfer.py: several draws of the label budget) where it has both models, else the run's own
+files (1 draw).
 Also the stage-file readers the other report modules share (``read_json``, ``description``)."""
 
 from __future__ import annotations
