@@ -210,7 +210,7 @@ def _served_rows(cfg: Any) -> list[VerdictRow]:
             r.missing = "needs compress with float32 and " + serve
         return rows
     cells = {"served_accuracy": ("accuracy_delta_points", "accuracy", "{:.4f}"),
-             "served_size": ("smaller_raw", "size_bytes", "{:,} bytes"),
+             "served_size": ("smaller_raw", "size_bytes", "{:,} bytes stored"),
              "served_speed": ("speedup_b1", "p50_ms_b1", "{:.2f} ms p50")}
     for r in rows:
         value_key, shown, fmt = cells[r.key]
