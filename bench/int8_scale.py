@@ -87,8 +87,9 @@ def onnxruntime_runners(model: Any, calib: np.ndarray, d: Path) -> dict[str, Cal
     return out
 
 
-def openvino_runners(d: Path) -> dict[str, Callable[[np.ndarray], Any]]:
-    """OpenVINO (CPU plugin, one thread, latency hint) on the .tflite files: float32, bf16 and the int8 file."""
+def openvino_runners(model: Any, calib: np.ndarray, d: Path) -> dict[str, Callable[[np.ndarray], Any]]:
+    """OpenVINO (CPU plugin, one thread, latency hint) on the .tflite files in ``d``: float32, bf16 and the int8
+    file (``model`` and ``calib``: unused, the .tflite files carry both)."""
     import openvino as ov
 
     core = ov.Core()
@@ -102,6 +103,7 @@ def openvino_runners(d: Path) -> dict[str, Callable[[np.ndarray], Any]]:
     return out
 
 
+# runtime -> (module it needs, runners(keras model, calibration images, folder of the .tflite files)); litert: always
 RUNTIMES = {"litert": None, "onnxruntime": ("tf2onnx", onnxruntime_runners), "openvino": ("openvino", openvino_runners)}
 
 
@@ -142,7 +144,7 @@ def main() -> None:
                 (Path(d) / f"{mode}.tflite").write_bytes(data)
                 runners[mode] = LiteRTRunner(Path(d) / f"{mode}.tflite", 1, mode)
             for r in others:
-                runners.update(RUNTIMES[r][1](*((model, calib, Path(d)) if r == "onnxruntime" else (Path(d),))))
+                runners.update(RUNTIMES[r][1](model, calib, Path(d)))
             t0 = time.perf_counter()
             runners["float32"](x1)
             first = time.perf_counter() - t0

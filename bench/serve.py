@@ -316,13 +316,15 @@ def warm_up(send_factory, n: int = 5, timeout_s: float = 60.0) -> None:
         while ok < n:
             status = send(i)
             i += 1
-            ok = ok + 1 if status == 200 else 0
-            if status != 200:
-                seen.append(status)
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"warm-up: no {n} answers of 200 in a row within {timeout_s:.0f} s; "
-                                       f"statuses seen: {sorted(set(seen))}")
-                time.sleep(0.2)
+            if status == 200:
+                ok += 1
+                continue
+            ok = 0
+            seen.append(status)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm-up: no {n} answers of 200 in a row within {timeout_s:.0f} s; "
+                                   f"statuses seen: {sorted(set(seen))}")
+            time.sleep(0.2)
     finally:
         close()
 

@@ -61,14 +61,11 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
 
 
 def baselines(cfg: Config) -> dict[str, dict[str, float]]:
-    from transfuse.baselines import logreg_on_val, pixels_logreg
-    from transfuse.data import read_split_numpy
+    from transfuse.baselines import budget_splits, logreg_on_val, pixels_logreg
 
-    data_dir = storage.stage_dir(cfg, "data")
-    splits = {s: read_split_numpy(data_dir, s) for s in ("train", "val", "test")}
-    y = {s: v[1] for s, v in splits.items()}
-    frozen = {s: frozen_features(cfg, v[0]) for s, v in splits.items()}
-    return {"pixels_logreg": pixels_logreg(data_dir), "frozen_logreg": logreg_on_val(frozen, y)}
+    images, y = budget_splits(storage.stage_dir(cfg, "data"))
+    frozen = {s: frozen_features(cfg, v) for s, v in images.items()}
+    return {"pixels_logreg": pixels_logreg(images, y), "frozen_logreg": logreg_on_val(frozen, y)}
 
 
 def pipeline_results(cfg: Config) -> dict[str, dict[str, float]]:

@@ -38,10 +38,16 @@ def logreg_on_val(x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray]) -> d
     return {**evaluate(model.predict_proba(x["test"]), y["test"]), "C": c}
 
 
-def pixels_logreg(data_dir: str) -> dict[str, Any]:
-    """``logreg_on_val`` on the prepared splits' pixels (``preprocess.pixel_features``): train, val and test."""
+def budget_splits(data_dir: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(images, labels) of the prepared train, val and test splits: what a same-labels baseline reads."""
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import pixel_features
 
     splits = {s: read_split_numpy(data_dir, s) for s in ("train", "val", "test")}
-    return logreg_on_val({s: pixel_features(v[0]) for s, v in splits.items()}, {s: v[1] for s, v in splits.items()})
+    return {s: v[0] for s, v in splits.items()}, {s: v[1] for s, v in splits.items()}
+
+
+def pixels_logreg(images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``logreg_on_val`` on the images' pixels (``preprocess.pixel_features``), split by split."""
+    from transfuse.preprocess import pixel_features
+
+    return logreg_on_val({s: pixel_features(v) for s, v in images.items()}, labels)

@@ -298,6 +298,13 @@ def encode(data: bytes, coding: str) -> bytes:
     return data
 
 
+def file_codings(manifest: dict) -> dict[str, str]:
+    """Each model file of a manifest (trunk, CNN members, scikit-learn members) -> how it is stored."""
+    entries = ([manifest["trunk"]] if manifest.get("trunk") else []) + list(manifest["cnn_members"])
+    entries += list(manifest.get("sklearn_members", []))
+    return {e["file"]: e.get("coding", "none") for e in entries}
+
+
 def decode(path: Path, coding: Any, what: str) -> Union[Path, bytes]:
     """A stored model file as its runtime takes it: the path itself (``none``: the runtime maps the file) or the
     decoded bytes. ``BundleError`` for an unknown coding or bytes that do not decode."""

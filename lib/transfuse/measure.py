@@ -19,17 +19,21 @@ from transfuse.config import GoalsConfig
 def model_bytes(directory: str) -> tuple[int, int, int]:
     """(stored, gzip, loaded) bytes of a bundle's model files (the manifest and the example images excluded):
     as stored (what a deployment keeps and fetches; coded files as coded), those gzipped, and as the runtimes
-    load them (coded files decoded)."""
+    load them (each file decoded as its manifest entry says, ``bundle.decode``)."""
     from pathlib import Path
 
+    from transfuse.bundle import decode, file_codings, verify
+
     root = Path(directory)
+    codings = file_codings(verify(root)[0])
     raw = gz = loaded = 0
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name != "manifest.json" and p.relative_to(root).parts[0] != "examples":
             b = p.read_bytes()
             raw += len(b)
             gz += len(gzip.compress(b, compresslevel=9))
-            loaded += len(gzip.decompress(b)) if p.suffix == ".gz" else len(b)
+            model = decode(p, codings.get(p.relative_to(root).as_posix(), "none"), p.name)
+            loaded += len(model) if isinstance(model, bytes) else len(b)
     return raw, gz, loaded
 
 

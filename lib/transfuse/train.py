@@ -349,12 +349,12 @@ def scratch_overrides(cfg: Config) -> dict[str, Any]:
 def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     """Train the scratch baseline into ``<run>/scratch`` and compare its test metrics with ``<run>/finetune``'s
     and with a logistic regression on the pixels fitted on the same labels (``baselines.pixels_logreg``)."""
-    from transfuse.baselines import TRANSFER_FILE, pixels_logreg
+    from transfuse.baselines import TRANSFER_FILE, budget_splits, pixels_logreg
 
     transfer = storage.read_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"))
     scratch = finetune(cfg, storage.stage_dir(cfg, "scratch"), scratch_overrides(cfg), weights="none", force=force)
     out = {"transfer": transfer.get("test", {}), "scratch": scratch.get("test", {}),
-           "pixels_logreg": pixels_logreg(storage.stage_dir(cfg, "data")),
+           "pixels_logreg": pixels_logreg(*budget_splits(storage.stage_dir(cfg, "data"))),
            "weights": cfg.model.weights, "unfreeze": cfg.model.unfreeze,
            "epochs": cfg.train.epochs_frozen + cfg.train.epochs_unfrozen}
     storage.write_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE), out)
