@@ -3,10 +3,11 @@
 ``build_app(AppArgs)`` is the builder named by ``serve/config.yaml`` (``import_path: serve.app:build_app``).
 Each replica loads the bundle once through ``transfuse.bundle.load_bundle`` (checksums verified) and lets the
 bundle apply the one preprocessing function. Requests are turned into images by the protocol modules, then
-batched across requests and protocols with ``@serve.batch`` (the batch size counts images, not requests). A new
-bundle is rolled out with the deployment's ``user_config`` (``reconfigure``): it is loaded and verified beside
-the old one, then swapped in with one reference assignment, so requests in flight finish on the bundle they were
-validated against; a bundle that fails verification is refused and the old one keeps serving.
+batched across requests and protocols by ``serve.batching.Batcher`` (each batch formed when the model is free;
+its size counts images, not requests). A new bundle is rolled out with the deployment's ``user_config``
+(``reconfigure``): it is loaded and verified beside the old one, then swapped in with one reference assignment, so
+requests in flight finish on the bundle they were validated against; a bundle that fails verification is refused
+and the old one keeps serving.
 
 Protocols, each parsed by its own module (this class only routes, batches and answers):
 
@@ -31,7 +32,6 @@ import base64
 import hmac
 import json
 import logging
-import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -46,6 +46,7 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import tfserving, v2
+from serve.batching import Batcher
 from serve.inputs import ApiError, ImageSpec, decode_image, input_shape, parse_uploads, read_body
 from transfuse import runtime
 from transfuse.bundle import BundleError, load_bundle
@@ -161,9 +162,9 @@ def _probe(bundle: Any) -> None:
                           "or non-finite probabilities")
 
 
-def _total_images(items: list[tuple[Any, np.ndarray]]) -> int:
-    """@serve.batch's size of a batch: images, not requests."""
-    return sum(len(x) for _, x in items)
+def _images(item: tuple[Any, np.ndarray]) -> int:
+    """The batcher's size of an item: images, not requests."""
+    return len(item[1])
 
 
 # ------------------------------------------------------------------------------------------ deployment
@@ -189,6 +190,7 @@ class TransfuseReplica:
         self._bundle_path = self._args.bundle
         self._from_init = True  # the first reconfigure with the same bundle does not load it again
         self._last_refused: Optional[dict[str, str]] = None
+        self._batcher = Batcher(self._predict_batch, max_size=1, size=_images)  # sized by _set_batching
         self._set_batching(self._args.max_batch_size, self._args.batch_wait_timeout_s)
         logger.info("serving bundle %s version %s (%s)", self._bundle.name, self._bundle.version,
                     self._bundle.checksum)
@@ -203,13 +205,8 @@ class TransfuseReplica:
     # ---- configuration and hot swap
 
     def _set_batching(self, max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
-        size, wait = int(max_batch_size), float(batch_wait_timeout_s)
-        if size < 1 or not (wait >= 0.0 and math.isfinite(wait)):
-            raise ValueError(f"max_batch_size must be an integer >= 1 and batch_wait_timeout_s a finite number >= 0, "
-                             f"got {max_batch_size!r} and {batch_wait_timeout_s!r}")
-        self._predict_batched.set_max_batch_size(size)
-        self._predict_batched.set_batch_wait_timeout_s(wait)
-        self._max_batch_size, self._batch_wait_timeout_s = size, wait
+        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
+        self._max_batch_size, self._batch_wait_timeout_s = self._batcher.max_size, self._batcher.wait_s
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` (bundle, revision, max_batch_size, batch_wait_timeout_s).
@@ -252,8 +249,7 @@ class TransfuseReplica:
 
     # ---- inference
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01, batch_size_fn=_total_images)
-    async def _predict_batched(self, items: list[tuple[Any, np.ndarray]]) -> list[Union[np.ndarray, Exception]]:
+    async def _predict_batch(self, items: list[tuple[Any, np.ndarray]]) -> list[Union[np.ndarray, Exception]]:
         """One model call per (bundle, dtype) group in the batch; results split back per item.
 
         When a group's call fails, its items are run one by one, so a request that breaks the model fails alone
@@ -289,26 +285,21 @@ class TransfuseReplica:
     async def _infer(self, bundle: Any, x: np.ndarray) -> np.ndarray:
         """Chunks of at most max_batch_size images go through the batcher; results in request order."""
         size = self._max_batch_size
-        parts = await asyncio.gather(*[self._predict_batched((bundle, x[i:i + size]))
-                                       for i in range(0, len(x), size)])
-        for p in parts:
-            if isinstance(p, Exception):
-                raise p
-        return np.concatenate(parts)
+        if len(x) <= size:  # the common case: one chunk, no gather task around it
+            parts = [await self._batcher.submit((bundle, x))]
+        else:
+            parts = await asyncio.gather(*[self._batcher.submit((bundle, x[i:i + size]))
+                                           for i in range(0, len(x), size)])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     async def _classify(self, bundle: Any, parse: Callable[[], np.ndarray], big: bool) -> np.ndarray:
         """Parse (in the decode thread when ``big``) and predict, within ``request_timeout_s`` (else 504)."""
-        async def run() -> np.ndarray:
-            if big:
-                x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, parse)
-            else:
-                x = parse()
-            return await self._infer(bundle, x)
-
         timeout = self._args.request_timeout_s
         try:
-            return await asyncio.wait_for(run(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # no task of its own, unlike asyncio.wait_for
+                x = await asyncio.get_running_loop().run_in_executor(self._decode_pool, parse) if big else parse()
+                return await self._infer(bundle, x)
+        except TimeoutError:
             raise ApiError(504, f"the request did not finish within request_timeout_s={timeout:g} s; the server is "
                                 "overloaded or the request too large: retry later or send fewer images") from None
 

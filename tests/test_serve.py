@@ -947,8 +947,8 @@ def test_request_timeout_is_a_clean_504_and_the_replica_stays_healthy(server, bu
 
 
 def test_a_batch_whose_model_call_fails_answers_its_other_items(bundles, broken_bundle, digits, offline):
-    """The deployment class's batch body (what @serve.batch calls; the batcher itself needs a running replica):
-    items from a bundle that cannot predict share a batch with good ones; only theirs fail."""
+    """The deployment class's batch body (what its batcher calls): items from a bundle that cannot predict share a
+    batch with good ones; only theirs fail."""
     import asyncio
 
     from serve.app import TransfuseReplica as cls
@@ -961,7 +961,7 @@ def test_a_batch_whose_model_call_fails_answers_its_other_items(bundles, broken_
 
     async def scenario() -> list:
         items = [(broken if i % 3 == 0 else good, x[i:i + 1]) for i in range(6)]
-        return await cls._predict_batched.__wrapped__(m, items)
+        return await m._predict_batch(items)
 
     out = asyncio.run(scenario())
     for i, r in enumerate(out):
