@@ -433,7 +433,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica, both sides")
     p.add_argument("--threads", type=int, default=2, help="LiteRT threads per model (demo bundle)")
     p.add_argument("--max-batch-size", type=int, default=32)
-    p.add_argument("--batch-wait-ms", type=float, default=5.0)
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="an idle model's wait for a batch to fill (serve.batch_wait_timeout_s, default 0)")
     p.add_argument("--ingress", choices=INGRESS, default="proxy",
                    help="proxy: Serve's Python proxies (a local cluster's default); direct: Serve's throughput-"
                         "optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: the ingress replica listens itself, no "

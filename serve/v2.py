@@ -11,6 +11,7 @@ when gRPC is used).
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -62,7 +63,7 @@ def _count(shape: list[int], what: str) -> int:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise ApiError(400, f"{what}: shape must be a list of non-negative integers, got {shape!r}")
-    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return math.prod(shape)
 
 
 def _datatype(datatype: Any, what: str) -> str:

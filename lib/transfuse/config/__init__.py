@@ -346,7 +346,7 @@ class ServeConfig(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)  # an idle model's wait for company (serve.batching)
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
