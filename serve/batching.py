@@ -79,13 +79,14 @@ class Batcher:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
+            while self._queue and self._queue[0][1].cancelled():
+                self._queue.popleft()
             if not self._queue:
                 continue
             items: list = []
             futures: list = []
-            first_arrival = self._queue[0][2]
+            deadline = self._queue[0][2] + self.wait_s  # the first item's arrival, plus the idle model's timer
             filled = self._take(items, futures, 0)
-            deadline = first_arrival + self.wait_s
             while items and filled < self.max_size and not self._queue and time.monotonic() < deadline:
                 self._arrived.clear()
                 try:
