@@ -34,15 +34,21 @@ def run(coro):
     return asyncio.run(bounded())
 
 
+async def queued_while_busy(b: Batcher, model: Model, first, later) -> tuple[asyncio.Task, list[asyncio.Task]]:
+    """``first`` submitted and running, held by the model's closed gate; then ``later`` queued behind it."""
+    model.gate.clear()
+    task = asyncio.create_task(b.submit(first))
+    await model.running.wait()  # nothing else was queued, and no timer held it: it runs alone
+    rest = [asyncio.create_task(b.submit(k)) for k in later]
+    await asyncio.sleep(0)
+    return task, rest
+
+
 def test_batches_form_from_what_queued_while_the_model_ran():
     async def scenario():
         model = Model()
         b = Batcher(model, max_size=3)
-        model.gate.clear()
-        first = asyncio.create_task(b.submit("a"))
-        await model.running.wait()  # "a" alone: nothing else was queued, and no timer held it
-        rest = [asyncio.create_task(b.submit(k)) for k in "bcdef"]
-        await asyncio.sleep(0)
+        first, rest = await queued_while_busy(b, model, "a", "bcdef")
         model.gate.set()
         return model.batches, await first, await asyncio.gather(*rest)
 
@@ -55,11 +61,7 @@ def test_size_counts_images_and_an_item_larger_than_the_limit_runs_alone():
     async def scenario():
         model = Model()
         b = Batcher(model, max_size=4, size=len)
-        model.gate.clear()
-        first = asyncio.create_task(b.submit("x"))
-        await model.running.wait()
-        rest = [asyncio.create_task(b.submit(k)) for k in ("yy", "zz", "www", "vvvvvv")]
-        await asyncio.sleep(0)
+        first, rest = await queued_while_busy(b, model, "x", ("yy", "zz", "www", "vvvvvv"))
         model.gate.set()
         await asyncio.gather(first, *rest)
         return model.batches
@@ -109,12 +111,7 @@ def test_a_caller_cancelled_before_its_batch_formed_is_skipped():
     async def scenario():
         model = Model()
         b = Batcher(model, max_size=8)
-        model.gate.clear()
-        first = asyncio.create_task(b.submit("a"))
-        await model.running.wait()
-        gone = asyncio.create_task(b.submit("gone"))
-        kept = asyncio.create_task(b.submit("kept"))
-        await asyncio.sleep(0)
+        first, (gone, kept) = await queued_while_busy(b, model, "a", ("gone", "kept"))
         gone.cancel()
         model.gate.set()
         return model.batches, await first, await kept, gone.cancelled()
