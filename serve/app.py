@@ -383,6 +383,7 @@ class TransfuseReplica:
             "limits": {"max_instances": self._args.max_instances, "max_request_bytes": self._args.max_request_bytes,
                        "max_pixels": self._args.max_pixels, "request_timeout_s": self._args.request_timeout_s,
                        "max_batch_size": self._max_batch_size, "batch_wait_timeout_s": self._batch_wait_timeout_s},
+            "batching": self._batcher.stats(),  # this replica's, since it started; sizes in images
         })
 
     @_tf_routes("get", "/metadata", summary="The signature (TensorFlow Serving metadata)")

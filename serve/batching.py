@@ -35,6 +35,11 @@ class Batcher:
         self._queue: collections.deque[tuple[Any, asyncio.Future, float]] = collections.deque()
         self._arrived: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None
+        self.batches = self.filled = self.largest = 0  # since start: batches run, their summed and largest size
+
+    def stats(self) -> dict[str, int]:
+        """Batches run since start, the items (by ``size``) they held, and the largest."""
+        return {"batches": self.batches, "size_total": self.filled, "size_largest": self.largest}
 
     def configure(self, max_size: int, wait_s: float) -> None:
         """Takes effect from the next batch."""
@@ -97,6 +102,7 @@ class Batcher:
                 filled = self._take(items, futures, filled)
             if not items:
                 continue
+            self.batches, self.filled, self.largest = self.batches + 1, self.filled + filled, max(self.largest, filled)
             try:
                 results = list(await self._fn(items))
                 if len(results) != len(items):

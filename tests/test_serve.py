@@ -183,6 +183,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, di
     x, _ = digits
     want = offline["v1"].predict_proba(x[:24])
     got: dict[int, np.ndarray] = {}
+    before = httpx.get(f"{server}/v1/models/{MODEL}").json()["batching"]  # one replica: its batches since start
 
     def one(i: int) -> None:
         got[i] = _probs(httpx.post(f"{server}/v1/models/{MODEL}:predict", json={"instances": x[i:i + 1].tolist()},
@@ -195,6 +196,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, di
         t.join()
     np.testing.assert_allclose(np.stack([got[i] for i in range(24)]), want, rtol=0, atol=1e-5)
     assert [int(got[i].argmax()) for i in range(24)] == want.argmax(1).tolist()
+    after = httpx.get(f"{server}/v1/models/{MODEL}").json()["batching"]
+    assert after["size_total"] - before["size_total"] == 24  # every image went through the batcher once
+    assert 1 <= after["batches"] - before["batches"] <= 24 and 1 <= after["size_largest"] <= 8  # max_batch_size 8
 
 
 def test_uploaded_images_any_size(server, digits, offline):

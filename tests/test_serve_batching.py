@@ -50,10 +50,11 @@ def test_batches_form_from_what_queued_while_the_model_ran():
         b = Batcher(model, max_size=3)
         first, rest = await queued_while_busy(b, model, "a", "bcdef")
         model.gate.set()
-        return model.batches, await first, await asyncio.gather(*rest)
+        return model.batches, await first, await asyncio.gather(*rest), b.stats()
 
-    batches, first, rest = run(scenario())
+    batches, first, rest, stats = run(scenario())
     assert batches == [["a"], ["b", "c", "d"], ["e", "f"]]
+    assert stats == {"batches": 3, "size_total": 6, "size_largest": 3}
     assert first == "a!" and rest == ["b!", "c!", "d!", "e!", "f!"]
 
 
