@@ -190,8 +190,8 @@ class TransfuseReplica:
         self._bundle_path = self._args.bundle
         self._from_init = True  # the first reconfigure with the same bundle does not load it again
         self._last_refused: Optional[dict[str, str]] = None
-        self._batcher = Batcher(self._predict_batch, max_size=1, size=_images)  # sized by _set_batching
-        self._set_batching(self._args.max_batch_size, self._args.batch_wait_timeout_s)
+        self._batcher = Batcher(self._predict_batch, self._args.max_batch_size, self._args.batch_wait_timeout_s,
+                                size=_images)
         logger.info("serving bundle %s version %s (%s)", self._bundle.name, self._bundle.version,
                     self._bundle.checksum)
 
@@ -203,10 +203,6 @@ class TransfuseReplica:
         return bundle
 
     # ---- configuration and hot swap
-
-    def _set_batching(self, max_batch_size: Any, batch_wait_timeout_s: Any) -> None:
-        self._batcher.configure(max_batch_size, batch_wait_timeout_s)
-        self._max_batch_size, self._batch_wait_timeout_s = self._batcher.max_size, self._batcher.wait_s
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply ``user_config`` (bundle, revision, max_batch_size, batch_wait_timeout_s).
@@ -220,8 +216,8 @@ class TransfuseReplica:
             unknown = sorted(set(cfg) - set(USER_CONFIG_KEYS))
             if unknown:
                 raise ValueError(f"unknown user_config key(s) {unknown}; allowed: {list(USER_CONFIG_KEYS)}")
-            self._set_batching(cfg.get("max_batch_size", self._max_batch_size),
-                               cfg.get("batch_wait_timeout_s", self._batch_wait_timeout_s))
+            self._batcher.configure(cfg.get("max_batch_size", self._batcher.max_size),
+                                    cfg.get("batch_wait_timeout_s", self._batcher.wait_s))
         except (TypeError, ValueError) as e:
             if from_init:  # a replica never starts on a config it cannot apply
                 raise
@@ -284,13 +280,11 @@ class TransfuseReplica:
 
     async def _infer(self, bundle: Any, x: np.ndarray) -> np.ndarray:
         """Chunks of at most max_batch_size images go through the batcher; results in request order."""
-        size = self._max_batch_size
+        size = self._batcher.max_size
         if len(x) <= size:  # the common case: one chunk, no gather task around it
-            parts = [await self._batcher.submit((bundle, x))]
-        else:
-            parts = await asyncio.gather(*[self._batcher.submit((bundle, x[i:i + size]))
-                                           for i in range(0, len(x), size)])
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+            return await self._batcher.submit((bundle, x))
+        return np.concatenate(await asyncio.gather(*[self._batcher.submit((bundle, x[i:i + size]))
+                                                     for i in range(0, len(x), size)]))
 
     async def _classify(self, bundle: Any, parse: Callable[[], np.ndarray], big: bool) -> np.ndarray:
         """Parse (in the decode thread when ``big``) and predict, within ``request_timeout_s`` (else 504)."""
@@ -382,7 +376,7 @@ class TransfuseReplica:
             "last_refused_bundle": self._last_refused,
             "limits": {"max_instances": self._args.max_instances, "max_request_bytes": self._args.max_request_bytes,
                        "max_pixels": self._args.max_pixels, "request_timeout_s": self._args.request_timeout_s,
-                       "max_batch_size": self._max_batch_size, "batch_wait_timeout_s": self._batch_wait_timeout_s},
+                       "max_batch_size": self._batcher.max_size, "batch_wait_timeout_s": self._batcher.wait_s},
             "batching": self._batcher.stats(),  # this replica's, since it started; sizes in images
         })
 

@@ -479,9 +479,9 @@ def test_health_check_and_swap_refuse_a_bundle_that_cannot_predict(bundles, brok
         await m.check_health()
         await m.reconfigure({"bundle": bundles["v2"], "max_batch_size": 4})
         assert m._bundle.version == "2" and m._last_refused is None
-        assert m._max_batch_size == 4
+        assert m._batcher.max_size == 4
         await m.reconfigure({"bundle": bundles["v2"], "max_batch_size": 0})
-        assert "max_batch_size" in m._last_refused["error"] and m._max_batch_size == 4
+        assert "max_batch_size" in m._last_refused["error"] and m._batcher.max_size == 4
         m._bundle = load_bundle(broken_bundle)  # a model that stops predicting must fail the health check
         with pytest.raises(BundleError, match="cannot predict"):
             await m.check_health()

@@ -437,8 +437,7 @@ def verify(directory: Union[str, Path]) -> tuple[dict, bytes]:
     if extra:
         raise BundleError(f"{d}: files not listed in the manifest: {extra}; a bundle holds only what its manifest "
                           f"checksums (remove them or re-export)")
-    referenced = [m["trunk"]["file"]] if m.get("trunk") else []
-    referenced += [x["file"] for x in m["cnn_members"]] + [x["file"] for x in m.get("sklearn_members", [])]
+    referenced = list(file_codings(m))  # the model files, in manifest order
     if m["combiner"].get("file"):
         referenced.append(m["combiner"]["file"])
     for rel in referenced:
