@@ -16,8 +16,9 @@ from transfuse.errors import TransfuseError
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", required=True, help="YAML config file (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
-                   help="override one config value, e.g. --set train.epochs_frozen=2 (repeatable)")
+    p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY.PATH=VALUE",
+                   help="override config values, e.g. --set train.epochs_frozen=2 data.on_bad_file=skip "
+                        "(repeatable)")
     p.add_argument("--force", action="store_true", help="rerun even when the stage's manifest is complete")
     return p
 

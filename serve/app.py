@@ -13,7 +13,7 @@ Protocols, each parsed by its own module (this class only routes, batches and an
 
 - TensorFlow Serving REST (``serve.tfserving``): ``POST /v1/models/{name}[/versions/{v}|/labels/{l}]:predict``,
   ``GET /v1/models/{name}[...]`` (status, with ``model_version_status``), ``GET .../metadata``.
-- Uploads: ``POST /v1/models/{name}/images`` (multipart PNG/JPEG files of any size).
+- Uploads: ``POST /v1/models/{name}/images`` (multipart image files: JPEG, PNG, WebP, BMP, GIF, TIFF, any size).
 - Open Inference Protocol v2 (``serve.v2``): ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
   ``/v2/models/{name}[/versions/{v}][/ready]``, ``POST /v2/models/{name}[/versions/{v}]/infer`` (JSON and binary
   tensors), and the same over Serve's gRPC proxy (``GRPCInferenceService``: the methods named like its RPCs).
@@ -87,7 +87,7 @@ PREDICT_BODY = {
             "properties": {
                 "signature_name": {"type": "string", "enum": [tfserving.SIGNATURE]},
                 "instances": {"type": "array", "minItems": 1, "description": "row format: images as nested arrays "
-                              "H x W (x C) (integers 0..255 or floats in [0, 1]) or {\"b64\": PNG/JPEG}"},
+                              "H x W (x C) (integers 0..255 or floats in [0, 1]) or {\"b64\": an encoded image}"},
                 "inputs": {"description": "columnar format: the same list, or {\"images\": list}"},
             },
         }}},
@@ -298,7 +298,7 @@ class TransfuseReplica:
                                 "overloaded or the request too large: retry later or send fewer images") from None
 
     def _spec(self, bundle: Any) -> ImageSpec:
-        return ImageSpec(input_shape(bundle), self._args.max_instances, self._args.max_pixels)
+        return ImageSpec(input_shape(bundle), self._args.max_instances, self._args.max_pixels, bundle.image_policy)
 
     # ---- request checks
 
@@ -344,7 +344,7 @@ class TransfuseReplica:
                                                 str(bundle.version)))
 
     @api.post("/v1/models/{name}/images", openapi_extra=IMAGES_BODY,
-              summary="Classify uploaded PNG/JPEG files of any size")
+              summary="Classify uploaded image files (JPEG, PNG, WebP, BMP, GIF, TIFF) of any size")
     async def images(self, name: str, request: Request) -> Response:
         self._authorize(request.headers)
         bundle = self._model(name)

@@ -66,7 +66,7 @@ def _checked(r: httpx.Response) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="Classify images with a transfuse Serve endpoint.")
-    ap.add_argument("files", nargs="*", help="PNG/JPEG files (any size)")
+    ap.add_argument("files", nargs="*", help="image files (JPEG, PNG, WebP, BMP, GIF, TIFF; any size)")
     ap.add_argument("--url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default="transfuse", help="model name in /v1/models/{name}")
     ap.add_argument("--instances", help="JSON file: {\"instances\": [...]} or a list of images")

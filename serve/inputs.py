@@ -7,13 +7,12 @@ imports TensorFlow or knows about Ray Serve.
 
 from __future__ import annotations
 
-import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
 
-IMAGE_FORMATS = ("PNG", "JPEG")  # what the app decodes; anything else is refused with 415
+from transfuse import images
 
 
 class ApiError(Exception):
@@ -28,11 +27,18 @@ class ApiError(Exception):
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """What one request may carry: the bundle's raw image shape and the server's per-request limits."""
+    """What one request may carry: the bundle's raw image shape, how an encoded image becomes it, and the server's
+    per-request limits."""
 
     shape: tuple[int, int, int]  # H, W, C before the bundle's preprocessing
     max_instances: int  # images per request
     max_pixels: int  # pixels per encoded image, checked from its header before it is decoded
+    policy: Optional[images.ImagePolicy] = None  # the bundle's (Bundle.image_policy); None: stretch to shape
+
+    def image_policy(self) -> images.ImagePolicy:
+        h, w, c = self.shape
+        base = self.policy or images.ImagePolicy(size=h, width=None if w == h else w, channels=c, resize="stretch")
+        return replace(base, max_pixels=self.max_pixels)
 
     @property
     def allowed(self) -> str:
@@ -122,36 +128,16 @@ def stack_images(images: list[np.ndarray]) -> np.ndarray:
 
 
 def decode_image(data: bytes, spec: ImageSpec, filename: str = "image") -> np.ndarray:
-    """PNG/JPEG bytes -> H x W x C uint8: the bundle's channels, resized to its raw input size.
-
-    The pixel count is read from the header and refused (413) before any pixel is decoded, so a small file that
-    declares a huge image costs nothing.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    h, w, c = spec.shape
+    """Encoded image bytes -> H x W x C uint8 by the bundle's image policy (``transfuse.images.decode``: the same
+    pixels as the prepared data and ``transfuse predict``). The pixel count is read from the header and refused
+    (413) before any pixel is decoded, so a small file that declares a huge image costs nothing; a file that is
+    not an allowed image, or is truncated or corrupt, is refused with 415."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
-            if fmt not in IMAGE_FORMATS:
-                raise ApiError(415, f"{filename}: image format {fmt} is not supported; allowed: PNG, JPEG")
-            iw, ih = img.size
-            if iw * ih > spec.max_pixels:
-                raise ApiError(413, f"{filename}: image is {iw} x {ih} = {iw * ih / 1e6:.1f} megapixels; at most "
-                                    f"{spec.max_pixels / 1e6:g} megapixels per image ({spec.max_pixels} pixels)")
-            img = img.convert("L" if c == 1 else "RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BILINEAR)
-            x = np.asarray(img, dtype=np.uint8)
-    except ApiError:
-        raise
-    except Image.DecompressionBombError as e:
-        raise ApiError(413, f"{filename}: image too large to decode ({e})") from None
-    except UnidentifiedImageError:
-        raise ApiError(415, f"{filename}: not an image PIL can identify; allowed: PNG, JPEG") from None
-    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt data inside a PNG/JPEG header
-        raise ApiError(415, f"{filename}: not a readable PNG or JPEG image ({type(e).__name__}: {e})") from None
-    return x[..., None] if x.ndim == 2 else x
+        return images.decode(data, spec.image_policy(), filename)
+    except images.ImageTooLargeError as e:
+        raise ApiError(413, str(e)) from None
+    except images.ImageError as e:
+        raise ApiError(415, str(e)) from None
 
 
 def decode_base64(text: Any, what: str) -> bytes:
@@ -164,7 +150,8 @@ def decode_base64(text: Any, what: str) -> bytes:
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise ApiError(400, f"{what}: not valid base64 ({e}); send standard padded base64 of PNG/JPEG bytes") from None
+        raise ApiError(400, f"{what}: not valid base64 ({e}); send standard padded base64 of an image file's "
+                            "bytes") from None
 
 
 # ------------------------------------------------------------------------------------ request bodies
@@ -216,7 +203,8 @@ async def parse_uploads(request: Any, body: bytes, max_files: int) -> list[tuple
     finally:
         await form.close()
     if not files:
-        raise ApiError(400, "no image files in the upload; send one or more PNG/JPEG files")
+        raise ApiError(400, f"no image files in the upload; send one or more image files "
+                            f"({', '.join(images.FORMATS)})")
     if len(files) > max_files:
         raise ApiError(413, f"too many files: got {len(files)}, at most {max_files} per request")
     return files

@@ -3,7 +3,7 @@
 ``POST /v1/models/{name}[/versions/{v} | /labels/{l}]:predict`` takes ``{"signature_name": "serving_default",
 "instances": [...]}`` (row format, answered with ``predictions``) or ``{"inputs": ...}`` (columnar, answered with
 ``outputs``), never both. An image is a nested array H x W (x C) of integers 0..255 or floats in [0, 1], or
-``{"b64": "<base64 PNG/JPEG>"}``; the named form ``{"images": ...}`` is accepted as well. The signature has one
+``{"b64": "<base64 of an image file>"}``; the named form ``{"images": ...}`` is accepted as well. The signature has one
 input, ``images``, and three outputs: ``probabilities`` (float, N x K), ``class_id`` (int64, N) and ``label``
 (string, N).
 """

@@ -1,7 +1,7 @@
 """The Open Inference Protocol v2 (KServe, Triton), over HTTP (JSON and binary tensors) and over gRPC.
 
 One input, ``images``: UINT8 or FP32 N x H x W x C (N x H x W for grey models; FP32 in [0, 1]), or BYTES [N]
-(or [N, 1]) holding encoded PNG/JPEG files (base64 strings in JSON, raw bytes in binary data and gRPC). Three
+(or [N, 1]) holding encoded image files (base64 strings in JSON, raw bytes in binary data and gRPC). Three
 outputs: ``probabilities`` FP32 [N, K], ``class_id`` INT64 [N], ``label`` BYTES [N]; all three unless the request
 names some. Both transports parse into ``InferRequest`` and render from the same output tensors, so a tensor is
 checked once whichever way it came. The gRPC messages come from ``tritonclient.grpc.service_pb2`` (imported only
@@ -355,7 +355,7 @@ def images(req: InferRequest, spec: ImageSpec) -> np.ndarray:
     what = f"input {INPUT!r}"
     if t.datatype not in IMAGE_DATATYPES:
         raise ApiError(400, f"{what}: datatype {t.datatype} is not accepted; allowed: {', '.join(IMAGE_DATATYPES)} "
-                            "(UINT8/FP32 pixels N x H x W x C, BYTES encoded PNG/JPEG files [N])")
+                            "(UINT8/FP32 pixels N x H x W x C, BYTES encoded image files [N])")
     if t.datatype == "BYTES":
         if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
             raise ApiError(400, f"{what}: BYTES images must be shaped [N] or [N, 1], got {t.shape}")

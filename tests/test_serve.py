@@ -293,7 +293,8 @@ BAD = [  # (case, method, path, request kwargs, status, error pattern)
     ("unknown_route", "GET", "/v3/whatever", {}, 404, "Not Found"),
     ("not_an_image", "POST", IMAGES, {"files": [("files", ("x.png", b"not an image at all", "image/png"))]}, 415,
      "x.png: not an image"),
-    ("gif", "POST", IMAGES, {"files": [("files", ("x.gif", "GIF", "image/gif"))]}, 415, "GIF.*allowed: PNG, JPEG"),
+    ("ppm", "POST", IMAGES, {"files": [("files", ("x.ppm", "PPM", "image/x-portable-pixmap"))]}, 415,
+     "x.ppm: image format PPM is not allowed; allowed: JPEG, PNG, WEBP, BMP, GIF, TIFF"),
     ("truncated_png", "POST", IMAGES, {"files": [("files", ("t.png", "TRUNC", "image/png"))]}, 415, "t.png"),
     ("not_multipart", "POST", IMAGES, _json({"instances": [_IMG]}), 415, "multipart/form-data"),
     ("no_files", "POST", IMAGES, {"content": b"--xx--\r\n", "headers": MULTIPART}, 400, "no image files"),
@@ -408,9 +409,9 @@ def _materialize(kwargs: dict, digits_x: np.ndarray) -> dict:
     for field, (name, data, ctype) in kwargs["files"]:
         if data == "PNG":
             data = _png(digits_x[0, ..., 0])
-        elif data == "GIF":
+        elif data == "PPM":
             buf = io.BytesIO()
-            Image.fromarray(digits_x[0, ..., 0]).save(buf, "GIF")
+            Image.fromarray(digits_x[0, ..., 0]).save(buf, "PPM")
             data = buf.getvalue()
         elif data == "TRUNC":
             data = _png(digits_x[0, ..., 0])[:40]

@@ -40,6 +40,7 @@ import numpy as np
 
 from transfuse import storage
 from transfuse.errors import TransfuseError
+from transfuse.images import ImagePolicy
 from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
 from transfuse.runtimes import MODEL_FORMATS, LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
 from transfuse.stacking import Stacker, combine_probs, softmax
@@ -143,6 +144,17 @@ def example_images(images: np.ndarray, labels: np.ndarray, names: list[str], n: 
     return [(names[int(labels[i])], png_bytes(images[i])) for i in firsts]
 
 
+def _image_policy(d: Optional[dict], shape: Any) -> ImagePolicy:
+    """The bundle's image policy; one written without one stretches any image to its input shape."""
+    h, w, c = (int(v) for v in shape)
+    if d:
+        policy = ImagePolicy.from_dict(d)
+        if policy.shape != (h, w, c):
+            raise BundleError(f"image_policy makes {policy.shape} images, the input shape is {(h, w, c)}")
+        return policy
+    return ImagePolicy(size=h, width=None if w == h else w, channels=c, resize="stretch")
+
+
 def write_bundle(
     directory: str,
     *,
@@ -163,10 +175,13 @@ def write_bundle(
     examples: Optional[list[tuple[str, bytes]]] = None,
     overwrite: bool = False,
     coding: str = "none",
+    image_policy: Optional[dict] = None,
 ) -> dict:
     """Write a bundle to ``directory`` (local or URI); the manifest goes last. Returns the manifest.
 
     ``coding``: how the model files (trunk, CNN members, scikit-learn members) are stored, one of ``CODINGS``.
+    ``image_policy``: how an image file becomes the input pixels (``transfuse.images.ImagePolicy``, from the
+    prepared data); None: stretched to ``input_shape``.
 
     A non-empty target is refused unless ``overwrite`` (then its contents are deleted first), since files left
     over from an earlier bundle would make the loader refuse this one. ``examples``: a few (true label, PNG bytes)
@@ -216,7 +231,8 @@ def write_bundle(
         "variant": variant,
         "class_names": list(class_names),
         "input_spec": {"shape": [int(d) for d in input_shape], "dtype": ["uint8", "float32"],
-                       "range": {"uint8": [0, 255], "float32": [0.0, 1.0]}, "layout": "NHWC"},
+                       "range": {"uint8": [0, 255], "float32": [0.0, 1.0]}, "layout": "NHWC",
+                       "image_policy": _image_policy(image_policy, input_shape).to_dict()},
         "preprocess": preprocess_spec.to_dict() if isinstance(preprocess_spec, PreprocessSpec)
         else dict(preprocess_spec),
         "runtime": {"num_threads": int(num_threads)},
@@ -490,6 +506,11 @@ class Bundle:
     @property
     def input_spec(self) -> dict:
         return self.manifest["input_spec"]
+
+    @property
+    def image_policy(self) -> ImagePolicy:
+        """How an image file becomes this bundle's input pixels (Serve's decoders and ``transfuse predict``)."""
+        return _image_policy(self.input_spec.get("image_policy"), self.input_spec["shape"])
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:

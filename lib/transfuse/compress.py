@@ -9,7 +9,11 @@
   lossless, and it shrinks float32 and int8 alike.
 - Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured
   (``transfuse.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1
-  (p50, p99), throughput at batch 32, test accuracy / NLL / ECE.
+  (p50, p99), throughput at batch 32, test accuracy / NLL / ECE, balanced accuracy, macro F1 and recall per class
+  (by class name).
+- Class weights: ``metrics.json`` records the run's decision (``class_weights.decision``) that the members and the
+  stacker were fitted under. The pruning fine-tune here is not weighted: it follows the float member's outputs
+  (``compress.prune_distill``), which already carry the weighting, or the labels the member was trained on.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
                   name: str, version: str, class_names: list[str], input_shape: tuple[int, int, int],
                   num_threads: int = 1, metrics: Optional[dict] = None, extra: Optional[dict] = None,
                   examples: Optional[list[tuple[str, bytes]]] = None, overwrite: bool = True,
-                  coding: str = "none") -> dict:
+                  coding: str = "none", image_policy: Optional[dict] = None) -> dict:
     spec = members[0].spec
     if exported.merged is not None:
         cnn = [CNNMember(name=m.name, data=exported.merged, format="tflite", input="image",
@@ -78,11 +82,13 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
         directory, name=name, version=version, class_names=class_names, input_shape=input_shape,
         preprocess_spec=PreprocessSpec(**spec["preprocess"]), cnn_members=cnn, trunk=exported.trunk,
         sklearn_members=parts.sklearn, stacker=parts.stacker, variant=exported.mode, metrics=metrics,
-        num_threads=num_threads, examples=examples, overwrite=overwrite, coding=coding,
+        num_threads=num_threads, examples=examples, overwrite=overwrite, coding=coding, image_policy=image_policy,
         extra={"shared_trunk": {"cut_layer": exported.cut_layer}, **(extra or {})})
 
 
 STAGE = "compress"
+# the served bundle's test metrics (its manifest): what every stage reports, by class too
+SERVED_METRICS = ("accuracy", "nll", "ece", "n", "balanced_accuracy", "macro_f1", "per_class_recall")
 
 
 def parse_variant(name: str, sparsity: list[float]) -> tuple[Optional[float], str]:
@@ -213,7 +219,8 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     storage.makedirs(out)
     storage.clear_dir(out)  # no stale variants from an earlier run
     common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
-                  num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names), coding=ccfg.coding)
+                  num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names), coding=ccfg.coding,
+                  image_policy=dm.get("image_policy"))
     rows = []
     for v, (ex, v_members, v_parts, v_source) in contents.items():
         vdir = storage.join(out, v)
@@ -238,18 +245,21 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
             r.update(lat[r["variant"]], latency="blocked")
     rows = measure.with_ratios(rows)
     pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
+    from transfuse.class_weights import decision
+
     report = {"variants": rows, "goals": measure.goals(rows, cfg.goals, "int8") if "int8" in exported else {},
               # the first pruned int8 variant (the report reads this key); every one in goals_by_variant
               "goals_pruned_int8": measure.goals(rows, cfg.goals, pruned_int8[0]) if pruned_int8 else {},
               "goals_by_variant": {v: measure.goals(rows, cfg.goals, v) for v in exported if v != "float32" and "float32" in exported},
               "pruning": pruning, "sklearn_rewrites": sk_info, "ensemble_source": src.source,
               "zero_weight_members": dropped, "num_threads": ccfg.num_threads,
-              "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()}}
+              "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()},
+              "class_weight": decision(cfg.data, dm)}
     storage.write_json(storage.join(out, "metrics.json"), report)
     serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)
     ex, v_members, v_parts, v_source = contents[ccfg.serve_variant]
     write_variant(bundle_dir, ex, v_members, v_parts, **common, overwrite=True,
-                  metrics={"test": {k: serve_row[k] for k in ("accuracy", "nll", "ece", "n")}, "variants": rows,
+                  metrics={"test": {k: serve_row[k] for k in SERVED_METRICS if k in serve_row}, "variants": rows,
                            "goals": report["goals"]},
                   extra={"ensemble_source": v_source, "stage": "bundle", "complete": True,
                          "fingerprint": fp, "config": cfg.model_dump(mode="json")})

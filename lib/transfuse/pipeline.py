@@ -120,7 +120,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain", _pretrain, lambda cfg, deploy: cfg.model.weights == "pretrain"),
     Stage("finetune", "finetune", _finetune),
     # the transfer baseline only means something when weights were transferred
-    Stage("scratch", "scratch", _scratch, lambda cfg, deploy: cfg.model.weights != "none"),
+    Stage("scratch", "scratch", _scratch, lambda cfg, deploy: cfg.model.weights != "none" and cfg.train.baselines),
     Stage("tune", "tune", _tune),
     Stage("ensemble", "ensemble", _ensemble),
     Stage("distill", "distill", _distill, lambda cfg, deploy: cfg.distill.enabled),

@@ -9,11 +9,11 @@ data or weights (CIFAR-10, ImageNet): it says what would be fetched.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
-from transfuse.config import Config
+from transfuse.config import FILE_SOURCES, Config
 from transfuse.errors import TransfuseError
 
 # classes of the built-in sources when data.classes does not pick a subset (image folders and parquet files only
@@ -25,10 +25,13 @@ class PlanError(TransfuseError, ValueError):
     """A plan cannot be built from this config without reading the data first."""
 
 
-def num_classes(cfg: Config) -> int:
-    """Classes of the target task: the chosen subset, the built-in source's count, or the prepared data's."""
+def num_classes(cfg: Config, data: Optional[dict[str, Any]] = None) -> int:
+    """Classes of the target task: the chosen subset, the files' classes (``data``: their data plan), the
+    built-in source's count, or the prepared data's."""
     if cfg.data.classes:
         return len(cfg.data.classes)
+    if data is not None and "classes" in data and isinstance(data["classes"], dict):
+        return len(data["classes"])
     if cfg.data.source in SOURCE_CLASSES:
         return SOURCE_CLASSES[cfg.data.source]
     manifest = storage.join(storage.stage_dir(cfg, "data"), storage.MANIFEST)
@@ -38,10 +41,72 @@ def num_classes(cfg: Config) -> int:
                     f"`python -m jobs.prepare` first or list them in data.classes")
 
 
+def files_plan(cfg: Config) -> dict[str, Any]:
+    """A user's files from their headers alone (nothing decoded, no Ray): the classes with their counts and how
+    each is split, the sizes, formats and modes seen, the files skipped and the bad ones. ``problems`` lists what
+    would stop the run (``check_data``)."""
+    from collections import Counter
+
+    from transfuse.data import files
+    from transfuse.data.prepare import class_ids, check_class_sizes, image_policy, split_counts
+
+    d = cfg.data
+    listing = files.list_files(d)
+    found = files.inspect_all(listing, d.max_pixels)
+    bad = listing.bad + [{"id": r["id"], "reason": r["error"]} for r in found if r.get("error")]
+    bad_ids = {b["id"] for b in bad}
+    counts: Counter = Counter()
+    test_counts: Counter = Counter()
+    for r in found:
+        if r["id"] not in bad_ids or d.on_bad_file == "error":
+            (test_counts if r["id"].startswith(files.TEST_PREFIX) else counts)[r["class"]] += 1
+    kept = [listing.classes[i] for i in class_ids(d.classes, listing.classes)]
+    ok = [r for r in found if not r.get("error")]
+    problems: list[str] = []
+    try:
+        check_class_sizes({c: counts[c] for c in kept}, d)
+    except TransfuseError as e:
+        problems.append(str(e))
+    if bad and d.on_bad_file == "error":
+        from transfuse.data.prepare import bad_files_error
+
+        problems.append(str(bad_files_error(bad, d.source)))
+    largest, smallest = max(counts[c] for c in kept), max(1, min(counts[c] for c in kept))
+
+    def spread(key: str) -> dict[str, int]:
+        v = sorted(r[key] for r in ok)
+        return {"min": v[0], "median": v[len(v) // 2], "max": v[-1]} if v else {}
+
+    return {
+        "source": d.source, "path": d.path, "test_path": d.test_path,
+        "classes": {c: {"images": counts[c], **({"test": test_counts[c]} if d.test_path else {}),
+                        "split": split_counts(counts[c], d) if d.labelled_per_class is None else "label budget"}
+                    for c in kept},
+        "left_out": [c for c in listing.classes if c not in kept],
+        "imbalance": f"{largest / smallest:.1f}x (largest / smallest class)",
+        "width": spread("width"), "height": spread("height"),
+        "formats": dict(Counter(r["format"] for r in ok)), "modes": dict(Counter(r["mode"] for r in ok)),
+        "image_policy": image_policy(cfg).to_dict(),
+        "skipped": {"count": len(listing.ignored), "reasons": dict(Counter(i["reason"] for i in listing.ignored))},
+        "bad_files": bad, "on_bad_file": d.on_bad_file, "problems": problems,
+        "output": storage.stage_dir(cfg, "data"),
+    }
+
+
+def check_data(data: dict[str, Any]) -> None:
+    """Raise the data plan's problems (too few images in a class, bad files without data.on_bad_file=skip)."""
+    if data.get("problems"):
+        from transfuse.data import DataError
+
+        raise DataError("\n".join(data["problems"]))
+
+
 def data_plan(cfg: Config) -> dict[str, Any]:
     from transfuse.data import sources
 
     d = cfg.data
+    if d.source in FILE_SOURCES:
+        return files_plan(cfg)
     fetch = None
     if d.source == "cifar10" and d.download:
         local = sources.find_dir(d.path, sources.CIFAR10_DIRS, ("data_batch_1", "batches.meta"))
@@ -212,11 +277,14 @@ def compress_plan(cfg: Config) -> dict[str, Any]:
             "output": storage.stage_dir(cfg, "bundle")}
 
 
-def plan(cfg: Config) -> dict[str, Any]:
+def plan(cfg: Config, data: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Every stage's plan. Raises the stage's own error where the config cannot work (e.g. an unfreeze depth
-    beyond the backbone, an unknown scikit-learn parameter)."""
-    k = num_classes(cfg)
-    return {"run": storage.run_dir(cfg), "data": data_plan(cfg), "model": model_plan(cfg, k),
+    beyond the backbone, an unknown scikit-learn parameter, a class with too few images, bad files).
+    ``data``: the data plan when the caller has it already."""
+    data = data_plan(cfg) if data is None else data
+    check_data(data)
+    k = num_classes(cfg, data)
+    return {"run": storage.run_dir(cfg), "data": data, "model": model_plan(cfg, k),
             "finetune": finetune_plan(cfg), "tune": tune_plan(cfg), "ensemble": ensemble_plan(cfg),
             "distill": distill_plan(cfg), "compress": compress_plan(cfg), "serve": cfg.serve.model_dump(mode="json"),
             "ray": cfg.ray.model_dump(mode="json")}

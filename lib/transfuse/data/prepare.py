@@ -13,8 +13,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse import storage
-from transfuse.config import PREPARED_SPLITS, UNLABELLED, Config, DataConfig, digest
+from transfuse import images, storage
+from transfuse.config import FILE_SOURCES, MIN_PER_SPLIT, PREPARED_SPLITS, UNLABELLED, Config, DataConfig, digest
 from transfuse.data.sources import DataError, Source, load_source
 
 log = logging.getLogger(__name__)
@@ -45,31 +45,86 @@ def _listing(rows: list[dict[str, Any]]) -> str:
     return shown + more
 
 
-def validate(meta: Any, class_names: list[str], cfg: DataConfig) -> tuple[Any, list[dict[str, str]]]:
-    """Bad rows (undecodable, label outside the class list): raise, or return them as skipped."""
+def image_policy(cfg: Config, dcfg: Optional[DataConfig] = None) -> images.ImagePolicy:
+    """How a user's image files become the stored (and served) pixels: ``data.image_size`` (else the model's
+    input size) square, in ``data.channels``, by ``data.resize``."""
+    d = dcfg or cfg.data
+    return images.ImagePolicy(size=d.image_size or cfg.model.input_size, channels=d.channels, resize=d.resize,
+                              max_pixels=d.max_pixels)
+
+
+def bad_files_error(rows: list[dict[str, str]], source: str) -> DataError:
+    return DataError(f"{len(rows)} bad example(s) in {source} data (rerun with --set data.on_bad_file=skip to skip "
+                     f"them and list them in the data manifest):\n{_listing(rows)}")
+
+
+def class_ids(classes: Optional[list[Any]], class_names: list[str]) -> list[int]:
+    """``data.classes`` (names, or the built-in sources' ids) as ids of the source's class list, in that order."""
+    if classes is None:
+        return list(range(len(class_names)))
+    out, unknown = [], []
+    for c in classes:
+        if isinstance(c, int):
+            (out if 0 <= c < len(class_names) else unknown).append(c)
+        elif c in class_names:
+            out.append(class_names.index(c))
+        else:
+            unknown.append(c)
+    if unknown:
+        raise DataError(f"data.classes names {unknown}, which the data does not have; its classes (ids 0.."
+                        f"{len(class_names) - 1}): {class_names}")
+    return out
+
+
+def split_counts(n: int, cfg: DataConfig) -> dict[str, int]:
+    """Images of a class of ``n`` in each split by the fractions: test (unless a set apart), val, holdout at
+    least ``MIN_PER_SPLIT`` each where their fraction is above 0; train the rest."""
+    counts = {}
+    for s in ("test", "val", "holdout"):
+        f = 0.0 if s == "test" and cfg.separate_test() else getattr(cfg.split, s)
+        counts[s] = max(MIN_PER_SPLIT[s], int(round(f * n))) if f > 0 else 0
+    counts["train"] = n - sum(counts.values())
+    return counts
+
+
+def check_class_sizes(counts: dict[str, int], cfg: DataConfig) -> None:
+    """Every class has enough labelled images for the split fractions, or a DataError naming each short class,
+    its count and the minimum (``transfuse plan`` and ``transfuse run`` call it before Ray starts)."""
+    if cfg.labelled_per_class is not None:
+        return
+    need = cfg.min_per_class()
+    short = {c: n for c, n in counts.items() if n < need}
+    if short:
+        listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items(), key=lambda kv: kv[1]))
+        raise DataError(f"too few images for the split: {listed}; each class needs at least {need} (train "
+                        f"{MIN_PER_SPLIT['train']}, val {MIN_PER_SPLIT['val']}, holdout {MIN_PER_SPLIT['holdout']}"
+                        + ("" if cfg.separate_test() else f", test {MIN_PER_SPLIT['test']}")
+                        + "). Add images to those classes, leave them out with data.classes, or lower "
+                        "data.split fractions to 0 (val and holdout feed early stopping and the stacker)")
+
+
+def validate(meta: Any, class_names: list[str], cfg: DataConfig,
+             found_bad: Optional[list[dict[str, str]]] = None) -> tuple[Any, list[dict[str, str]]]:
+    """Bad rows (undecodable, label outside the class list, and ``found_bad``: rows the source found bad before
+    decoding): raise, or return them as skipped."""
     n_classes = len(class_names)
     dup = meta["id"][meta["id"].duplicated()]
     if len(dup):
         raise DataError(f"ids must be unique; {len(dup)} repeated, e.g. {list(dup[:5])}")
     bad_label = (meta["label"] < 0) | (meta["label"] >= n_classes)
     bad = (meta["error"] != "") | bad_label
-    rows = [
+    rows = list(found_bad or []) + [
         {"id": r.id, "reason": r.error or f"label {r.label} outside the class list 0..{n_classes - 1} {class_names}"}
         for r in meta[bad].itertuples()
     ]
     if rows and cfg.on_bad_file == "error":
-        raise DataError(f"{len(rows)} bad example(s) in {cfg.source} data (set data.on_bad_file=skip to skip "
-                        f"and record them):\n{_listing(rows)}")
+        raise bad_files_error(rows, cfg.source)
     good = meta[~bad]
     shapes = good.groupby("shape")["id"].agg(["count", "first"])
     if len(shapes) > 1:
         detail = "; ".join(f"{s}: {c} images, e.g. {f}" for s, (c, f) in shapes.iterrows())
         raise DataError(f"images have mixed shapes ({detail}). All images of a dataset must share one "
                         "H x W x C; resize them beforehand (the model's input_size resizes at training time).")
-    if cfg.classes is not None:
-        unknown = [c for c in cfg.classes if c >= n_classes]
-        if unknown:
-            raise DataError(f"data.classes names class ids {unknown} outside 0..{n_classes - 1} {class_names}")
     return good, rows
 
 
@@ -110,31 +165,37 @@ def label_budget(cfg: DataConfig, counts: dict[str, dict[str, int]]) -> Optional
 
 
 def assign_splits(labels: np.ndarray, ids: np.ndarray, cfg: DataConfig, seed: int,
-                  n_classes: int, test_prefix: Optional[str] = None
+                  class_names: list[str], test_prefix: Optional[str] = None
                   ) -> tuple[dict[str, tuple[str, int]], dict[str, Any]]:
-    """id -> (split, new label), per class in a seeded order; plus counts of what each cap excluded."""
-    keep = cfg.classes if cfg.classes is not None else list(range(n_classes))
+    """id -> (split, new label), per class in a seeded order; plus counts of what each cap excluded.
+
+    A separate test set (ids starting with ``test_prefix``: data.test_path, or the source's own with
+    test_from_source) is the test split whole; the fractions then split the rest into train, val and holdout."""
+    keep = class_ids(cfg.classes, class_names)
     rng = np.random.default_rng(seed)
     out: dict[str, tuple[str, int]] = {}
     excluded = Counter()
     excluded["not_in_classes"] = int(np.sum(~np.isin(labels, keep)))
-    if cfg.test_from_source and not test_prefix:
+    if cfg.separate_test() and not test_prefix:
         raise DataError(f"data.test_from_source: the {cfg.source} source has no test set of its own; set it false")
     for new_label, old in enumerate(keep):
         cls_ids = np.sort(ids[labels == old])
         if len(cls_ids) == 0:
-            raise DataError(f"class {old} has no examples; every class kept must have some")
+            raise DataError(f"class {class_names[old]!r} has no examples; every class kept must have some")
         cls_ids = cls_ids[rng.permutation(len(cls_ids))]
+        is_test = np.array([str(i).startswith(test_prefix) for i in cls_ids]) if cfg.separate_test() else None
         if cfg.labelled_per_class is not None:
-            is_test = np.array([str(i).startswith(test_prefix) for i in cls_ids]) if cfg.test_from_source else None
             _budget_class(cls_ids, is_test, cfg, old, new_label, out, excluded)
             continue
+        if is_test is not None:
+            for i in cls_ids[is_test]:
+                out[i] = ("test", new_label)
+            cls_ids = cls_ids[~is_test]
         if cfg.limit_per_class is not None and len(cls_ids) > cfg.limit_per_class:
             excluded["limit_per_class"] += len(cls_ids) - cfg.limit_per_class
             cls_ids = cls_ids[: cfg.limit_per_class]
-        n = len(cls_ids)
-        counts = {s: int(round(getattr(cfg.split, s) * n)) for s in ("test", "val", "holdout")}
-        counts["test"] = max(counts["test"], 1)
+        check_class_sizes({class_names[old]: len(cls_ids)}, cfg)
+        counts = split_counts(len(cls_ids), cfg)
         start = 0
         for s in ("test", "val", "holdout"):
             for i in cls_ids[start:start + counts[s]]:
@@ -144,10 +205,7 @@ def assign_splits(labels: np.ndarray, ids: np.ndarray, cfg: DataConfig, seed: in
         n_train = len(train)
         if cfg.train_per_class is not None:
             n_train = min(n_train, cfg.train_per_class)
-        n_train = int(round(n_train * cfg.train_fraction))
-        if n_train < 1:
-            raise DataError(f"class {old} has {n} examples: too few to leave one for train after test/val/"
-                            f"holdout ({counts}); lower the split fractions or add examples")
+        n_train = max(1, int(round(n_train * cfg.train_fraction)))
         excluded["train_cap"] += len(train) - n_train
         for i in train[:n_train]:
             out[i] = ("train", new_label)
@@ -172,15 +230,17 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
 
     dcfg = data_cfg or cfg.data
     out = storage.stage_dir(cfg, stage)
-    fingerprint = digest({"data": dcfg.model_dump(mode="json"), "seed": cfg.seed})
+    policy = image_policy(cfg, dcfg) if dcfg.source in FILE_SOURCES else None
+    inputs = {"data": dcfg.model_dump(mode="json"), "seed": cfg.seed}
+    fingerprint = digest(inputs if policy is None else {**inputs, "image_policy": policy.to_dict()})
     if storage.skip_complete(out, fingerprint, "prepare", force):
         return storage.read_manifest(out)
 
-    source = load_source(dcfg)
+    source = load_source(dcfg, policy)
     meta = scan(source)
-    good, skipped = validate(meta, source.class_names, dcfg)
+    good, skipped = validate(meta, source.class_names, dcfg, source.bad)
     assignment, excluded = assign_splits(good["label"].to_numpy(), good["id"].to_numpy(dtype=object), dcfg,
-                                         cfg.seed, len(source.class_names), source.test_prefix)
+                                         cfg.seed, source.class_names, source.test_prefix)
     ref = ray.put(assignment)
     tagged = source.dataset.map_batches(
         lambda b, a: _tag_split(b, ray.get(a) if isinstance(a, ray.ObjectRef) else a),
@@ -204,7 +264,7 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     # its rows carry no label (-1): the manifest keeps only its size, apart from the labelled splits' class counts
     n_unlabelled = sum(counts.pop(UNLABELLED).values())
 
-    kept = dcfg.classes if dcfg.classes is not None else list(range(len(source.class_names)))
+    kept = class_ids(dcfg.classes, source.class_names)
     class_names = [source.class_names[i] for i in kept]
     shards = {s: [{"file": f, "rows": _rows(storage.join(out, f))} for f in storage.list_files(out)
                   if f.startswith(f"{s}/")] for s in PREPARED_SPLITS}
@@ -215,6 +275,8 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
         class_names=class_names,
         source_class_ids=kept,
         image_shape=image_shape,
+        # how a file becomes these pixels (a user's files): the bundle carries it so that served images match
+        image_policy=source.description.get("image_policy"),
         source=source.description,
         counts=counts,
         totals={s: sum(c.values()) for s, c in counts.items()},

@@ -2,8 +2,8 @@
 
 A source returns a ``Source``: a Ray Dataset of canonical rows (plus ``error`` for rows that failed to
 decode), the class names, a description for the manifest, and files it ignored with the reason. Monolithic
-formats (idx, CIFAR pickles, digits) are parsed on the driver and handed to Ray Data as Arrow blocks; image
-folders are read and decoded by Ray Data tasks.
+formats (idx, CIFAR pickles, digits) are parsed on the driver and handed to Ray Data as Arrow blocks; a user's
+image folders and tables are read and decoded by Ray Data tasks (``transfuse.data.files``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from transfuse import storage
-from transfuse.config import DataConfig
+from transfuse.config import FILE_SOURCES, DataConfig
 from transfuse.errors import TransfuseError
 
 FASHION_MNIST_CLASSES = [
@@ -47,6 +47,7 @@ class Source:
     description: dict[str, Any]
     ignored: list[dict[str, str]] = field(default_factory=list)
     test_prefix: Optional[str] = None  # ids of the source's own test set start with this (data.test_from_source)
+    bad: list[dict[str, str]] = field(default_factory=list)  # rows found bad before decoding (a table's missing file)
 
 
 def _tensor_table(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> pa.Table:
@@ -239,86 +240,6 @@ def load_cifar10_source(cfg: DataConfig) -> Source:
                   {"source": "cifar10", "path": folder, "n": len(ids)}, test_prefix="cifar10/test_batch/")
 
 
-# ---------------------------------------------------------------- image folder
-
-
-def list_image_folder(root: str, extensions: list[str]) -> tuple[list[str], list[tuple[str, int]], list[dict]]:
-    """Class names (sorted subfolders), (file, label) pairs, and ignored files with the reason."""
-    import pyarrow.fs as pafs
-
-    fs, base = storage.resolve(root)
-    info = fs.get_file_info(base)
-    if info.type != pafs.FileType.Directory:
-        raise DataError(f"image folder not found: {root}")
-    entries = fs.get_file_info(pafs.FileSelector(base, recursive=False))
-    classes = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory
-                     and not e.base_name.startswith("."))
-    ignored = [{"path": e.path, "reason": "file at the top level; images must be in one subfolder per class"}
-               for e in entries if e.type == pafs.FileType.File]
-    if len(classes) < 2:
-        raise DataError(f"image folder {root} must hold one subfolder per class (at least 2), found {classes}")
-    exts = tuple(x.lower() for x in extensions)
-    files: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        found = 0
-        for e in fs.get_file_info(pafs.FileSelector(f"{base}/{name}", recursive=True)):
-            if e.type != pafs.FileType.File:
-                continue
-            if e.base_name.lower().endswith(exts):
-                files.append((e.path, label))
-                found += 1
-            else:
-                ignored.append({"path": e.path, "reason": f"extension not in {list(exts)}"})
-        if found == 0:
-            raise DataError(f"class folder {base}/{name} holds no images with extensions {list(exts)}")
-    return classes, sorted(files), ignored
-
-
-def decode_images(batch: dict[str, np.ndarray], root: str, class_of: dict[str, int]) -> dict[str, Any]:
-    """Ray Data ``map_batches`` body: bytes -> uint8 H x W x C; failures become rows with ``error`` set."""
-    from PIL import Image, UnidentifiedImageError
-
-    images, labels, ids, errors, shapes = [], [], [], [], []
-    for path, raw in zip(batch["path"], batch["bytes"]):
-        rel = path[len(root):].lstrip("/") if path.startswith(root) else path
-        err = ""
-        try:
-            with Image.open(io.BytesIO(raw)) as im:
-                im.load()
-                if im.mode not in ("L", "RGB"):
-                    im = im.convert("RGB")
-                arr = np.asarray(im, dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-            err = f"cannot decode image: {type(e).__name__}: {e}"
-            arr = np.zeros((1, 1, 1), dtype=np.uint8)
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        images.append(arr)
-        labels.append(class_of[rel.split("/", 1)[0]])
-        ids.append(rel)
-        errors.append(err)
-        shapes.append("x".join(map(str, arr.shape)) if not err else "")
-    out_images = np.empty(len(images), dtype=object)
-    out_images[:] = images
-    return {"image": out_images, "label": np.array(labels, dtype=np.int64), "id": np.array(ids, dtype=object),
-            "error": np.array(errors, dtype=object), "shape": np.array(shapes, dtype=object)}
-
-
-def load_image_folder_source(cfg: DataConfig) -> Source:
-    import ray.data
-
-    if not cfg.path:
-        raise DataError("data.source=image_folder needs data.path: a folder with one subfolder per class")
-    classes, files, ignored = list_image_folder(cfg.path, cfg.image_extensions)
-    fs, base = storage.resolve(cfg.path)
-    class_of = {c: i for i, c in enumerate(classes)}
-    paths = [f for f, _ in files]
-    ds = ray.data.read_binary_files(paths, filesystem=fs, include_paths=True)
-    ds = ds.map_batches(decode_images, fn_kwargs={"root": base, "class_of": class_of}, batch_size=256,
-                        batch_format="numpy")
-    return Source(ds, classes, {"source": "image_folder", "path": cfg.path, "n": len(paths)}, ignored)
-
-
 # ---------------------------------------------------------------- parquet
 
 
@@ -348,10 +269,16 @@ LOADERS: dict[str, Callable[[DataConfig], Source]] = {
     "digits": load_digits_source,
     "fashion_mnist": load_fashion_mnist_source,
     "cifar10": load_cifar10_source,
-    "image_folder": load_image_folder_source,
     "parquet": load_parquet_source,
 }
 
 
-def load_source(cfg: DataConfig) -> Source:
+def load_source(cfg: DataConfig, policy: Any = None) -> Source:
+    """The source's rows. A user's files (``FILE_SOURCES``) are decoded to ``policy`` (``images.ImagePolicy``)."""
+    if cfg.source in FILE_SOURCES:
+        from transfuse.data.files import load_files_source
+
+        if policy is None:
+            raise DataError(f"data.source={cfg.source}: decoding files needs an image policy (size, channels)")
+        return load_files_source(cfg, policy)
     return LOADERS[cfg.source](cfg)
