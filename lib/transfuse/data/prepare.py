@@ -87,20 +87,30 @@ def split_counts(n: int, cfg: DataConfig) -> dict[str, int]:
     return counts
 
 
+def min_images(cfg: DataConfig) -> int:
+    """The fewest images of a class that the split fractions can divide: every split used gets its minimum and
+    train keeps one (fractions near 1 round the other splits up past that)."""
+    n = cfg.min_per_class()
+    while split_counts(n, cfg)["train"] < MIN_PER_SPLIT["train"]:
+        n += 1
+    return n
+
+
 def check_class_sizes(counts: dict[str, int], cfg: DataConfig) -> None:
     """Every class has enough labelled images for the split fractions, or a DataError naming each short class,
     its count and the minimum (``transfuse plan`` and ``transfuse run`` call it before Ray starts)."""
     if cfg.labelled_per_class is not None:
         return
-    need = cfg.min_per_class()
+    need = min_images(cfg)
     short = {c: n for c, n in counts.items() if n < need}
     if short:
         listed = ", ".join(f"{c!r} has {n}" for c, n in sorted(short.items(), key=lambda kv: kv[1]))
-        raise DataError(f"too few images for the split: {listed}; each class needs at least {need} (train "
-                        f"{MIN_PER_SPLIT['train']}, val {MIN_PER_SPLIT['val']}, holdout {MIN_PER_SPLIT['holdout']}"
-                        + ("" if cfg.separate_test() else f", test {MIN_PER_SPLIT['test']}")
-                        + "). Add images to those classes, leave them out with data.classes, or lower "
-                        "data.split fractions to 0 (val and holdout feed early stopping and the stacker)")
+        fractions = ", ".join(f"{s} {getattr(cfg.split, s):g}" for s in ("val", "holdout", "test")
+                              if not (s == "test" and cfg.separate_test()))
+        least = ", ".join(f"{s} {n}" for s, n in MIN_PER_SPLIT.items() if not (s == "test" and cfg.separate_test()))
+        raise DataError(f"too few images for the split: {listed}; each class needs at least {need} for the split "
+                        f"fractions ({fractions}; each split at least: {least}). Add images to those classes, "
+                        "leave them out with data.classes, or lower data.split's fractions")
 
 
 def validate(meta: Any, class_names: list[str], cfg: DataConfig,

@@ -1,0 +1,343 @@
+"""A user's own photos end to end: a messy folder (every size, format and colour mode, an EXIF-rotated phone shot,
+upper-case extensions, a truncated and an empty file, junk and hidden files, a class name with a space, 8x
+imbalance) and a CSV of paths with string labels, through `transfuse plan`, `transfuse run`, `transfuse predict`
+(offline and on Ray Data), the Python API and the served endpoint on every protocol, all answering with the
+user's class names."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, _free_port
+from transfuse import cli, images
+from transfuse.data import files as data_files
+from transfuse.data import messy
+
+# 8x imbalanced, a class name with a space; Fashion-MNIST ids drawn for each name
+COUNTS = {"trouser": 48, "ankle boot": 24, "dress": 16, "sandal": 10, "sneaker": 6}
+IDS = [1, 9, 3, 5, 7]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def photos(fashion_dir, tmp_path_factory) -> messy.MessyFolder:
+    return messy.write(tmp_path_factory.mktemp("photos") / "my photos", COUNTS, classes=IDS, seed=0)
+
+
+def _good_files(folder: messy.MessyFolder) -> list[Path]:
+    return [p for ps in folder.files.values() for p in ps]
+
+
+# ------------------------------------------------------------------------------------------ decoding (no Ray)
+
+
+def test_every_format_and_mode_decodes_to_the_policy_shape(photos):
+    for policy in (images.ImagePolicy(size=40), images.ImagePolicy(size=24, channels=1, resize="crop")):
+        seen = set()
+        for p in _good_files(photos):
+            with open(p, "rb") as f:
+                h = images.header(f.read(), str(p))
+            seen.add((h.format, h.mode))
+            x = images.load(p, policy)
+            assert x.shape == policy.shape and x.dtype == np.uint8, p
+        formats = {f for f, _ in seen}
+        modes = {m for _, m in seen}
+        assert formats == set(images.FORMATS)
+        assert {"L", "LA", "RGB", "RGBA", "P", "I;16", "CMYK"} <= modes
+
+
+def test_exif_rotated_photo_comes_out_upright(photos):
+    pol = images.ImagePolicy(size=64, resize="stretch")
+    x = images.load(photos.rotated, pol).astype(int)
+    upright = images.load(images._open(messy.encode(photos.upright[photos.rotated], "PNG", "RGB"), "u"), pol)
+    upright = upright.astype(int)
+    assert np.abs(x - upright).mean() < 4  # JPEG noise only
+    assert np.abs(np.rot90(x) - upright).mean() > 4 * np.abs(x - upright).mean()  # the rotation mattered
+
+
+def test_modes_are_converted_by_their_meaning():
+    from PIL import Image
+
+    def png(img) -> bytes:
+        buf = io.BytesIO()
+        img.save(buf, "PNG")
+        return buf.getvalue()
+
+    grey16 = Image.fromarray(np.array([[0, 32896, 65535, 257]], np.uint16))  # I;16: scaled by 1/257, not clipped
+    assert images.decode(png(grey16), images.ImagePolicy(size=1, width=4, channels=1, resize="stretch"))[0, :, 0] \
+        .tolist() == [0, 128, 255, 1]
+    clear = Image.new("RGBA", (2, 2), (10, 20, 30, 0))  # fully transparent: the white background shows
+    assert images.decode(png(clear), images.ImagePolicy(size=2)).min() == images.BACKGROUND
+    wide = Image.new("RGB", (40, 10), (200, 100, 50))  # pad: the short side padded, the photo undistorted
+    x = images.decode(png(wide), images.ImagePolicy(size=20, resize="pad"))
+    assert (x[:7] == images.PAD_VALUE).all() and (x[13:] == images.PAD_VALUE).all()
+    assert (x[8:12] == [200, 100, 50]).all()
+    assert (images.decode(png(wide), images.ImagePolicy(size=20, resize="crop")) == [200, 100, 50]).all()
+
+
+@pytest.mark.parametrize("data, policy, error, pattern", [
+    (b"", images.ImagePolicy(size=8), images.ImageFormatError, r"f\.png: not an image \(allowed: JPEG, PNG"),
+    (b"hello world", images.ImagePolicy(size=8), images.ImageFormatError, "not an image"),
+    ("PPM", images.ImagePolicy(size=8), images.ImageFormatError, "format PPM is not allowed; allowed: JPEG"),
+    ("BIG", images.ImagePolicy(size=8, max_pixels=399), images.ImageTooLargeError,
+     r"20 x 20 = 0.0 megapixels; at most 0.000399 megapixels \(399 pixels\)"),
+    ("HALF_JPEG", images.ImagePolicy(size=8), images.ImageError, "truncated or corrupt"),
+])
+def test_bad_images_are_named_with_what_is_allowed(data, policy, error, pattern):
+    from PIL import Image
+
+    img = Image.new("RGB", (20, 20), (1, 2, 3))
+    if data == "HALF_JPEG":  # large enough that its first half holds the whole header
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 200, 3), dtype=np.uint8))
+    if data in ("PPM", "BIG", "HALF_JPEG"):
+        buf = io.BytesIO()
+        img.save(buf, {"PPM": "PPM", "BIG": "PNG", "HALF_JPEG": "JPEG"}[data])
+        data = buf.getvalue()[: len(buf.getvalue()) // 2] if data == "HALF_JPEG" else buf.getvalue()
+    with pytest.raises(error, match=pattern):
+        images.decode(data, policy, "f.png")
+
+
+def test_folder_listing_skips_and_counts_junk(photos):
+    listing = data_files.list_folder(str(photos.root), list(images.EXTENSIONS))
+    assert listing.classes == sorted(COUNTS)
+    counts = listing.class_counts()
+    assert counts["sneaker"] == COUNTS["sneaker"] + 1  # + its truncated file, found bad only when decoded
+    assert counts["trouser"] == COUNTS["trouser"] + 2  # + the rotated photo and the empty file
+    skipped = {Path(i["path"]).name: i["reason"] for i in listing.ignored}
+    assert skipped == {".DS_Store": "hidden file", "._img_0000.jpg": "hidden file",
+                       "notes.txt": skipped["notes.txt"]} and skipped["notes.txt"].startswith("not an image")
+    assert any(i.endswith(".PNG") for _, i, _ in listing.files)  # upper-case extensions are images too
+
+
+def _table(photos: messy.MessyFolder, tmp_path: Path, extra: list[tuple[str, str]] = ()) -> Path:
+    path = tmp_path / "labels.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["filename", "category"])
+        for name, ps in photos.files.items():
+            for p in ps:
+                w.writerow([str(p.relative_to(photos.root.parent)) if p.suffix != ".gif" else str(p), name])
+        for p in photos.bad:
+            w.writerow([str(p), p.parent.name])
+        w.writerows(extra)
+    return path
+
+
+def test_table_listing_reads_paths_and_string_labels(photos, tmp_path):
+    import shutil
+
+    shutil.copytree(photos.root, tmp_path / photos.root.name)  # relative paths resolve against the table's folder
+    local = messy.MessyFolder(tmp_path / photos.root.name, {k: [tmp_path / photos.root.name / p.relative_to(
+        photos.root) for p in v] for k, v in photos.files.items()}, [tmp_path / photos.root.name /
+                                                                     p.relative_to(photos.root) for p in photos.bad])
+    table = _table(local, tmp_path, [("gone.jpg", "dress")])
+    listing = data_files.list_table(str(table), None, None, list(images.EXTENSIONS))
+    assert listing.classes == sorted(COUNTS)
+    assert listing.bad == [{"id": "gone.jpg", "reason": "file not found"}]
+    assert len(listing.files) == sum(len(v) for v in local.files.values()) + len(local.bad)
+    with pytest.raises(data_files.DataError, match="listed twice"):
+        data_files.list_table(str(_table(local, tmp_path, [("gone.jpg", "dress")] * 2)), None, None, [".jpg"])
+    with pytest.raises(data_files.DataError, match=r"no label column; name one of \['label'"):
+        data_files.list_table(str(_write(tmp_path / "t.csv", "path,kind\na.jpg,x\n")), None, None, [".jpg"])
+    with pytest.raises(data_files.DataError, match=r"data.label_column 'nope' is not a column"):
+        data_files.list_table(str(table), None, "nope", [".jpg"])
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ plan (no Ray)
+
+
+def _no_ray() -> None:
+    import ray
+
+    assert not ray.is_initialized(), "the plan started Ray"
+
+
+def test_plan_lists_classes_and_bad_files_without_ray(photos, capsys):
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds the session's Ray cluster")
+    rc = cli.main(["plan", str(photos.root)])
+    out, err = capsys.readouterr()
+    assert rc == 2
+    _no_ray()
+    for name, n in COUNTS.items():
+        assert name in out
+    assert "sneaker/truncated.jpg" in out and "trouser/empty.png: empty file" in out
+    assert "--set data.on_bad_file=skip" in err and "sneaker/truncated.jpg" in err
+    assert "2 hidden file" in out
+    rc = cli.main(["plan", str(photos.root), "--set", "data.on_bad_file=skip", "data.split.holdout=0.3"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "every image becomes 32" not in out and "96 x 96 x 3 (pad)" in out
+
+
+def test_plan_refuses_a_class_too_small_for_the_split(photos, capsys):
+    rc = cli.main(["plan", str(photos.root), "--set", "data.on_bad_file=skip", "data.classes=[sneaker, trouser]",
+                   "data.split.test=0.2"])
+    assert rc == 0
+    small = COUNTS["sneaker"]
+    rc = cli.main(["plan", str(photos.root), "--set", "data.on_bad_file=skip", "data.split.val=0.5"])
+    _out, err = capsys.readouterr()
+    assert rc == 2
+    # at val 0.5 the smallest class cannot keep train and holdout images: named, with its count and the minimum
+    assert f"'sneaker' has {small}" in err and "each class needs at least 9 for the split fractions (val 0.5" in err
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["data.classes=[1, 2]"], r"image_folder classes are named by their folder or label, so data.classes takes "
+                              r"names, got ids \[1, 2\]"),
+    (["data.classes=[trouser, coat]"], r"data.classes names \['coat'\], which the data does not have; its classes"),
+    (["data.test_path=/nowhere", "data.split.test=0.2"], r"split.test is 0.2 but the test set is separate"),
+    (["data.resize=squash"], r"data.resize = 'squash'"),
+])
+def test_bad_data_settings_are_refused_before_ray(photos, capsys, overrides, pattern):
+    import re
+
+    rc = cli.main(["plan", str(photos.root), "--set", "data.on_bad_file=skip", *overrides])
+    _out, err = capsys.readouterr()
+    assert rc == 2 and re.search(pattern, err), err
+
+
+def test_runs_are_named_after_the_data_and_never_overwritten(tmp_path):
+    from transfuse import runs
+    from transfuse.config import load_config
+
+    cfg = load_config(cli.USER_DEFAULTS, [f"storage={tmp_path}", "run=" + runs.name_for("/x/my photos/")])
+    assert cfg.run == "my_photos"
+    first = runs.claim(cfg, named=False)
+    assert first.run == "my_photos" and runs.claim(cfg, named=False).run == "my_photos"  # same config: resumes
+    other = cfg.model_copy(update={"seed": 1})
+    assert runs.claim(other, named=False).run == "my_photos-2"
+    assert runs.claim(other, named=False).run == "my_photos-2"
+    with pytest.raises(runs.RunError, match="holds another config's outputs"):
+        runs.claim(cfg.model_copy(update={"seed": 7}), named=True)
+    assert runs.open_run("my_photos", str(tmp_path)).seed == 0
+    assert runs.name_for("s3://bucket/labels.csv") == "labels"
+
+
+# ------------------------------------------------------------------------------------------ end to end (Ray)
+
+
+def _run(data: str, storage: Path, *more: str) -> int:
+    return cli.main(["run", data, "--config", SMOKE, "--storage", str(storage), "--verbose",
+                     "--set", "data.on_bad_file=skip", "serve.name=mine", *more])
+
+
+@pytest.fixture(scope="module")
+def folder_run(ray_cluster, photos, tmp_path_factory) -> Path:
+    storage = tmp_path_factory.mktemp("runs")
+    assert _run(str(photos.root), storage) == 0
+    return storage / "my_photos"
+
+
+def test_run_on_a_folder_keeps_names_weights_and_bad_files(folder_run, photos):
+    import json
+
+    data = json.loads((folder_run / "data" / "manifest.json").read_text())
+    assert data["class_names"] == sorted(COUNTS)
+    assert sorted(r["id"] for r in data["skipped"]["rows"]) == ["sneaker/truncated.jpg", "trouser/empty.png"]
+    assert data["ignored_files"]["count"] == 3
+    assert sum(data["totals"].values()) == sum(COUNTS.values()) + 1  # + the rotated photo
+    assert data["image_policy"]["resize"] == "pad" and data["image_shape"] == [32, 32, 3]
+    bundle = json.loads((folder_run / "bundle" / "manifest.json").read_text())
+    assert bundle["class_names"] == sorted(COUNTS)
+    assert bundle["input_spec"]["image_policy"]["resize"] == "pad"
+    assert (folder_run / "report" / "index.html").is_file()
+    assert (folder_run / "config.yaml").is_file()
+
+
+@pytest.fixture(scope="module")
+def new_photos(photos, tmp_path_factory) -> messy.MessyFolder:
+    """Pictures the run never saw (other Fashion-MNIST images), every format, plus one undecodable file."""
+    return messy.write(tmp_path_factory.mktemp("new"), {k: 3 for k in COUNTS}, classes=IDS, seed=5, offset=200)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_predict_offline_agrees_with_every_serving_protocol(folder_run, new_photos, tmp_path):
+    import httpx
+    import tritonclient.grpc as grpcclient
+    from ray import serve
+
+    from serve.app import deploy
+    from transfuse import runs
+
+    out = tmp_path / "preds.csv"
+    rc = cli.main(["predict", str(folder_run), str(new_photos.root), "--out", str(out)])
+    assert rc == 1  # the undecodable files are listed, not dropped: a non-zero exit says so
+    rows = {r["file"]: r for r in _csv_rows(out)}
+    bad = {str(p) for p in new_photos.bad}
+    assert {f for f, r in rows.items() if r["error"]} == bad
+    names = sorted(COUNTS)
+    files = [p for p in _good_files(new_photos)]
+    offline = np.array([[float(rows[str(p)][c]) for c in names] for p in files])
+    assert all(rows[str(p)]["class"] == names[int(i)] for p, i in zip(files, offline.argmax(1)))
+
+    api = __import__("transfuse").load(folder_run).predict([str(p) for p in files])
+    np.testing.assert_allclose(api.probabilities, offline, atol=2e-6)
+    assert api.labels == [rows[str(p)]["class"] for p in files]
+
+    cfg = runs.open_run(str(folder_run), overrides=[f"serve.port={_free_port()}", f"serve.grpc_port={_free_port()}"])
+    url = deploy(cfg.serve, str(folder_run / "bundle"), app_name="mine")
+    try:
+        up = httpx.post(f"{url}/images", files=[("files", (p.name, p.read_bytes())) for p in files], timeout=120)
+        assert up.status_code == 200, up.text
+        served = np.array([r["probabilities"] for r in up.json()["predictions"]])
+        np.testing.assert_allclose(served, offline, atol=2e-6)
+        assert [r["label"] for r in up.json()["predictions"]] == api.labels
+        b64 = httpx.post(f"{url}:predict", json={"instances": [{"b64": base64.b64encode(p.read_bytes()).decode()}
+                                                               for p in files[:4]]}, timeout=60)
+        assert [r["label"] for r in b64.json()["predictions"]] == api.labels[:4]
+        v2 = httpx.post(url.replace("/v1/models/", "/v2/models/") + "/infer", timeout=60, json={"inputs": [{
+            "name": "images", "shape": [4], "datatype": "BYTES",
+            "data": [base64.b64encode(p.read_bytes()).decode() for p in files[:4]]}]})
+        labels = next(o for o in v2.json()["outputs"] if o["name"] == "label")["data"]
+        assert labels == api.labels[:4]
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{cfg.serve.grpc_port}")
+        t = grpcclient.InferInput("images", [4], "BYTES")
+        t.set_data_from_numpy(np.array([p.read_bytes() for p in files[:4]], dtype=object))
+        got = client.infer("mine", [t]).as_numpy("label")
+        assert [g.decode() for g in got] == api.labels[:4]
+    finally:
+        serve.shutdown()
+
+
+def test_predict_on_ray_data_matches_offline(folder_run, new_photos, tmp_path):
+    offline, on_ray = tmp_path / "a.csv", tmp_path / "b.csv"
+    assert cli.main(["predict", str(folder_run), str(new_photos.root), "--out", str(offline), "--keep-going"]) == 0
+    assert cli.main(["predict", str(folder_run), str(new_photos.root), "--out", str(on_ray), "--ray",
+                     "--actors", "1", "--keep-going"]) == 0
+    a = sorted(_csv_rows(offline), key=lambda r: r["file"])
+    b = sorted(_csv_rows(on_ray), key=lambda r: r["file"])
+    assert [r["file"] for r in a] == [r["file"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra["class"] == rb["class"] and ra["error"] == rb["error"]
+        for c in COUNTS:
+            if ra[c]:
+                assert abs(float(ra[c]) - float(rb[c])) < 2e-6
+
+
+def test_run_on_a_csv_of_paths_and_string_labels(ray_cluster, photos, tmp_path):
+    import json
+
+    table = _table(photos, tmp_path)
+    assert _run(str(table), tmp_path / "runs", "--run", "from_csv") == 0
+    data = json.loads((tmp_path / "runs" / "from_csv" / "data" / "manifest.json").read_text())
+    assert data["class_names"] == sorted(COUNTS)
+    assert len(data["skipped"]["rows"]) == 2
+    assert (tmp_path / "runs" / "from_csv" / "bundle" / "manifest.json").is_file()
