@@ -218,12 +218,13 @@ def test_image_folder_round_trip(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root)
     (root / "cat" / "notes.txt").write_text("not an image")
-    m = prepare(_folder_cfg(tmp_path, root, "folder"))
+    grey12 = ["data.image_size=12", "data.channels=1"]  # the files' own size and mode: stored as they are
+    m = prepare(_folder_cfg(tmp_path, root, "folder", *grey12))
     assert m["class_names"] == ["cat", "dog", "fox"]
     assert sum(m["totals"].values()) == 18 and m["image_shape"] == [12, 12, 1]
     assert m["ignored_files"]["count"] == 1 and m["ignored_files"]["files"][0]["path"].endswith("notes.txt")
-    images, labels, ids = read_split_numpy(storage.stage_dir(_folder_cfg(tmp_path, root, "folder"), "data"),
-                                           "train")
+    images, labels, ids = read_split_numpy(storage.stage_dir(_folder_cfg(tmp_path, root, "folder", *grey12),
+                                                             "data"), "train")
     from PIL import Image
 
     k = 0
@@ -236,7 +237,8 @@ def test_image_folder_corrupt_file_error_and_skip(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root)
     (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    with pytest.raises(DataError, match=r"(?s)1 bad example.*dog/broken\.png: cannot decode image"):
+    with pytest.raises(DataError, match=r"(?s)1 bad example.*--set data.on_bad_file=skip.*dog/broken\.png: "
+                                        r"unreadable image header"):
         prepare(_folder_cfg(tmp_path, root, "corrupt"))
     m = prepare(_folder_cfg(tmp_path, root, "skip", "data.on_bad_file=skip"))
     assert m["skipped"]["count"] == 1 and m["skipped"]["rows"][0]["id"] == "dog/broken.png"
@@ -244,8 +246,7 @@ def test_image_folder_corrupt_file_error_and_skip(tmp_path):
 
 
 @pytest.mark.parametrize("setup, pattern", [
-    ("mixed", r"mixed shapes \(12x12x1: 17 images.*; 20x20x1: 1 images"),
-    ("empty_class", r"class folder .*/fox holds no images"),
+    ("empty_class", r"class folder 'fox' in .*/imgs holds no image files"),
     ("missing", r"image folder not found: .*/missing"),
     ("one_class", r"one subfolder per class \(at least 2\)"),
 ])
@@ -258,13 +259,27 @@ def test_image_folder_bad_layouts(tmp_path, setup, pattern):
         (root / "only" / "a.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
     else:
         _write_folder(root)
-        if setup == "mixed":
-            (root / "fox" / "0.png").write_bytes(_png(np.zeros((20, 20), np.uint8)))
         if setup == "empty_class":
             for f in (root / "fox").iterdir():
                 f.unlink()
     with pytest.raises(DataError, match=pattern):
         prepare(_folder_cfg(tmp_path, root, setup))
+
+
+def test_image_folder_of_mixed_sizes_is_resized_by_the_policy(tmp_path):
+    root = tmp_path / "imgs"
+    _write_folder(root)
+    (root / "fox" / "0.png").write_bytes(_png(np.full((20, 50), 255, np.uint8)))  # wide, white
+    cfg = _folder_cfg(tmp_path, root, "mixed", "data.image_size=10", "data.resize=pad")
+    m = prepare(cfg)
+    assert m["image_shape"] == [10, 10, 3] and m["image_policy"]["resize"] == "pad"
+    images, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "train")
+    fox0 = list(ids).index("fox/0.png") if "fox/0.png" in ids else None
+    if fox0 is None:  # the split put it in test
+        images, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+        fox0 = list(ids).index("fox/0.png")
+    # 50 x 20 -> 10 x 4, padded above and below: the whole photo, undistorted
+    assert (images[fox0][3:7] == 255).all() and (images[fox0][:3] == 0).all() and (images[fox0][7:] == 0).all()
 
 
 # ---------------------------------------------------------------- parquet

@@ -177,7 +177,7 @@ def decode(source: Union[bytes, BinaryIO], policy: ImagePolicy, name: str = "ima
         try:
             img.load()  # the first frame of a GIF or a multi-page TIFF
             img = ImageOps.exif_transpose(img) or img
-            out = _resize(to_channels(img, policy.channels), policy)
+            x = np.asarray(_resize(to_channels(img, policy.channels), policy), dtype=np.uint8)
         except Image.DecompressionBombError as e:
             raise ImageTooLargeError(f"{name}: image too large to decode ({e})") from None
         except (OSError, ValueError, SyntaxError, EOFError, IndexError) as e:
@@ -185,7 +185,6 @@ def decode(source: Union[bytes, BinaryIO], policy: ImagePolicy, name: str = "ima
                              "corrupt") from None
     finally:
         img.close()
-    x = np.asarray(out, dtype=np.uint8)
     return x[..., None] if x.ndim == 2 else x
 
 
