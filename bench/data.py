@@ -84,7 +84,8 @@ def main() -> None:
         os.environ.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="tfb-", dir="/tmp"), RAY_AUTH_MODE="disabled")
         runtime.init_ray(num_cpus=args.cpus)
         cfg = load_config(None, [f"storage={work}", "run=bench", "data.source=image_folder", f"data.path={root}",
-                                 "data.split={val: 0.0, test: 0.05, holdout: 0.0}", "data.rows_per_shard=2048"])
+                                 "data.split={val: 0.0, test: 0.05, holdout: 0.0}", "data.rows_per_shard=2048",
+                                 "data.image_size=28", "data.channels=1"])  # stored as the PNGs are
         t = time.perf_counter()
         prepare(cfg)
         t_prepare = time.perf_counter() - t

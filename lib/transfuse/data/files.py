@@ -25,6 +25,12 @@ TEST_PREFIX = "test:"  # ids of a separate test set (data.test_path) start with 
 PATH_COLUMNS = ("path", "file", "filename", "image", "uri", "url")
 LABEL_COLUMNS = ("label", "class", "category", "target")
 _ROWS_PER_TASK = 256  # files one Ray Data task reads and decodes
+# a user's files whose decoded pixels fit in this many bytes are decoded by plain Ray tasks of _FILES_PER_TASK files
+# each and come back to the driver as arrays, which the prepare stage writes with pyarrow: Ray Data's passes cost
+# more than decoding a few thousand photos. Larger sets stream through Ray Data's map_batches.
+DRIVER_DECODE_BYTES = 1 << 30
+_FILES_PER_TASK = 500
+_THREADS = 4  # per task: reading from object storage waits on the network, and Pillow decodes outside the GIL
 
 
 @dataclass
@@ -261,26 +267,40 @@ def inspect_all(listing: Listing, size_limit: int, threads: int = 16) -> list[di
 # ---------------------------------------------------------------- decoding (Ray Data)
 
 
-def decode_batch(batch: dict[str, np.ndarray], policy: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data ``map_batches`` body: each row's file -> ``policy``'s uint8 image; a failure becomes a row with
-    ``error`` set (and a 1 x 1 placeholder) so the prepare stage can name every bad file at once."""
-    pol = images.ImagePolicy.from_dict(policy)
-    out, errors = [], []
-    for path, rid in zip(batch["path"], batch["id"]):
+def _read_file(path: str) -> bytes:
+    if storage.is_uri(path):
+        return storage.read_bytes(path)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def decode_files(paths: list[str], ids: list[str], policy: images.ImagePolicy, threads: int = _THREADS
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Each file -> ``policy``'s uint8 image, in threads; a failure leaves a zero image and its error (an empty
+    string where the file decoded), so the prepare stage can name every bad file at once."""
+    out = np.zeros((len(paths), *policy.shape), np.uint8)
+    errors = [""] * len(paths)
+
+    def one(i: int) -> None:
         try:
-            fs, p = storage.resolve(str(path))
-            with fs.open_input_stream(p) as f:
-                raw = f.read()
-            out.append(images.decode(raw, pol, str(rid)))
-            errors.append("")
+            out[i] = images.decode(_read_file(paths[i]), policy, ids[i])
         except images.ImageError as e:
-            out.append(np.zeros(pol.shape, np.uint8))
-            errors.append(str(e).removeprefix(f"{rid}: "))
+            errors[i] = str(e).removeprefix(f"{ids[i]}: ")
         except OSError as e:
-            out.append(np.zeros(pol.shape, np.uint8))
-            errors.append(f"cannot read ({e})")
+            errors[i] = f"cannot read ({e.strerror or e})"
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(len(paths))))
+    return out, errors
+
+
+def decode_batch(batch: dict[str, np.ndarray], policy: dict[str, Any]) -> dict[str, Any]:
+    """Ray Data ``map_batches`` body over (path, id, label) rows: ``decode_files`` with ``error`` and ``shape``
+    columns for the prepare stage."""
+    pol = images.ImagePolicy.from_dict(policy)
+    x, errors = decode_files([str(p) for p in batch["path"]], [str(i) for i in batch["id"]], pol, threads=2)
     shape = "x".join(map(str, pol.shape))
-    return {"image": np.stack(out), "label": np.asarray(batch["label"], np.int64),
+    return {"image": x, "label": np.asarray(batch["label"], np.int64),
             "id": np.asarray(batch["id"], dtype=object), "error": np.asarray(errors, dtype=object),
             "shape": np.asarray([shape if not e else "" for e in errors], dtype=object)}
 
@@ -290,11 +310,25 @@ def load_files_source(cfg: DataConfig, policy: images.ImagePolicy) -> Source:
 
     listing = list_files(cfg)
     label_of = {c: i for i, c in enumerate(listing.classes)}
-    rows = [{"path": f, "id": i, "label": label_of[c]} for f, i, c in listing.files]
+    paths, ids = [f for f, _, _ in listing.files], [i for _, i, _ in listing.files]
+    labels = np.array([label_of[c] for _, _, c in listing.files], np.int64)
+    where = "driver" if len(paths) * int(np.prod(policy.shape)) <= DRIVER_DECODE_BYTES else "ray"
+    description = {"source": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "n": len(paths),
+                   "image_policy": policy.to_dict(), "decoded_by": where}
+    kw = dict(test_prefix=TEST_PREFIX if cfg.test_path else None, bad=listing.bad)
+    if where == "driver":
+        import ray
+
+        task = ray.remote(num_cpus=1)(decode_files)
+        refs = [task.remote(paths[i:i + _FILES_PER_TASK], ids[i:i + _FILES_PER_TASK], policy)
+                for i in range(0, len(paths), _FILES_PER_TASK)]
+        parts = ray.get(refs)
+        x = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, *policy.shape), np.uint8)
+        arrays = {"image": x, "label": labels, "id": np.asarray(ids, dtype=object),
+                  "error": np.asarray([e for p in parts for e in p[1]], dtype=object)}
+        return Source(None, listing.classes, description, listing.ignored, arrays=arrays, **kw)
+    rows = [{"path": f, "id": i, "label": int(y)} for f, i, y in zip(paths, ids, labels)]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // _ROWS_PER_TASK)))
     ds = ds.map_batches(decode_batch, fn_kwargs={"policy": policy.to_dict()}, batch_size=_ROWS_PER_TASK,
                         batch_format="numpy")
-    description = {"source": cfg.source, "path": cfg.path, "test_path": cfg.test_path, "n": len(rows),
-                   "image_policy": policy.to_dict()}
-    return Source(ds, listing.classes, description, listing.ignored,
-                  test_prefix=TEST_PREFIX if cfg.test_path else None, bad=listing.bad)
+    return Source(ds, listing.classes, description, listing.ignored, **kw)

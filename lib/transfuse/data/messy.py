@@ -4,7 +4,8 @@ imbalanced classes, and a truncated and an empty file. The tests, ``bench/ingest
 anyone trying transfuse without photos of their own use it (``python -m transfuse.data.messy OUT``).
 
 The pictures are Fashion-MNIST's (Debian's dataset-fashion-mnist) or scikit-learn's digits: each one scaled up
-into a canvas of a random size (20 to 300 pixels a side, rarely square) on a tinted background.
+into a canvas of a random size (20 to 300 pixels a side, rarely square, at most 2:1 like photos) on a tinted
+background.
 """
 
 from __future__ import annotations
@@ -94,11 +95,12 @@ def encode(rgb: np.ndarray, fmt: str, mode: str) -> bytes:
 
 def write(root: str | Path, counts: dict[str, int], *, seed: int = 0, source: str = "fashion_mnist",
           classes: Optional[list[int]] = None, offset: int = 0, junk: bool = True,
-          sizes: tuple[int, int] = (20, 300)) -> MessyFolder:
+          sizes: tuple[int, int] = (20, 300), kinds: Optional[list[tuple[str, str, str]]] = None) -> MessyFolder:
     """Write ``counts[name]`` pictures of each class under ``root/name/``. The i-th name takes the source's class
     ``classes[i]`` (default: 1, 3, 5, ... Fashion-MNIST's odd classes); pictures are drawn from the source's
     images from ``offset`` on, so two calls with other offsets share none. With ``junk``: a truncated JPEG, an
-    empty PNG, a text file, a hidden file and a macOS ``._`` file beside the images."""
+    empty PNG, a text file, a hidden file and a macOS ``._`` file beside the images. ``kinds``: the (format,
+    extension, mode) cycled through (default ``KINDS``: every format and mode)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -115,9 +117,11 @@ def write(root: str | Path, counts: dict[str, int], *, seed: int = 0, source: st
             raise ValueError(f"{source} class {cid} has {len(pool)} pictures from {offset}, {counts[name]} asked")
         out.files[name] = []
         for j, i in enumerate(pool):
-            fmt, ext, mode = KINDS[k % len(KINDS)]
+            fmt, ext, mode = (kinds or KINDS)[k % len(kinds or KINDS)]
             k += 1
-            hw = (int(rng.integers(*sizes)), int(rng.integers(*sizes)))
+            h = int(rng.integers(*sizes))
+            w = int(np.clip(round(h * rng.uniform(0.5, 2.0)), *sizes))  # no wider or taller than 2:1
+            hw = (h, w) if w != h else (h, w + 1)
             rgb = picture(x[i], rng, hw)
             path = folder / f"img_{j:04d}{ext}"
             path.write_bytes(encode(rgb, fmt, mode))

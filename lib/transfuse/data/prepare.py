@@ -27,7 +27,14 @@ def _shape_of(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def scan(source: Source) -> "Any":
-    """id, label, error and shape of every row, as a pandas frame (images stay in Ray)."""
+    """id, label, error and shape of every row, as a pandas frame (images stay in Ray, or in ``source.arrays``)."""
+    if source.arrays is not None:
+        import pandas as pd
+
+        a = source.arrays
+        shape = "x".join(map(str, a["image"].shape[1:]))
+        return pd.DataFrame({"id": a["id"], "label": a["label"], "error": a["error"],
+                             "shape": [shape if not e else "" for e in a["error"]]})
     ds = source.dataset
     names = ds.schema().names
     if "shape" not in names:
@@ -251,24 +258,27 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
     good, skipped = validate(meta, source.class_names, dcfg, source.bad)
     assignment, excluded = assign_splits(good["label"].to_numpy(), good["id"].to_numpy(dtype=object), dcfg,
                                          cfg.seed, source.class_names, source.test_prefix)
-    ref = ray.put(assignment)
-    tagged = source.dataset.map_batches(
-        lambda b, a: _tag_split(b, ray.get(a) if isinstance(a, ray.ObjectRef) else a),
-        fn_kwargs={"a": ref}, batch_format="numpy",
-    ).materialize()
-
     storage.clear_dir(out)  # partial output of an interrupted run
-    fs, base = storage.resolve(out)  # Ray Data writes through the filesystem itself
+    fs, base = storage.resolve(out)  # Ray Data and pyarrow write through the filesystem itself
+    if source.arrays is not None:
+        _write_arrays(source.arrays, assignment, fs, base, dcfg.rows_per_shard)
+    else:
+        ref = ray.put(assignment)
+        tagged = source.dataset.map_batches(
+            lambda b, a: _tag_split(b, ray.get(a) if isinstance(a, ray.ObjectRef) else a),
+            fn_kwargs={"a": ref}, batch_format="numpy",
+        ).materialize()
     counts: dict[str, dict[str, int]] = {}
     for split in PREPARED_SPLITS:
         n = sum(1 for v in assignment.values() if v[0] == split)
         if n == 0:
             counts[split] = {}
             continue
-        drop = ["split", "label"] if split == UNLABELLED else ["split"]
-        part = tagged.filter(expr=col("split") == split).drop_columns(drop)
-        part.repartition(max(1, -(-n // dcfg.rows_per_shard))).write_parquet(
-            f"{base}/{split}", filesystem=fs, max_rows_per_file=dcfg.rows_per_shard)
+        if source.arrays is None:
+            drop = ["split", "label"] if split == UNLABELLED else ["split"]
+            part = tagged.filter(expr=col("split") == split).drop_columns(drop)
+            part.repartition(max(1, -(-n // dcfg.rows_per_shard))).write_parquet(
+                f"{base}/{split}", filesystem=fs, max_rows_per_file=dcfg.rows_per_shard)
         c = Counter(v[1] for v in assignment.values() if v[0] == split)
         counts[split] = {str(k): int(c[k]) for k in sorted(c)}
     # its rows carry no label (-1): the manifest keeps only its size, apart from the labelled splits' class counts
@@ -297,6 +307,39 @@ def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] 
         unlabelled={"rows": n_unlabelled, "per_class": dcfg.unlabelled_per_class, "columns": ["image", "id"]},
         label_budget=label_budget(dcfg, counts),
     )
+
+
+def _write_arrays(arrays: dict[str, np.ndarray], assignment: dict[str, tuple[str, int]], fs: Any, base: str,
+                  rows_per_shard: int) -> None:
+    """Rows decoded in this process, written split by split with pyarrow in shards of ``rows_per_shard`` (the
+    same canonical schema Ray Data writes)."""
+    import pyarrow.parquet as pq
+
+    from transfuse.data.sources import _tensor_table
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    tags = [assignment.get(i, ("", -1)) for i in arrays["id"]]
+    shards: list[tuple[str, int, np.ndarray]] = []
+    for split in PREPARED_SPLITS:
+        idx = np.array([k for k, t in enumerate(tags) if t[0] == split], np.int64)
+        if len(idx) == 0:
+            continue
+        idx = idx[np.argsort(arrays["id"][idx], kind="stable")]
+        fs.create_dir(f"{base}/{split}", recursive=True)
+        shards += [(split, j, idx[start:start + rows_per_shard])
+                   for j, start in enumerate(range(0, len(idx), rows_per_shard))]
+
+    def write(shard: tuple[str, int, np.ndarray]) -> None:
+        split, j, chunk = shard
+        table = _tensor_table(arrays["image"][chunk], np.array([tags[k][1] for k in chunk], np.int64),
+                              [str(i) for i in arrays["id"][chunk]])
+        if split == UNLABELLED:
+            table = table.drop_columns(["label"])
+        pq.write_table(table, f"{base}/{split}/part-{j:05d}.parquet", filesystem=fs)
+
+    with ThreadPoolExecutor(4) as pool:  # pyarrow encodes outside the GIL: shards in parallel
+        list(pool.map(write, shards))
 
 
 def _rows(path: str) -> int:

@@ -42,12 +42,14 @@ class DataError(TransfuseError, ValueError):
 
 @dataclass
 class Source:
-    dataset: Any  # ray.data.Dataset with image, label, id (+ error, path for decoded files)
+    dataset: Any  # ray.data.Dataset with image, label, id (+ error, shape for decoded files); None with arrays
     class_names: list[str]
     description: dict[str, Any]
     ignored: list[dict[str, str]] = field(default_factory=list)
     test_prefix: Optional[str] = None  # ids of the source's own test set start with this (data.test_from_source)
     bad: list[dict[str, str]] = field(default_factory=list)  # rows found bad before decoding (a table's missing file)
+    # the rows decoded in this process instead of a Ray Dataset (dataset None): image, label, id, error arrays
+    arrays: Optional[dict[str, np.ndarray]] = None
 
 
 def _tensor_table(images: np.ndarray, labels: np.ndarray, ids: list[str]) -> pa.Table:
