@@ -22,6 +22,7 @@ import numpy as np
 KINDS = [("JPEG", ".jpg", "RGB"), ("PNG", ".png", "RGBA"), ("PNG", ".PNG", "L"), ("WEBP", ".webp", "RGB"),
          ("BMP", ".bmp", "RGB"), ("GIF", ".gif", "P"), ("TIFF", ".tif", "CMYK"), ("PNG", ".png", "I;16"),
          ("PNG", ".png", "LA"), ("JPEG", ".JPEG", "L"), ("TIFF", ".TIFF", "RGB"), ("PNG", ".png", "P")]
+FASHION_ODD = {"trouser": 1, "dress": 3, "sandal": 5, "sneaker": 7, "ankle boot": 9}  # the demo's classes
 ORIENTATION = 274  # the EXIF tag; 6 = the camera was turned: rotate 90 degrees clockwise to view
 
 
@@ -162,7 +163,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("out", help="folder to write (one subfolder per class)")
     ap.add_argument("--per-class", type=int, nargs="+", default=[160, 100, 80, 60, 20],
                     help="pictures per class (the default: 8x imbalanced, 420 in all)")
-    ap.add_argument("--names", nargs="+", default=["trouser", "dress", "sandal", "sneaker", "ankle boot"])
+    ap.add_argument("--names", nargs="+", default=list(FASHION_ODD), help="class names (Fashion-MNIST's odd "
+                    "classes by default, in that order: trouser 1, dress 3, sandal 5, sneaker 7, ankle boot 9)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     made = write(args.out, dict(zip(args.names, args.per_class)), seed=args.seed)
