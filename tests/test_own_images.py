@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,8 @@ def _table(photos: messy.MessyFolder, tmp_path: Path, extra: list[tuple[str, str
         w.writerow(["filename", "category"])
         for name, ps in photos.files.items():
             for p in ps:
-                w.writerow([str(p.relative_to(photos.root.parent)) if p.suffix != ".gif" else str(p), name])
+                # relative to the table's folder (absolute for GIFs: both forms are allowed)
+                w.writerow([os.path.relpath(p, tmp_path) if p.suffix != ".gif" else str(p), name])
         for p in photos.bad:
             w.writerow([str(p), p.parent.name])
         w.writerows(extra)
