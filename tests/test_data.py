@@ -266,6 +266,24 @@ def test_image_folder_bad_layouts(tmp_path, setup, pattern):
         prepare(_folder_cfg(tmp_path, root, setup))
 
 
+def test_a_separate_test_folder_is_the_test_split_whole(tmp_path):
+    root, test = tmp_path / "imgs", tmp_path / "test"
+    _write_folder(root)
+    _write_folder(test, per_class=2)
+    cfg = _folder_cfg(tmp_path, root, "sep", f"data.test_path={test}",
+                      "data.split={val: 0.2, test: 0.0, holdout: 0.34}")
+    m = prepare(cfg)
+    assert m["totals"] == {"test": 6, "train": 9, "val": 3, "holdout": 6}
+    _, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+    assert all(i.startswith("test:") for i in ids)
+    for split in ("train", "val", "holdout"):
+        assert not any(i.startswith("test:") for i in read_split_numpy(storage.stage_dir(cfg, "data"), split)[2])
+    (test / "wolf").mkdir()
+    (test / "wolf" / "0.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
+    with pytest.raises(DataError, match=r"test_path .* has classes \['wolf'\] that data.path .* lacks"):
+        prepare(_folder_cfg(tmp_path, root, "sep2", f"data.test_path={test}", "data.split.test=0"))
+
+
 def test_image_folder_of_mixed_sizes_is_resized_by_the_policy(tmp_path):
     root = tmp_path / "imgs"
     _write_folder(root)

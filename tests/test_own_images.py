@@ -343,3 +343,51 @@ def test_run_on_a_csv_of_paths_and_string_labels(ray_cluster, photos, tmp_path):
     assert data["class_names"] == sorted(COUNTS)
     assert len(data["skipped"]["rows"]) == 2
     assert (tmp_path / "runs" / "from_csv" / "bundle" / "manifest.json").is_file()
+
+
+def test_report_command_rewrites_the_runs_report(folder_run, capsys):
+    page = folder_run / "report" / "index.html"
+    page.unlink()
+    assert cli.main(["report", str(folder_run)]) == 0
+    assert page.is_file() and str(page) in capsys.readouterr().out
+    html = page.read_text()
+    assert "ankle boot" in html  # the user's class names, not ids
+
+
+def test_serve_command_keeps_serving_until_ctrl_c(folder_run, new_photos):
+    """`transfuse serve RUN` on a laptop: it starts its own Ray, serves until Ctrl-C, then exits cleanly."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    port = _free_port()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "transfuse.cli", "serve", str(folder_run), "--set",
+                             f"serve.port={port}", "ray.num_cpus=2"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=str(ROOT))
+    try:
+        deadline, answer = time.time() + 240, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                photo = new_photos.files["dress"][0]
+                answer = httpx.post(f"http://127.0.0.1:{port}/v1/models/mine/images", timeout=30,
+                                    files=[("files", (photo.name, photo.read_bytes()))])
+                if answer.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert answer is not None and answer.status_code == 200, proc.stdout.read() if proc.poll() else answer
+        assert answer.json()["predictions"][0]["label"] in COUNTS
+        time.sleep(3)
+        assert proc.poll() is None, "the server stopped by itself"
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "Ctrl-C stops" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
