@@ -391,3 +391,77 @@ def test_serve_command_keeps_serving_until_ctrl_c(folder_run, new_photos):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ------------------------------------------------------------------------------------------ object storage
+
+
+@pytest.fixture(scope="module")
+def bucket(photos, tmp_path_factory):
+    """The messy folder and a CSV of it in a bucket of a real S3-compatible server on 127.0.0.1 (moto_server),
+    reached through pyarrow's S3 filesystem as any s3:// URI is (AWS_ENDPOINT_URL points it here)."""
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
+        deadline = time.time() + 60
+        while True:
+            try:
+                s3.create_bucket(Bucket="photos")
+                break
+            except Exception:  # the server is still starting
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        rows = ["path,label"]
+        for p in photos.root.rglob("*"):
+            if p.is_file():
+                key = f"mine/{p.relative_to(photos.root)}"
+                s3.put_object(Bucket="photos", Key=key, Body=p.read_bytes())
+                if not p.name.startswith(".") and p.suffix.lower() != ".txt":
+                    rows.append(f"{p.relative_to(photos.root)},{p.parent.name}")
+        s3.put_object(Bucket="photos", Key="mine/labels.csv", Body=("\n".join(rows) + "\n").encode())
+        yield "s3://photos/mine"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_a_bucket_folder_and_table_plan_like_local_files(bucket, capsys):
+    listing = data_files.list_folder(bucket, list(images.EXTENSIONS))
+    assert listing.classes == sorted(COUNTS)
+    assert all(f.startswith("s3://photos/mine/") for f, _, _ in listing.files)
+    rc = cli.main(["plan", bucket, "--set", "data.on_bad_file=skip"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "sneaker/truncated.jpg" in out and "ankle boot" in out
+    table = data_files.list_table(f"{bucket}/labels.csv", None, None, list(images.EXTENSIONS))
+    assert table.classes == sorted(COUNTS) and not table.bad
+    assert all(f.startswith("s3://photos/mine/") for f, _, _ in table.files)
+    x, errors = data_files.decode_files([f for f, _, _ in table.files[:8]], [i for _, i, _ in table.files[:8]],
+                                        images.ImagePolicy(size=32))
+    assert x.shape == (8, 32, 32, 3) and errors == [""] * 8
+
+
+def test_predict_reads_a_bucket_folder(folder_run, bucket, tmp_path):
+    out = tmp_path / "p.csv"
+    assert cli.main(["predict", str(folder_run), f"{bucket}/dress", "--out", str(out)]) == 0
+    rows = _csv_rows(out)
+    assert len(rows) == COUNTS["dress"]
+    assert all(r["file"].startswith(f"{bucket}/dress/") and r["class"] in COUNTS for r in rows)

@@ -147,6 +147,10 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
             col = _column(table, None, PATH_COLUMNS, "path", a)
             base = p.parent
             out += [v if storage.is_uri(v) or v.startswith("/") else str(base / v) for v in table[col].astype(str)]
+        elif storage.is_uri(a) and storage.is_dir(a):
+            found, skip = _list_uri(a, exts)
+            out += found
+            skipped += skip
         elif p.is_file() or storage.is_uri(a):
             out.append(a)
         else:
@@ -155,6 +159,26 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
     if not out:
         raise PredictError(f"no image files found in {list(args)} (extensions: {' '.join(exts)}, any case)")
     return out, skipped
+
+
+def _list_uri(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[dict[str, str]]]:
+    """Image files under a folder in object storage (``s3://bucket/prefix``), and the others skipped."""
+    import pyarrow.fs as pafs
+
+    fs, base = storage.resolve(folder)
+    scheme = folder.split("://", 1)[0]
+    found, skipped = [], []
+    for e in sorted(fs.get_file_info(pafs.FileSelector(base, recursive=True)), key=lambda e: e.path):
+        if e.type != pafs.FileType.File:
+            continue
+        uri = f"{scheme}://{e.path}"
+        if any(images.is_hidden(part) for part in e.path[len(base):].split("/")):
+            skipped.append({"path": uri, "reason": "hidden file"})
+        elif not e.base_name.lower().endswith(exts):
+            skipped.append({"path": uri, "reason": "not an image file"})
+        else:
+            found.append(uri)
+    return found, skipped
 
 
 @dataclass

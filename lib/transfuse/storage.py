@@ -9,6 +9,7 @@ complete for the same fingerprint is not rerun unless asked.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
@@ -30,11 +31,25 @@ def is_uri(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
+_BUCKET_SCHEMES = ("s3", "gs", "gcs")  # the path inside the filesystem is "bucket/key"
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(root: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(root)[0]
+
+
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it; local paths are made absolute."""
+    """A pyarrow filesystem and the path inside it; local paths are made absolute. A bucket's filesystem is made
+    once per process (building an S3 client per file would cost more than reading it), and its keys are taken as
+    written, spaces and all (pyarrow's URI parser refuses an unescaped space, common in class folder names)."""
     if path.startswith("file://"):
         path = path[len("file://"):]
     if is_uri(path):
+        scheme, _, rest = path.partition("://")
+        if scheme in _BUCKET_SCHEMES and "?" not in rest:
+            bucket, _, key = rest.partition("/")
+            return _bucket_filesystem(f"{scheme}://{bucket}"), f"{bucket}/{key}".rstrip("/")
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), str(Path(path).absolute())
 
@@ -78,6 +93,11 @@ def makedirs(path: str) -> None:
 def exists(path: str) -> bool:
     fs, p = resolve(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def written_since(path: str, since: float) -> bool:
