@@ -197,7 +197,8 @@ def test_stack_is_at_least_as_good_as_the_best_complementary_member(digits):
     assert m["stack"]["accuracy"] >= best_acc and m["stack"]["nll"] <= best_nll
     assert m["greedy"]["nll"] <= best_nll  # greedy can always fall back to the single best member
     for c in ("average", "hard_vote", "greedy", "stack"):
-        assert set(m[c]) == {"accuracy", "nll", "ece", "n"} and m[c]["n"] == len(digits["test"][1])
+        assert set(m[c]) == {"accuracy", "nll", "ece", "n", "balanced_accuracy", "macro_f1", "per_class_recall"}
+        assert m[c]["n"] == len(digits["test"][1]) and list(m[c]["per_class_recall"]) == [str(i) for i in range(10)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -269,6 +270,9 @@ def test_ensemble_stage_end_to_end(member_run):
     assert report["summary"]["stack"]["accuracy"]["values"].__len__() == 2
     assert np.asarray(report["confusion_stack"]).sum() == len(splits["test"][1])
     assert max(report["reload_max_abs_diff"].values()) < 1e-3
+    # the balanced digits leave data.class_weight auto off: nothing weighted, the decision recorded
+    assert report["class_weight"]["on"] is False and report["class_weight"]["mode"] == "auto"
+    assert manifest["class_weight"] == report["class_weight"] and desc["stacker"]["class_weighted"] is False
     # temperature scaling (on by default): fitted per seed, folded into the saved stacker, accuracy unchanged
     cal = report["calibration"]["0"]
     assert cal["temperature"] == desc["stacker"]["temperature"] == \
@@ -332,6 +336,38 @@ def test_a_temperature_is_served_only_where_its_check_says_it_pays(member_run, t
     assert (out / "predictions" / "test_uncalibrated.parquet").exists() == first["applied"]
     # on these members' holdout rows the check rejected every seed's temperature: the rejected branch ran
     assert decided == {"0": False, "1": False, "2": False}
+
+
+def test_class_weight_balanced_weights_members_and_stacker_and_records_it(member_run, tmp_path):
+    """``data.class_weight: balanced`` (the balanced digits leave ``auto`` off: the end-to-end run above): the stage
+    fits its members and the stacker class-weighted and records the run's decision, the CNNs' weights on train,
+    the final members' on train + holdout and the stacker's on holdout, by class name; every model's test metrics
+    carry recall per class name."""
+    import shutil
+
+    from transfuse.class_weights import by_name, class_weights
+
+    cfg, splits = member_run
+    for stage in ("tune", "data"):
+        shutil.copytree(storage.stage_dir(cfg, stage), str(tmp_path / "weighted" / stage))
+    run = load_config(ROOT / "configs" / "smoke.yaml", [
+        f"storage={tmp_path}", "run=weighted", "ensemble.folds=3", "ensemble.parallel=local",
+        "data.class_weight=balanced", "ensemble.members=[{name: logreg, kind: logistic_regression, "
+                                      "params: {max_iter: 300}}]"])
+    manifest = run_ensemble(run, force=True)
+    out = Path(storage.stage_dir(run, "ensemble"))
+    report = json.loads((out / "metrics.json").read_text())
+    names = json.loads((out / "ensemble.json").read_text())["class_names"]
+    cw = report["class_weight"]
+    y = {s: splits[s][1] for s in ("train", "holdout")}
+    assert cw["on"] and cw["mode"] == "balanced" and manifest["class_weight"] == cw
+    for key, labels in (("weights", y["train"]), ("sklearn_final", np.concatenate([y["train"], y["holdout"]])),
+                        ("stacker", y["holdout"])):
+        assert cw[key] == pytest.approx(by_name(class_weights(labels, 10), names)), key
+    assert json.loads((out / "ensemble.json").read_text())["stacker"]["class_weighted"] is True
+    assert report["stacker"]["0"]["class_weighted"] is True
+    for model, m in report["test"]["0"].items():
+        assert list(m["per_class_recall"]) == names, model
 
 
 def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, tmp_path):

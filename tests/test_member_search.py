@@ -147,6 +147,30 @@ def test_no_trial_sees_a_test_row(runs):
         tampered.write_text(original)
 
 
+def test_a_class_weighted_search_fits_and_scores_its_trials_weighted(runs, digits_run, tmp_path):
+    """``data.class_weight: balanced``: the search says it weighted, its fingerprint differs from the unweighted
+    one's, each trial's score is the mean of its stored per-row (weighted) NLL, and the fixed member's score on
+    the same folds moves from the unweighted search's (its fits and its score are weighted; the effect of the
+    weights on an imbalanced set is test_class_weights.py's)."""
+    _, unweighted, _ = runs
+    run, _ = write_member_run(digits_run, tmp_path, "weighted")
+    cfg = _config(run, *SEARCH, "data.class_weight=balanced")
+    run_ensemble(cfg)
+    results, plain = _read(cfg, RESULTS_JSON), _read(unweighted, RESULTS_JSON)
+    assert results["summary"]["class_weighted"] is True and plain["summary"]["class_weighted"] is False
+    assert results["summary"]["fingerprint"] != plain["summary"]["fingerprint"]
+    assert _read(cfg, "metrics.json")["class_weight"]["on"] is True
+    base = _out(cfg) / SEARCH_DIR
+    for r in results["trials"]:
+        row_nll = np.asarray(json.loads((base / "records" / f"{r['trial_id']}.json").read_text())["row_nll"])
+        assert r["oof_nll"] == pytest.approx(row_nll.mean(), rel=1e-9)
+    assert results["summary"]["seed"] == plain["summary"]["seed"]  # the same folds
+    weighted_bad = next(t for t in results["trials"] if t["fixed"] == "px_bad")
+    unweighted_bad = next(t for t in plain["trials"] if t["fixed"] == "px_bad")
+    # (the digits are nearly balanced: weights near 1 move it little, 2.6e-5 here; unweighted it repeats exactly)
+    assert weighted_bad["oof_nll"] != pytest.approx(unweighted_bad["oof_nll"], rel=1e-9, abs=0.0)
+
+
 def test_interrupted_search_resumes_without_refitting_and_repeats_the_choice(ray_cluster, runs, digits_run,
                                                                              tmp_path):
     """One trial at a time; SIGINT to the ensemble job once two trials stored their records; the rerun restores the

@@ -1,13 +1,15 @@
 """Held-out metrics (transfuse.metrics, numpy only): accuracy, per-row and mean NLL, the reliability bins, ECE,
-the confusion matrix and evaluate, against values computed by hand on small arrays; a clear ValueError when the
-probabilities do not match the labels."""
+the confusion matrix and evaluate, against values computed by hand on small arrays; balanced accuracy, macro F1
+and recall per class against scikit-learn's on random cases; a clear ValueError when the probabilities do not
+match the labels."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from transfuse.metrics import accuracy, confusion, ece, evaluate, nll, reliability, row_nll
+from transfuse.metrics import (accuracy, balanced_accuracy, confusion, ece, evaluate, macro_f1, nll, recall_per_class,
+                               reliability, row_nll)
 
 # Four rows, three classes: two right (confidence 0.7 and 0.6), two wrong (0.5, and 0.9 with a true-class
 # probability of exactly 0).
@@ -65,11 +67,70 @@ def test_confusion_rows_are_true_classes_and_columns_predictions():
 
 
 def test_evaluate_collects_the_scores():
+    """Predictions 0, 2, 0, 0: recall 1/1, 0/2, 1/1 (balanced accuracy 2/3); F1 per class 2*1/(2*1+2+0) = 0.5,
+    0 and 2*1/(2*1+0+0) = 1 (macro F1 0.5); recall keyed by class name, or by id without names."""
     assert evaluate(PROBS, LABELS) == {"accuracy": 0.5, "nll": pytest.approx(nll(PROBS, LABELS), rel=1e-15),
-                                       "ece": pytest.approx(0.525, abs=1e-12), "n": 4}
+                                       "ece": pytest.approx(0.525, abs=1e-12), "n": 4,
+                                       "balanced_accuracy": pytest.approx(2 / 3, abs=1e-15),
+                                       "macro_f1": pytest.approx(0.5, abs=1e-15),
+                                       "per_class_recall": {"0": 1.0, "1": 0.0, "2": 1.0}}
+    named = evaluate(PROBS, LABELS, ["cat", "dog", "emu"])
+    assert named["per_class_recall"] == {"cat": 1.0, "dog": 0.0, "emu": 1.0}
+    with pytest.raises(ValueError, match=r"2 class names \['cat', 'dog'\] for probabilities over 3 classes"):
+        evaluate(PROBS, LABELS, ["cat", "dog"])
 
 
-@pytest.mark.parametrize("fn", [accuracy, row_nll, nll, reliability, ece, confusion, evaluate])
+def _random_case(seed: int, n: int, k: int, absent: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Random probabilities and labels; classes in ``absent`` never occur among the labels (but may be predicted)."""
+    rng = np.random.default_rng(seed)
+    present = [c for c in range(k) if c not in absent]
+    labels = rng.choice(present, size=n, p=rng.dirichlet(np.ones(len(present))))
+    probs = rng.dirichlet(np.full(k, 0.5), size=n)
+    probs[np.arange(n), labels] += rng.uniform(0, 0.6, n)  # better than chance, not perfect
+    return probs / probs.sum(1, keepdims=True), labels
+
+
+@pytest.mark.parametrize("seed,n,k,absent", [(0, 200, 3, ()), (1, 57, 5, ()), (2, 300, 10, ()), (3, 40, 4, (2,)),
+                                             (4, 9, 6, (0, 5))])
+def test_balanced_accuracy_macro_f1_and_recall_match_scikit_learn(seed, n, k, absent):
+    """On random cases, including classes absent from the labels: balanced accuracy, macro F1 and recall per class
+    are scikit-learn's (an absent class: recall None in evaluate, and left out of balanced accuracy)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    probs, labels = _random_case(seed, n, k, absent)
+    pred = probs.argmax(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's notes on predicted classes absent from y_true
+        want_bal = balanced_accuracy_score(labels, pred)
+        want_f1 = f1_score(labels, pred, average="macro", zero_division=0.0)
+        want_recall = recall_score(labels, pred, labels=list(range(k)), average=None, zero_division=np.nan)
+    assert balanced_accuracy(probs, labels) == pytest.approx(want_bal, abs=1e-12)
+    assert macro_f1(probs, labels) == pytest.approx(want_f1, abs=1e-12)
+    np.testing.assert_allclose(recall_per_class(probs, labels), want_recall, atol=1e-12, equal_nan=True)
+    got = evaluate(probs, labels, [f"c{i}" for i in range(k)])
+    assert got["balanced_accuracy"] == pytest.approx(want_bal, abs=1e-12)
+    assert got["macro_f1"] == pytest.approx(want_f1, abs=1e-12)
+    assert list(got["per_class_recall"]) == [f"c{i}" for i in range(k)]
+    missing = set(range(k)) - set(labels.tolist())  # the absent classes, and any a small draw left out
+    assert set(absent) <= missing
+    for i in range(k):
+        r = got["per_class_recall"][f"c{i}"]
+        assert (r is None) if i in missing else r == pytest.approx(want_recall[i], abs=1e-12)
+
+
+def test_majority_guesser_scores_one_over_k_in_balanced_accuracy():
+    """Always predicting the largest class: accuracy is its share (0.9 here), balanced accuracy 1/K."""
+    labels = np.array([0] * 90 + [1] * 5 + [2] * 5)
+    probs = np.tile([0.8, 0.1, 0.1], (100, 1))
+    assert accuracy(probs, labels) == pytest.approx(0.9)
+    assert balanced_accuracy(probs, labels) == pytest.approx(1 / 3)
+    assert macro_f1(probs, labels) == pytest.approx((2 * 90 / (2 * 90 + 10)) / 3)
+
+
+@pytest.mark.parametrize("fn", [accuracy, row_nll, nll, reliability, ece, confusion, evaluate, balanced_accuracy,
+                                macro_f1, recall_per_class])
 def test_probabilities_that_do_not_match_the_labels_are_refused(fn):
     with pytest.raises(ValueError, match=r"probs must be N x classes matching 4 labels, got shape \(3, 3\)"):
         fn(PROBS[:3], LABELS)

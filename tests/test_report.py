@@ -15,6 +15,7 @@ from PIL import Image
 
 import _report_helpers as H
 from conftest import smoke_config
+from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.report import verdict, verdict_lines, write_report
 
@@ -186,6 +187,51 @@ def test_per_class_table_float32_vs_int8(full, digits):
                        (False, True))
             assert c[offset] == f"{f32:.4f}" and c[offset + 1] == f"{i8:.4f}", (k, offset)
             assert c[offset + 2] == f"{100 * (i8 - f32):+.2f}"
+
+
+def test_stack_recall_per_class_by_class_name(full, digits):
+    """Section 5 lists the stacked ensemble's test recall per class by class name beside the best member's (the
+    ensemble's metrics.json, first seed) with its balanced accuracy and macro F1 and the run's class weighting;
+    section 4 shows every model's balanced accuracy; section 7 the bundles' balanced accuracy and macro F1."""
+    _, run, index = full
+    sec = _sections(_html(index))
+    ens = run.ensemble
+    first = next(iter(ens["test"].values()))
+    stack, best = first["stack"], first[ens["best_member"]["name"]]
+    rows = re.findall(r"<tr><td>(digit_\d)</td>(.*?)</tr>", sec["5"])
+    assert [r[0] for r in rows] == H.CLASS_NAMES
+    support = np.asarray(ens["confusion_stack"]).sum(1)
+    for k, (name, cells) in enumerate(rows):
+        c = re.findall(r"<td>(.*?)</td>", cells)
+        assert c == [str(int(support[k])), f"{stack['per_class_recall'][name]:.4f}",
+                     f"{best['per_class_recall'][name]:.4f}"]  # no weight column: the run did not weight
+    assert f"balanced accuracy {stack['balanced_accuracy']:.4f}, macro F1 {stack['macro_f1']:.4f}" in sec["5"]
+    assert "Class weights: off: every loss unweighted." in sec["5"]
+    assert f"{ens['summary']['stack']['balanced_accuracy']['mean']:.4f}" in sec["4"]
+    x, y, _ = digits["test"]
+    for q in (False, True):
+        p = run.linear.probs(x, quantized=q)
+        assert f"{tm.balanced_accuracy(p, y):.4f} and {tm.macro_f1(p, y):.4f}" in sec["7"]
+
+
+def test_a_weighted_stack_shows_its_class_weights(tmp_path, full):
+    """An ensemble that weighted by class: section 5 adds the stacker's weight per class and says why it weighted."""
+    import shutil
+
+    shutil.copytree(storage.run_dir(full[0]), tmp_path / "full")
+    cfg = smoke_config(tmp_path, "full")
+    path = storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json")
+    ens = storage.read_json(path)
+    weights = {n: 0.5 + k / 10 for k, n in enumerate(H.CLASS_NAMES)}
+    ens["class_weight"] = {"mode": "auto", "imbalance_ratio": 2.0, "train_imbalance": 3.5, "on": True,
+                           "stacker": weights, "sklearn_final": weights}
+    storage.write_json(path, ens)
+    s5 = _sections(_html(write_report(cfg)))["5"]
+    rows = dict(re.findall(r"<tr><td>(digit_\d)</td>(.*?)</tr>", s5))
+    assert [re.findall(r"<td>(.*?)</td>", rows[n])[-1] for n in H.CLASS_NAMES] == [
+        f"{w:.3f}" for w in weights.values()]
+    assert ("Class weights: on (data.class_weight auto, train split imbalance 3.50 (largest / smallest class) "
+            "against the threshold 2)") in s5
 
 
 def test_goals_come_from_the_config(full):

@@ -327,3 +327,87 @@ def test_streamed_rows_with_augmentation_train(digits_run, tmp_path):
     hist = finetune(cfg, str(tmp_path / "member"), OVERRIDES, force=True)["history"]
     assert [h["phase"] for h in hist] == ["frozen", "frozen", "unfrozen"]
     assert hist[1]["loss"] < hist[0]["loss"]  # measured: 2.325 -> 2.304 (the smoke model learns slowly)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class weights (data.class_weight; the rule and the math: test_class_weights.py)
+
+
+def test_metrics_record_the_class_weighting_and_per_class_scores(finetuned):
+    """The balanced digits leave ``auto`` off: metrics.json and the manifest say so with the train imbalance; each
+    split's metrics carry balanced accuracy, macro F1 and recall by class name, scikit-learn's on the saved
+    predictions."""
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    _, out, _, _ = finetuned
+    metrics = storage.read_json(storage.join(out, "metrics.json"))  # the files on disk (a resumed run rewrote them)
+    cw = metrics["class_weight"]
+    assert cw["mode"] == "auto" and cw["on"] is False and cw["train_imbalance"] < 2.0 and "weights" not in cw
+    assert storage.read_manifest(out)["class_weight"] == cw
+    names = storage.read_json(storage.join(out, "model_spec.json"))["class_names"]
+    t = pq.read_table(storage.join(out, "predictions", "test.parquet"))
+    y, pred = t.column("label").to_numpy(), np.stack(t.column("probs").to_numpy(zero_copy_only=False)).argmax(1)
+    m = metrics["test"]
+    assert list(m["per_class_recall"]) == names
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred), abs=1e-9)
+    assert m["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro", zero_division=0), abs=1e-9)
+
+
+def test_the_decision_reaches_the_training_loop(digits_run, tmp_path):
+    """``data.class_weight: balanced`` gives the workers' loop the train split's class weights in class order (what
+    train_func hands Keras as class_weight); ``none`` gives them none."""
+    from transfuse.class_weights import class_weights
+    from transfuse.data import read_split_numpy
+    from transfuse.train import build_trainer
+
+    _, train_labels, _ = read_split_numpy(storage.stage_dir(digits_run, "data"), "train")
+    loops = {}
+    for mode in ("balanced", "none"):
+        data = digits_run.model_dump(mode="json")
+        data["data"]["class_weight"] = mode
+        data["train"]["cache_frozen"] = False  # nothing to cache for this check
+        cfg = type(digits_run).model_validate(data)
+        trainer, inputs, _ = build_trainer(cfg, str(tmp_path / mode), OVERRIDES)
+        loops[mode] = trainer.train_loop_config["loop"]
+        assert inputs.class_weight["on"] is (mode == "balanced")
+    np.testing.assert_allclose(loops["balanced"].class_weights, class_weights(train_labels, 10), rtol=1e-12)
+    assert loops["none"].class_weights is None
+
+
+def test_class_weighted_loss_raises_minority_recall_in_the_workers_pipeline(digits_run):
+    """The worker's input pipeline (``tf_dataset`` over an in-memory Ray Dataset, as a Train worker reads its shard)
+    and Keras's loss compiled as train_func compiles it, fitted with and without ``keras_class_weight`` of the
+    train labels' class weights on scikit-learn's digits made 8x imbalanced (digits 3 and 8: 8 training images
+    against 64), three draws: the minority digits' test recall is higher with the weights on every draw (measured:
+    0.80/0.79/0.69 vs 0.15/0.23/0.26)."""
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    from transfuse.class_weights import class_weights
+    from transfuse.data.dataset import in_memory
+    from transfuse.train_loop import keras_class_weight, tf_dataset
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    minority = (3, 8)
+    got: dict[bool, list[float]] = {False: [], True: []}
+    for seed in (0, 1, 2):
+        rng = np.random.default_rng(seed)
+        train, test = [], []
+        for c in range(10):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            test += idx[:60].tolist()
+            train += idx[60:60 + (8 if c in minority else 64)].tolist()
+        shard = in_memory(x[train], y[train])
+        for weighted in (False, True):
+            tf.keras.utils.set_random_seed(seed)
+            model = tf.keras.Sequential([tf.keras.Input((64,)), tf.keras.layers.Dense(10, activation="softmax")])
+            model.compile(optimizer=tf.keras.optimizers.Adam(0.01), loss="sparse_categorical_crossentropy",
+                          metrics=["accuracy"])
+            weights = keras_class_weight(class_weights(y[train], 10).tolist() if weighted else None)
+            model.fit(tf_dataset(shard, 32, True, seed, True), epochs=10, verbose=0, class_weight=weights)
+            pred = model.predict(x[test], verbose=0).argmax(1)
+            rows = np.isin(y[test], minority)
+            got[weighted].append(float(np.mean(pred[rows] == y[test][rows])))
+    assert np.mean(got[True]) > np.mean(got[False]) + 0.05, got
+    assert all(w > u for w, u in zip(got[True], got[False])), got

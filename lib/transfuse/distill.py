@@ -436,14 +436,14 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
         except EnsembleError as e:
             raise DistillError(f"the student's temperature on val: {e} (a larger label budget's val split, or "
                                "distill.temperature_check / distill.temperature_scaling false)") from e
-        fitted = tm.evaluate(soften(s_test, calibration["fitted_temperature"]), t_labels)
-        before = tm.evaluate(s_test, t_labels)
+        fitted = tm.evaluate(soften(s_test, calibration["fitted_temperature"]), t_labels, class_names)
+        before = tm.evaluate(s_test, t_labels, class_names)
         calibration.update(fitted_on="val", test={"before": before, "after": fitted} if calibration["applied"]
                            else {"before": before, "after": before, "rejected": fitted})
         log.info("distill: student %s", temperature_line(calibration))
     best_m = {m: ens["summary"][best][m]["mean"] for m in ("accuracy", "nll", "ece")}
-    teacher = tm.evaluate(teacher_test, t_labels)
-    student = tm.evaluate(s_test, t_labels)
+    teacher = tm.evaluate(teacher_test, t_labels, class_names)
+    student = tm.evaluate(s_test, t_labels, class_names)
     gain = teacher["accuracy"] - best_m["accuracy"]
     report = {
         "teacher": {"source": src.source, **teacher}, "student": student,

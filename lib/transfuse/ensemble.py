@@ -14,6 +14,12 @@ Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_n
 - The meta-learners (stacker, greedy selection) are fitted on the holdout rows only. ``val`` is not used here: it
   already picked the CNN members, so scores on it are optimistic.
 
+Class weights (``data.class_weight``): the run decides once, from the prepared train split's counts
+(``stack_inputs.class_weighting``), and when it weights, every scikit-learn fit here and in the member search
+weights its rows by the class weights of its own fit labels, and the stacker (its fit, the candidates' CV score
+and the temperature) weights the holdout rows by theirs. Greedy selection and the test metrics stay unweighted;
+balanced accuracy, macro F1 and recall per class are reported beside accuracy for every model.
+
 The members themselves (kinds, fitting tasks on Ray or in-process, ONNX export) are ``transfuse.learners``; what
 the stage reads (the CNN members' outputs, the pixels) and the K-fold protocol are ``transfuse.stack_inputs``.
 """
@@ -35,8 +41,9 @@ from transfuse.config import Config, EnsembleConfig
 from transfuse.learners import (ONNX_INPUT, ONNX_OUTPUT, FitOutput, FitTask, Progress, data_key, make_runner,
                                  to_onnx_bytes, validate_members)
 from transfuse.member_split import write_member_split
-from transfuse.stack_inputs import (CnnMember, EnsembleInputs, find_cnn_members, fold_tasks, holdout_folds,
-                                    load_inputs, member_inputs, oof_predictions, shared_data, stage_fingerprint)
+from transfuse.stack_inputs import (CnnMember, EnsembleInputs, class_weighting, find_cnn_members, fold_tasks,
+                                    holdout_folds, load_inputs, member_inputs, oof_predictions, shared_data,
+                                    stage_fingerprint)
 from transfuse.stacking import (
     EnsembleError,
     FitRecord,
@@ -62,17 +69,20 @@ COMBINERS = ("average", "hard_vote", "greedy", "stack")
 # One seed's fit, several seeds
 
 
-def plan_tasks(inp: EnsembleInputs, ecfg: EnsembleConfig, rows: dict[str, np.ndarray]) -> list[FitTask]:
-    """Per seed and member: K out-of-fold fits over the holdout (each also fits on all of train) + one final fit."""
+def plan_tasks(inp: EnsembleInputs, ecfg: EnsembleConfig, rows: dict[str, np.ndarray],
+               class_weighted: bool = False) -> list[FitTask]:
+    """Per seed and member: K out-of-fold fits over the holdout (each also fits on all of train) + one final fit;
+    ``class_weighted``: every fit weights its rows by its own fit labels' class weights."""
     n_jobs = max(1, int(ecfg.cpus_per_task))
     tasks = []
     for seed in ecfg.seeds:
         folds = holdout_folds(inp.labels["holdout"], ecfg.folds, seed)
         for m in ecfg.members:
             key = data_key(m, inp.embedding_source)
-            tasks += fold_tasks(m, seed, folds, rows, inp.num_classes, n_jobs, key)
+            tasks += fold_tasks(m, seed, folds, rows, inp.num_classes, n_jobs, key, class_weighted)
             tasks.append(FitTask(m, seed, None, np.concatenate([rows["train"], rows["holdout"]]),
-                                 {"test": rows["test"]}, inp.num_classes, n_jobs, keep_estimator=True, data_key=key))
+                                 {"test": rows["test"]}, inp.num_classes, n_jobs, keep_estimator=True, data_key=key,
+                                 class_weighted=class_weighted))
     return tasks
 
 
@@ -98,7 +108,8 @@ class SeedFit:
     calibration: Optional[dict[str, Any]] = None
 
 
-def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput]) -> SeedFit:
+def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs: list[FitOutput],
+                   class_weighted: bool = False) -> SeedFit:
     ho_ids, te_ids = np.asarray(inp.ids["holdout"]).astype(str), np.asarray(inp.ids["test"]).astype(str)
     cnn = list(inp.cnn_probs)
     sk = [m.name for m in ecfg.members]
@@ -128,22 +139,26 @@ def _assemble_seed(inp: EnsembleInputs, ecfg: EnsembleConfig, seed: int, outputs
         holdout, y_ho, order, stacker_candidates(ecfg.stacker, ecfg.stacker_C, ecfg.stacker_features,
                                                  ecfg.stacker_grid_C),
         folds=ecfg.folds, seed=seed, ids=ho_ids, num_classes=inp.num_classes, calibrate=ecfg.temperature_scaling,
-        check_temperature=ecfg.temperature_check)
+        check_temperature=ecfg.temperature_check, class_weighted=class_weighted)
     greedy = GreedyEnsemble(order, rounds=ecfg.greedy_rounds, metric=ecfg.greedy_metric).fit(holdout, y_ho, ho_ids)
     combined = {"average": average(test, order), "hard_vote": hard_vote(test, order),
                 "greedy": greedy.predict_proba(test), "stack": stacker.predict_proba(test)}
-    scores = {m: tm.evaluate(test[m], y_te) for m in order}
-    scores.update({c: tm.evaluate(p, y_te) for c, p in combined.items()})
+    names = inp.class_names
+    scores = {m: tm.evaluate(test[m], y_te, names) for m in order}
+    scores.update({c: tm.evaluate(p, y_te, names) for c, p in combined.items()})
     if calibration is not None:
         uncalibrated = stacker.calibrated(1.0 / stacker.temperature).predict_proba(test)
         if calibration["applied"]:
             combined["stack_uncalibrated"] = uncalibrated  # saved for the report, not a servable combiner
-        calibration["test"] = {"before": tm.evaluate(uncalibrated, y_te), "after": scores["stack"]}
+        calibration["test"] = {"before": tm.evaluate(uncalibrated, y_te, names), "after": scores["stack"]}
         if not calibration["applied"]:  # what the rejected temperature would have done on test, for the record
             calibration["test"]["rejected"] = tm.evaluate(
-                stacker.calibrated(calibration["fitted_temperature"]).predict_proba(test), y_te)
+                stacker.calibrated(calibration["fitted_temperature"]).predict_proba(test), y_te, names)
     return SeedFit(seed, order, cnn, estimators, holdout, test, stacker, greedy, records, finals, scores, combined,
                    leakage, selection, calibration)
+
+
+SUMMARY_METRICS = ("accuracy", "nll", "ece", "balanced_accuracy", "macro_f1")  # summarised over seeds
 
 
 @dataclass
@@ -153,6 +168,7 @@ class EnsembleFit:
     fit_seconds: float
     task_seconds: float  # sum over tasks: with fit_seconds, how much the parallel run overlapped
     data_object_ids: list[Optional[str]]
+    class_weighted: bool = False  # every sklearn fit and the stacker weighted by class (transfuse.class_weights)
 
     @property
     def first(self) -> SeedFit:
@@ -163,7 +179,7 @@ class EnsembleFit:
         out: dict[str, Any] = {}
         for model in self.first.metrics:
             out[model] = {}
-            for metric in ("accuracy", "nll", "ece"):
+            for metric in SUMMARY_METRICS:
                 v = [s.metrics[model][metric] for s in self.seeds]
                 out[model][metric] = {"mean": float(np.mean(v)), "min": float(np.min(v)), "max": float(np.max(v)),
                                       "values": v}
@@ -171,24 +187,25 @@ class EnsembleFit:
 
 
 def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None,
-                 progress: Optional[Progress] = None) -> EnsembleFit:
+                 progress: Optional[Progress] = None, *, class_weighted: bool = False) -> EnsembleFit:
     """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test.
-    ``progress(done, total)`` is called as member tasks finish."""
+    ``progress(done, total)`` is called as member tasks finish. ``class_weighted``: the run's decision
+    (``stack_inputs.class_weighting``): the members' fits and the stacker weight their rows by class."""
     inp.check()
-    validate_members(ecfg)
+    validate_members(ecfg, class_weighted)
     wants = [m.name for m in ecfg.members if m.features == "pixels"]
     if wants and not inp.pixels:
         raise EnsembleError(f"members {wants} read pixels, but the ensemble inputs carry no pixel features")
     runner = runner or make_runner(ecfg)
     data, rows = shared_data(inp)
-    tasks = plan_tasks(inp, ecfg, rows)
+    tasks = plan_tasks(inp, ecfg, rows, class_weighted)
     t0 = time.perf_counter()
     outputs = runner.run(data, tasks, progress) if tasks else []
     wall = time.perf_counter() - t0
     log.info("fitted %d member tasks with the %s runner in %.1fs", len(tasks), runner.name, wall)
-    seeds = [_assemble_seed(inp, ecfg, s, outputs) for s in ecfg.seeds]
+    seeds = [_assemble_seed(inp, ecfg, s, outputs, class_weighted) for s in ecfg.seeds]
     return EnsembleFit(seeds, runner.name, wall, float(sum(o.seconds for o in outputs)),
-                       [o.data_object_id for o in outputs])
+                       [o.data_object_id for o in outputs], class_weighted)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,7 +245,7 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
         "sklearn_members": sk_entries,
         "stacker": {"file": "stacker.json", "method": s.stacker.method, "features": s.stacker.features,
                     "C": s.stacker.C, "member_weights": s.stacker.member_weights,
-                    "temperature": s.stacker.temperature,
+                    "temperature": s.stacker.temperature, "class_weighted": s.stacker.class_weighted,
                     "fitted_on": "holdout (out-of-fold for sklearn members)", "selection": s.stacker_selection},
         "greedy": {"file": "greedy.json", **s.greedy.to_dict()},
         "combiners": list(COMBINERS), "default_combiner": "stack",
@@ -333,14 +350,30 @@ def fit_report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
         },
         "greedy_weights": {str(x.seed): dict(zip(x.greedy.members, x.greedy.weights_.tolist())) for x in fit.seeds},
         "stacker": {str(x.seed): {"method": x.stacker.method, "features": x.stacker.features, "C": x.stacker.C,
-                                  "member_weights": x.stacker.member_weights, "selection": x.stacker_selection}
+                                  "member_weights": x.stacker.member_weights, "selection": x.stacker_selection,
+                                  "class_weighted": x.stacker.class_weighted}
                     for x in fit.seeds},
         # temperature scaling of the stack, per seed (None: ensemble.temperature_scaling off)
         "calibration": {str(x.seed): x.calibration for x in fit.seeds},
         "leakage_check": s.leakage,
         "runner": fit.runner, "fit_seconds": fit.fit_seconds, "task_seconds": fit.task_seconds,
         "counts": {k: int(len(v)) for k, v in inp.ids.items()},
+        "class_weight": learner_weights(inp, fit.class_weighted),
     }
+
+
+def learner_weights(inp: EnsembleInputs, on: bool) -> dict[str, Any]:
+    """Whether the members and the stacker were class-weighted and, when they were, the per-class weights (by class
+    name) on each learner's fit labels: the final members' (train + holdout) and the stacker's (holdout). Fold
+    models' weights are those of their own fit rows (train + K-1 holdout folds), close to the final ones."""
+    if not on:
+        return {"on": False}
+    from transfuse.class_weights import by_name, class_weights
+
+    k, names = inp.num_classes, inp.class_names
+    members = np.concatenate([inp.labels["train"], inp.labels["holdout"]])
+    return {"on": True, "sklearn_final": by_name(class_weights(members, k), names),
+            "stacker": by_name(class_weights(inp.labels["holdout"], k), names)}
 
 
 PROGRESS_FILE = "progress.json"  # {"done": n, "total": m} member tasks, while the stage runs (the console reads it)
@@ -371,15 +404,19 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     if storage.skip_complete(out, fp, STAGE, force):
         return storage.read_manifest(out)
     inp, members = load_inputs(cfg, members)
+    weighting = class_weighting(cfg, inp)  # one decision for every learner of the run
+    on = bool(weighting["on"])
+    validate_members(cfg.ensemble, on)
     ecfg, searched = cfg.ensemble, None
     if ecfg.search.enabled:
-        searched = member_search.run_member_search(cfg, inp, members, force=force)
+        searched = member_search.run_member_search(cfg, inp, members, force=force, class_weighted=on)
         ecfg = ecfg.model_copy(update={"members": searched.members})
-    fit = fit_ensemble(inp, ecfg, runner, progress=_progress_file(out))
+    fit = fit_ensemble(inp, ecfg, runner, progress=_progress_file(out), class_weighted=on)
     storage.makedirs(out)
     storage.clear_outputs(out)  # a rerun must not leave old members behind
     desc = save_ensemble(out, fit, inp, members, ecfg)
     report = fit_report(fit, inp)
+    report["class_weight"] = {**weighting, **report["class_weight"]}  # the run's decision + this stage's weights
     if searched is not None:
         member_search.write_results(out, searched)
         report["member_search"] = searched.summary
@@ -387,16 +424,21 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     storage.write_json(storage.join(out, "metrics.json"), report)
     return storage.write_manifest(out, cfg, STAGE, fp, members=desc["member_order"],
                                   embedding_source=inp.embedding_source, counts=report["counts"],
-                                  metrics={k: v["accuracy"]["mean"] for k, v in report["summary"].items()})
+                                  metrics={k: v["accuracy"]["mean"] for k, v in report["summary"].items()},
+                                  class_weight=report["class_weight"])
 
 
 def format_table(report: Mapping[str, Any]) -> str:
     """A plain-text table of test metrics (mean over seeds, and the seed range)."""
-    lines = [f"{'model':<24}{'accuracy':>22}{'nll':>22}{'ece':>10}"]
+    lines = [f"{'model':<24}{'accuracy':>22}{'nll':>22}{'ece':>10}{'bal. acc':>10}{'macro F1':>10}"]
     for model, m in report["summary"].items():
         a, n, e = m["accuracy"], m["nll"], m["ece"]
+        extra = "".join(f"{m[k]['mean']:>10.4f}" if k in m else f"{'-':>10}" for k in ("balanced_accuracy", "macro_f1"))
         lines.append(f"{model:<24}{a['mean']:>8.4f} [{a['min']:.4f},{a['max']:.4f}]"
-                     f"{n['mean']:>8.4f} [{n['min']:.4f},{n['max']:.4f}]{e['mean']:>10.4f}")
+                     f"{n['mean']:>8.4f} [{n['min']:.4f},{n['max']:.4f}]{e['mean']:>10.4f}{extra}")
+    cw = report.get("class_weight") or {}
+    if cw.get("on"):
+        lines.append(f"class-weighted fits (data.class_weight {cw.get('mode', '-')}): members and the stacker")
     for seed, c in (report.get("calibration") or {}).items():
         if c:
             b, a = c["test"]["before"], c["test"].get("rejected", c["test"]["after"])

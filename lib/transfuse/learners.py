@@ -6,6 +6,12 @@ the pixel view, when a member reads it) in the object store once and hands every
 ``LocalRunner`` runs the same function in-process. Errors raised in a task come back as ``MemberError`` naming
 the member.
 
+Class weights (``data.class_weight``, decided once per run: ``transfuse.class_weights``): a task with
+``class_weighted`` passes ``sample_weight`` to ``fit``, each row weighted by its class's weight on the task's own
+fit labels. Every kind in the table takes ``sample_weight`` (RandomForest, Bagging and AdaBoost on their trees,
+HistGradientBoosting, SVC in libsvm's C per row, LogisticRegression in its loss); a kind that did not would be
+refused with ``MemberError`` rather than silently fitted unweighted (``check_sample_weight``).
+
 Note: scikit-learn 1.9 deprecates ``SVC(probability=True)`` (removal planned in 1.11, replacement
 ``CalibratedClassifierCV(SVC(), ensemble=False)``); the ``svc`` kind still uses it and mutes that one warning.
 """
@@ -112,10 +118,23 @@ def build_estimator(member: MemberConfig, seed: int = 0, n_jobs: int = 1) -> Any
     return est
 
 
-def validate_members(ecfg: EnsembleConfig) -> None:
-    """Check every configured member before any work starts."""
+def validate_members(ecfg: EnsembleConfig, class_weighted: bool = False) -> None:
+    """Check every configured member before any work starts (with ``class_weighted``: that its kind takes
+    ``sample_weight``)."""
     for m in ecfg.members:
-        build_estimator(m, ecfg.seeds[0])
+        est = build_estimator(m, ecfg.seeds[0])
+        if class_weighted:
+            check_sample_weight(est, m)
+
+
+def check_sample_weight(est: Any, member: MemberConfig) -> None:
+    """``MemberError`` unless ``est.fit`` takes ``sample_weight`` (the class-weighted fit needs it)."""
+    from sklearn.utils.validation import has_fit_parameter
+
+    if not has_fit_parameter(est, "sample_weight"):
+        raise MemberError(f"member {member.name!r} ({member.kind}, {type(est).__name__}): its fit takes no "
+                          f"sample_weight, so it cannot be class-weighted; set data.class_weight to 'none' or "
+                          f"use another kind")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -135,6 +154,7 @@ class FitTask:
     n_jobs: int = 1
     keep_estimator: bool = False
     data_key: Optional[str] = None  # the shared data's array the member reads (``data_key``); None: by features
+    class_weighted: bool = False  # sample_weight = class weights of y[fit_idx] (transfuse.class_weights)
 
 
 @dataclass
@@ -174,6 +194,12 @@ def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optio
     est = build_estimator(task.member, task.seed, task.n_jobs)
     x, y, ids = data[task.data_key or _DATA_KEY[task.member.features]], data["y"], data["ids"]
     fit_idx = np.asarray(task.fit_idx)
+    fit_kw: dict[str, Any] = {}
+    if task.class_weighted:
+        from transfuse.class_weights import sample_weights
+
+        check_sample_weight(est, task.member)
+        fit_kw["sample_weight"] = sample_weights(y[fit_idx], task.num_classes)  # on this fit's own labels
     model = f"{task.member.name}/seed{task.seed}/" + ("final" if task.fold is None else f"fold{task.fold}")
     from threadpoolctl import threadpool_limits  # a scikit-learn dependency
 
@@ -186,7 +212,7 @@ def fit_one(data: Mapping[str, np.ndarray], task: FitTask, data_object_id: Optio
             # and skl2onnx converts it. Said once in the module docstring instead of once per task.
             warnings.filterwarnings("ignore", message="The `probability` parameter was deprecated",
                                     category=FutureWarning)
-            est.fit(x[fit_idx], y[fit_idx])
+            est.fit(x[fit_idx], y[fit_idx], **fit_kw)
         preds = {name: (ids[idx], _aligned_proba(est, x[idx], task.num_classes)) for name, idx in task.predict.items()}
     except (ValueError, TypeError) as e:
         raise MemberError(f"member {task.member.name!r} ({task.member.kind}) failed to fit {model}: {e}") from None

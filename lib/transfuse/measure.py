@@ -1,6 +1,7 @@
 """Measuring bundles: model bytes (raw and gzip), latency at batch 1 (p50, p99), throughput at batch 32, test
-accuracy / NLL / ECE, batch-1 latency across variants in alternating warm blocks, a per-component breakdown,
-ratios against a baseline variant, the goals check and the table. The compress stage and bench/ scripts measure
+accuracy / NLL / ECE (with balanced accuracy, macro F1 and recall per class by class name), batch-1 latency
+across variants in alternating warm blocks, a per-component breakdown, ratios against a baseline variant, the
+goals check and the table. The compress stage and bench/ scripts measure
 through these."""
 
 from __future__ import annotations
@@ -50,10 +51,12 @@ def time_calls(fn: Callable[[], Any], runs: int, warmup: int = 3) -> np.ndarray:
 
 
 def measure_predictor(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray, *,
-                      latency_runs: int = 50, throughput_runs: int = 5, batch: int = 32) -> dict[str, float]:
-    """Accuracy / NLL / ECE on (images, labels); latency at batch 1 (p50, p99 ms); throughput at ``batch``."""
+                      latency_runs: int = 50, throughput_runs: int = 5, batch: int = 32,
+                      class_names: Optional[list[str]] = None) -> dict[str, Any]:
+    """``metrics.evaluate`` on (images, labels) (per-class recall keyed by ``class_names``); latency at batch 1
+    (p50, p99 ms); throughput at ``batch``."""
     probs = predict(images)
-    row = {k: v for k, v in _metrics.evaluate(probs, labels).items()}
+    row = {k: v for k, v in _metrics.evaluate(probs, labels, class_names).items()}
     one = images[:1]
     lat = time_calls(lambda: predict(one), latency_runs)
     xb = images[:batch] if len(images) >= batch else np.concatenate([images] * (batch // len(images) + 1))[:batch]
@@ -74,7 +77,7 @@ def variant_row(directory: str, images: np.ndarray, labels: np.ndarray, *, num_t
     raw, gz, loaded = model_bytes(directory)
     row = {"variant": b.manifest["variant"], "size_bytes": raw, "size_gzip_bytes": gz, "size_loaded_bytes": loaded}
     row.update(measure_predictor(b.predict_proba, images, labels, latency_runs=latency_runs,
-                                 throughput_runs=throughput_runs))
+                                 throughput_runs=throughput_runs, class_names=list(b.class_names)))
     return row
 
 

@@ -20,6 +20,11 @@ before Tune sees it, from one generator seeded with ``seed`` (``candidates``), a
 ``random_state=seed``: the same seed gives the same trials, scores and choice, unless ``time_budget_s`` cuts the
 search short.
 
+Class weights: when the run weights by class (``stack_inputs.class_weighting``), every trial's fold fits weight
+their rows as the ensemble's do (``FitTask.class_weighted``) and its score is the class-weighted out-of-fold NLL
+(each holdout row's NLL times its class's weight on the holdout labels): the objective the members and the
+stacker then fit.
+
 Stage outputs, next to ``ensemble.json``: ``member_search.json`` (a row per trial with its start and end time, the
 chosen members, the leakage check, the wall time), ``member_search.csv`` (the rows) and ``member_search.png``
 (out-of-fold NLL per kind and view, and the trials' timeline: overlapping bars are trials that ran in parallel).
@@ -186,7 +191,7 @@ def candidate_member(c: Mapping[str, Any], name: str) -> MemberConfig:
 
 def trial_fn(config: dict[str, Any], data: Mapping[str, np.ndarray], rows: Mapping[str, np.ndarray],
              folds: Sequence[np.ndarray], num_classes: int, seed: int, embedding_source: str,
-             records_dir: str) -> None:
+             records_dir: str, class_weighted: bool = False) -> None:
     """Fit one configuration on the K folds, write what each fold model saw and its score, report its out-of-fold
     NLL. A trial whose record is already stored for this configuration reports that record's score and fits nothing:
     Tune's saved state can lag a trial that reported just before an interruption, and restoring then reruns it."""
@@ -201,16 +206,21 @@ def trial_fn(config: dict[str, Any], data: Mapping[str, np.ndarray], rows: Mappi
         tune.report(stored["result"])
         return
     member = candidate_member(config["trial"], trial_id)
-    tasks = fold_tasks(member, seed, folds, rows, num_classes, 1, data_key(member, embedding_source))
+    tasks = fold_tasks(member, seed, folds, rows, num_classes, 1, data_key(member, embedding_source), class_weighted)
     outputs = [fit_one(data, t) for t in tasks]
     holdout = rows["holdout"]
     oof, records = oof_predictions(outputs, member.name, seed, data["ids"][holdout], num_classes)
     y = data["y"][holdout]
-    result = {METRIC: tm.nll(oof, y), "oof_accuracy": tm.accuracy(oof, y), "start": start, "end": time.time(),
+    row_nll = tm.row_nll(oof, y)
+    if class_weighted:  # each row's NLL times its class's weight (they average 1): the mean is the weighted NLL
+        from transfuse.class_weights import sample_weights
+
+        row_nll = row_nll * sample_weights(y, num_classes)
+    result = {METRIC: float(row_nll.mean()), "oof_accuracy": tm.accuracy(oof, y), "start": start, "end": time.time(),
               "fit_seconds": float(sum(o.seconds for o in outputs))}
     storage.write_json(path, {"trial_id": trial_id, "config": trial, "result": result,
                               "records": [r.to_dict() for r in records],
-                              "row_nll": tm.row_nll(oof, y).tolist()})  # holdout order: select pairs trials by row
+                              "row_nll": row_nll.tolist()})  # holdout order: select pairs trials by row
     tune.report(result)
 
 
@@ -239,17 +249,19 @@ class SearchResult:
     summary: dict[str, Any]
 
 
-def search_fingerprint(cfg: Config, cnn_members: Sequence[CnnMember]) -> str:
-    """What the trials depend on: the search section, the fixed members, folds, the seed, the pixel view, and the
-    CNN members' files. A stored experiment with another fingerprint is discarded, never restored."""
+def search_fingerprint(cfg: Config, cnn_members: Sequence[CnnMember], class_weighted: bool = False) -> str:
+    """What the trials depend on: the search section, the fixed members, folds, the seed, the pixel view, the
+    class weighting (named only when on: an unweighted search keeps its fingerprint) and the CNN members' files.
+    A stored experiment with another fingerprint is discarded, never restored."""
     e = cfg.ensemble
     head = digest({"search": e.search.model_dump(mode="json"), "members": [m.model_dump(mode="json")
                                                                            for m in e.members],
-                   "folds": e.folds, "seed": e.seeds[0], "pixel_size": e.pixel_size})
+                   "folds": e.folds, "seed": e.seeds[0], "pixel_size": e.pixel_size,
+                   **({"class_weighted": True} if class_weighted else {})})
     return stage_fingerprint(cfg, list(cnn_members), head)
 
 
-def _tuner(cfg: Config, inp: EnsembleInputs, base: str, restore: bool) -> Any:
+def _tuner(cfg: Config, inp: EnsembleInputs, base: str, restore: bool, class_weighted: bool = False) -> Any:
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -259,7 +271,8 @@ def _tuner(cfg: Config, inp: EnsembleInputs, base: str, restore: bool) -> Any:
     folds = holdout_folds(inp.labels["holdout"], e.folds, seed)  # the folds the stacker's inputs use
     trainable = tune.with_resources(
         tune.with_parameters(trial_fn, data=data, rows=rows, folds=folds, num_classes=inp.num_classes, seed=seed,
-                             embedding_source=inp.embedding_source, records_dir=storage.join(base, "records")),
+                             embedding_source=inp.embedding_source, records_dir=storage.join(base, "records"),
+                             class_weighted=class_weighted),
         {"CPU": s.cpus_per_trial})
     fs, path = storage.resolve(base)
     exp = f"{path}/{EXPERIMENT}"
@@ -366,19 +379,20 @@ def check_trials(records: Mapping[str, Mapping[str, Any]], inp: EnsembleInputs) 
 
 
 def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[CnnMember], *,
-                      force: bool = False) -> SearchResult:
-    """Run (or restore and finish) the member search; return the trials and the members chosen for the stacker."""
+                      force: bool = False, class_weighted: bool = False) -> SearchResult:
+    """Run (or restore and finish) the member search; return the trials and the members chosen for the stacker.
+    ``class_weighted``: the run's decision (``stack_inputs.class_weighting``): fits and scores weighted by class."""
     e = cfg.ensemble
     validate_search(e)
     base = storage.join(storage.stage_dir(cfg, "ensemble"), SEARCH_DIR)
-    fp = search_fingerprint(cfg, cnn_members)
+    fp = search_fingerprint(cfg, cnn_members, class_weighted)
     stamp = storage.join(base, "fingerprint.json")
     same = storage.exists(stamp) and storage.read_json(stamp).get("fingerprint") == fp
     if not same or force:
         storage.clear_dir(base)
         storage.write_json(stamp, {"fingerprint": fp})
     t0 = time.time()
-    grid = _tuner(cfg, inp, base, restore=same and not force).fit()
+    grid = _tuner(cfg, inp, base, restore=same and not force, class_weighted=class_weighted).fit()
     seconds = time.time() - t0
     by_id = {r.path.rstrip("/").rsplit("/", 1)[-1]: r for r in grid}
     results = [by_id[k] for k in sorted(by_id, key=lambda t: int(t.rsplit("_", 1)[-1]))]  # trial order
@@ -405,7 +419,7 @@ def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[Cn
         "cpus_per_trial": e.search.cpus_per_trial, "max_overlap": max_overlap(scored),
         "seconds": round(seconds, 1), "time_budget_hit": budget_hit, "trials_span_s": round(max(ends) - min(starts), 1),
         "trial_seconds_sum": round(sum(b - a for a, b in zip(starts, ends)), 1),
-        "se_rule": e.search.se_rule,
+        "se_rule": e.search.se_rule, "class_weighted": bool(class_weighted),
         "chosen": [{"name": name, "trial_id": r["trial_id"], "kind": r["kind"], "features": r["features"],
                     "view": r["view"], "params": r["params"], "fixed": r["fixed"], METRIC: r[METRIC],
                     "oof_accuracy": r["oof_accuracy"], "vs_fixed": _vs_fixed(rows, r, row_nll)}

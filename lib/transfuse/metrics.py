@@ -1,6 +1,9 @@
-"""Held-out metrics for every model and ensemble: accuracy, NLL, ECE, confusion matrix (numpy only)."""
+"""Held-out metrics for every model and ensemble: accuracy, NLL, ECE, confusion matrix, and the metrics that an
+imbalanced test split needs beside accuracy: balanced accuracy, macro F1 and recall per class (numpy only)."""
 
 from __future__ import annotations
+
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -62,6 +65,47 @@ def confusion(probs: np.ndarray, labels: np.ndarray) -> list[list[int]]:
     return m.tolist()
 
 
-def evaluate(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def _counts(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per class: true positives, rows of the class (support) and rows predicted as it."""
+    m = np.asarray(confusion(probs, labels), dtype=np.float64)
+    return np.diag(m), m.sum(1), m.sum(0)
+
+
+def recall_per_class(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Recall of each class 0..K-1 (NaN for a class with no row among ``labels``)."""
+    hit, support, _ = _counts(probs, labels)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(support > 0, hit / np.maximum(support, 1), np.nan)
+
+
+def balanced_accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in ``labels`` (scikit-learn's ``balanced_accuracy_score``): each
+    class counts alike however many rows it has, so always predicting the majority class scores 1/K."""
+    r = recall_per_class(probs, labels)
+    return float(np.nanmean(r)) if np.any(~np.isnan(r)) else float("nan")
+
+
+def macro_f1(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Unweighted mean F1 = 2 TP / (2 TP + FP + FN) over the classes present in ``labels`` or in the predictions
+    (scikit-learn's ``f1_score(average="macro")``; a class predicted but never right scores 0)."""
+    hit, support, predicted = _counts(probs, labels)
+    seen = (support + predicted) > 0
+    if not seen.any():
+        return float("nan")
+    return float(np.mean(2.0 * hit[seen] / (support[seen] + predicted[seen])))
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Accuracy, NLL, ECE and n (the keys every stage reads), plus balanced accuracy, macro F1 and
+    ``per_class_recall`` {class name (default: the class id as text): recall, None for a class absent from
+    ``labels``: JSON has no NaN}."""
+    probs, labels = _check(probs, labels)
+    k = probs.shape[1]
+    names = [str(c) for c in class_names] if class_names is not None else [str(i) for i in range(k)]
+    if len(names) != k:
+        raise ValueError(f"{len(names)} class names {names} for probabilities over {k} classes")
+    recall = recall_per_class(probs, labels)
     return {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels), "ece": ece(probs, labels),
-            "n": int(len(labels))}
+            "n": int(len(labels)), "balanced_accuracy": balanced_accuracy(probs, labels),
+            "macro_f1": macro_f1(probs, labels),
+            "per_class_recall": {n: (None if np.isnan(r) else float(r)) for n, r in zip(names, recall)}}

@@ -214,6 +214,10 @@ def result_row(cfg: Config, result: Any) -> dict[str, Any]:
         "val_accuracy": member["val"]["accuracy"] if member else None,
         "val_nll": member["val"]["nll"] if member else None,
         "test_accuracy": member["test"]["accuracy"] if member else None,
+        # beside accuracy on an imbalanced split (None: a member written before these metrics existed)
+        "val_balanced_accuracy": member["val"].get("balanced_accuracy") if member else None,
+        "test_balanced_accuracy": member["test"].get("balanced_accuracy") if member else None,
+        "test_macro_f1": member["test"].get("macro_f1") if member else None,
         "dir": d if finished else None,
     }
 
@@ -282,7 +286,10 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
         return storage.read_manifest(out)
     from transfuse.data import data_manifest
 
-    data_manifest(storage.stage_dir(cfg, "data"))  # fail once, here, rather than in every trial
+    from transfuse.class_weights import decision
+
+    # fail once, here, rather than in every trial; every trial trains under this class-weighting decision
+    weighting = decision(cfg.data, data_manifest(storage.stage_dir(cfg, "data")))
     if force:
         storage.clear_dir(out)
     start = time.time()
@@ -301,8 +308,10 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     summary = {
         "trials": len(rows), "finished": sum(r["finished"] for r in rows),
         "stopped_early": sum(r["stopped_early"] for r in rows), "errored": sum(bool(r["error"]) for r in rows),
-        "best": {k: best[k] for k in (*SEARCHED, "val_accuracy", "val_nll", "test_accuracy")},
+        "best": {k: best[k] for k in (*SEARCHED, "val_accuracy", "val_nll", "test_accuracy",
+                                      "test_balanced_accuracy", "test_macro_f1")},
         "seconds": round(time.time() - start, 1),
+        "class_weight": weighting,
     }
     baseline_dir = baseline_dir or storage.stage_dir(cfg, "finetune")
     base = storage.read_manifest(baseline_dir)

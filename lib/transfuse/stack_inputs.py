@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -101,14 +101,15 @@ def holdout_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]
 
 
 def fold_tasks(member: MemberConfig, seed: int, folds: Sequence[np.ndarray], rows: Mapping[str, np.ndarray],
-               num_classes: int, n_jobs: int, key: Optional[str]) -> list[FitTask]:
-    """K out-of-fold fits over the holdout: fold k's model fits on train + the other holdout folds, predicts fold k."""
+               num_classes: int, n_jobs: int, key: Optional[str], class_weighted: bool = False) -> list[FitTask]:
+    """K out-of-fold fits over the holdout: fold k's model fits on train + the other holdout folds, predicts fold k
+    (``class_weighted``: each by the class weights of its own fit rows' labels)."""
     tasks = []
     for k, held in enumerate(folds):
         keep = np.setdiff1d(np.arange(len(rows["holdout"])), held)
         fit_idx = np.concatenate([rows["train"], rows["holdout"][keep]])
         tasks.append(FitTask(member, seed, k, fit_idx, {"holdout": rows["holdout"][held]}, num_classes, n_jobs,
-                             data_key=key))
+                             data_key=key, class_weighted=class_weighted))
     return tasks
 
 
@@ -272,6 +273,21 @@ def _class_names(cfg: Config, best: CnnMember, k: int) -> list[str]:
     return [str(i) for i in range(k)]
 
 
+def class_weighting(cfg: Config, inp: EnsembleInputs) -> dict[str, Any]:
+    """The run's class-weighting decision (``class_weights.decision``) from the data manifest's train counts, the
+    one the CNN members were trained under; where the run has no data manifest, from the members' train labels
+    (the same split)."""
+    from transfuse import class_weights
+
+    manifest = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    if not (manifest.get("class_names") and (manifest.get("counts") or {}).get("train")):
+        names = inp.class_names or [str(i) for i in range(inp.num_classes)]
+        counts = class_weights.class_counts(inp.labels["train"], inp.num_classes)
+        manifest = {"class_names": names, "counts": {"train": {str(i): int(c) for i, c in enumerate(counts)
+                                                               if c}}}
+    return class_weights.decision(cfg.data, manifest)
+
+
 def stage_fingerprint(cfg: Config, members: list[CnnMember], head: Optional[str] = None) -> str:
     """Same config (or ``head``: a digest of the parts that matter) and the same member files (their manifests'
     checksums) -> the stage (or the member search) is complete."""
@@ -296,6 +312,6 @@ def member_inputs(inp: EnsembleInputs, features: str, split: str, embedding_of: 
 
 
 __all__ = [
-    "CnnMember", "EnsembleInputs", "find_cnn_members", "fold_tasks", "holdout_folds", "load_inputs",
-    "member_inputs", "oof_predictions", "read_pixels", "shared_data", "stage_fingerprint",
+    "CnnMember", "EnsembleInputs", "class_weighting", "find_cnn_members", "fold_tasks", "holdout_folds",
+    "load_inputs", "member_inputs", "oof_predictions", "read_pixels", "shared_data", "stage_fingerprint",
 ]

@@ -18,6 +18,10 @@ scikit-learn, TensorFlow or Ray at module level. Everything a server needs is he
 - ``check_no_leakage``: proves from recorded ids that no prediction the stacker learned from came from a model
   that had seen that example.
 
+With ``class_weighted`` (``data.class_weight``: see ``transfuse.class_weights``) the stacker's NLL, its
+cross-validated choice and its temperature weight each row by its class's weight, computed on the labels that
+fit uses; the greedy selection and the reported metrics stay unweighted.
+
 Member probabilities travel as a mapping ``{member name: N x K array}``; each combiner stores its member order
 and picks members by name, so a caller cannot silently feed them in the wrong order.
 """
@@ -96,8 +100,19 @@ def hard_vote(member_probs: Mapping[str, np.ndarray], order: Optional[Sequence[s
     return (votes + 1.0 + tie_break) / (votes + 1.0 + tie_break).sum(1, keepdims=True)
 
 
-def _nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0))))
+def _nll(probs: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
+    """Mean NLL (clipped at ``EPS``), each row weighted by ``weights`` when given (a weighted mean)."""
+    rows = -np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0))
+    return float(np.mean(rows) if weights is None else np.sum(weights * rows) / np.sum(weights))
+
+
+def _row_weights(labels: np.ndarray, k: int, on: bool) -> Optional[np.ndarray]:
+    """Class-balanced row weights of ``labels`` (``transfuse.class_weights``; they average 1) when ``on``."""
+    if not on:
+        return None
+    from transfuse.class_weights import sample_weights
+
+    return sample_weights(labels, k)
 
 
 def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -165,11 +180,15 @@ class Stacker:
     classes_: Optional[np.ndarray] = None
     # temperature scaling, already folded in: coef_ and intercept_ are the fitted ones divided by it
     temperature: float = 1.0
+    # fit by class-weighted NLL (``transfuse.class_weights``, on the labels each fit gets); a training setting,
+    # not stored with the arrays (prediction does not depend on it)
+    class_weighted: bool = False
     fit_ids_: Optional[np.ndarray] = field(default=None, repr=False)
 
     def fit(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray,
             ids: Optional[np.ndarray] = None, num_classes: Optional[int] = None) -> "Stacker":
-        """Fit on held-out member predictions (never on predictions for examples a member trained on)."""
+        """Fit on held-out member predictions (never on predictions for examples a member trained on); with
+        ``class_weighted`` each row's loss is weighted by its class's weight on ``labels``."""
         if self.method not in STACKER_METHODS:
             raise EnsembleError(f"stacker method must be one of {STACKER_METHODS}, got {self.method!r}")
         labels = np.asarray(labels, dtype=np.int64)
@@ -177,15 +196,18 @@ class Stacker:
         present = np.unique(labels)
         if len(present) < 2:
             raise EnsembleError(f"the stacker needs at least 2 classes among its {len(labels)} rows, got {present}")
+        if labels.max() >= k:
+            raise EnsembleError(f"stacker labels go up to {labels.max()} but the members predict {k} classes")
+        weights = _row_weights(labels, k, self.class_weighted)
         if self.method == "log_pool":
-            self._fit_log_pool(member_probs, labels, k)
+            self._fit_log_pool(member_probs, labels, k, weights)
             self.fit_ids_ = None if ids is None else np.asarray(ids)
             return self
         from sklearn.linear_model import LogisticRegression  # training side only
 
         x = stacker_features(member_probs, self.members, self.features, self.eps)
         # lbfgs fits the multinomial (softmax) model for more than two classes.
-        lr = LogisticRegression(C=self.C, max_iter=2000).fit(x, labels)
+        lr = LogisticRegression(C=self.C, max_iter=2000).fit(x, labels, sample_weight=weights)
         coef = np.zeros((k, x.shape[1]))
         intercept = np.full(k, -1e3)  # a class absent from the holdout gets ~zero probability
         if len(lr.classes_) == 2 and k >= 2:  # binary: scikit-learn keeps one row for the positive class
@@ -197,9 +219,12 @@ class Stacker:
         self.fit_ids_ = None if ids is None else np.asarray(ids)
         return self
 
-    def _fit_log_pool(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray, k: int) -> None:
+    def _fit_log_pool(self, member_probs: Mapping[str, np.ndarray], labels: np.ndarray, k: int,
+                      weights: Optional[np.ndarray] = None) -> None:
         """Minimise mean NLL + ||w||^2 / (2 C N) over w >= 0 (one per member) and b (one per class) with L-BFGS-B;
-        the penalty is scikit-learn's LogisticRegression objective divided by C N, so C means the same thing."""
+        the penalty is scikit-learn's LogisticRegression objective divided by C N, so C means the same thing.
+        ``weights``: each row's NLL weighted (class weights average 1, so the penalty keeps its scale; scikit-learn
+        weights its per-row losses the same way)."""
         from scipy.optimize import minimize  # training side only
 
         if self.features != "log_probs":
@@ -210,6 +235,7 @@ class Stacker:
             raise EnsembleError(f"member probabilities have {logp.shape[2]} classes, expected {k}")
         rows = np.arange(n)
         penalty = 1.0 / (2.0 * self.C * n)
+        row_w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
 
         def loss_and_grad(theta: np.ndarray) -> tuple[float, np.ndarray]:
             w, b = theta[:m], theta[m:]
@@ -218,8 +244,8 @@ class Stacker:
             logq = z - np.log(np.exp(z).sum(1, keepdims=True))
             g = np.exp(logq)
             g[rows, labels] -= 1.0
-            g /= n
-            loss = -logq[rows, labels].mean() + penalty * float(w @ w)
+            g *= (row_w / n)[:, None]
+            loss = -float(row_w @ logq[rows, labels]) / n + penalty * float(w @ w)
             return loss, np.concatenate([np.einsum("nk,mnk->m", g, logp) + 2.0 * penalty * w, g.sum(0)])
 
         start = np.concatenate([np.full(m, 1.0 / m), np.zeros(k)])  # the geometric mean of the members
@@ -315,16 +341,18 @@ def stacker_candidates(method: str, C: float, features: str, grid_C: Sequence[fl
 TEMPERATURE_BOUNDS = (0.05, 20.0)  # a temperature outside this range means the logits are not worth calibrating
 
 
-def _softmax_nll(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean NLL of softmax(logits), computed from the logits (no clipping)."""
+def _softmax_nll(logits: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
+    """Mean NLL of softmax(logits), computed from the logits (no clipping); a ``weights``-weighted mean when given."""
     z = logits - logits.max(1, keepdims=True)
     logq = z - np.log(np.exp(z).sum(1, keepdims=True))
-    return float(-logq[np.arange(len(labels)), labels].mean())
+    rows = -logq[np.arange(len(labels)), labels]
+    return float(rows.mean() if weights is None else np.sum(weights * rows) / np.sum(weights))
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T) on
-    out-of-sample logits. T > 1 softens an over-confident model, T < 1 sharpens an under-confident one; the argmax
+    out-of-sample logits (each row's NLL weighted by ``weights`` when given: the class-weighted stacker's
+    temperature). T > 1 softens an over-confident model, T < 1 sharpens an under-confident one; the argmax
     never changes. The NLL is convex in 1/T, so a bounded scalar search on log T finds the optimum."""
     from scipy.optimize import minimize_scalar  # training side only
 
@@ -333,39 +361,52 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0 or not np.all(np.isfinite(logits)):
         raise EnsembleError(f"temperature scaling needs finite N x K logits and N labels, got logits "
                             f"{logits.shape} and {labels.shape} labels")
+    if weights is not None:
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != labels.shape or np.any(weights < 0) or not weights.sum() > 0:
+            raise EnsembleError(f"temperature weights must be {len(labels)} non-negative numbers with a positive "
+                                f"sum, got shape {weights.shape}")
     lo, hi = np.log(TEMPERATURE_BOUNDS)
-    res = minimize_scalar(lambda t: _softmax_nll(logits / np.exp(t), labels), bounds=(lo, hi), method="bounded",
-                          options={"xatol": 1e-5})
+    res = minimize_scalar(lambda t: _softmax_nll(logits / np.exp(t), labels, weights), bounds=(lo, hi),
+                          method="bounded", options={"xatol": 1e-5})
     return float(np.exp(res.x))
 
 
 def checked_temperature(logits: np.ndarray, labels: np.ndarray,
                         splits: Optional[Sequence[tuple[np.ndarray, np.ndarray]]] = None, *, folds: int = 5,
-                        seed: int = 0, check: bool = True) -> dict[str, Any]:
+                        seed: int = 0, check: bool = True, class_weighted: bool = False) -> dict[str, Any]:
     """``fit_temperature`` on all rows, and whether it pays on rows it was not fitted on: for each (fit, score)
     split (``splits``, else stratified ``folds``-fold from ``seed``), a temperature fitted on the fit rows changes
     the score rows' NLL by some gain; the mean gain over the splits, and its standard error, is the check. With
     ``check`` the temperature is applied only when that mean gain is positive; a rejected one is reported and
     ``temperature`` is 1. Measured on the default's 100 holdout rows (3 label draws x 3 seeds): the check
-    rejected all 9 fitted temperatures, which applied would have raised the mean test NLL 0.1990 -> 0.2008."""
+    rejected all 9 fitted temperatures, which applied would have raised the mean test NLL 0.1990 -> 0.2008.
+
+    ``class_weighted``: every NLL here is class-weighted: each fit by the class weights of the labels it fits on,
+    each fold's score by the weights of all the rows' labels (the objective the full fit minimises)."""
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    t = fit_temperature(logits, labels)
+    k = logits.shape[1] if logits.ndim == 2 else 0
+    w_all = _row_weights(labels, k, class_weighted)
+    t = fit_temperature(logits, labels, w_all)
     if not check:
-        return {"temperature": t, "fitted_temperature": t, "applied": True, "check": {"enabled": False}}
+        return {"temperature": t, "fitted_temperature": t, "applied": True, "check": {"enabled": False},
+                "class_weighted": bool(class_weighted)}
     if splits is None:
         splits = _cv_splits(labels, folds, seed, "cannot check a temperature by cross-validation on {n} rows: a "
                                                  "class has {smallest} of them; need >= 2 per class")
     gains = []
     for fit_rows, score_rows in splits:
-        t_fit = fit_temperature(logits[fit_rows], labels[fit_rows])
-        gains.append(_softmax_nll(logits[score_rows], labels[score_rows])
-                     - _softmax_nll(logits[score_rows] / t_fit, labels[score_rows]))
+        t_fit = fit_temperature(logits[fit_rows], labels[fit_rows], _row_weights(labels[fit_rows], k, class_weighted))
+        w = None if w_all is None else w_all[score_rows]
+        gains.append(_softmax_nll(logits[score_rows], labels[score_rows], w)
+                     - _softmax_nll(logits[score_rows] / t_fit, labels[score_rows], w))
     gain = float(np.mean(gains))
     se = float(np.std(gains, ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else float("nan")
     applied = gain > 0
     return {"temperature": t if applied else 1.0, "fitted_temperature": t, "applied": bool(applied),
-            "check": {"enabled": True, "folds": len(gains), "nll_gain": gain, "nll_gain_se": se}}
+            "check": {"enabled": True, "folds": len(gains), "nll_gain": gain, "nll_gain_se": se},
+            "class_weighted": bool(class_weighted)}
 
 
 def temperature_line(c: Mapping[str, Any]) -> str:
@@ -409,7 +450,7 @@ def _oof_logits(cand: Stacker, member_probs: Mapping[str, np.ndarray], labels: n
 def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, order: Sequence[str],
                    candidates: Sequence[Stacker], folds: int = 5, seed: int = 0,
                    ids: Optional[np.ndarray] = None, num_classes: Optional[int] = None, calibrate: bool = False,
-                   check_temperature: bool = True,
+                   check_temperature: bool = True, class_weighted: bool = False,
                    ) -> tuple[Stacker, list[dict[str, Any]], Optional[dict[str, Any]]]:
     """Score each candidate by stratified K-fold cross-validated NLL on the rows given (the holdout: the only
     rows whose member predictions are out-of-sample), refit the best on all of them. With one candidate there is
@@ -419,11 +460,18 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
     stacker that did not learn from it) and fold it into the refitted stacker; with ``check_temperature`` only
     where ``checked_temperature``'s check over the same folds says it pays. Returns (stacker, table,
     calibration), calibration None without ``calibrate``, else ``checked_temperature``'s answer and the
-    out-of-fold NLL and ECE before and after the applied temperature."""
+    out-of-fold NLL and ECE before and after the applied temperature.
+
+    ``class_weighted`` (the run's one decision, ``transfuse.class_weights``): every candidate is fitted by
+    class-weighted NLL, the candidates are compared by class-weighted cross-validated NLL (``cv_nll``; the same
+    objective they fit) and the temperature is fitted and checked by it; ``cv_accuracy`` and the before/after
+    record stay unweighted."""
     from transfuse.metrics import ece
 
     labels = np.asarray(labels, dtype=np.int64)
     k = num_classes or int(next(iter(member_probs.values())).shape[1])
+    candidates = [replace(c, class_weighted=bool(class_weighted)) for c in candidates]
+    w_all = _row_weights(labels, k, class_weighted)
     table: list[dict[str, Any]] = []
     oofs: list[np.ndarray] = []
     best_i = 0
@@ -433,7 +481,7 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
             oofs.append(_oof_logits(cand, member_probs, labels, order, splits, k))
             p = softmax(oofs[-1])
             table.append({"method": cand.method, "features": cand.features, "C": cand.C,
-                          "cv_nll": _nll(p, labels), "cv_accuracy": _accuracy(p, labels)})
+                          "cv_nll": _nll(p, labels, w_all), "cv_accuracy": _accuracy(p, labels)})
         best_i = min(range(len(table)), key=lambda i: table[i]["cv_nll"])
     if len(candidates) == 1:
         table = []  # nothing was chosen
@@ -441,7 +489,7 @@ def select_stacker(member_probs: Mapping[str, np.ndarray], labels: np.ndarray, o
     if not calibrate:
         return stacker, table, None
     oof = oofs[best_i]
-    calibration = checked_temperature(oof, labels, splits, check=check_temperature)
+    calibration = checked_temperature(oof, labels, splits, check=check_temperature, class_weighted=class_weighted)
     t = calibration["temperature"]
     before, after = softmax(oof), softmax(oof / t)
     calibration.update(fitted_on=f"holdout, out-of-fold stacker logits ({len(splits)} folds)",

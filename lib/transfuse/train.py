@@ -15,6 +15,11 @@ state + the phase's best weights so far), so ``FailureConfig(max_failures)`` and
 path and name resume from it with the same Adam state. With ``train.restore_best_weights`` (default) each
 phase ends with the weights of its best epoch by validation loss; the checkpoint of a phase's last epoch, the
 metrics reported with it and the saved member are that best epoch's.
+
+Class weights (``data.class_weight``): the run decides once from the data manifest's train counts
+(``class_weights.decision``); when on, the training loss weights each row by its class's weight on the train
+split (``LoopConfig.class_weights``), and ``metrics.json`` and the manifest record the decision and the weights.
+Every split's metrics include balanced accuracy, macro F1 and recall per class (by class name).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import storage
+from transfuse import class_weights, storage
 from transfuse.config import Config, TrainConfig
 from transfuse.train_loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
                                   load_checkpoint_weights, train_func)
@@ -53,6 +58,7 @@ class RunInputs:
     cached: bool
     in_memory: bool
     data_dir: str
+    class_weight: Optional[dict[str, Any]] = None  # the run's decision (class_weights.decision)
 
 
 def mixed_policy(setting: str, use_gpu: bool) -> str:
@@ -90,6 +96,13 @@ def effective(cfg: Config, overrides: Optional[dict[str, Any]] = None) -> Config
 
 def _data_dir(cfg: Config) -> str:
     return storage.stage_dir(cfg, "data")
+
+
+def loop_class_weights(decision: dict[str, Any], class_names: list[str]) -> Optional[list[float]]:
+    """The decision's weights in class order 0..K-1 for the training loop (None: off)."""
+    if not decision.get("on"):
+        return None
+    return [float(decision["weights"][str(c)]) for c in class_names]
 
 
 def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
@@ -161,7 +174,8 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
                 ds = cache.read_cache(dirs[p.cut_layer], split).select_columns(["x", "label"])
             datasets[f"{split}_{tag}"] = ds
     # small data without per-epoch augmentation (no rows): each worker reads its shard once and keeps it
-    return RunInputs(spec, init_path, phases, datasets, cached, not rows, data_dir)
+    return RunInputs(spec, init_path, phases, datasets, cached, not rows, data_dir,
+                     class_weights.decision(cfg.data, manifest))
 
 
 def scaling_config(t: TrainConfig) -> Any:
@@ -214,13 +228,14 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
                       # stage); transferred backbones keep theirs (inference mode, however deep the unfreeze)
                       bn_training=(weights or cfg.model.weights) == "none", op_determinism=t.op_determinism,
                       augment=t.augment,
-                      hooks=LoopHooks(**(test_hooks or {})))
+                      hooks=LoopHooks(**(test_hooks or {})),
+                      class_weights=loop_class_weights(p.class_weight, p.spec["class_names"]))
     trainer = make_trainer(t, loop, p.datasets, out_dir, name=name, run_config_extra=run_config_extra)
     return trainer, p, cfg
 
 
 def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], splits: list[str],
-                         num_classes: int) -> dict[str, dict]:
+                         num_classes: int, class_names: Optional[list[str]] = None) -> dict[str, dict]:
     from transfuse.member_split import write_member_split
     from transfuse.metrics import evaluate
 
@@ -232,7 +247,7 @@ def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], s
         if split != "train":
             write_member_split(out_dir, "predictions", split, a["id"], a["label"], probs)
         if split != "train" and len(a["label"]):
-            results[split] = evaluate(probs, a["label"])
+            results[split] = evaluate(probs, a["label"], class_names)
     return results
 
 
@@ -261,12 +276,16 @@ def finalize(cfg: Config, out_dir: str, spec: dict[str, Any], data_dir: str, che
     outs = cache.apply_model_numpy(data_dir, splits, spec, weights, ["probs", "embedding"],
                                    actors=t.cache_actors, in_driver_max_rows=t.cache_in_driver_max_rows,
                                    batch_size=t.cache_batch_size, use_gpu=t.use_gpu, actor_cpus=t.cache_actor_cpus)
-    evals = _write_split_outputs(out_dir, outs, splits, spec["num_classes"])
+    from transfuse.data import data_manifest
+
+    evals = _write_split_outputs(out_dir, outs, splits, spec["num_classes"], spec.get("class_names"))
+    weighting = class_weights.decision(cfg.data, data_manifest(data_dir))  # what the loop got (same manifest)
     # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
-    metrics = {"history": state.history, **evals, "epochs": state.epoch, "restored": state.restored}
+    metrics = {"history": state.history, **evals, "epochs": state.epoch, "restored": state.restored,
+               "class_weight": weighting}
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     storage.write_manifest(out_dir, cfg, STAGE, fingerprint, metrics={k: v for k, v in evals.items()},
-                           epochs=state.epoch, **(extra_manifest or {}))
+                           epochs=state.epoch, class_weight=weighting, **(extra_manifest or {}))
     return metrics
 
 
@@ -354,7 +373,8 @@ def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     transfer = storage.read_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"))
     scratch = finetune(cfg, storage.stage_dir(cfg, "scratch"), scratch_overrides(cfg), weights="none", force=force)
     out = {"transfer": transfer.get("test", {}), "scratch": scratch.get("test", {}),
-           "pixels_logreg": pixels_logreg(*budget_splits(storage.stage_dir(cfg, "data"))),
+           "pixels_logreg": pixels_logreg(*budget_splits(storage.stage_dir(cfg, "data")),
+                                          class_weighted=bool(scratch.get("class_weight", {}).get("on"))),
            "weights": cfg.model.weights, "unfreeze": cfg.model.unfreeze,
            "epochs": cfg.train.epochs_frozen + cfg.train.epochs_unfrozen}
     storage.write_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE), out)

@@ -77,7 +77,9 @@ class LoopHooks:
 class LoopConfig:
     """What every worker's ``train_func`` runs: the model (spec and initial weights file), the phases, the batch
     size over all workers, early stopping (``patience`` epochs without a lower val loss, the first
-    ``patience_start`` epochs of a phase not monitored), the best-epoch rule, precision and determinism."""
+    ``patience_start`` epochs of a phase not monitored), the best-epoch rule, precision and determinism;
+    ``class_weights``: one weight per class 0..K-1 on the training loss (``transfuse.class_weights``; None:
+    unweighted)."""
 
     spec: dict[str, Any]
     init_weights: str
@@ -94,6 +96,7 @@ class LoopConfig:
     op_determinism: bool = False
     augment: Optional[Any] = None  # AugmentConfig for the training split of ``images`` phases
     hooks: LoopHooks = field(default_factory=LoopHooks)
+    class_weights: Optional[list[float]] = None  # per class 0..K-1, on the training loss only
 
 
 @dataclass
@@ -195,6 +198,12 @@ def tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory:
     return ds.with_options(options)
 
 
+def keras_class_weight(weights: Optional[list[float]]) -> Optional[dict[int, float]]:
+    """``LoopConfig.class_weights`` as Keras's ``fit(class_weight=...)``: {class id: weight} for every class 0..K-1
+    (Keras refuses gaps); None: unweighted."""
+    return None if weights is None else {i: float(w) for i, w in enumerate(weights)}
+
+
 def save_checkpoint_weights(model: Any, d: str) -> None:
     """A checkpoint's model weights: every weight array in the model's order, as a plain .npz (0.06 s for
     EfficientNet-Lite0 where Keras's .h5 took 0.5 s, once per epoch)."""
@@ -257,12 +266,14 @@ def restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bo
 def train_func(config: dict[str, Any]) -> None:
     """Per-worker loop; ``config["loop"]`` is the ``LoopConfig``.
 
-    Early stopping per phase on validation loss. With ``restore_best``, the weights of the phase's best epoch
-    (lowest val loss) are kept in memory on every worker (the val loss Keras reports is reduced across workers
-    and the weights are mirrored, so every worker picks the same epoch and holds the same arrays) and put back
-    when the phase ends, before that epoch's checkpoint is written: the checkpoint, the next phase and the saved
-    member all start from the best epoch. Each checkpoint also holds the best weights so far (when they are not
-    the current ones) and the optimizer state, so a resumed run keeps both.
+    Early stopping per phase on validation loss. ``loop.class_weights`` weight the training loss per row by its
+    class (Keras's ``class_weight``); the validation loss stays unweighted (see the comment at ``fit``). With
+    ``restore_best``, the weights of the phase's best epoch (lowest val loss) are kept in memory on every worker
+    (the val loss Keras reports is reduced across workers and the weights are mirrored, so every worker picks the
+    same epoch and holds the same arrays) and put back when the phase ends, before that epoch's checkpoint is
+    written: the checkpoint, the next phase and the saved member all start from the best epoch. Each checkpoint
+    also holds the best weights so far (when they are not the current ones) and the optimizer state, so a resumed
+    run keeps both.
     """
     import ray.train
     import tensorflow as tf
@@ -327,8 +338,15 @@ def train_func(config: dict[str, Any]) -> None:
                            epoch=lambda: state.epoch, images=images, augment=loop.augment, rank=rank)
         val = tf_dataset(ray.train.get_dataset_shard(phase.val), per_worker, False, 0, loop.in_memory,
                          images=images)
+        # Class weights weight the training loss only: Keras applies class_weight to the training batches (each
+        # row's loss times its class's weight; the weights average 1 over the train split, so the loss keeps its
+        # scale and the learning rates their meaning). The val loss that drives early stopping and the best epoch
+        # stays the plain NLL on the val split, the quantity the test metrics and the temperature read; weighted,
+        # a class with a handful of val images would swing it (val is a few images per class on a label budget).
+        # The compiled "accuracy" metric is unweighted either way (Keras weights only weighted_metrics).
+        class_weight = keras_class_weight(loop.class_weights)
         while state.phase_epoch < phase.epochs and not state.stopped:
-            h = model.fit(train, validation_data=val, epochs=1, verbose=0).history
+            h = model.fit(train, validation_data=val, epochs=1, verbose=0, class_weight=class_weight).history
             row = {"phase": phase.name, "epoch": state.epoch + 1, "phase_epoch": state.phase_epoch + 1,
                    **{k: float(v[-1]) for k, v in h.items()}}
             state.history.append(row)

@@ -15,15 +15,18 @@ Sections:
 1. learning curves of the best trial (member dir: first entry of ``tune/members.json``, else ``finetune/``);
 2. val accuracy against unfreeze depth (``tune/results.json``, ``tune/val_accuracy_vs_depth.png``);
 3. transfer vs scratch (test metrics of ``finetune/`` and ``scratch/``);
-4. every member vs the ensemble, accuracy and ECE (``ensemble/metrics.json``: ``summary``);
-5. the ensemble's confusion matrix (``ensemble/metrics.json``: ``confusion_stack``) and the stacked ensemble's
+4. every member vs the ensemble, accuracy, ECE, balanced accuracy and macro F1 (``ensemble/metrics.json``:
+   ``summary``);
+5. the ensemble's confusion matrix (``ensemble/metrics.json``: ``confusion_stack``), the stacked ensemble's recall
+   per class by class name beside the best member's, with the run's class weighting (``test``, ``class_weight``),
+   and the stacked ensemble's
    reliability diagram before and after temperature scaling (``ensemble/predictions/test*.parquet``), with NLL
    and ECE; from the best CNN member's ``predictions/test.parquet`` when the ensemble saved none (the caption
    says which);
 6. the compression table (``compress/metrics.json``: ``variants``); 6b. with ``distill.enabled``, the distilled
    student against its teacher (the stacked ensemble) and the best single CNN member (``distill/metrics.json``);
-7. precision and recall per class, float32 vs the served variant: both bundles under ``compress/`` run on the
-   prepared test split;
+7. precision and recall per class, float32 vs the served variant, and their balanced accuracy and macro F1: both
+   bundles under ``compress/`` run on the prepared test split;
 8. the pipeline summary (``summary``, also printed at the pipeline's end), plus stage timings when given;
 appendix: storage, fingerprints, stage manifests, git commits, the label budget record and package versions.
 

@@ -1,8 +1,10 @@
 """The report's sections, each drawn on a ``transfuse.report.page.Page`` from the files its stage wrote (a stage
 that has not run gives "stage X not run"): the title, the verdict (section 0, rows from
 ``transfuse.report.judge``), 1. learning curves of the best trial, 2. val accuracy against unfreeze depth,
-3. transfer vs scratch, 4. every member vs the ensemble, 5. the confusion matrix and reliability diagram,
-6. the compression table, 7. precision and recall per class (``per_class``), float32 vs the served variant, and
+3. transfer vs scratch, 4. every member vs the ensemble (with balanced accuracy and macro F1), 5. the confusion
+matrix, recall per class of the stacked ensemble (by class name, with the run's class weights) and the reliability
+diagram, 6. the compression table, 7. precision and recall per class (``per_class``), float32 vs the served
+variant, with their balanced accuracy and macro F1, and
 the appendix (storage, fingerprints, stage manifests, git commits, the label budget record, package versions).
 Section 8, the pipeline summary, is ``transfuse.report.pipeline_summary``'s."""
 
@@ -144,9 +146,10 @@ def learning_curves(cfg: Any, page: Page) -> None:
                   else "; one phase only (no boundary)."))
     page.figure(fig, "learning_curves.png", "learning curves", caption)
     rows = [[esc(split), num(m[split].get("accuracy")), num(m[split].get("nll")), num(m[split].get("ece")),
-             num(m[split].get("n"))] for split in ("val", "test", "holdout") if isinstance(m.get(split), dict)]
+             num(m[split].get("n")), num(m[split].get("balanced_accuracy")), num(m[split].get("macro_f1"))]
+            for split in ("val", "test", "holdout") if isinstance(m.get(split), dict)]
     if rows:
-        page.add(table(["split", "accuracy", "NLL", "ECE", "n"], rows))
+        page.add(table(["split", "accuracy", "NLL", "ECE", "n", "balanced accuracy", "macro F1"], rows))
 
 
 def depth_search(cfg: Any, page: Page) -> None:
@@ -261,10 +264,13 @@ def members_vs_ensemble(cfg: Any, page: Page, ens: Optional[dict], desc: Optiona
     rows = []
     for m in models:
         s = per_model[m]
-        cell = lambda k: f"{num(s[k]['mean'])} [{num(s[k]['min'])}, {num(s[k]['max'])}]"  # noqa: E731
+        # (balanced accuracy and macro F1: '-' in a report of an ensemble fitted before they were recorded)
+        cell = lambda k: (f"{num(s[k]['mean'])} [{num(s[k]['min'])}, {num(s[k]['max'])}]"  # noqa: E731
+                          if k in s else "-")
         rows.append([esc(m), "combiner" if m in COMBINERS else "member", cell("accuracy"), cell("nll"),
-                     cell("ece")])
-    page.add(table(["model", "kind", "accuracy mean [min, max]", "NLL", "ECE"], rows))
+                     cell("ece"), cell("balanced_accuracy"), cell("macro_f1")])
+    page.add(table(["model", "kind", "accuracy mean [min, max]", "NLL", "ECE", "balanced accuracy", "macro F1"],
+                   rows))
     best, gain = ens.get("best_member"), ens.get("stack_vs_best_member")
     if best and gain:
         page.add(f"<p>Best single member: <b>{esc(best['name'])}</b> (accuracy {num(best.get('accuracy'))}). "
@@ -284,6 +290,56 @@ def _best_cnn_member(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> tup
         best = max(cnn, key=lambda c: summary.get(c["name"], {}).get("accuracy", {}).get("mean", -1.0))
         return str(best["dir"]), f"CNN member {best['name']} (best CNN member on test in the ensemble report)"
     return _member_dir(cfg)
+
+
+def class_weight_line(cw: Optional[dict]) -> str:
+    """One sentence for a stage's ``class_weight`` record (``class_weights.decision``, plus the ensemble's)."""
+    if not cw or "on" not in cw:
+        return "Class weights: not recorded (a run from before class weighting)."
+    how = ""
+    if cw.get("mode"):
+        how = f"data.class_weight {cw['mode']}"
+        if cw["mode"] == "auto" and "train_imbalance" in cw:
+            how += (f", train split imbalance {cw['train_imbalance']:.2f} (largest / smallest class) against the "
+                    f"threshold {cw['imbalance_ratio']:g}")
+        how = f" ({how})"
+    if not cw["on"]:
+        return f"Class weights: off{how}: every loss unweighted."
+    return (f"Class weights: on{how}: every learner's loss weighted n / (k n_class) on its own fit labels "
+            "(the CNNs on train, the scikit-learn members on train + holdout, the stacker on holdout).")
+
+
+def stack_per_class(page: Page, ens: dict, names: list[str], support: np.ndarray) -> None:
+    """Recall per class of the stacked ensemble (the served combiner) and of the best single member on the test
+    split, by class name, with their balanced accuracy and macro F1, from ensemble/metrics.json (first seed), and
+    the class weights the stacker was fitted with when the run weighted."""
+    seeds = ens.get("test") or {}
+    first = next(iter(seeds.values()), None)
+    stack = (first or {}).get("stack") or {}
+    recall = stack.get("per_class_recall")
+    if not recall:
+        page.add("<p>ensemble/metrics.json has no recall per class (an ensemble fitted before it was recorded).</p>")
+        return
+    best = (ens.get("best_member") or {}).get("name")
+    best_recall = ((first or {}).get(best) or {}).get("per_class_recall") or {}
+    cw = ens.get("class_weight") or {}
+    weights = cw.get("stacker") if cw.get("on") else None
+    header = (["class", "test n", "recall: stacked ensemble"] + ([f"recall: {best}"] if best_recall else [])
+              + (["class weight (stacker)"] if weights else []))
+    rows = []
+    for k, cname in enumerate(names):
+        row = [esc(cname), num(int(support[k])) if k < len(support) else "-", num(recall.get(cname))]
+        if best_recall:
+            row.append(num(best_recall.get(cname)))
+        if weights:
+            row.append(num(weights.get(cname), "{:.3f}"))
+        rows.append(row)
+    page.add("<h3>Recall per class of the stacked ensemble</h3>")
+    page.add(table(header, rows))
+    seed = next(iter(seeds), "-")
+    page.add(f"<p>Test split, ensemble seed {esc(seed)}: stacked ensemble balanced accuracy "
+             f"{num(stack.get('balanced_accuracy'))}, macro F1 {num(stack.get('macro_f1'))}, accuracy "
+             f"{num(stack.get('accuracy'))}. {esc(class_weight_line(cw))}</p>")
 
 
 def reliability_figure(page: Page, curves: list, filename: str, how: str) -> None:
@@ -350,6 +406,7 @@ def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict])
         page.figure(fig, "confusion_ensemble.png", "confusion matrix of the stacked ensemble",
                     "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
                     "predicted), from ensemble/metrics.json.")
+        stack_per_class(page, ens, names, cm.sum(1))
     from transfuse.member_split import read_member_split
 
     ens_dir = storage.stage_dir(cfg, "ensemble")
@@ -522,10 +579,12 @@ def per_class_section(cfg: Any, page: Page) -> None:
     from transfuse.data import read_split_numpy
 
     images, labels, _ = read_split_numpy(data_dir, "test")
-    stats, class_names = {}, None
+    stats, class_names, overall = {}, None, {}
     for v in names:
         b = load_bundle(storage.join(comp, v))
-        stats[v] = per_class(b.predict_proba(images), labels)
+        probs = b.predict_proba(images)
+        stats[v] = per_class(probs, labels)
+        overall[v] = (tm.balanced_accuracy(probs, labels), tm.macro_f1(probs, labels))
         class_names = b.class_names
     rows = []
     for k, cname in enumerate(class_names or []):
@@ -537,4 +596,6 @@ def per_class_section(cfg: Any, page: Page) -> None:
     page.add(table(["class", "test n", "precision float32", f"precision {serve}", "change (points)",
                      "recall float32", f"recall {serve}", "change (points)"], rows))
     page.add(f"<p>Both bundles (compress/float32/ and compress/{esc(serve)}/) run on the prepared test split "
-             f"({len(labels):,} images); '-': the class was never predicted.</p>")
+             f"({len(labels):,} images); '-': the class was never predicted. Balanced accuracy (mean recall over "
+             f"the classes) and macro F1: "
+             + "; ".join(f"{esc(v)} {num(overall[v][0])} and {num(overall[v][1])}" for v in names) + ".</p>")
