@@ -121,11 +121,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from transfuse.pipeline import run_pipeline
 
     cfg = data_config(args)
+    bad: list[dict[str, str]] = []
     if cfg.data.source in FILE_SOURCES:  # everything knowable before Ray starts: listing, headers, class sizes
-        planning.check_data(planning.files_plan(cfg))
+        data = planning.files_plan(cfg)
+        planning.check_data(data)
+        bad = data["bad_files"]
     cfg = runs.claim(cfg, named=bool(args.run))
     console, log = _console(cfg, args.verbose)
     console.line(f"run {cfg.run}: {storage.run_dir(cfg)}")
+    if bad:  # only with data.on_bad_file=skip: check_data refused them otherwise
+        console.line(f"skipping {len(bad)} undecodable file(s) (listed in the data manifest):")
+        for b in bad[:20]:
+            console.line(f"  {b['id']}: {b['reason']}")
     runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=not args.verbose, ingress=cfg.serve.ingress)
     deploy = None
     if args.serve:
