@@ -74,3 +74,14 @@ def test_fingerprint_tracks_sections():
     assert a.fingerprint("data") == b.fingerprint("data")
     assert a.fingerprint("train") != b.fingerprint("train")
     assert re.fullmatch(r"[0-9a-f]{16}", a.fingerprint())
+
+
+def test_set_takes_several_pairs_and_repeats():
+    """`--set a=1 b=2 --set c=3`, for every job and the transfuse command alike."""
+    from jobs._cli import parser
+    from transfuse import cli
+
+    args = parser("job").parse_args(["--config", "c.yaml", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"]
+    args = cli.parser().parse_args(["run", "photos", "--set", "a=1", "b=2", "--set", "c=3"])
+    assert args.overrides == ["a=1", "b=2", "c=3"] and args.data == "photos"

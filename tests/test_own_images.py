@@ -159,30 +159,28 @@ def _write(path: Path, text: str) -> Path:
 # ------------------------------------------------------------------------------------------ plan (no Ray)
 
 
-def _no_ray() -> None:
-    import ray
+def test_plan_lists_classes_and_bad_files_without_ray(photos):
+    """In a process of its own, so that the session's Ray connection cannot hide one the plan made."""
+    import subprocess
+    import sys
 
-    assert not ray.is_initialized(), "the plan started Ray"
+    probe = ("import sys, ray; from transfuse import cli; rc = cli.main(sys.argv[1:]); "
+             "print('RAY-STARTED' if ray.is_initialized() else 'NO-RAY', file=sys.stderr); sys.exit(rc)")
 
+    def plan(*more: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", probe, "plan", str(photos.root), *more], capture_output=True,
+                              text=True, timeout=300, cwd=str(ROOT))
 
-def test_plan_lists_classes_and_bad_files_without_ray(photos, capsys):
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("this process already holds the session's Ray cluster")
-    rc = cli.main(["plan", str(photos.root)])
-    out, err = capsys.readouterr()
-    assert rc == 2
-    _no_ray()
-    for name, n in COUNTS.items():
-        assert name in out
-    assert "sneaker/truncated.jpg" in out and "trouser/empty.png: empty file" in out
-    assert "--set data.on_bad_file=skip" in err and "sneaker/truncated.jpg" in err
-    assert "2 hidden file" in out
-    rc = cli.main(["plan", str(photos.root), "--set", "data.on_bad_file=skip", "data.split.holdout=0.3"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
-    assert "every image becomes 32" not in out and "96 x 96 x 3 (pad)" in out
+    r = plan()
+    assert r.returncode == 2 and "NO-RAY" in r.stderr, r.stderr
+    for name in COUNTS:
+        assert name in r.stdout
+    assert "sneaker/truncated.jpg" in r.stdout and "trouser/empty.png: empty file" in r.stdout
+    assert "--set data.on_bad_file=skip" in r.stderr and "sneaker/truncated.jpg" in r.stderr
+    assert "2 hidden file" in r.stdout
+    r = plan("--set", "data.on_bad_file=skip", "data.split.holdout=0.3")
+    assert r.returncode == 0 and "NO-RAY" in r.stderr, r.stderr
+    assert "96 x 96 x 3 (pad)" in r.stdout
 
 
 def test_plan_refuses_a_class_too_small_for_the_split(photos, capsys):
