@@ -11,6 +11,8 @@ from transfuse.config import ConfigError, DataConfig, load_config
 from transfuse.data.prepare import assign_splits, label_budget
 from transfuse.data.sources import DataError, read_idx
 
+TEN = [str(i) for i in range(10)]  # Fashion-MNIST's class list, by id
+
 
 @pytest.fixture(scope="module")
 def fashion_labels(fashion_dir):
@@ -30,7 +32,7 @@ def _budget_cfg(**kw) -> DataConfig:
 def test_budget_splits_come_from_the_training_set_and_test_from_its_own(fashion_labels):
     labels, ids = fashion_labels
     cfg = _budget_cfg()
-    out, excluded = assign_splits(labels, ids, cfg, seed=0, n_classes=10, test_prefix="fashion_mnist/test/")
+    out, excluded = assign_splits(labels, ids, cfg, seed=0, class_names=TEN, test_prefix="fashion_mnist/test/")
     by_split = {s: [i for i, (sp, _) in out.items() if sp == s] for s in ("train", "val", "holdout", "test")}
     per_class = {s: Counter(out[i][1] for i in v) for s, v in by_split.items()}
     assert per_class["val"] == {0: 10, 1: 10, 2: 10} and per_class["holdout"] == {0: 20, 1: 20, 2: 20}
@@ -49,9 +51,9 @@ def test_budget_splits_come_from_the_training_set_and_test_from_its_own(fashion_
 
 def test_another_seed_draws_other_labels_on_the_same_test_split(fashion_labels):
     labels, ids = fashion_labels
-    a, _ = assign_splits(labels, ids, _budget_cfg(), 0, 10, "fashion_mnist/test/")
-    b, _ = assign_splits(labels, ids, _budget_cfg(), 1, 10, "fashion_mnist/test/")
-    again, _ = assign_splits(labels, ids, _budget_cfg(), 0, 10, "fashion_mnist/test/")
+    a, _ = assign_splits(labels, ids, _budget_cfg(), 0, TEN, "fashion_mnist/test/")
+    b, _ = assign_splits(labels, ids, _budget_cfg(), 1, TEN, "fashion_mnist/test/")
+    again, _ = assign_splits(labels, ids, _budget_cfg(), 0, TEN, "fashion_mnist/test/")
     assert a == again  # the same seed, the same draw
     test = lambda o: {i for i, (s, _) in o.items() if s == "test"}  # noqa: E731
     labelled = lambda o: {i for i, (s, _) in o.items() if s != "test"}  # noqa: E731
@@ -64,21 +66,22 @@ def test_budget_from_one_pool_without_a_source_test_set():
     labels = np.repeat(np.arange(3), 100)
     ids = np.array([f"x/{i:04d}" for i in rng.permutation(300)], dtype=object)
     cfg = DataConfig(source="digits", labelled_per_class=20, test_per_class=30)
-    out, excluded = assign_splits(labels, ids, cfg, 0, 3)
+    out, excluded = assign_splits(labels, ids, cfg, 0, ["0", "1", "2"])
     assert Counter(s for s, _ in out.values()) == {"test": 90, "train": 24, "holdout": 24, "val": 12}
     assert excluded["unlabelled"] == 3 * 50
     with pytest.raises(DataError, match=r"class 0: test_per_class 30 and labelled_per_class 90 need that many"):
-        assign_splits(labels, ids, cfg.model_copy(update={"labelled_per_class": 90}), 0, 3)
+        assign_splits(labels, ids, cfg.model_copy(update={"labelled_per_class": 90}), 0, ["0", "1", "2"])
     with pytest.raises(DataError, match=r"the digits source has no test set of its own"):
-        assign_splits(labels, ids, cfg.model_copy(update={"test_from_source": True}), 0, 3)
+        assign_splits(labels, ids, cfg.model_copy(update={"test_from_source": True}), 0, ["0", "1", "2"])
 
 
 @pytest.mark.parametrize("overrides, pattern", [
     (["data.labelled_per_class=50", "data.train_per_class=20", "data.test_per_class=10"],
      r"labelled_per_class \(the label budget\) replaces train_per_class"),
     (["data.labelled_per_class=50"], r"labelled_per_class needs test_per_class"),
-    (["data.test_from_source=true"], r"test_per_class, test_from_source and unlabelled_per_class need "
-                                     r"labelled_per_class"),
+    (["data.test_per_class=10"], r"test_per_class and unlabelled_per_class need labelled_per_class"),
+    (["data.test_from_source=true"], r"split.test is 0.2 but the test set is separate \(test_path or "
+                                     r"test_from_source\): set split.test=0"),
     (["data.unlabelled_per_class=10"], r"unlabelled_per_class need labelled_per_class \(the label budget\)"),
     (["data.labelled_per_class=50", "data.test_per_class=10", "data.budget_split.val=0.5",
       "data.budget_split.holdout=0.45"], r"val \+ holdout must be < 0.9 of the budget"),

@@ -52,7 +52,7 @@ def test_a_complete_stage_returns_its_metrics_without_running(tmp_path, override
 
 @pytest.mark.parametrize("overrides, force", [
     ([], True), (["pretrain.epochs=2"], False), (["pretrain.lr=0.01"], False),
-    (["pretrain.data.classes=[0, 1]"], False), (["model.width=0.25"], False), (["model.head.dense=[32]"], False),
+    (["pretrain.data.classes=[cat, dog]"], False), (["model.width=0.25"], False), (["model.head.dense=[32]"], False),
     (["seed=1"], False)],
     ids=["force", "epochs", "lr", "source-classes", "width", "head", "seed"])
 def test_force_or_a_changed_pretrain_model_or_seed_section_runs_the_stage_again(tmp_path, overrides, force):
