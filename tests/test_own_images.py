@@ -232,7 +232,7 @@ def test_runs_are_named_after_the_data_and_never_overwritten(tmp_path):
 
 def _run(data: str, storage: Path, *more: str) -> int:
     return cli.main(["run", data, "--config", SMOKE, "--storage", str(storage), "--verbose",
-                     "--set", "data.on_bad_file=skip", "serve.name=mine", *more])
+                     "--set", "data.on_bad_file=skip", "serve.name=mine", "compress.serve_variant=auto", *more])
 
 
 @pytest.fixture(scope="module")
@@ -254,6 +254,12 @@ def test_run_on_a_folder_keeps_names_weights_and_bad_files(folder_run, photos):
     bundle = json.loads((folder_run / "bundle" / "manifest.json").read_text())
     assert bundle["class_names"] == sorted(COUNTS)
     assert bundle["input_spec"]["image_policy"]["resize"] == "pad"
+    # serve_variant auto: chosen on val (float32 and int8 both measured there), the choice recorded and served
+    comp = json.loads((folder_run / "compress" / "metrics.json").read_text())
+    choice = comp["serve_choice"]
+    assert set(choice["val_accuracy"]) == {"float32", "int8"} and choice["val_n"] == data["totals"]["val"]
+    int8_kept = choice["val_accuracy"]["int8"] >= choice["val_accuracy"]["float32"] - 0.005 - 1e-12
+    assert comp["served"] == choice["served"] == bundle["variant"] == ("int8" if int8_kept else "float32")
     assert (folder_run / "report" / "index.html").is_file()
     assert (folder_run / "config.yaml").is_file()
 

@@ -155,15 +155,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_results(cfg: Config, out: Callable[[str], None]) -> None:
     """The served model's test metrics, per class by name (from the compress stage's metrics)."""
     from transfuse import storage
+    from transfuse.measure import served_variant
 
     path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
     m = storage.read_json(path) if storage.exists(path) else {}
     variants = {r.get("variant"): r for r in m.get("variants", [])}
-    row = variants.get(cfg.compress.serve_variant)
+    served = served_variant(cfg)
+    row = variants.get(served)
     if not row:
         return
     keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "nll") if k in row]
-    out(f"served {cfg.compress.serve_variant} bundle on the test split: " +
+    out(f"served {served} bundle on the test split: " +
         ", ".join(f"{k} {row[k]:.4f}" for k in keys))
     recall = row.get("per_class_recall")
     if isinstance(recall, dict):

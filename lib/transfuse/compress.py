@@ -25,7 +25,7 @@ import numpy as np
 
 from transfuse import measure
 from transfuse.bundle import CNNMember, example_images, write_bundle
-from transfuse.config import STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants, pruned_name
+from transfuse.config import AUTO_VARIANT, STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants, pruned_name
 from transfuse.ensemble_source import EnsembleParts, EnsembleSource, ensemble_to_compress
 from transfuse.onnx_rewrite import optimize_sklearn_onnx
 from transfuse.preprocess import PreprocessSpec, preprocess
@@ -184,7 +184,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
 
     ccfg = cfg.compress
     names = expand_variants(list(ccfg.variants), list(ccfg.sparsity)) + [STUDENT_VARIANT] * cfg.distill.enabled
-    if ccfg.serve_variant not in names:
+    if ccfg.serve_variant not in names and ccfg.serve_variant != AUTO_VARIANT:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src, dropped = ensemble_to_compress(cfg)
     out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
@@ -255,13 +255,41 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
               "zero_weight_members": dropped, "num_threads": ccfg.num_threads,
               "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()},
               "class_weight": decision(cfg.data, dm)}
+    served, report["serve_choice"] = ccfg.serve_variant, None
+    if served == AUTO_VARIANT:
+        x_va, y_va, _ = read_split_numpy(data_dir, "val")
+        served, report["serve_choice"] = choose_served(
+            {r["variant"]: storage.join(out, r["variant"]) for r in rows}, rows, x_va, y_va,
+            cfg.goals.served_accuracy_points, ccfg.num_threads)
+    report["served"] = served
     storage.write_json(storage.join(out, "metrics.json"), report)
-    serve_row = next(r for r in rows if r["variant"] == ccfg.serve_variant)
-    ex, v_members, v_parts, v_source = contents[ccfg.serve_variant]
+    serve_row = next(r for r in rows if r["variant"] == served)
+    ex, v_members, v_parts, v_source = contents[served]
     write_variant(bundle_dir, ex, v_members, v_parts, **common, overwrite=True,
                   metrics={"test": {k: serve_row[k] for k in SERVED_METRICS if k in serve_row}, "variants": rows,
                            "goals": report["goals"]},
                   extra={"ensemble_source": v_source, "stage": "bundle", "complete": True,
                          "fingerprint": fp, "config": cfg.model_dump(mode="json")})
     return storage.write_manifest(out, cfg, STAGE, fp, variants=[r["variant"] for r in rows],
-                                  serve_variant=ccfg.serve_variant, bundle=bundle_dir, metrics=report["goals"])
+                                  serve_variant=served, bundle=bundle_dir, metrics=report["goals"])
+
+
+def choose_served(dirs: dict[str, str], rows: list[dict], x_val: np.ndarray, y_val: np.ndarray, points: float,
+                  num_threads: int = 1) -> tuple[str, dict]:
+    """``serve_variant: auto``: the variant with the lowest batch-1 latency among those whose val accuracy is at
+    most ``-points`` points below float32's (goals.served_accuracy_points), else float32. Chosen on val: the test
+    split only reports what the choice gave."""
+    from transfuse import storage
+    from transfuse.bundle import fetch, load_bundle
+    from transfuse.metrics import accuracy
+
+    val = {}
+    for v, d in dirs.items():
+        b = load_bundle(d if not storage.is_uri(d) else str(fetch(d)), num_threads=num_threads)
+        val[v] = accuracy(b.predict_proba(x_val), y_val)
+    latency = {r["variant"]: r.get("p50_ms_b1", float("inf")) for r in rows}
+    ok = [v for v in val if v != STUDENT_VARIANT and val[v] >= val["float32"] + points / 100 - 1e-12]
+    served = min(ok, key=lambda v: latency[v]) if ok else "float32"
+    return served, {"rule": f"fastest variant with val accuracy >= float32's {points:+g} points", "val_n": len(y_val),
+                    "val_accuracy": val, "p50_ms_b1": latency, "served": served}
+

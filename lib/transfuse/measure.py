@@ -223,3 +223,13 @@ def format_table(rows: list[dict]) -> str:
             cells.append(f.format(v) if v is not None else "-".rjust(len(f.format(0 if k != "variant" else ""))))
         lines.append(" ".join(cells))
     return "\n".join(lines)
+
+
+def served_variant(cfg: Any) -> str:
+    """The variant a run serves: the compress stage's record of it (its choice under ``serve_variant: auto``),
+    else the config's."""
+    from transfuse import storage
+
+    path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
+    rep = storage.read_json(path) if storage.exists(path) else {}
+    return rep.get("served") or cfg.compress.serve_variant

@@ -35,6 +35,7 @@ SOURCES = ("digits", "fashion_mnist", "cifar10", "image_folder", "table", "parqu
 FILE_SOURCES = ("image_folder", "table")  # a user's image files: any size, format and mode, named classes
 RESIZE_POLICIES = ("pad", "crop", "stretch")  # transfuse.images owns what each does
 SPLITS = ("train", "val", "test", "holdout")
+AUTO_VARIANT = "auto"  # compress.serve_variant chosen by measurement (compress.choose_served)
 STUDENT_VARIANT = "student_int8"  # the distilled student as an int8 bundle (compress adds it when distilling)
 UNLABELLED = "unlabelled"  # the split of images without labels (data.unlabelled_per_class): it has no label column
 PREPARED_SPLITS = (*SPLITS, UNLABELLED)  # every split the prepare stage can write
@@ -362,7 +363,10 @@ class CompressConfig(Strict):
     variants: list[Literal["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]] = [
         "float32", "pruned", "int8", "pruned_int8", "float16",
     ]
-    serve_variant: str = "int8"  # one of variant_names() (e.g. int8, pruned50_int8), or student_int8 (distill)
+    # one of variant_names() (e.g. int8, pruned50_int8), student_int8 (distill), or auto: the fastest variant
+    # whose val accuracy is within goals.served_accuracy_points of float32's (chosen on the val split, never on
+    # test), else float32; needs float32 among the variants
+    serve_variant: str = "int8"
     representative_examples: int = Field(200, ge=1)  # drawn from train for int8 calibration
     num_threads: int = Field(1, ge=1)  # threads per LiteRT/ORT model; batch 1, shared 2 cores: 2 measured 15x slower
     # how every variant stores its model files (bundle.CODINGS): gzip, decoded in memory when a replica loads the
@@ -388,6 +392,11 @@ class CompressConfig(Strict):
     @model_validator(mode="after")
     def _serve_variant(self) -> "CompressConfig":
         names = self.variant_names()
+        if self.serve_variant == AUTO_VARIANT:
+            if "float32" not in names:
+                raise ValueError(f"serve_variant 'auto' compares every variant with float32: add float32 to "
+                                 f"variants (got {names})")
+            return self
         if self.serve_variant not in names and self.serve_variant != STUDENT_VARIANT:
             raise ValueError(f"serve_variant {self.serve_variant!r} is not an exported variant; allowed (from "
                              f"variants {self.variants} and sparsity {self.sparsity}): {names}")

@@ -15,6 +15,7 @@ import numpy as np
 
 from transfuse import storage
 from transfuse.baselines import TRANSFER_FILE
+from transfuse.measure import served_variant
 
 BENCH_FILE = "bench_transfer.json"  # under <storage>/<run>/, from bench/transfer.py
 # bench_transfer.json's model names for the verdict's rows
@@ -198,7 +199,7 @@ def _accuracy_row(key: str, comparison: str, a: str, b: str, goal: float, bench:
 
 def _served_rows(cfg: Any) -> list[VerdictRow]:
     """The served variant against float32: accuracy points, size and batch-1 speed ratios (compress's own)."""
-    g, serve = cfg.goals, cfg.compress.serve_variant
+    g, serve = cfg.goals, served_variant(cfg)
     rows = [VerdictRow("served_accuracy", f"{serve} vs float32: accuracy", goal=g.served_accuracy_points),
             VerdictRow("served_size", f"{serve} vs float32: size", unit="x", goal=g.served_smaller),
             VerdictRow("served_speed", f"{serve} vs float32: batch-1 latency", unit="x", goal=g.served_faster)]

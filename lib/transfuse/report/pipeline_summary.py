@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 from transfuse import storage
 from transfuse.errors import TransfuseError
+from transfuse.measure import served_variant
 from transfuse.report.page import Page, esc, num, table
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
@@ -57,7 +58,7 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
     if storage.exists(comp_path):
         comp = storage.read_json(comp_path)
         for r in comp.get("variants", []):
-            if r.get("variant") == cfg.compress.serve_variant:
+            if r.get("variant") == served_variant(cfg):
                 rows.append({"model": f"compressed ensemble ({r['variant']})",
                              **{k: r.get(k) for k in ("accuracy", "nll", "ece")},
                              "bundle_bytes": r.get("size_bytes"), "p50_ms": r.get("p50_ms_b1")})

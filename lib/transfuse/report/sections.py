@@ -19,6 +19,7 @@ import numpy as np
 
 from transfuse import metrics as tm
 from transfuse import storage
+from transfuse.measure import served_variant
 from transfuse.report.judge import BENCH_FILE, read_json, verdict
 from transfuse.report.page import Page, esc, not_run, num, pyplot, table
 from transfuse.report.pipeline_summary import tuned_members
@@ -458,7 +459,7 @@ def compression(cfg: Any, page: Page) -> None:
              ("smaller_gzip", "x smaller (gzip)", "{:.2f}"), ("smaller_loaded", "x smaller (loaded)", "{:.2f}"),
              ("accuracy_delta_points", "accuracy change (points)", "{:+.2f}")]
     page.add(table([c[1] for c in cols], [[num(r.get(k), f) for k, _, f in cols] for r in rows]))
-    serve = getattr(cfg.compress, "serve_variant", None)
+    serve = served_variant(cfg)
     notes = [f"ensemble source: {rep.get('ensemble_source', '-')}", f"test examples: {rep.get('test_n', '-')}",
              f"threads: {rep.get('num_threads', '-')}", f"served variant: {serve}"]
     notes.append(f"model files stored: {getattr(cfg.compress, 'coding', 'none')}")
@@ -562,7 +563,7 @@ def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def per_class_section(cfg: Any, page: Page) -> None:
-    serve = cfg.compress.serve_variant
+    serve = served_variant(cfg)
     page.add(f"<h2>7. Precision and recall per class: float32 vs {esc(serve)}</h2>")
     from transfuse.bundle import MANIFEST, load_bundle
 
