@@ -100,7 +100,7 @@ def test_full_run_report(full):
         assert got[key]["met"] == ("met" if met else "missed"), key
         assert got[key]["cells"][5] == "1"  # draws: this run's own files
     n_met = sum(met for _, met in want.values())
-    assert f"{n_met} of 7 goals met (1 draw; label budget: train 700, val 250, holdout 350)." in sec["Verdict"]
+    assert f"{n_met} of 7 goals met (1 draw; labels: train 700, val 250, holdout 350)." in sec["Verdict"]
     missed = [k for k, (_, met) in want.items() if not met]
     assert ("Missed: " in sec["Verdict"]) == bool(missed)
     # the appendix: run name, config fingerprint, the git commit the manifests recorded, package versions

@@ -101,7 +101,8 @@ class Verdict:
         draws = "/".join(str(d) for d in self.draws) or "1"
         head = f"{met} of {len(judged)} goals met ({draws} draw{'s' if draws != '1' else ''}"
         budget = budget_text(self.label_budget)
-        return head + (f"; label budget: {budget})." if budget else ").")
+        what = "label budget" if self.label_budget and self.label_budget.get("per_class") else "labels"
+        return head + (f"; {what}: {budget})." if budget else ").")
 
     def lines(self) -> list[str]:
         """The verdict in a few lines: the headline, then what was missed and what did not run."""
