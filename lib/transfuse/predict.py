@@ -74,6 +74,11 @@ class Predictor:
     def _pixels(self, item: Any, name: str) -> np.ndarray:
         if isinstance(item, np.ndarray) and item.dtype != object:
             return self.bundle.validate(item[None])[0]  # pixels already in the bundle's input shape
+        if isinstance(item, str) and storage.is_uri(item):
+            try:
+                item = storage.read_bytes(item)
+            except OSError as e:
+                raise images.ImageError(f"{name}: cannot read ({e})") from None
         return images.load(item, self.policy, name)
 
     def predict(self, inputs: Union[Sequence[Any], np.ndarray], *, names: Optional[Sequence[str]] = None,
@@ -93,22 +98,23 @@ class Predictor:
         errors = [""] * len(items)
 
         def one(j: int) -> Optional[np.ndarray]:
-            if isinstance(items[j], ReadFailed):
-                errors[j] = items[j].message
-                return None
             try:
                 return self._pixels(items[j], names[j])
             except (images.ImageError, TransfuseError) as e:
                 errors[j] = str(e).removeprefix(f"{names[j]}: ")
                 return None
 
-        with ThreadPoolExecutor(threads) as pool:  # Pillow decodes outside the GIL
-            for start in range(0, len(items), BATCH):
-                idx = list(range(start, min(start + BATCH, len(items))))
-                decoded = list(pool.map(one, idx))
+        chunks = [list(range(s, min(s + BATCH, len(items)))) for s in range(0, len(items), BATCH)]
+        # Pillow decodes and the runtimes classify outside the GIL: the next batch is read and decoded while this
+        # one is classified
+        with ThreadPoolExecutor(threads) as pool:
+            pending = [pool.submit(one, j) for j in chunks[0]] if chunks else []
+            for c, idx in enumerate(chunks):
+                decoded = [f.result() for f in pending]
+                pending = [pool.submit(one, j) for j in chunks[c + 1]] if c + 1 < len(chunks) else []
                 good = [j for j, x in zip(idx, decoded) if x is not None]
                 if good:
-                    probs[good] = self.bundle.predict_proba(np.stack([decoded[j - start] for j in good]))
+                    probs[good] = self.bundle.predict_proba(np.stack([decoded[j - idx[0]] for j in good]))
         return Predictions(self.class_names, probs, names, errors)
 
 
@@ -181,29 +187,9 @@ def _list_uri(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[dict[
     return found, skipped
 
 
-@dataclass
-class ReadFailed:
-    """A file that could not be read, in place of its bytes."""
-
-    message: str
-
-
-def _read(path: str) -> Union[bytes, ReadFailed]:
-    try:
-        return storage.read_bytes(path) if storage.is_uri(path) else Path(path).read_bytes()
-    except OSError as e:
-        return ReadFailed(f"cannot read ({e.strerror or e})")
-
-
 def predict_files(predictor: Predictor, files: Sequence[str], *, threads: int = 4) -> Predictions:
-    """Every file, read (local or URI) and classified in batches of ``BATCH``."""
-    parts = []
-    with ThreadPoolExecutor(threads) as pool:
-        for start in range(0, len(files), BATCH):
-            chunk = list(files[start:start + BATCH])
-            parts.append(predictor.predict(list(pool.map(_read, chunk)), names=chunk, threads=threads))
-    return Predictions(predictor.class_names, np.concatenate([p.probabilities for p in parts]),
-                       [n for p in parts for n in p.names], [e for p in parts for e in p.errors])
+    """Every file (a local path or a URI), read, decoded and classified in batches of ``BATCH``."""
+    return predictor.predict(list(files), names=[str(f) for f in files], threads=threads)
 
 
 def write_csv(rows: Iterable[dict[str, Any]], out: Union[str, io.TextIOBase], class_names: list[str]) -> int:
