@@ -130,7 +130,7 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
                 ) -> tuple[list[str], list[dict[str, str]]]:
     """Files to classify from command-line arguments: image files, folders (searched recursively) and CSV or
     parquet tables with a path column; plus what was skipped in folders (hidden, not an image) and why."""
-    from transfuse.data.files import PATH_COLUMNS, _column, _read_table
+    from transfuse.data.files import skip_reason, table_paths
 
     exts = tuple(e.lower() for e in extensions)
     out: list[str] = []
@@ -141,18 +141,14 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
             for f in sorted(p.rglob("*")):
                 if not f.is_file():
                     continue
-                rel = f.relative_to(p).parts
-                if any(images.is_hidden(part) for part in rel):
-                    skipped.append({"path": str(f), "reason": "hidden file"})
-                elif not f.name.lower().endswith(exts):
-                    skipped.append({"path": str(f), "reason": "not an image file"})
+                hidden = any(images.is_hidden(part) for part in f.relative_to(p).parts[:-1])
+                reason = "hidden file" if hidden else skip_reason(f.name, exts)
+                if reason:
+                    skipped.append({"path": str(f), "reason": reason})
                 else:
                     out.append(str(f))
         elif a.lower().endswith((".csv", ".tsv", ".parquet", ".pq")):
-            table = _read_table(a)
-            col = _column(table, None, PATH_COLUMNS, "path", a)
-            base = p.parent
-            out += [v if storage.is_uri(v) or v.startswith("/") else str(base / v) for v in table[col].astype(str)]
+            out += table_paths(a)
         elif storage.is_uri(a) and storage.is_dir(a):
             found, skip = _list_uri(a, exts)
             out += found
@@ -171,6 +167,8 @@ def _list_uri(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[dict[
     """Image files under a folder in object storage (``s3://bucket/prefix``), and the others skipped."""
     import pyarrow.fs as pafs
 
+    from transfuse.data.files import skip_reason
+
     fs, base = storage.resolve(folder)
     scheme = folder.split("://", 1)[0]
     found, skipped = [], []
@@ -178,10 +176,10 @@ def _list_uri(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[dict[
         if e.type != pafs.FileType.File:
             continue
         uri = f"{scheme}://{e.path}"
-        if any(images.is_hidden(part) for part in e.path[len(base):].split("/")):
-            skipped.append({"path": uri, "reason": "hidden file"})
-        elif not e.base_name.lower().endswith(exts):
-            skipped.append({"path": uri, "reason": "not an image file"})
+        hidden = any(images.is_hidden(part) for part in e.path[len(base):].split("/")[:-1])
+        reason = "hidden file" if hidden else skip_reason(e.base_name, exts)
+        if reason:
+            skipped.append({"path": uri, "reason": reason})
         else:
             found.append(uri)
     return found, skipped

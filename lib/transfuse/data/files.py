@@ -58,7 +58,8 @@ def _uri(fs: Any, path: str, template: str) -> str:
     return path
 
 
-def _skip_reason(name: str, extensions: tuple[str, ...]) -> Optional[str]:
+def skip_reason(name: str, extensions: tuple[str, ...]) -> Optional[str]:
+    """Why a file is not a labelled image (hidden, another extension), or None."""
     if images.is_hidden(name):
         return "hidden file"
     if not name.lower().endswith(extensions):
@@ -88,7 +89,7 @@ def list_folder(root: str, extensions: list[str]) -> Listing:
             rel = e.path[len(base):].lstrip("/")
             if e.type != pafs.FileType.File or any(images.is_hidden(p) for p in rel.split("/")[1:-1]):
                 continue
-            reason = _skip_reason(e.base_name, exts)
+            reason = skip_reason(e.base_name, exts)
             if reason:
                 ignored.append({"path": _uri(fs, e.path, root), "reason": reason})
                 continue
@@ -138,6 +139,23 @@ def _column(table: Any, wanted: Optional[str], candidates: tuple[str, ...], what
                     f"(columns: {names})")
 
 
+def _table_folder(path: str) -> str:
+    return (path if storage.is_uri(path) else storage.resolve(path)[1]).rsplit("/", 1)[0]
+
+
+def _row_path(p: str, folder: str) -> str:
+    """A table row's path: a URI or absolute path as it is, else relative to the table's folder."""
+    return p if storage.is_uri(p) or p.startswith("/") else f"{folder}/{p}"
+
+
+def table_paths(path: str, path_column: Optional[str] = None) -> list[str]:
+    """The files a table lists (its path column, resolved as ``list_table`` resolves them), labels or not."""
+    table = _read_table(path)
+    col = _column(table, path_column, PATH_COLUMNS, "path", path)
+    folder = _table_folder(path)
+    return [_row_path(str(v).strip(), folder) for v in table[col].tolist() if v is not None and str(v).strip()]
+
+
 def list_table(path: str, path_column: Optional[str], label_column: Optional[str], extensions: list[str]) -> Listing:
     """Rows of (path or URI, label); relative paths are relative to the table's folder. Rows naming a missing file
     are bad rows; labels are class names (numbers in a CSV are names too: "3")."""
@@ -146,7 +164,7 @@ def list_table(path: str, path_column: Optional[str], label_column: Optional[str
     lcol = _column(table, label_column, LABEL_COLUMNS, "label", path)
     paths = ["" if v is None else str(v).strip() for v in table[pcol].tolist()]
     labels = ["" if v is None else str(v).strip() for v in table[lcol].tolist()]
-    folder = (path if storage.is_uri(path) else storage.resolve(path)[1]).rsplit("/", 1)[0]
+    folder = _table_folder(path)
     bad: list[dict[str, str]] = []
     rows: list[tuple[str, str, str]] = []
     seen: dict[str, int] = {}
@@ -159,8 +177,8 @@ def list_table(path: str, path_column: Optional[str], label_column: Optional[str
         if p in seen:
             raise DataError(f"{path}: {p!r} is listed twice (rows {seen[p]} and {i}); each image once, with one label")
         seen[p] = i
-        reason = _skip_reason(PurePosixPath(p).name, exts)
-        full = p if storage.is_uri(p) or p.startswith("/") else f"{folder}/{p}"
+        reason = skip_reason(PurePosixPath(p).name, exts)
+        full = _row_path(p, folder)
         if reason:
             ignored.append({"path": full, "reason": reason})
             continue
