@@ -23,9 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import compress, ensemble_source, measure, tflite_export
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse.compress import stage as compress
+from transfuse.ensemble import fitted as ensemble_source
+from transfuse.compress import measure
+from transfuse.compress import tflite as tflite_export
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
 ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]  # pruned kinds: once per sparsity
 
@@ -36,9 +39,9 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     import tensorflow as tf
     from sklearn.linear_model import LogisticRegression
 
-    from transfuse import models
-    from transfuse.bundle import SklearnMember
-    from transfuse.stacking import Stacker
+    from transfuse.finetune import models
+    from transfuse.inference.bundle import SklearnMember
+    from transfuse.inference.combine import Stacker
     from transfuse.config import HeadConfig, ModelConfig
 
     fm = Path("/usr/share/datasets/fashion-mnist")
@@ -98,7 +101,8 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
 
 def run_members(cfg):
     """The run's ensemble as jobs.compress reads it, and its prepared train/test splits."""
-    from transfuse import models, storage
+    from transfuse import storage
+    from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
 
     src, dropped = ensemble_source.ensemble_to_compress(cfg)

@@ -26,12 +26,12 @@ import numpy as np
 
 from ray.data.dataset import MaterializedDataset
 
-from transfuse import runtime, storage
+from transfuse import environment, storage
 from transfuse.config import load_config
 from transfuse.data import prepare, preprocessed, read_split
 from transfuse.data.dataset import training_split
 from transfuse.data.sources import FASHION_MNIST_DIRS, read_idx
-from transfuse.preprocess import PreprocessSpec
+from transfuse.inference.preprocess import PreprocessSpec
 
 BATCH = 256  # images per batch for both pipelines
 
@@ -82,7 +82,7 @@ def main() -> None:
         write_pngs(root, args.n)
         # a private local Ray: its own temp dir (short: socket paths live under it), no token auth on 127.0.0.1
         os.environ.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="tfb-", dir="/tmp"), RAY_AUTH_MODE="disabled")
-        runtime.init_ray(num_cpus=args.cpus)
+        environment.init_ray(num_cpus=args.cpus)
         cfg = load_config(None, [f"storage={work}", "run=bench", "data.source=image_folder", f"data.path={root}",
                                  "data.split={val: 0.0, test: 0.05, holdout: 0.0}", "data.rows_per_shard=2048",
                                  "data.image_size=28", "data.channels=1"])  # stored as the PNGs are

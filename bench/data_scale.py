@@ -4,7 +4,7 @@ A prepared dataset (Fashion-MNIST resized to the default config's input size, 96
 ``--ratio`` times the object store) is written in the canonical parquet layout. A local Ray with a bounded
 object store (``--object-store-mib``) then runs, each timed on its own:
 
-  (a) the cache pass, streamed: ``transfuse.cache.ensure_cache`` on the actor path (Ray Data ``read_parquet`` ->
+  (a) the cache pass, streamed: ``transfuse.finetune.cache.ensure_cache`` on the actor path (Ray Data ``read_parquet`` ->
       ``CacheWriter`` actor, which writes the activations itself), against (b) the same rows in memory: the same
       function's driver path (every row read into this process's memory, the same model, the same files);
   (c) the training iterator, streamed: ``training_rows`` (the stored uint8 rows) through a streaming split into
@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from transfuse import runtime, storage
+from transfuse import environment, storage
 
 BATCH = 256  # rows per batch in every path
 SHARD_ROWS = 512  # rows per parquet file (~14 MiB at 96 px; the read cuts it into blocks of the target)
@@ -51,7 +51,7 @@ MiB = 2**20
 def fashion_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's 60,000 training images resized to size x size RGB uint8 (the project's preprocessing)."""
     from transfuse.data.sources import FASHION_MNIST_DIRS, read_idx
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     folder = Path(FASHION_MNIST_DIRS[0])
     images = read_idx(str(folder / "train-images-idx3-ubyte.gz"))[..., None]
@@ -168,7 +168,7 @@ def timed(name: str, marker: str, fn: Callable[[], int]) -> dict[str, Any]:
 def _model(cfg: Any, out_dir: str) -> tuple[dict, str, str]:
     """The config's network (random weights: only the data path is measured), its weights file and the frozen
     phase's cut point (the last backbone layer)."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     spec = models.model_spec(cfg.model, 10, [str(c) for c in range(10)], seed=0)
     full = models.build_model(spec, None)
@@ -180,7 +180,8 @@ def _model(cfg: Any, out_dir: str) -> tuple[dict, str, str]:
 
 def cache_pass(cfg: Any, data_dir: str, spec: dict, weights: str, cut: str, *, in_memory: bool) -> tuple[int, str]:
     """The cache for ``cut`` over the train split: the actor pass (streamed) or the driver path (in memory)."""
-    from transfuse import cache, models
+    from transfuse.finetune import cache
+    from transfuse.finetune import models
 
     full = models.build_model(spec, None)
     models.load_weights(full, weights)
@@ -196,7 +197,7 @@ def iterate_streaming(data_dir: str, spec: Any) -> int:
     """The training iterator as a Train worker runs it: a streaming split of the stored rows, preprocessed per
     batch by the worker's own tf.data pipeline."""
     from transfuse.data import training_rows
-    from transfuse.train_loop import tf_dataset
+    from transfuse.finetune.loop import tf_dataset
 
     shard = training_rows(data_dir, "train").streaming_split(1, equal=True)[0]
     seen = 0
@@ -209,7 +210,7 @@ def iterate_in_memory(images: np.ndarray, labels: np.ndarray, spec: Any) -> int:
     """The same rows already in memory: the same preprocessing per batch, handed to TensorFlow as tensors."""
     import tensorflow as tf
 
-    from transfuse.preprocess import preprocess
+    from transfuse.inference.preprocess import preprocess
 
     seen = 0
     for i in range(0, len(labels), BATCH):
@@ -237,7 +238,7 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
 
     from transfuse.config import load_config
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.inference.preprocess import PreprocessSpec
 
     work = tempfile.mkdtemp(prefix="tfs-", dir="/tmp")  # short: Ray's socket paths live under it
     marker = os.path.join(work, "ray")
@@ -257,7 +258,7 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
         write_s = time.perf_counter() - t
         on_disk = sum(f.stat().st_size for f in Path(data_dir, "train").glob("*.parquet"))
 
-        runtime.init_ray(num_cpus=cpus, object_store_memory=object_store_mib * MiB)
+        environment.init_ray(num_cpus=cpus, object_store_memory=object_store_mib * MiB)
         ctx = DataContext.get_current()
         ctx.target_max_block_size = object_store_mib * MiB // 20
         ctx.execution_options.resource_limits = ExecutionResources.for_limits(

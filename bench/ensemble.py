@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from transfuse import runtime
+from transfuse import environment
 from transfuse.config import EnsembleConfig, MemberConfig
-from transfuse.ensemble import fit_ensemble, format_table
-from transfuse.stack_inputs import EnsembleInputs
-from transfuse.learners import LocalRunner, RayRunner
+from transfuse.ensemble.stage import fit_ensemble, format_table
+from transfuse.ensemble.inputs import EnsembleInputs
+from transfuse.ensemble.learners import LocalRunner, RayRunner
 
 MEMBERS = [  # small but real settings: the development machine has 2 shared cores
     MemberConfig(name="rf", kind="random_forest", params={"n_estimators": 100}),
@@ -67,7 +67,7 @@ def main() -> None:
     args = p.parse_args()
     inp = digits_inputs()
     ecfg = EnsembleConfig(members=MEMBERS, folds=args.folds, seeds=args.seeds)
-    runtime.init_ray(num_cpus=args.cpus)
+    environment.init_ray(num_cpus=args.cpus)
     t0 = time.perf_counter()
     ray_fit = fit_ensemble(inp, ecfg, RayRunner(1.0))
     t_ray = time.perf_counter() - t0

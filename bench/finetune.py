@@ -2,7 +2,7 @@
 
 Same data, same frozen backbone (same initial weights), same head, same epochs, same batches:
 - naive:  model.fit on image arrays with the backbone frozen, ``--epochs`` epochs (the base runs every epoch);
-- cached: ``transfuse.cache.ensure_cache`` once (the activations written as parquet, then read back), then the
+- cached: ``transfuse.finetune.cache.ensure_cache`` once (the activations written as parquet, then read back), then the
           head trained on the cached activations for the same epochs. Timed twice, each building its own cache:
           [default] as configured (small data on CPUs: computed in this process) and [actors] with the Ray Data
           actor pool forced (what a GPU cluster runs), so the start-up cost of the actor path stays visible.
@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
 
 
 def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -64,19 +64,21 @@ def main() -> int:
                    help="cached path(s) timed: the default (driver for small CPU data) and/or the actor pool")
     p.add_argument("--actor-cpus", type=float, default=1.0,
                    help="CPUs per cache actor in [actors] mode (train.cache_actor_cpus; sets its threads)")
-    p.add_argument("--ray-train", action="store_true", help="also time transfuse.train.finetune end to end")
+    p.add_argument("--ray-train", action="store_true", help="also time transfuse.finetune.stage.finetune end to end")
     args = p.parse_args()
 
     import numpy as np
     import tensorflow as tf
 
-    from transfuse import cache, models
+    from transfuse.finetune import cache
+
+    from transfuse.finetune import models
     from transfuse.config import load_config
     from transfuse.data import data_manifest, prepare, read_split_numpy
     from transfuse.metrics import evaluate
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
-    runtime.init_ray(num_cpus=4)
+    environment.init_ray(num_cpus=4)
     storage_dir = tempfile.mkdtemp(prefix="bench_finetune_")
     source = ["data.source=fashion_mnist"] if os.path.exists("/usr/share/datasets/fashion-mnist") else \
         ["data.source=digits"]
@@ -161,11 +163,11 @@ def main() -> int:
         print(f"  speed-up cached [{mode}] vs naive: {t_naive / t_cached:.2f}x; accuracy difference "
               f"{acc_cached - acc_naive:+.4f}")
     if args.ray_train:
-        from transfuse.train import finetune
+        from transfuse.finetune.stage import finetune
 
         t = time.perf_counter()
         m = finetune(cfg, os.path.join(storage_dir, "bench", "finetune"), force=True)
-        print(f"transfuse.train.finetune on Ray Train (1 worker, cache reused, + outputs): "
+        print(f"transfuse.finetune.stage.finetune on Ray Train (1 worker, cache reused, + outputs): "
               f"{time.perf_counter() - t:.1f} s, test acc {m['test']['accuracy']:.4f}")
     return 0
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfuse import runtime
+from transfuse import environment
 from transfuse.cli import USER_DEFAULTS
 from transfuse.config import load_config
 from transfuse.data.messy import FASHION_ODD, write
@@ -50,7 +50,7 @@ def main() -> None:
         write(work / "photos", COUNTS, classes=ids, junk=False)
         write(work / "test", {c: args.test_per_class for c in COUNTS}, classes=ids, offset=1000, junk=False, seed=9)
         os.environ.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="tfm-", dir="/tmp"), RAY_AUTH_MODE="disabled")
-        runtime.init_ray(num_cpus=args.cpus, quiet=True)
+        environment.init_ray(num_cpus=args.cpus, quiet=True)
         rows = []
         for seed in args.seeds:
             for mode in ("none", "balanced"):

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from transfuse import runtime
+from transfuse import environment
 from transfuse.config import load_config
 from transfuse.data import prepare
 from transfuse.data.messy import write
@@ -62,7 +62,7 @@ def main() -> None:
         write(root, {c: args.n // len(CLASSES) for c in CLASSES}, junk=False, kinds=[("JPEG", ".jpg", "RGB")])
         print(f"wrote {args.n} JPEGs in {time.perf_counter() - t:.0f}s to {root}")
         os.environ.update(RAY_TMPDIR=tempfile.mkdtemp(prefix="tfi-", dir="/tmp"), RAY_AUTH_MODE="disabled")
-        runtime.init_ray(num_cpus=args.cpus, quiet=True)
+        environment.init_ray(num_cpus=args.cpus, quiet=True)
         keras, ours = [], []
         for i in range(args.rounds):
             keras.append(keras_pass(root))

@@ -31,15 +31,15 @@ METRICS = ("accuracy", "nll", "ece")
 
 def stack_metrics(cfg: Config, inp: Any, ecfg: Any) -> dict[str, float]:
     """The stack's test metrics (mean over ``ensemble.seeds``) of an ensemble fitted with ``ecfg``'s members."""
-    from transfuse.ensemble import fit_ensemble
+    from transfuse.ensemble.stage import fit_ensemble
 
     s = fit_ensemble(inp, ecfg).summary()["stack"]
     return {k: float(s[k]["mean"]) for k in METRICS}
 
 
 def one_draw(cfg: Config) -> dict[str, Any]:
-    from transfuse import member_search
-    from transfuse.stack_inputs import load_inputs
+    from transfuse.ensemble import member_search
+    from transfuse.ensemble.inputs import load_inputs
     from transfuse.pipeline import run_pipeline
 
     run_pipeline(cfg, until="tune", skip=("scratch",))  # the ensemble reads no scratch baseline

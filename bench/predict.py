@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (tf_keras)
+from transfuse import environment  # noqa: F401  (tf_keras)
 from transfuse import images, runs, storage
 from transfuse.data.messy import FASHION_ODD, write
 from transfuse.predict import load, predict_files
@@ -33,9 +33,9 @@ BATCH = 64
 
 
 def keras_loop(cfg, files: list[str], policy: images.ImagePolicy) -> tuple[float, dict[str, np.ndarray]]:
-    from transfuse import models
-    from transfuse.preprocess import PreprocessSpec, preprocess
-    from transfuse.search import read_members
+    from transfuse.finetune import models
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune.tune import read_members
 
     members = {m.name: models.load_member(m.dir) for m in read_members(cfg)}
     t = time.perf_counter()

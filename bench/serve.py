@@ -18,7 +18,7 @@ ratios of (a) to (b) and to (c) (the median over rounds, and each round's), meas
 
 ``write_demo_bundle`` (also used by the tests) trains tiny real tf_keras CNNs on scikit-learn's digits (or a
 slice of Fashion-MNIST), converts them to .tflite (float32 or full-integer int8) and writes a real bundle with
-``transfuse.bundle.write_bundle``, shipping a few test images for the page at ``GET /``.
+``transfuse.inference.bundle.write_bundle``, shipping a few test images for the page at ``GET /``.
 """
 
 # No `from __future__ import annotations`: the baseline's FastAPI route needs its `Request` annotation as a
@@ -43,8 +43,8 @@ if __name__ == "__main__":  # `python bench/serve.py`: the repository root, not 
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
-from transfuse.stacking import softmax
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from transfuse.inference.combine import softmax
 
 INPUT_SIZE = 32  # pixels: the CNN input after preprocessing (digits are 8 x 8 grey, upsampled)
 NORMALIZATION = "unit"  # x / 255, vgg_small's convention
@@ -136,9 +136,9 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
     With ``keras_dir`` the float32 tf_keras weights are saved there too (``member<i>.weights.h5``), for the
     baseline. Returns the bundle's manifest.
     """
-    from transfuse.bundle import CNNMember, example_images, write_bundle
+    from transfuse.inference.bundle import CNNMember, example_images, write_bundle
     from transfuse.metrics import evaluate
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     images, labels, names = DATASETS[dataset]()
     shown = fashion_uint8("test", 200) if dataset == "fashion" else (images, labels, names)
@@ -175,7 +175,7 @@ def _baseline_deployment():
     @serve.ingress(api)
     class KerasBaseline:
         def __init__(self, weights: list[str], class_names: list[str]) -> None:
-            from transfuse.preprocess import PreprocessSpec
+            from transfuse.inference.preprocess import PreprocessSpec
 
             self.models = []
             for w in weights:
@@ -187,7 +187,7 @@ def _baseline_deployment():
             self.pool = ThreadPoolExecutor(max_workers=1)  # one request at a time: no batching
 
         def _predict(self, x: np.ndarray) -> np.ndarray:
-            from transfuse.preprocess import preprocess
+            from transfuse.inference.preprocess import preprocess
 
             xb = preprocess(x, self.spec)
             probs = []
@@ -350,7 +350,7 @@ def bare_app(bundle_dir: str) -> Any:
 
     from serve import tfserving
     from serve.inputs import ImageSpec, input_shape
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
 
     bundle = load_bundle(bundle_dir)
     spec = ImageSpec(input_shape(bundle), 256, 16_000_000)
@@ -447,7 +447,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ray import serve
 
     from serve.app import AppArgs, build_app, cluster_ingress, proxy_options, undeploy
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
     from transfuse.config import ServeConfig
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="transfuse-bench-"))
@@ -471,7 +471,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.ingress == "direct":  # read by Serve's controller and replicas at import: set before Ray starts them
         di_port, di_gport = direct_ingress_env()
     # haproxy: as a pipeline's deploy stage starts it (serve.ingress: haproxy)
-    runtime.init_ray(num_cpus=4, ingress="haproxy" if args.ingress == "haproxy" else None)
+    environment.init_ray(num_cpus=4, ingress="haproxy" if args.ingress == "haproxy" else None)
     serve.start(**proxy_options(ServeConfig(host="127.0.0.1", port=port, grpc_port=gport)))
     print(f"ingress={cluster_ingress()}")
     if args.ingress == "direct":

@@ -6,7 +6,7 @@ run in the same command (same config, data, seed and epochs):
 - baseline: Ray Train's controller polls its workers every 2 s (``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, Ray's
   default) and a worker's result queue holds one report, so an epoch cannot end faster than a poll; and
   ``MultiWorkerMirroredStrategy`` even with one worker, which runs a collective all-reduce for every gradient;
-- transfuse: polls every 0.25 s (``transfuse.runtime.WORKER_ENV``) and the default strategy for one worker.
+- transfuse: polls every 0.25 s (``transfuse.environment.WORKER_ENV``) and the default strategy for one worker.
 
 ``--what finetune`` runs the seed recipe (the linear head on cached features, then the last layers);
 ``--what scratch`` the from-scratch baseline (every layer of the network, on images). Prints wall seconds of
@@ -26,7 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from transfuse import runtime, storage, train  # noqa: E402
+from transfuse import environment, storage  # noqa: E402
+
+from transfuse.finetune import stage as train
 from transfuse.config import load_config  # noqa: E402
 from transfuse.data import prepare  # noqa: E402
 
@@ -42,7 +44,7 @@ def main() -> None:
                     help="scratch: epochs (default: the config's); finetune: frozen epochs (unfrozen: half)")
     args = ap.parse_args()
     cfg = load_config(args.config, args.overrides)
-    runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=True)
+    environment.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=True)
     prepare(cfg)
     weights = None
     if args.what == "scratch":

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from transfuse import runtime, storage  # noqa: E402
+from transfuse import environment, storage  # noqa: E402
 from transfuse.config import Config, load_config  # noqa: E402
 
 MODELS = ("pixels_logreg", "frozen_logreg", "scratch", "seed_recipe", "searched_depth", "stack")
@@ -48,8 +48,8 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
     """Pooled features of the backbone with its pretrained weights, nothing fine-tuned."""
     import tensorflow as tf
 
-    from transfuse import models
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune import models
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     tf.keras.mixed_precision.set_global_policy("float32")
     net = models.build_backbone(cfg.model.backbone, cfg.model.input_size, cfg.model.width,
@@ -61,7 +61,7 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
 
 
 def baselines(cfg: Config) -> dict[str, dict[str, float]]:
-    from transfuse.baselines import budget_splits, logreg_on_val, pixels_logreg
+    from transfuse.finetune.baselines import budget_splits, logreg_on_val, pixels_logreg
 
     images, y = budget_splits(storage.stage_dir(cfg, "data"))
     frozen = {s: frozen_features(cfg, v) for s, v in images.items()}
@@ -72,7 +72,7 @@ def pipeline_results(cfg: Config) -> dict[str, dict[str, float]]:
     """The CNNs' and the stack's test metrics from the run's own files."""
     run = storage.run_dir(cfg)
     test = lambda d: storage.read_json(storage.join(d, "metrics.json"))["test"]  # noqa: E731
-    from transfuse.search import read_members
+    from transfuse.finetune.tune import read_members
 
     best = read_members(cfg)[0]
     ens = storage.read_json(storage.join(run, "ensemble", "metrics.json"))["summary"]["stack"]
@@ -126,7 +126,7 @@ def draws_cli(description: str, argv: list[str] | None) -> tuple[Config, list[in
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = p.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    environment.init_ray(cfg.ray.address, cfg.ray.num_cpus)
     return cfg, args.draws or [cfg.seed, cfg.seed + 1, cfg.seed + 2]
 
 

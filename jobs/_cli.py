@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Callable, Optional
 
-from transfuse import runtime  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from transfuse import environment  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from transfuse import console as con
 from transfuse.config import Config, load_config
 from transfuse.errors import TransfuseError
@@ -50,7 +50,7 @@ def main(description: str, body: Callable[[Config, argparse.Namespace], object],
             args.console = con.quiet(args.log_path)
             err = args.console.line
         if needs_ray(args) if callable(needs_ray) else needs_ray:
-            runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet, ingress=cfg.serve.ingress)
+            environment.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=quiet, ingress=cfg.serve.ingress)
         body(cfg, args)
     except TransfuseError as e:
         # the library's own errors (bad config, data, members, bundles) say what was wrong: print that, no

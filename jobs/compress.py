@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.compress import run_compress
-from transfuse.measure import format_table, goals_line
+from transfuse.compress.stage import run_compress
+from transfuse.compress.measure import format_table, goals_line
 
 
 def _run(cfg, args) -> None:

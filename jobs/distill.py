@@ -10,7 +10,7 @@ from typing import Optional
 
 from jobs._cli import main as cli_main
 from transfuse import storage
-from transfuse.distill import run_distill
+from transfuse.distill.stage import run_distill
 
 
 def _run(cfg, args) -> None:

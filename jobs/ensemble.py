@@ -10,7 +10,7 @@ from typing import Optional
 
 from jobs._cli import main as cli_main
 from transfuse import storage
-from transfuse.ensemble import format_table, run_ensemble
+from transfuse.ensemble.stage import format_table, run_ensemble
 
 
 def _run(cfg, args) -> None:

@@ -1,7 +1,7 @@
 """The Ray Serve application: the compressed bundle behind a batched, validated, hot-swappable API.
 
 ``build_app(AppArgs)`` is the builder named by ``serve/config.yaml`` (``import_path: serve.app:build_app``).
-Each replica loads the bundle once through ``transfuse.bundle.load_bundle`` (checksums verified) and lets the
+Each replica loads the bundle once through ``transfuse.inference.bundle.load_bundle`` (checksums verified) and lets the
 bundle apply the one preprocessing function. Requests are turned into images by the protocol modules, then
 batched across requests and protocols by ``serve.batching.Batcher`` (each batch formed when the model is free;
 its size counts images, not requests). A new bundle is rolled out with the deployment's ``user_config``
@@ -48,8 +48,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve import tfserving, v2
 from serve.batching import Batcher
 from serve.inputs import ApiError, ImageSpec, decode_image, input_shape, parse_uploads, read_body
-from transfuse import runtime
-from transfuse.bundle import BundleError, load_bundle
+from transfuse import environment
+from transfuse.inference.bundle import BundleError, load_bundle
 from transfuse.config import ALL_INTERFACES, ConfigError, ServeConfig
 
 logger = logging.getLogger("ray.serve")
@@ -64,7 +64,7 @@ class AppArgs(ServeConfig):
     """Builder arguments: ServeConfig's fields and defaults plus the bundle to serve.
 
     ``host``, ``port`` and ``grpc_port`` are the proxies' (``serve.start`` / the Serve config's ``http_options``
-    and ``grpc_options``), ``ingress`` the cluster's (``runtime.init_ray``); the application itself ignores them.
+    and ``grpc_options``), ``ingress`` the cluster's (``environment.init_ray``); the application itself ignores them.
     """
 
     bundle: str = Field(..., min_length=1)  # bundle directory or URI (s3://..., gs://...)
@@ -578,7 +578,7 @@ def cluster_ingress() -> str:
     the node's environment, which Serve's processes read when they start."""
     import ray
 
-    return ray.get(ray.remote(num_cpus=0)(runtime.serve_ingress).remote())
+    return ray.get(ray.remote(num_cpus=0)(environment.serve_ingress).remote())
 
 
 def undeploy(app_name: str = "transfuse", timeout_s: float = 120.0) -> None:

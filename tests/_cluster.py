@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import pytest
 
-from transfuse import runtime
+from transfuse import environment
 
 NODE_OBJECT_STORE = 80 * 2**20  # bytes per worker node: small, the tests' data are a few MiB
 AUTH_MODE = "disabled"  # a private, loopback-only cluster; set for every node and the driver
@@ -103,10 +103,10 @@ class LocalCluster:
         self.cluster = _retry_start(lambda: Cluster(initialize_head=True, shutdown_at_exit=True, head_node_args={
             "num_cpus": 0, "gcs_server_port": free_port(), "include_dashboard": False,
             "dashboard_agent_listen_port": free_port(), "object_store_memory": object_store_memory,
-            "env_vars": dict(runtime.WORKER_ENV)}))
+            "env_vars": dict(environment.WORKER_ENV)}))
         for i in range(workers):
             self.add_worker(f"w{i}")
-        ray.init(address=self.cluster.address, runtime_env=runtime.runtime_env(), log_to_driver=False)
+        ray.init(address=self.cluster.address, runtime_env=environment.runtime_env(), log_to_driver=False)
         self.head_id = self.cluster.head_node.node_id
         if ray.get_runtime_context().get_node_id() != self.head_id:
             raise RuntimeError("the driver did not attach to the head node")
@@ -119,7 +119,7 @@ class LocalCluster:
         """A new worker node (started one at a time: raylets started together race for ports)."""
         node = _retry_start(lambda: self.cluster.add_node(
             num_cpus=self.cpus, object_store_memory=self.object_store_memory, resources={f"node_{name}": 1},
-            labels={"name": name}, env_vars=dict(runtime.WORKER_ENV)))
+            labels={"name": name}, env_vars=dict(environment.WORKER_ENV)))
         self.names[name] = node
         return node
 
@@ -243,8 +243,8 @@ def checkpoint_epoch(out_dir: str) -> Optional[int]:
     """The global epoch of the newest Ray Train checkpoint under a member dir (None before the first)."""
     import json
 
-    from transfuse.train import latest_checkpoint
-    from transfuse.train_loop import STATE_FILE
+    from transfuse.finetune.stage import latest_checkpoint
+    from transfuse.finetune.loop import STATE_FILE
 
     try:
         ckpt = latest_checkpoint(out_dir)

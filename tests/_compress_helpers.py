@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 first)
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 first)
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
 CLASS_NAMES = [str(i) for i in range(10)]
 
@@ -41,7 +41,7 @@ BACKBONE_LAYERS = ["block1_conv1", "block1_pool", "block2_conv1", "block2_pool",
 
 
 def tiny_backbone():
-    """A 3-block conv net in transfuse.models' shape (a nested Model named "backbone"): trains in seconds on
+    """A 3-block conv net in transfuse.finetune.models' shape (a nested Model named "backbone"): trains in seconds on
     digits, where vgg_small at width 0.125 stays at chance for the first epochs."""
     import tensorflow as tf
 
@@ -57,7 +57,7 @@ def tiny_backbone():
 
 
 def spec_for(unfreeze: int, seed: int = 0) -> dict:
-    """A model_spec.json as transfuse.models writes it, for the tiny backbone."""
+    """A model_spec.json as transfuse.finetune.models writes it, for the tiny backbone."""
     names = BACKBONE_LAYERS
     return {"backbone": "tiny_test", "width": 1.0, "input_size": 32, "head": {"dense": [32], "dropout": 0.0,
             "pooling": "flatten"}, "unfreeze": unfreeze, "num_classes": 10, "class_names": CLASS_NAMES,
@@ -67,7 +67,7 @@ def spec_for(unfreeze: int, seed: int = 0) -> dict:
 
 
 def build(spec: dict, backbone_weights=None):
-    from transfuse import models
+    from transfuse.finetune import models
 
     import tensorflow as tf
 
@@ -87,14 +87,14 @@ def trained() -> tuple[Digits, list]:
 
 
 def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int = 2) -> list:
-    """Members (transfuse.compress.Member) sharing a backbone trained once; tops fine-tuned per depth.
+    """Members (transfuse.compress.stage.Member) sharing a backbone trained once; tops fine-tuned per depth.
 
     Trained to ~95% test accuracy (base 5 epochs, tops ``epochs``): int8 top-1 agreement is only meaningful on
     members with real margins, not on near-chance ones."""
     import tensorflow as tf
 
-    from transfuse import models
-    from transfuse.tflite_export import Member
+    from transfuse.finetune import models
+    from transfuse.compress.tflite import Member
 
     x = preprocess(data.x_train, PreprocessSpec(32, "unit"))
     base = build(spec_for(len(BACKBONE_LAYERS)))  # all trainable: the "pretrained" backbone

@@ -3,10 +3,10 @@ prepared data, linear softmax members with real per-epoch histories, a real ense
 (float32 and int8 weights of one linear ONNX model) measured by the compress stage's own functions.
 
 The stage files are produced with the producers' own functions where that is cheap: member metrics with
-``transfuse.metrics.evaluate``, the ensemble's metrics.json and ensemble.json with ``transfuse.ensemble.fit_ensemble``
-/ ``_report`` / ``save_ensemble`` (local runner), bundles with ``transfuse.bundle.write_bundle``, the compress table
-with ``transfuse.compress.variant_row`` / ``with_ratios`` / ``goals``, the depth plot with
-``transfuse.search.plot_depth`` and manifests with ``transfuse.storage.write_manifest``.
+``transfuse.metrics.evaluate``, the ensemble's metrics.json and ensemble.json with ``transfuse.ensemble.stage.fit_ensemble``
+/ ``_report`` / ``save_ensemble`` (local runner), bundles with ``transfuse.inference.bundle.write_bundle``, the compress table
+with ``transfuse.compress.stage.variant_row`` / ``with_ratios`` / ``goals``, the depth plot with
+``transfuse.finetune.tune.plot_depth`` and manifests with ``transfuse.storage.write_manifest``.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _train_member(data, seed: int, epochs: tuple[int, int], alpha: float) -> tup
 
 
 def write_member(cfg, out_dir: str, data, seed: int, epochs=(3, 2), alpha: float = 1e-3) -> dict:
-    """A member dir as transfuse.train.finalize writes it: metrics.json, predictions/*.parquet, embeddings, manifest."""
+    """A member dir as transfuse.finetune.stage.finalize writes it: metrics.json, predictions/*.parquet, embeddings, manifest."""
     clf, history = _train_member(data, seed, epochs, alpha)
     evals = {}
     for split in ("train", "val", "test", "holdout"):
@@ -110,7 +110,7 @@ def write_member(cfg, out_dir: str, data, seed: int, epochs=(3, 2), alpha: float
 
 def write_tune(cfg, data, *, plot: bool) -> list[dict]:
     """tune/: trials' member dirs, results.json rows in search.result_row's format, members.json, summary.json, the plot."""
-    from transfuse.search import SEARCHED, plot_depth
+    from transfuse.finetune.tune import SEARCHED, plot_depth
 
     tune = storage.stage_dir(cfg, "tune")
     rows, members = [], []
@@ -149,9 +149,9 @@ def write_ensemble(cfg, *, pixels: bool = True, temperature_check: bool = True) 
     """ensemble/: fitted with the real ensemble code on the tune members' predictions (local runner, 2 seeds), with
     a logistic regression on the embeddings and (``pixels``, reading data/) one on the pixels."""
     from transfuse.config import EnsembleConfig, MemberConfig
-    from transfuse.ensemble import fit_ensemble, fit_report, save_ensemble, verify_saved
-    from transfuse.stack_inputs import find_cnn_members, load_inputs
-    from transfuse.learners import LocalRunner
+    from transfuse.ensemble.stage import fit_ensemble, fit_report, save_ensemble, verify_saved
+    from transfuse.ensemble.inputs import find_cnn_members, load_inputs
+    from transfuse.ensemble.learners import LocalRunner
 
     members_cfg = [MemberConfig(name="logreg", kind="logistic_regression", params={"C": 1.0, "max_iter": 300})]
     if pixels:
@@ -223,9 +223,9 @@ class Linear:
 def write_compress(cfg, data, clf) -> tuple[dict, Linear]:
     """compress/<variant>/ bundles (float32 and int8 weights of ``clf``) and compress/metrics.json as run_compress
     writes it: rows measured by measure.variant_row on the loaded bundles, ratios and goals from compress."""
-    from transfuse.bundle import CNNMember, write_bundle
-    from transfuse.measure import goals, variant_row, with_ratios
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.inference.bundle import CNNMember, write_bundle
+    from transfuse.compress.measure import goals, variant_row, with_ratios
+    from transfuse.inference.preprocess import PreprocessSpec
 
     x, y, _ = data["test"]
     lin = Linear.of(clf)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from transfuse.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,12 +54,12 @@ def ray_cluster():
         [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={port}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
          f"--num-cpus={cpus}", "--disable-usage-stats"],
-        env={**os.environ, **runtime.WORKER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env={**os.environ, **environment.WORKER_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     deadline = time.time() + 180
     while True:
         try:
-            runtime.init_ray(address)
+            environment.init_ray(address)
             break
         except (ConnectionError, RuntimeError):
             if time.time() > deadline or head.poll() is not None:

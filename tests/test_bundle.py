@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress, ensemble_source, tflite_export
-from transfuse.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
-from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
-from transfuse.stacking import Stacker
+from transfuse.compress import stage as compress
+from transfuse.ensemble import fitted as ensemble_source
+from transfuse.compress import tflite as tflite_export
+from transfuse.inference.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
+from transfuse.inference.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.inference.combine import Stacker
 
 SPEC = PreprocessSpec(32, "unit")
 
@@ -29,7 +31,7 @@ def ensemble(tmp_path_factory):
     from skl2onnx import to_onnx
     from sklearn.linear_model import LogisticRegression
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     d, members = trained()
     x_tr = preprocess(d.x_train, SPEC)
@@ -55,7 +57,7 @@ def ensemble(tmp_path_factory):
 
 def _reference(ens, images):
     """The float tf_keras + scikit-learn ensemble computed directly (no bundle)."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     x = preprocess(images, SPEC)
     m0, m1 = ens["members"]
@@ -201,7 +203,7 @@ def test_gzip_coded_bundle_loads_the_same_models(ensemble, tmp_path):
     and a refused coding at write time are errors naming them."""
     import gzip
 
-    from transfuse import measure
+    from transfuse.compress import measure
 
     ex, members, parts = ensemble["exported"], ensemble["members"], ensemble["parts"]
     kw = dict(name="digits", version="7", class_names=CLASS_NAMES, input_shape=(8, 8, 1))

@@ -1,4 +1,4 @@
-"""The frozen-activation cache (transfuse.cache): its content key and trunk digest (what makes two runs share a
+"""The frozen-activation cache (transfuse.finetune.cache): its content key and trunk digest (what makes two runs share a
 cache, and what does not), the parquet layout its writers produce and its readers read back in id order, and
 ensure_cache on the session's prepared digits, computed in the driver or by Ray Data actors: the activations are
 the trunk's outputs, a complete cache is reused, two builders at once build it once, and an incomplete leftover is
@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
-from transfuse import cache, storage
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
+from transfuse import storage
+from transfuse.finetune import cache
 from transfuse.config import ModelConfig
 
 tf = pytest.importorskip("tensorflow")
@@ -21,7 +22,7 @@ CLASSES = ["a", "b", "c"]
 
 
 def _spec(**model) -> dict:
-    from transfuse import models
+    from transfuse.finetune import models
 
     mc = ModelConfig(**{"backbone": "vgg_small", "width": 0.125, "weights": "none", "head": {"dense": [16]}, **model})
     return models.model_spec(mc, len(CLASSES), CLASSES, seed=0)
@@ -31,7 +32,7 @@ def test_cache_key_names_the_trunk_and_the_data_not_the_head():
     """Specs that differ only in what sits above the cut (head, classes, unfreeze depth, seed) share a key, so
     trials with different heads reuse one cache; the cut, the trunk's weights, the data, the width, the input size
     and the preprocessing each give a new key."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     spec = _spec()
     key = cache.cache_key(spec, "block2_pool", "trunk0", "data0")
@@ -53,7 +54,7 @@ def test_cache_key_names_the_trunk_and_the_data_not_the_head():
 
 def test_trunk_digest_covers_the_layers_up_to_the_cut_only():
     """A changed weight at or below the cut changes the digest; one above it, or in the head, does not."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     model = models.build_model(_spec())
     cut = "block2_conv2"
@@ -80,7 +81,7 @@ def test_trunk_digest_covers_the_layers_up_to_the_cut_only():
 def test_cache_parts_read_back_per_split_and_cut_in_id_order(tmp_path):
     """The writers' layout (one parquet file per batch, split and cut: x tensor, label, id) read back by
     read_cache_numpy: each split's rows of each cut, sorted by id across batches, float32 and int64."""
-    from transfuse.cache import read_cache_numpy, write_parts
+    from transfuse.finetune.cache import read_cache_numpy, write_parts
 
     rng = np.random.default_rng(0)
     ids = np.array(["r07", "r02", "r11", "r05", "r01", "r09"])
@@ -108,9 +109,9 @@ def test_cache_computed_in_the_driver_is_the_trunk_output_reused_and_replaces_a_
     manifest) is replaced; the manifest names the key, the cut and the rows per split; the activations are the
     trunk's outputs on the preprocessed images; a second call reuses the files without rewriting them (a new pass
     would write new part files)."""
-    from transfuse import models
+    from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     data_dir = storage.stage_dir(digits_run, "data")
     man = data_manifest(data_dir)
@@ -149,9 +150,11 @@ def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
     import logging
     from concurrent.futures import ThreadPoolExecutor
 
-    from transfuse import cache, models
+    from transfuse.finetune import cache
+
+    from transfuse.finetune import models
     from transfuse.data import data_manifest
-    from transfuse.train import prepare_run
+    from transfuse.finetune.stage import prepare_run
 
     cfg = digits_run  # test_train's worker settings (workers, rates, batch size) do not reach the cache
     out = storage.join(storage.run_dir(cfg), "cache_race")
@@ -162,16 +165,16 @@ def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
     cut = "block3_pool"  # a cut no fine-tuning run of the session uses, so nobody built it yet
     data_dir = storage.stage_dir(cfg, "data")
     key = cache.cache_key(spec, cut, cache.trunk_digest(full, cut), data_manifest(data_dir)["fingerprint"])
-    caplog.set_level(logging.INFO, logger="transfuse.cache")
+    caplog.set_level(logging.INFO, logger="transfuse.finetune.cache")
     with ThreadPoolExecutor(2) as pool:
         dirs = list(pool.map(lambda _: cache.ensure_cache(cfg, data_dir, spec, init, {key: cut}), range(2)))
     assert dirs[0] == dirs[1]
-    msgs = [r.getMessage() for r in caplog.records if r.name == "transfuse.cache"]
+    msgs = [r.getMessage() for r in caplog.records if r.name == "transfuse.finetune.cache"]
     assert sum(m.startswith("cache: computing") for m in msgs) == 1
     assert sum(m.startswith("cache: reusing") for m in msgs) == 1
     # the cached activations are the trunk's outputs on the preprocessed images
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     images, labels, _ = read_split_numpy(data_dir, "val")
     x, y = cache.read_cache_numpy(dirs[0][cut], "val")

@@ -19,8 +19,9 @@ from transfuse import metrics as tm
 from transfuse.class_weights import (ClassWeightError, by_name, class_counts, class_weights, decision, imbalance,
                                      sample_weights, weighting_on)
 from transfuse.config import DataConfig, EnsembleConfig, MemberConfig
-from transfuse.learners import FitTask, LocalRunner, MemberError, build_estimator, check_sample_weight, fit_one
-from transfuse.stacking import Stacker, fit_temperature
+from transfuse.ensemble.learners import FitTask, LocalRunner, MemberError, build_estimator, check_sample_weight, fit_one
+from transfuse.inference.combine import Stacker
+from transfuse.ensemble.stacker import fit_temperature
 
 MINORITY = (3, 8)  # the digits that get 8 training images (and 4 holdout) where the others get 64 (and 32)
 SEEDS = (0, 1, 2)  # three draws of the imbalanced subset
@@ -263,8 +264,8 @@ def test_fit_ensemble_weights_its_members_and_stacker_and_records_it(digits):
     and not: the stacker says it was weighted, the report holds each learner's weights by class name, every model's
     test metrics carry balanced accuracy, macro F1 and recall per class name, and the stack's minority recall
     rises."""
-    from transfuse.ensemble import fit_ensemble, fit_report
-    from transfuse.stack_inputs import EnsembleInputs
+    from transfuse.ensemble.stage import fit_ensemble, fit_report
+    from transfuse.ensemble.inputs import EnsembleInputs
 
     x, y = digits
     split = imbalanced_draw(digits, 0)

@@ -29,7 +29,7 @@ import yaml
 
 from tests._cluster import AUTH_MODE, free_port, wait_for
 from tests.conftest import ROOT
-from transfuse import runtime
+from transfuse import environment
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 
@@ -98,7 +98,7 @@ def autoscaling_head():
     port, dash = free_port(), free_port()
     config = Path(tmp, "fake.yaml")
     config.write_text(yaml.safe_dump(fake_config(ROOT / "cluster.yaml", f"{ip}:{port}")))
-    env = {**os.environ, **runtime.WORKER_ENV, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": AUTH_MODE,
+    env = {**os.environ, **environment.WORKER_ENV, "RAY_TMPDIR": tmp, "RAY_AUTH_MODE": AUTH_MODE,
            "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     ray_cli = str(Path(sys.executable).parent / "ray")
     cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=0", f"--autoscaling-config={config}",

@@ -573,7 +573,7 @@ def test_every_cluster_starts_serve_with_the_cifar10_configs_ingress():
     cifar10 config's deploy (the launcher's containers, the RayJob's and the RayService's pods) must start its
     nodes with the ingress that config names: else jobs.deploy refuses the config."""
     from transfuse.config import load_config
-    from transfuse.runtime import serve_ingress
+    from transfuse.environment import serve_ingress
 
     want = load_config(CIFAR_CONFIG).serve.ingress
     assert want == "haproxy"
@@ -652,13 +652,13 @@ def test_a_job_that_sets_the_workers_env_itself_keeps_it(monkeypatch):
     """The RayJob's runtime env sets TF_USE_LEGACY_KERAS, and so does transfuse's ray.init: Ray refuses to merge
     the same key twice, so inside such a job transfuse leaves the keys the job sets (Ray hands the job's config
     to its driver in RAY_JOB_CONFIG_JSON_ENV_VAR) and adds the rest."""
-    from transfuse import runtime
+    from transfuse import environment
 
-    assert runtime.runtime_env()["env_vars"] == runtime.WORKER_ENV  # no job: all of them
+    assert environment.runtime_env()["env_vars"] == environment.WORKER_ENV  # no job: all of them
     job_env = runtime_env(load_manifest(RAYJOB_YAML)).env_vars()
     # the shape Ray's job supervisor gives the entrypoint (ray.dashboard.modules.job.job_supervisor)
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"env_vars": job_env},
                                                                   "metadata": {}}))
-    ours = runtime.runtime_env()["env_vars"]
+    ours = environment.runtime_env()["env_vars"]
     assert "TF_USE_LEGACY_KERAS" in job_env and not ours.keys() & job_env.keys()
-    assert ours == {k: v for k, v in runtime.WORKER_ENV.items() if k not in job_env}
+    assert ours == {k: v for k, v in environment.WORKER_ENV.items() if k not in job_env}

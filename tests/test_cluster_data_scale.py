@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whol
 
 def test_cache_pass_and_training_iterator_stream_data_beyond_the_object_store(fashion_dir):
     from bench.data_scale import report, run
-    from transfuse.cache import read_cache_numpy
+    from transfuse.finetune.cache import read_cache_numpy
 
     out = run(object_store_mib=80, ratio=2.5, input_size=64, width=0.0625, keep=True)
     try:
@@ -50,10 +50,10 @@ def test_training_split_picks_the_path_by_size_and_both_give_the_same_rows(fashi
     from ray.data.dataset import MaterializedDataset
 
     from bench.data_scale import write_dataset
-    from transfuse import runtime
+    from transfuse import environment
     from transfuse.config import load_config
     from transfuse.data.dataset import in_memory_bytes, training_split
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.inference.preprocess import PreprocessSpec
 
     cfg = load_config(None, [f"storage={tmp_path}", "run=split"])
     data_dir = write_dataset(cfg, 1500, 32)
@@ -63,7 +63,7 @@ def test_training_split_picks_the_path_by_size_and_both_give_the_same_rows(fashi
     ray_tmp = tempfile.mkdtemp(prefix="tfd-", dir="/tmp")  # short: Ray's socket paths live under it
     monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a private local Ray on 127.0.0.1
-    runtime.init_ray(num_cpus=2)
+    environment.init_ray(num_cpus=2)
     try:
         small = training_split(data_dir, "train", spec, max_bytes=size)
         large = training_split(data_dir, "train", spec, max_bytes=size - 1)

@@ -26,7 +26,7 @@ def _inputs():
     """scikit-learn's digits as ensemble inputs: pixels in place of CNN embeddings, a fixed split."""
     from sklearn.datasets import load_digits
 
-    from transfuse.stack_inputs import EnsembleInputs
+    from transfuse.ensemble.inputs import EnsembleInputs
 
     d = load_digits()
     x, y = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
@@ -49,8 +49,8 @@ def _config():
 
 
 def test_node_killed_mid_fit_tasks_retried_members_identical(cluster):
-    from transfuse.ensemble import fit_ensemble
-    from transfuse.learners import LocalRunner, RayRunner
+    from transfuse.ensemble.stage import fit_ensemble
+    from transfuse.ensemble.learners import LocalRunner, RayRunner
 
     inp, ecfg = _inputs(), _config()
     result: dict = {}

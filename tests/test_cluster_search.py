@@ -40,7 +40,7 @@ def _reports(tune_dir: str) -> dict[str, list[dict]]:
 
 def test_search_completes_after_a_node_kill_and_redoes_nothing(cluster, tmp_path):
     from transfuse.data import prepare
-    from transfuse.search import run_search, trial_dir
+    from transfuse.finetune.tune import run_search, trial_dir
 
     cfg = smoke_config(tmp_path, "search", [
         "tune.num_samples=2", "tune.unfreeze=[13]", "tune.max_concurrent=2", "tune.members=2",

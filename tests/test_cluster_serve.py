@@ -45,7 +45,7 @@ def served(cluster, tmp_path_factory):
 
     from bench.serve import digits_uint8, write_demo_bundle
     from serve.app import AppArgs, build_app
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
 
     bundle = str(tmp_path_factory.mktemp("bundle") / "b")
     write_demo_bundle(bundle, members=1, epochs=1)

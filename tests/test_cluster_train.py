@@ -87,7 +87,7 @@ class NodeWatch:
 
 
 def _finetune_in_thread(cfg, out, digests, **kw):
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     result: dict = {}
 
@@ -125,7 +125,7 @@ def _wait_for_registered_checkpoints(out, n, thread):
     epoch 1 trained again after the kill)."""
     import json
 
-    from transfuse.train import TRAIN_DIR
+    from transfuse.finetune.stage import TRAIN_DIR
 
     snapshot = Path(out, TRAIN_DIR, "checkpoint_manager_snapshot.json")
 

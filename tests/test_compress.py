@@ -7,10 +7,15 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse import compress, ensemble_source, measure, onnx_rewrite, prune, tflite_export
-from transfuse.bundle import SklearnMember, load_bundle
+from transfuse.compress import stage as compress
+from transfuse.ensemble import fitted as ensemble_source
+from transfuse.compress import measure
+from transfuse.compress import onnx_rewrite
+from transfuse.compress import prune
+from transfuse.compress import tflite as tflite_export
+from transfuse.inference.bundle import SklearnMember, load_bundle
 from transfuse.config import GoalsConfig
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
 SPEC = PreprocessSpec(32, "unit")
 
@@ -35,7 +40,7 @@ def test_pruning_reaches_target_sparsity(setup):
             assert abs(float(np.mean(layer.kernel.numpy() == 0)) - 0.5) < 0.02, layer.name
     assert set(sp) == {"block1_conv1", "block2_conv1", "block3_conv1", "head_dense0", "head_logits"}
     # a clean graph: it can be cut for export like any member (regression: stripped layers kept 2 nodes)
-    from transfuse import models
+    from transfuse.finetune import models
 
     trunk, top = tflite_export.member_graph(pruned.model, "block1_pool")
     x = preprocess(d.x_test[:8], SPEC)
@@ -55,7 +60,7 @@ def test_pruning_reaches_target_sparsity(setup):
 def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
     """scope=trainable prunes only what each member fine-tuned: its frozen layers keep their exact weights (so
     the pruned members still share the float members' trunk), the fine-tuned ones reach the target."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     d, members, x_tr, _ = setup
     x_tr, y_tr = x_tr[:512], d.y_train[:512]
@@ -135,7 +140,7 @@ def test_shared_cut_is_checked_on_weights(setup):
     _, members, _, _ = setup
     assert [m.spec["cut_layer"] for m in members] == ["block2_pool", "block1_pool"]
     assert tflite_export.shared_cut(members) == "block1_pool"  # the lower of the two cuts
-    from transfuse import models
+    from transfuse.finetune import models
 
     other = tflite_export.Member("changed", models.build_model({**members[0].spec, "seed": None},
                                                           backbone=_clone_backbone(members[0].model)),
@@ -149,7 +154,7 @@ def test_shared_cut_is_checked_on_weights(setup):
 def _clone_backbone(model):
     import tensorflow as tf
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     net = models.get_backbone(model)
     c = tf.keras.models.clone_model(net)
@@ -281,7 +286,8 @@ def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
 
 def test_compress_job_writes_variants_and_bundle(digits_run, tmp_path):
     """jobs.compress end to end on prepared digits: members from tune/members.json (plain averaging)."""
-    from transfuse import models, storage
+    from transfuse import storage
+    from transfuse.finetune import models
     from transfuse.config import ModelConfig
     from transfuse.data import data_manifest
 
@@ -368,7 +374,8 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     from skl2onnx import to_onnx
 
     from conftest import smoke_config
-    from transfuse import stacking, storage
+    from transfuse import storage
+    from transfuse.inference import combine as stacking
 
     cfg = smoke_config(tmp_path)
     ens = storage.stage_dir(cfg, "ensemble")
@@ -381,7 +388,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     st.fit({"a": np.eye(3)[y], "b": np.eye(3)[y], "lr": lr.predict_proba(emb)}, y)
     storage.write_bytes(storage.join(ens, "stacker.json"), json.dumps(st.to_arrays()).encode())
     storage.write_json(storage.join(ens, "ensemble.json"), {
-        "format": "transfuse.ensemble/v1", "member_order": ["a", "b", "lr"],
+        "format": "transfuse.ensemble.stage/v1", "member_order": ["a", "b", "lr"],
         "cnn_members": [{"name": "a", "dir": "/x/a"}, {"name": "b", "dir": "/x/b"}],
         "sklearn_members": [{"name": "lr", "file": "members/lr.onnx", "embedding_source": "a",
                              "input": "embedding", "output": "probabilities"},
@@ -401,7 +408,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
 def test_zero_weight_members_are_left_out_losslessly():
     """Members whose stacker columns are all zero are dropped from the bundle's parts; a zero-weight CNN member
     whose embedding a kept member reads stays; the reduced stacker gives the same probabilities."""
-    from transfuse.stacking import Stacker
+    from transfuse.inference.combine import Stacker
 
     k, names = 3, ["a", "b", "lr", "px", "sv"]
     rng = np.random.default_rng(0)
@@ -436,7 +443,7 @@ def test_sklearn_onnx_rewrites_are_lossless(setup):
     from sklearn.tree import DecisionTreeClassifier
     from skl2onnx import to_onnx
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     d, members, x_tr, _ = setup
     emb_net = models.embedding_model(members[0].model)

@@ -32,9 +32,9 @@ def test_bar_text_eta_from_the_rate_so_far():
 
 
 def _checkpoint(member_dir: Path, stamp: str, epoch: int) -> None:
-    """A Ray Train checkpoint dir as transfuse.train writes it: <member>/.ray_train/checkpoint_<time>/state.json."""
-    from transfuse.train import TRAIN_DIR
-    from transfuse.train_loop import STATE_FILE
+    """A Ray Train checkpoint dir as transfuse.finetune.stage writes it: <member>/.ray_train/checkpoint_<time>/state.json."""
+    from transfuse.finetune.stage import TRAIN_DIR
+    from transfuse.finetune.loop import STATE_FILE
 
     d = member_dir / TRAIN_DIR / f"checkpoint_2026-12-01_21-26-{stamp}"
     d.mkdir(parents=True)
@@ -143,7 +143,7 @@ CHILD = textwrap.dedent("""
     subprocess_out = os.system("echo a child process")
     logging.getLogger("ray.data").info("Ray Data progress")
     logging.getLogger("ray.tune").warning("a Ray warning")
-    logging.getLogger("transfuse.ensemble").warning("member px dropped")
+    logging.getLogger("transfuse.ensemble.stage").warning("member px dropped")
     c.line("[1/9] prepare   ran in 1.0s")
     raise KeyError("a bug")
 """)

@@ -14,7 +14,7 @@ from tests.conftest import smoke_config
 from transfuse import storage
 from transfuse.config import SPLITS
 from transfuse.data import DataError, prepare, preprocessed, read_split, read_split_numpy
-from transfuse.preprocess import PreprocessSpec
+from transfuse.inference.preprocess import PreprocessSpec
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

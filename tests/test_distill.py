@@ -16,9 +16,9 @@ import pytest
 from tests.conftest import smoke_config
 from transfuse import storage
 from transfuse.config import ConfigError, load_config
-from transfuse.distill import (DistillError, augment_view, kd_loss, read_pool, read_temperature, soften,
+from transfuse.distill.stage import (DistillError, augment_view, kd_loss, read_pool, read_temperature, soften,
                                temperature_stacker)
-from transfuse.stacking import combine_probs
+from transfuse.inference.combine import combine_probs
 
 BUDGET = ["data.labelled_per_class=40", "data.test_per_class=30", "data.unlabelled_per_class=40",
           "distill.enabled=true", "distill.epochs=4", "distill.views=2", "distill.batch_size=32",
@@ -77,7 +77,7 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert m["rows"] == {"views": 2 * (400 + 160), "per_view": 400 + 160, "views_per_image": 2}
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
     # agreement with the teacher, recomputed from the saved predictions
-    from transfuse.member_split import read_member_split
+    from transfuse.finetune.predictions import read_member_split
 
     ids, y, student = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
     t_ids, _, teacher = read_member_split(str(_dir(distilled, "ensemble")), "predictions", "test")
@@ -89,8 +89,8 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert cal["temperature"] > 0 and cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
     # the console's progress reading: the newest checkpoint's history holds every epoch
     from transfuse.console import newest_checkpoint_file
-    from transfuse.distill import HISTORY_FILE
-    from transfuse.train import TRAIN_DIR
+    from transfuse.distill.stage import HISTORY_FILE
+    from transfuse.finetune.stage import TRAIN_DIR
 
     path = newest_checkpoint_file(str(_dir(distilled, "distill") / TRAIN_DIR), HISTORY_FILE, 0.0)
     assert path is not None and len(json.loads(Path(path).read_text())) == 4
@@ -107,7 +107,7 @@ def test_plan_shows_the_distill_stage():
 
 
 def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(distilled):
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
     from transfuse.data import read_split_numpy
 
     comp = json.loads((_dir(distilled, "compress") / "metrics.json").read_text())
@@ -118,7 +118,7 @@ def test_compress_serves_the_student_as_an_int8_bundle_with_its_temperature(dist
     m = json.loads((_dir(distilled, "distill") / "metrics.json").read_text())
     assert man["combiner"]["temperature"] == pytest.approx(m["calibration"]["temperature"])
     x, y, _ = read_split_numpy(str(_dir(distilled, "data")), "test")
-    from transfuse.member_split import read_member_split
+    from transfuse.finetune.predictions import read_member_split
 
     _, _, keras = read_member_split(str(_dir(distilled, "distill") / "student"), "predictions", "test")
     served = b.predict_proba(x)
@@ -140,7 +140,7 @@ def test_serve_swaps_the_ensemble_for_the_student_and_back_under_load(distilled)
     from bench.serve import free_port
     from serve.app import AppArgs, proxy_options
     from tests._cluster import wait_for
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
     from transfuse.config import ServeConfig
     from transfuse.data import read_split_numpy
 
@@ -263,8 +263,8 @@ def test_the_teachers_probabilities_do_not_depend_on_how_the_views_were_batched(
     """Ray Data cuts the teacher's batches where blocks happen to arrive; the same rows in other batches (one of a
     single row, where TensorFlow's kernels round differently) get bit-identical probabilities."""
     from transfuse.data import read_split_numpy
-    from transfuse.distill import TeacherActor
-    from transfuse.ensemble_source import ensemble_to_compress
+    from transfuse.distill.stage import TeacherActor
+    from transfuse.ensemble.fitted import ensemble_to_compress
 
     src, _ = ensemble_to_compress(distilled)
     teacher = TeacherActor(list(src.members), src.parts, 2.0, 10, batch_size=distilled.distill.teacher_batch_size)
@@ -284,8 +284,8 @@ def test_the_teachers_probabilities_do_not_depend_on_how_the_views_were_batched(
                    "not proven to be that evening's cause, so the mark stays until it has passed on CI too")
 def test_the_same_config_and_seed_give_the_same_student(distilled):
     """Run last: it reruns the stage in place (force), after the tests that read the first run's outputs."""
-    from transfuse.distill import run_distill
-    from transfuse.member_split import read_member_split
+    from transfuse.distill.stage import run_distill
+    from transfuse.finetune.predictions import read_member_split
 
     student = str(_dir(distilled, "distill") / "student")
     _, _, before = read_member_split(student, "predictions", "test")
@@ -299,9 +299,9 @@ def test_the_same_config_and_seed_give_the_same_student(distilled):
 
 def _trained(cfg) -> tuple[list[dict], int]:
     """(history, Adam's step count) in the newest checkpoint of the student's Ray Train run."""
-    from transfuse.distill import read_history
-    from transfuse.train import latest_checkpoint
-    from transfuse.train_loop import read_optimizer_state
+    from transfuse.distill.stage import read_history
+    from transfuse.finetune.stage import latest_checkpoint
+    from transfuse.finetune.loop import read_optimizer_state
 
     with latest_checkpoint(str(_dir(cfg, "distill"))).as_directory() as d:
         return read_history(d), int(read_optimizer_state(d)[0])  # the optimizer's first variable: its step
@@ -312,12 +312,12 @@ def test_a_rerun_with_more_epochs_resumes_the_student_with_its_adam_state(distil
     4 -> 5: only epoch 5 trains, from the checkpoint's weights and Adam's state, so Adam's step count goes on (a
     fresh optimizer would be back at one epoch's steps); 5 -> 2: fewer epochs than the checkpoint has trained, so
     the student trains again from the member."""
-    from transfuse.distill import run_distill
+    from transfuse.distill.stage import run_distill
 
     def epochs(n: int):
         return distilled.model_copy(update={"distill": distilled.distill.model_copy(update={"epochs": n})})
 
-    from transfuse.train import TRAIN_DIR
+    from transfuse.finetune.stage import TRAIN_DIR
 
     def checkpoints() -> list[str]:
         return sorted(p.name for p in (_dir(distilled, "distill") / TRAIN_DIR).glob("checkpoint_*") if p.is_dir())
@@ -338,7 +338,7 @@ def test_a_rerun_with_more_epochs_resumes_the_student_with_its_adam_state(distil
 def test_compress_reads_only_an_applied_student_temperature(tmp_path):
     """distill/metrics.json's calibration as run_distill writes it: the temperature compress serves is the applied
     one; one that its check rejected (``applied: false``) is served as no temperature at all."""
-    from transfuse.stacking import checked_temperature
+    from transfuse.ensemble.stacker import checked_temperature
 
     z = np.zeros((80, 3))
     z[:, 0] = 3.0

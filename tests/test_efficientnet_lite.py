@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
-from transfuse import efficientnet_lite as lite
-from transfuse import models
+from transfuse.finetune import efficientnet_lite as lite
+from transfuse.finetune import models
 from transfuse.config import ModelConfig
-from transfuse.preprocess import PreprocessSpec, preprocess
-from transfuse.torchfile import read_state_dict_file
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.finetune.torchfile import read_state_dict_file
 
 VARIANT = "efficientnet_lite0"
 
@@ -54,7 +54,7 @@ def test_package_file_holds_every_tensor(state):
 
 # ------------------------------------------------------------------------ an independent numpy forward pass
 # Written from the source network's own definition (lukemelas-style keys, TensorFlow "same" padding, BN eps
-# 1e-3, ReLU6), reading the source tensors directly: it shares no code with transfuse.efficientnet_lite.
+# 1e-3, ReLU6), reading the source tensors directly: it shares no code with transfuse.finetune.efficientnet_lite.
 
 _STRIDE2_BLOCKS = {1, 3, 5, 11}  # Lite0: the first block of stages 2, 3, 4 and 6
 
@@ -179,7 +179,7 @@ def test_conversion_is_cached_by_source_hash_and_rebuilt_when_it_changes(tmp_pat
 def test_the_run_that_converts_builds_the_same_model_as_later_runs(tmp_path, monkeypatch):
     """Same spec and seed, same initial weights (head included), whether this build converts the weights or finds
     them cached: the conversion's own model must not shift the seeded random draws."""
-    from transfuse import models
+    from transfuse.finetune import models
     from transfuse.config import ModelConfig
 
     monkeypatch.setenv(lite.CACHE_ENV, str(tmp_path / "empty-cache"))

@@ -16,10 +16,10 @@ from tests._ensemble_helpers import digits_splits, subset_members, write_member_
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
-from transfuse.ensemble import fit_ensemble, load_saved_members, run_ensemble
-from transfuse.member_split import read_member_split
-from transfuse.stack_inputs import EnsembleInputs
-from transfuse.learners import (
+from transfuse.ensemble.stage import fit_ensemble, load_saved_members, run_ensemble
+from transfuse.finetune.predictions import read_member_split
+from transfuse.ensemble.inputs import EnsembleInputs
+from transfuse.ensemble.learners import (
     LocalRunner,
     MemberError,
     RayRunner,
@@ -29,7 +29,7 @@ from transfuse.learners import (
     to_onnx_bytes,
     validate_members,
 )
-from transfuse.stacking import EnsembleError, load_sklearn_member
+from transfuse.inference.combine import EnsembleError, load_sklearn_member
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = {  # small settings: the machine is shared
@@ -222,8 +222,8 @@ def test_hist_gradient_boosting_onnx_is_exact_on_pixels(fashion_dir):
     on it): rounding the float64 thresholds to the nearest float32 moved 20 of 2,000 rows by up to 0.157; with
     ``float32_exact_thresholds`` the ONNX graph matches scikit-learn, whose own predictions do not move."""
     from transfuse.data.sources import read_idx
-    from transfuse.learners import float32_exact_thresholds
-    from transfuse.preprocess import pixel_features
+    from transfuse.ensemble.learners import float32_exact_thresholds
+    from transfuse.inference.preprocess import pixel_features
 
     x = pixel_features(read_idx(str(fashion_dir / "train-images-idx3-ubyte.gz"))[:2150])
     y = read_idx(str(fashion_dir / "train-labels-idx1-ubyte.gz"))[:2150].astype(np.int64)
@@ -306,8 +306,8 @@ def test_a_temperature_is_served_only_where_its_check_says_it_pays(member_run, t
     stacker, the test metrics and the files the report reads follow the first seed's decision either way."""
     import shutil
 
-    from transfuse.ensemble import format_table
-    from transfuse.stacking import temperature_line
+    from transfuse.ensemble.stage import format_table
+    from transfuse.ensemble.stacker import temperature_line
 
     cfg, _ = member_run
     run = cfg.model_copy(update={"storage": str(tmp_path), "run": "checked"})
@@ -379,8 +379,8 @@ def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, t
     from sklearn.linear_model import LogisticRegression
 
     from transfuse.data import read_split_numpy
-    from transfuse.stack_inputs import read_pixels
-    from transfuse.preprocess import pixel_features
+    from transfuse.ensemble.inputs import read_pixels
+    from transfuse.inference.preprocess import pixel_features
 
     cfg, splits = member_run
     run = cfg.model_copy(update={"storage": str(tmp_path), "run": "px"})

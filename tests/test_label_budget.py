@@ -100,7 +100,7 @@ def test_pixel_baseline_learns_from_train_and_chooses_c_on_val():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from transfuse import baselines
+    from transfuse.finetune import baselines
     from transfuse.metrics import evaluate
 
     d = load_digits()

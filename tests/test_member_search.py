@@ -20,10 +20,10 @@ from tests._ensemble_helpers import write_member_run
 from tests.conftest import ROOT
 from transfuse import storage
 from transfuse.config import MEMBER_KINDS, ConfigError, load_config
-from transfuse.ensemble import run_ensemble
-from transfuse.stack_inputs import holdout_folds, load_inputs
-from transfuse.learners import MemberError
-from transfuse.member_search import (
+from transfuse.ensemble.stage import run_ensemble
+from transfuse.ensemble.inputs import holdout_folds, load_inputs
+from transfuse.ensemble.learners import MemberError
+from transfuse.ensemble.member_search import (
     DEFAULT_SPACE,
     PLOT,
     RESULTS_CSV,
@@ -37,7 +37,7 @@ from transfuse.member_search import (
     select,
     validate_search,
 )
-from transfuse.stacking import LeakageError
+from transfuse.ensemble.stacker import LeakageError
 
 BAD_C = 1e-4  # so strong an L2 penalty that the logistic regression predicts little more than the class prior
 FIXED = [  # the fixed list: one deliberately bad member, on the pixel view (the CNN members' own embeddings would
@@ -216,7 +216,7 @@ def test_interrupted_search_resumes_without_refitting_and_repeats_the_choice(ray
 def test_trials_are_drawn_before_tune_from_the_seed():
     """The default's space, drawn by ``candidates``: concrete values (JSON, no Tune domain), the same trials for
     the same seed, other trials for another seed, each drawn value inside its range."""
-    from transfuse.member_search import candidates
+    from transfuse.ensemble.member_search import candidates
 
     e = load_config(ROOT / "configs" / "default.yaml", ["ensemble.search.enabled=true"]).ensemble
     draw = lambda seed: candidates(e, ["cnn_a", "cnn_b"], "cnn_a", seed)  # noqa: E731

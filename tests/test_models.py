@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
-from transfuse import models
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
+from transfuse.finetune import models
 from transfuse.config import ModelConfig
 
 tf = pytest.importorskip("tensorflow")

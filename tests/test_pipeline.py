@@ -90,11 +90,11 @@ def _check_job(client, job: str, tmp_path, browser) -> None:
     # ...which went to the run's log file, named on the console
     assert f"output: {log_file}" in logs
     text = log_file.read_text()
-    assert "transfuse.cache" in text and "Dataset" in text, text[-3000:]
+    assert "transfuse.finetune.cache" in text and "Dataset" in text, text[-3000:]
     for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
         assert storage.read_manifest(storage.stage_dir(cfg, stage)), f"{stage} has no manifest"
     # the served bundle ships one test image per class for the page at GET / (not counted as model bytes)
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
 
     bundle = load_bundle(storage.stage_dir(cfg, "bundle"))
     shown = bundle.example_images()

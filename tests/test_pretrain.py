@@ -1,4 +1,4 @@
-"""The pretrain stage's completion rule (transfuse.pretrain): a complete stage returns its saved metrics without
+"""The pretrain stage's completion rule (transfuse.finetune.pretrain): a complete stage returns its saved metrics without
 running; the pretrain, model and seed sections of the config (and force) make it run again, other sections do not.
 
 The source data here is an image folder that does not exist, so a stage that does run stops at its first step,
@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import smoke_config
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
 from transfuse import storage
 from transfuse.config import Config
 from transfuse.data import DataError
-from transfuse.pretrain import DATA_STAGE, STAGE, pretrain
+from transfuse.finetune.pretrain import DATA_STAGE, STAGE, pretrain
 
 pytest.importorskip("tensorflow")
 

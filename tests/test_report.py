@@ -254,7 +254,7 @@ def test_verdict_judges_pixels_on_the_same_labels(tmp_path, full):
     is the pixels row when present; without it the row falls back to the ensemble's pixel member."""
     import shutil
 
-    from transfuse.baselines import TRANSFER_FILE
+    from transfuse.finetune.baselines import TRANSFER_FILE
 
     shutil.copytree(storage.run_dir(full[0]), tmp_path / "full")
     cfg = smoke_config(tmp_path, "full")

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, smoke_config
 from transfuse import storage
-from transfuse.search import SEARCHED, samples_per_grid, select_members
+from transfuse.finetune.tune import SEARCHED, samples_per_grid, select_members
 
 
 def _row(trial, unfreeze, acc, seed=0, finished=True, nll=0.5):

@@ -1,7 +1,7 @@
 """The Serve app end to end: a real local Ray, serve.run on 127.0.0.1, real HTTP and gRPC, a tiny real bundle.
 
 The bundle: a small tf_keras CNN trained on scikit-learn's digits, converted to .tflite and written with
-``transfuse.bundle.write_bundle`` (bench.serve.write_demo_bundle). Each check compares what comes over the wire
+``transfuse.inference.bundle.write_bundle`` (bench.serve.write_demo_bundle). Each check compares what comes over the wire
 with what the bundle predicts offline for the same images. The Open Inference Protocol is spoken by the real
 ``tritonclient`` (HTTP and gRPC); TensorFlow Serving's by bodies shaped like its example client's.
 """
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow is imported)
 from serve.app import undeploy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +68,7 @@ def bundles(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def offline(bundles):
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
 
     return {k: load_bundle(bundles[k]) for k in ("v1", "v2")}
 
@@ -151,7 +151,7 @@ def test_config_yaml_is_a_valid_serve_config():
 
 def test_replica_import_path_has_no_tensorflow(bundles):
     """What a replica imports (the app module, the bundle loader, a prediction) does not pull in TensorFlow."""
-    code = ("import sys, numpy as np; import serve.app; from transfuse.bundle import load_bundle; "
+    code = ("import sys, numpy as np; import serve.app; from transfuse.inference.bundle import load_bundle; "
             f"b = load_bundle({bundles['v1']!r}); b.predict_proba(np.zeros((2, 8, 8, 1), np.uint8)); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tf_keras', 'keras')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -460,8 +460,8 @@ def test_replica_survives_bad_input(server, digits, offline):
 def broken_bundle(bundles, tmp_path_factory) -> str:
     """A bundle that verifies (intact checksums) but cannot predict: its preprocess spec resizes to 20 x 20,
     which the 32 x 32 model's Flatten -> Dense cannot take."""
-    from transfuse.bundle import CNNMember, write_bundle
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.inference.bundle import CNNMember, write_bundle
+    from transfuse.inference.preprocess import PreprocessSpec
 
     data = (Path(bundles["v1"]) / _member_file(Path(bundles["v1"]))).read_bytes()
     out = str(tmp_path_factory.mktemp("broken") / "bundle")
@@ -475,7 +475,7 @@ def test_health_check_and_swap_refuse_a_bundle_that_cannot_predict(bundles, brok
     import asyncio
 
     from serve.app import TransfuseReplica as cls
-    from transfuse.bundle import BundleError, load_bundle
+    from transfuse.inference.bundle import BundleError, load_bundle
 
     with pytest.raises(BundleError, match="cannot predict"):
         cls(_args(broken_bundle))
@@ -541,7 +541,7 @@ def test_hot_swap_under_load_loses_no_request_and_refuses_a_tampered_bundle(serv
     from ray.serve._private import api as serve_api
     from ray.serve.schema import ServeDeploySchema
 
-    from transfuse.bundle import BundleError, load_bundle
+    from transfuse.inference.bundle import BundleError, load_bundle
 
     with pytest.raises(BundleError, match="altered"):
         load_bundle(bundles["tampered"])
@@ -647,7 +647,7 @@ def test_jobs_deploy(server, bundles, digits, offline, tmp_path, capsys):
     assert ours and ours[0].startswith("error: ") and "altered" in ours[0], ours
     assert not any("Traceback" in ln for ln in ours), ours
     # a config naming another ingress than the one the cluster's nodes started Serve with is refused, naming both
-    from transfuse.runtime import serve_ingress
+    from transfuse.environment import serve_ingress
 
     used = serve_ingress()  # the test cluster's `ray start` inherits this process's environment
     other = "proxy" if used == "haproxy" else "haproxy"
@@ -966,7 +966,7 @@ def test_a_batch_whose_model_call_fails_answers_its_other_items(bundles, broken_
     import asyncio
 
     from serve.app import TransfuseReplica as cls
-    from transfuse.bundle import load_bundle
+    from transfuse.inference.bundle import load_bundle
 
     m = cls(_args(bundles["v1"], batch_wait_timeout_s=0.2))
     broken = load_bundle(broken_bundle)

@@ -1,4 +1,4 @@
-"""The combiners in transfuse.stacking (numpy at inference; scikit-learn and scipy only to fit): softmax and
+"""The combiners in transfuse.inference.combine (numpy at inference; scikit-learn and scipy only to fit): softmax and
 combine_probs against direct numpy computations; the stacker (logistic and log-linear pool) fitted, chosen by
 cross-validated NLL, calibrated by a temperature and round-tripped through plain arrays; greedy selection and
 voting; the leakage check on recorded ids; ONNX members; and a fresh interpreter loading a member and a stacker
@@ -17,27 +17,9 @@ from scipy.special import softmax as scipy_softmax
 from tests._ensemble_helpers import digits_splits, subset_members
 from transfuse import metrics as tm
 from transfuse.config import MemberConfig
-from transfuse.learners import build_estimator, to_onnx_bytes
-from transfuse.stacking import (
-    EnsembleError,
-    FitRecord,
-    GreedyEnsemble,
-    LeakageError,
-    Stacker,
-    average,
-    check_no_leakage,
-    checked_temperature,
-    combine_probs,
-    fit_temperature,
-    hard_vote,
-    load_sklearn_member,
-    select_stacker,
-    softmax,
-    stack_members,
-    stacker_candidates,
-    stacker_features,
-    temperature_line,
-)
+from transfuse.ensemble.learners import build_estimator, to_onnx_bytes
+from transfuse.inference.combine import EnsembleError, Stacker, average, combine_probs, hard_vote, load_sklearn_member, softmax, stack_members, stacker_features
+from transfuse.ensemble.stacker import FitRecord, GreedyEnsemble, LeakageError, check_no_leakage, checked_temperature, fit_temperature, select_stacker, stacker_candidates, temperature_line
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -499,7 +481,7 @@ def test_loading_needs_only_numpy_and_onnxruntime(digits, tmp_path):
     np.save(tmp_path / "want.npy", est.predict_proba(digits["test"][0]))
     code = (
         "import sys, numpy as np\n"
-        "from transfuse.stacking import load_sklearn_member, Stacker, stack_predict\n"
+        "from transfuse.inference.combine import load_sklearn_member, Stacker, stack_predict\n"
         f"d = {str(tmp_path)!r}\n"
         "m = load_sklearn_member(d + '/lr.onnx')\n"
         "p = m(np.load(d + '/x.npy'))\n"

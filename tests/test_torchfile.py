@@ -13,7 +13,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from transfuse.torchfile import MAGIC, TorchFileError, read_state_dict
+from transfuse.finetune.torchfile import MAGIC, TorchFileError, read_state_dict
 
 
 class _Storage:

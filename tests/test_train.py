@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from transfuse import runtime  # noqa: F401
+from transfuse import environment  # noqa: F401
 from transfuse import storage
 
 pytest.importorskip("tensorflow")
@@ -28,7 +28,7 @@ def _cfg(digits_run):
 
 @pytest.fixture(scope="module")
 def finetuned(digits_run, tmp_path_factory):
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     cfg = _cfg(digits_run)
     out = str(tmp_path_factory.mktemp("member"))
@@ -50,7 +50,7 @@ def test_killed_worker_run_finishes_with_the_right_epochs(finetuned):
 
 
 def test_loss_falls_and_outputs_are_written(finetuned):
-    from transfuse.train_loop import CKPT_WEIGHTS
+    from transfuse.finetune.loop import CKPT_WEIGHTS
 
     _, out, metrics, _ = finetuned
     hist = metrics["history"]
@@ -75,8 +75,8 @@ def test_loss_falls_and_outputs_are_written(finetuned):
 
 def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
     from transfuse.data import read_split_numpy
-    from transfuse.models import load_member
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune.models import load_member
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     _, out, _, _ = finetuned
     model, spec = load_member(out)
@@ -90,7 +90,7 @@ def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
 def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
     import tensorflow as tf
 
-    from transfuse.train_loop import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
+    from transfuse.finetune.loop import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
 
     def model(seed):
         tf.keras.utils.set_random_seed(seed)
@@ -115,15 +115,15 @@ def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
 
 def _optimizer_step(out) -> int:
     """Adam's step counter in the newest checkpoint of the member dir's Ray Train run."""
-    from transfuse.train import latest_checkpoint
-    from transfuse.train_loop import read_optimizer_state
+    from transfuse.finetune.stage import latest_checkpoint
+    from transfuse.finetune.loop import read_optimizer_state
 
     with latest_checkpoint(out).as_directory() as d:
         return int(read_optimizer_state(d)[0])  # the optimizer's first variable is its iteration count
 
 
 def test_resume_continues_from_the_last_checkpoint(finetuned):
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     cfg, out, first, _ = finetuned
     steps = _optimizer_step(out)  # after the one unfrozen epoch
@@ -139,14 +139,14 @@ def test_resume_continues_from_the_last_checkpoint(finetuned):
 
 
 def test_bad_overrides_are_refused(digits_run):
-    from transfuse.train import TrainError, effective
+    from transfuse.finetune.stage import TrainError, effective
 
     with pytest.raises(TrainError, match="unknown overrides"):
         effective(digits_run, {"learning_rate": 1.0})
 
 
 def test_overrides_and_scratch_budget(digits_run):
-    from transfuse.train import effective, mixed_policy, scratch_overrides
+    from transfuse.finetune.stage import effective, mixed_policy, scratch_overrides
 
     eff = effective(digits_run, {"unfreeze": 8, "head_dense": 32, "dropout": 0.3, "lr_frozen": 0.01, "seed": 3})
     assert (eff.model.unfreeze, eff.model.head.dense, eff.model.head.dropout) == (8, [32], 0.3)
@@ -199,7 +199,7 @@ def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
     worker: the saved member's val NLL is the history's minimum, not the last epoch's. Both the cached path
     (head on cached activations, two workers) and the full model (images, one worker).
     """
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     data = _cfg(digits_run).model_dump(mode="json")
     data["storage"] = str(tmp_path / "runs")
@@ -223,7 +223,7 @@ def test_phase_ends_with_its_best_epoch(digits_run, tmp_path, cached):
     assert metrics["restored"] == [{"phase": "frozen", "best_epoch": best + 1, "last_epoch": 4,
                                     "val_loss": pytest.approx(val[best])}]
     # every worker holds the same weights after the restore, and they are the saved member's
-    from transfuse.models import load_member, weights_digest
+    from transfuse.finetune.models import load_member, weights_digest
 
     final = sorted(digests.glob("epoch4-rank*.txt"))
     assert len(final) == cfg.train.num_workers
@@ -234,7 +234,7 @@ def test_early_stopping_monitors_only_after_its_start(digits_run, tmp_path):
     """Patience 1 from epoch 3 (Keras's start_from_epoch) on a run whose val loss gets worse: epochs 1-3 always run
     and are not monitored, so the phase stops at the first epoch after 4 that does not beat epochs 4.. and keeps
     the best of those, even though an unmonitored epoch had a lower val loss."""
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     data = _cfg(digits_run).model_dump(mode="json")
     data["storage"] = str(tmp_path / "runs")
@@ -256,8 +256,8 @@ def test_early_stopping_monitors_only_after_its_start(digits_run, tmp_path):
 def test_same_config_and_seed_give_the_same_member(digits_run, tmp_path):
     """op_determinism + seeded shuffles: two runs of one config train the same weights, bit for bit (the default
     config's fine-tune stage gave identical test metrics on two runs, 0.9085 / NLL 0.373687308478)."""
-    from transfuse import models
-    from transfuse.train import finetune
+    from transfuse.finetune import models
+    from transfuse.finetune.stage import finetune
 
     cfg = digits_run.model_copy(update={"train": digits_run.train.model_copy(update={"op_determinism": True})})
     overrides = {"epochs_frozen": 1, "epochs_unfrozen": 1, "unfreeze": 4}
@@ -275,8 +275,8 @@ def test_streamed_rows_are_preprocessed_and_augmented_by_the_worker(digits_run):
     changes with the epoch."""
     from transfuse.config import AugmentConfig
     from transfuse.data import read_split_numpy, training_rows
-    from transfuse.preprocess import PreprocessSpec, preprocess
-    from transfuse.train_loop import tf_dataset
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune.loop import tf_dataset
 
     data_dir = storage.stage_dir(digits_run, "data")
     rows = training_rows(data_dir, "val")
@@ -316,7 +316,7 @@ def test_streamed_rows_are_preprocessed_and_augmented_by_the_worker(digits_run):
 def test_streamed_rows_with_augmentation_train(digits_run, tmp_path):
     """``train.materialize=false`` with flip augmentation: both phases read the stored rows and the worker
     preprocesses them; the run goes through both phases and its training loss falls."""
-    from transfuse.train import build_trainer, finetune
+    from transfuse.finetune.stage import build_trainer, finetune
 
     data = _cfg(digits_run).model_dump(mode="json")
     data["train"].update(materialize=False, augment={"flip": True}, cache_frozen=False, num_workers=1, lr_frozen=0.01)
@@ -358,7 +358,7 @@ def test_the_decision_reaches_the_training_loop(digits_run, tmp_path):
     train_func hands Keras as class_weight); ``none`` gives them none."""
     from transfuse.class_weights import class_weights
     from transfuse.data import read_split_numpy
-    from transfuse.train import build_trainer
+    from transfuse.finetune.stage import build_trainer
 
     _, train_labels, _ = read_split_numpy(storage.stage_dir(digits_run, "data"), "train")
     loops = {}
@@ -385,7 +385,7 @@ def test_class_weighted_loss_raises_minority_recall_in_the_workers_pipeline(digi
 
     from transfuse.class_weights import class_weights
     from transfuse.data.dataset import in_memory
-    from transfuse.train_loop import keras_class_weight, tf_dataset
+    from transfuse.finetune.loop import keras_class_weight, tf_dataset
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from transfuse.config import FILE_SOURCES, Config, load_config
 from transfuse.errors import TransfuseError
 
@@ -133,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         console.line(f"skipping {len(bad)} undecodable file(s) (listed in the data manifest):")
         for b in bad[:20]:
             console.line(f"  {b['id']}: {b['reason']}")
-    runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=not args.verbose, ingress=cfg.serve.ingress)
+    environment.init_ray(cfg.ray.address, cfg.ray.num_cpus, quiet=not args.verbose, ingress=cfg.serve.ingress)
     deploy = None
     if args.serve:
         from serve.app import deploy
@@ -155,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _print_results(cfg: Config, out: Callable[[str], None]) -> None:
     """The served model's test metrics, per class by name (from the compress stage's metrics)."""
     from transfuse import storage
-    from transfuse.measure import served_variant
+    from transfuse.compress.measure import served_variant
 
     path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
     m = storage.read_json(path) if storage.exists(path) else {}
@@ -189,7 +189,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = runs.open_run(args.run_dir, args.storage or "./runs", list(args.overrides))
     own = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
-    runtime.init_ray(cfg.ray.address, cfg.ray.num_cpus, ingress=cfg.serve.ingress)
+    environment.init_ray(cfg.ray.address, cfg.ray.num_cpus, ingress=cfg.serve.ingress)
     url = deploy(cfg.serve, storage.stage_dir(cfg, "bundle"))
     print(f"serving {cfg.serve.name}: {url}  (POST {url}:predict, POST {url}/images, GET {url}; the page: "
           f"{url.split('/v1/')[0]}/)", flush=True)
@@ -218,7 +218,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     files, skipped = pred.input_files(args.inputs)
     t = time.perf_counter()
     if args.ray:
-        runtime.init_ray(None, args.ray_cpus)
+        environment.init_ray(None, args.ray_cpus)
         parts = list(pred.predict_files_ray(target, files, actors=args.actors))
         names = parts[0].class_names
         rows = (r for p in parts for r in p.rows())

@@ -11,7 +11,7 @@ also shown on the console; a traceback is written to both.
 
 Progress is read from the files a stage writes as it goes (``watch``): Ray Train checkpoints carry the epoch
 (finetune, scratch, every Tune trial), each compressed variant ends with its bundle manifest. The ensemble stage's
-member tasks run inside one ``ray.get`` in ``transfuse.learners.RayRunner`` and write nothing until the end, so
+member tasks run inside one ``ray.get`` in ``transfuse.ensemble.learners.RayRunner`` and write nothing until the end, so
 that stage shows its elapsed time only.
 """
 
@@ -146,8 +146,8 @@ class StageProgress:
 def epochs_done(member_dir: str, since: float = 0.0) -> int:
     """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
     first one)."""
-    from transfuse.train import TRAIN_DIR
-    from transfuse.train_loop import STATE_FILE, LoopState
+    from transfuse.finetune.stage import TRAIN_DIR
+    from transfuse.finetune.loop import STATE_FILE, LoopState
 
     path = newest_checkpoint_file(storage.join(member_dir, TRAIN_DIR), STATE_FILE, since)
     return 0 if path is None else LoopState.from_json(storage.read_json(path)).epoch
@@ -179,7 +179,7 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
         return lambda: (sum(epochs_done(storage.join(trials, t), since) for t in storage.list_dirs(trials)), total,
                         "trial epochs")
     if stage == "ensemble":
-        from transfuse.ensemble import PROGRESS_FILE
+        from transfuse.ensemble.stage import PROGRESS_FILE
 
         path = storage.join(storage.stage_dir(cfg, "ensemble"), PROGRESS_FILE)
 
@@ -191,8 +191,8 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
 
         return tasks
     if stage == "distill":
-        from transfuse.distill import HISTORY_FILE
-        from transfuse.train import TRAIN_DIR
+        from transfuse.distill.stage import HISTORY_FILE
+        from transfuse.finetune.stage import TRAIN_DIR
 
         base = storage.join(storage.stage_dir(cfg, "distill"), TRAIN_DIR)
 
@@ -202,7 +202,7 @@ def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
 
         return student
     if stage == "compress":
-        from transfuse.bundle import MANIFEST
+        from transfuse.inference.bundle import MANIFEST
 
         out = storage.stage_dir(cfg, "compress")
         names = cfg.compress.variant_names()

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
 from transfuse.console import Console, StageProgress, watch
@@ -63,43 +63,43 @@ def _prepare(cfg: Config, ctx: RunContext) -> Any:
 
 
 def _pretrain(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.pretrain import pretrain
+    from transfuse.finetune.pretrain import pretrain
 
     return pretrain(cfg, force=ctx.force)
 
 
 def _finetune(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import train
+    from transfuse.finetune import stage as train
 
     return train.finetune(cfg, force=ctx.force)
 
 
 def _scratch(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import train
+    from transfuse.finetune import stage as train
 
     return train.transfer_vs_scratch(cfg, force=ctx.force)
 
 
 def _tune(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import search
+    from transfuse.finetune import tune as search
 
     return search.run_search(cfg, force=ctx.force)
 
 
 def _ensemble(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import ensemble
+    from transfuse.ensemble import stage as ensemble
 
     return ensemble.run_ensemble(cfg, force=ctx.force)
 
 
 def _distill(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import distill
+    from transfuse.distill import stage as distill
 
     return distill.run_distill(cfg, force=ctx.force)
 
 
 def _compress(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse import compress
+    from transfuse.compress import stage as compress
 
     return compress.run_compress(cfg, force=ctx.force)
 

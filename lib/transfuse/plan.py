@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import FILE_SOURCES, Config
 from transfuse.errors import TransfuseError
@@ -123,7 +123,7 @@ def data_plan(cfg: Config) -> dict[str, Any]:
 
 def model_plan(cfg: Config, k: int) -> dict[str, Any]:
     """The network as the fine-tune stage builds it (random weights: shapes and layers only)."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     spec = models.model_spec(cfg.model, k, [str(i) for i in range(k)], seed=cfg.train.seed)
     model = models.build_model(spec, None)
@@ -155,14 +155,14 @@ def _trainable_params(model: Any) -> int:
 
 def train_plan_resources(t: Any) -> dict[str, float]:
     """What one fine-tuning run's Ray Train workers hold together (a Tune trial holds this besides its own CPU)."""
-    from transfuse import train
+    from transfuse.finetune import stage as train
 
     sc = train.scaling_config(t)
     return {k: v * sc.num_workers for k, v in sc.resources_per_worker.items()}
 
 
 def finetune_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse import train
+    from transfuse.finetune import stage as train
 
     t = cfg.train
     sc = train.scaling_config(t)
@@ -193,7 +193,7 @@ def describe(domain: Any) -> Any:
 
 
 def tune_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse import search
+    from transfuse.finetune import tune as search
 
     t, tr = cfg.tune, cfg.train
     space = search.search_space(cfg)
@@ -212,8 +212,8 @@ def tune_plan(cfg: Config) -> dict[str, Any]:
 
 
 def ensemble_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse import learners
-    from transfuse.stacking import stacker_candidates
+    from transfuse.ensemble import learners
+    from transfuse.ensemble.stacker import stacker_candidates
 
     e = cfg.ensemble
     learners.validate_members(e)
@@ -226,8 +226,8 @@ def ensemble_plan(cfg: Config) -> dict[str, Any]:
 
 
 def member_search_plan(cfg: Config) -> dict[str, Any]:
-    """The member search's space per kind, its trials and what they hold (transfuse.member_search)."""
-    from transfuse import member_search
+    """The member search's space per kind, its trials and what they hold (transfuse.ensemble.member_search)."""
+    from transfuse.ensemble import member_search
 
     e = cfg.ensemble
     s = e.search
@@ -252,7 +252,7 @@ def member_search_plan(cfg: Config) -> dict[str, Any]:
 
 
 def distill_plan(cfg: Config) -> dict[str, Any]:
-    """What the distill stage would train on and with what (transfuse.distill)."""
+    """What the distill stage would train on and with what (transfuse.distill.stage)."""
     d = cfg.distill
     if not d.enabled:
         return {"enabled": False}

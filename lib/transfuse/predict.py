@@ -1,7 +1,7 @@
 """Predictions without Serve: ``transfuse.load(run_or_bundle).predict(...)`` and ``transfuse predict``.
 
 The served bundle answers here exactly as at the endpoint: the same image decoding (``transfuse.images`` with
-the bundle's image policy), the same preprocessing, members and combiner (``transfuse.bundle``). Numpy, Pillow
+the bundle's image policy), the same preprocessing, members and combiner (``transfuse.inference.bundle``). Numpy, Pillow
 and the bundle's runtimes only: no TensorFlow, no Ray. ``predict_files_ray`` runs the same on a Ray Data actor
 pool, for folders or buckets larger than one machine.
 """
@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from transfuse import images, storage
-from transfuse.bundle import MANIFEST, Bundle, load_bundle
+from transfuse.inference.bundle import MANIFEST, Bundle, load_bundle
 from transfuse.errors import TransfuseError
 
 BATCH = 256  # images decoded and classified together

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from transfuse.config.base import Strict
 
 
-# scikit-learn learners fitted on CNN embeddings (transfuse.ensemble maps each kind to its estimator and checks
+# scikit-learn learners fitted on CNN embeddings (transfuse.ensemble.stage maps each kind to its estimator and checks
 # params against the estimator's get_params() before any work starts).
 MEMBER_KINDS = ("random_forest", "bagging", "adaboost", "hist_gradient_boosting", "svc", "logistic_regression")
 
@@ -58,7 +58,7 @@ MEMBER_SAMPLERS = ("loguniform", "uniform", "lograndint", "randint", "choice")
 
 
 class MemberSearchConfig(Strict):
-    """Ray Tune over the scikit-learn members (transfuse.member_search): one trial = one member configuration (kind,
+    """Ray Tune over the scikit-learn members (transfuse.ensemble.member_search): one trial = one member configuration (kind,
     parameters, feature view) scored by its out-of-fold NLL on the holdout, over the folds the stacker's inputs use.
     The best configurations per (kind, view family) replace ``ensemble.members``; those fixed members are searched
     as trials too, so a searched member is never worse on that score than the fixed one of its kind and view."""
@@ -141,7 +141,7 @@ class EnsembleConfig(Strict):
                      features="pixels"),
     ]
     # pixels members read images resized to pixel_size x pixel_size (None: as prepared), in [0, 1], flattened:
-    # one pixel view for every such member, computed by transfuse.preprocess.pixel_features here and in serving
+    # one pixel view for every such member, computed by transfuse.inference.preprocess.pixel_features here and in serving
     pixel_size: Optional[int] = Field(None, ge=2, le=512)
     folds: int = Field(5, ge=2)  # K: out-of-fold predictions on the holdout split for the stacker
     # the meta-learner: "auto" picks, by K-fold cross-validated NLL on the holdout, among the logistic stacker on

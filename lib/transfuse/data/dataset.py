@@ -16,7 +16,7 @@ import numpy as np
 from transfuse import storage
 from transfuse.config import PREPARED_SPLITS, AugmentConfig
 from transfuse.data.sources import DataError
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
 
 def data_manifest(data_dir: str) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.baselines import TRANSFER_FILE
-from transfuse.measure import served_variant
+from transfuse.finetune.baselines import TRANSFER_FILE
+from transfuse.compress.measure import served_variant
 
 BENCH_FILE = "bench_transfer.json"  # under <storage>/<run>/, from bench/transfer.py
 # bench_transfer.json's model names for the verdict's rows
@@ -29,7 +29,7 @@ def read_json(path: str) -> Optional[Any]:
 
 def description(ens_dir: str) -> Optional[dict]:
     """ensemble.json through its reader (format checked); None when the ensemble stage has not written it."""
-    from transfuse.ensemble import read_description
+    from transfuse.ensemble.stage import read_description
 
     return read_description(ens_dir, missing_ok=True)
 

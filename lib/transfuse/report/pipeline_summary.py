@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence
 
 from transfuse import storage
 from transfuse.errors import TransfuseError
-from transfuse.measure import served_variant
+from transfuse.compress.measure import served_variant
 from transfuse.report.page import Page, esc, num, table
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
@@ -18,7 +18,7 @@ log = logging.getLogger(__package__)  # "transfuse.report": one logger for the p
 
 def tuned_members(cfg: Any) -> list[Any]:
     """tune/members.json through its reader; [] when absent or unreadable (the report never stops for it)."""
-    from transfuse.search import read_members
+    from transfuse.finetune.tune import read_members
 
     try:
         return read_members(cfg) or []

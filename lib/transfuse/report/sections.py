@@ -19,16 +19,16 @@ import numpy as np
 
 from transfuse import metrics as tm
 from transfuse import storage
-from transfuse.measure import served_variant
+from transfuse.compress.measure import served_variant
 from transfuse.report.judge import BENCH_FILE, read_json, verdict
 from transfuse.report.page import Page, esc, not_run, num, pyplot, table
 from transfuse.report.pipeline_summary import tuned_members
-from transfuse.stacking import temperature_line
+from transfuse.ensemble.stacker import temperature_line
 
 # Stages whose manifest.json is listed in the header (fingerprint, creation time, git commit).
 MANIFEST_STAGES = ("data", "pretrain_data", "pretrain", "finetune", "scratch", "tune", "ensemble", "compress",
                    "bundle")
-COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.COMBINERS: not members
+COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.stage.COMBINERS: not members
 
 
 def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
@@ -408,7 +408,7 @@ def calibration(cfg: Any, page: Page, ens: Optional[dict], desc: Optional[dict])
                     "Confusion matrix of the stacked ensemble on the test split (rows: true class, columns: "
                     "predicted), from ensemble/metrics.json.")
         stack_per_class(page, ens, names, cm.sum(1))
-    from transfuse.member_split import read_member_split
+    from transfuse.finetune.predictions import read_member_split
 
     ens_dir = storage.stage_dir(cfg, "ensemble")
     curves = []  # (label, probs, labels)
@@ -469,7 +469,7 @@ def compression(cfg: Any, page: Page) -> None:
     if dropped:
         page.add(f"<p>Left out of every variant (zero stacker weight: they cannot change a prediction): "
                  f"{esc(', '.join(dropped))}.</p>")
-    from transfuse.measure import goals_line
+    from transfuse.compress.measure import goals_line
 
     for key in ("goals", "goals_pruned_int8"):
         g = rep.get(key) or {}
@@ -533,8 +533,8 @@ def distillation(cfg: Any, page: Page) -> None:
     if cal:
         notes.append(f"the student's {temperature_line(cal)}")
     page.add(f"<p>{esc('; '.join(notes))}.</p>")
-    from transfuse.distill import STUDENT, soften
-    from transfuse.member_split import read_member_split
+    from transfuse.distill.stage import STUDENT, soften
+    from transfuse.finetune.predictions import read_member_split
 
     student_dir = storage.join(storage.stage_dir(cfg, "distill"), STUDENT)
     ens_dir = storage.stage_dir(cfg, "ensemble")
@@ -565,7 +565,7 @@ def per_class(probs: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
 def per_class_section(cfg: Any, page: Page) -> None:
     serve = served_variant(cfg)
     page.add(f"<h2>7. Precision and recall per class: float32 vs {esc(serve)}</h2>")
-    from transfuse.bundle import MANIFEST, load_bundle
+    from transfuse.inference.bundle import MANIFEST, load_bundle
 
     comp = storage.stage_dir(cfg, "compress")
     names = list(dict.fromkeys(["float32", serve]))

@@ -1,7 +1,7 @@
 """Ensembles of fine-tuned CNNs and scikit-learn learners on their embeddings: fitted on Ray, stacked without
 leakage, judged on the test split, saved without pickle.
 
-Who sees what (the leakage rule, checked from recorded ids by ``stacking.check_no_leakage``):
+Who sees what (the leakage rule, checked from recorded ids by ``transfuse.ensemble.stacker.check_no_leakage``):
 
 - CNN members were trained on ``train`` (``val`` drove early stopping and the Tune selection). Their ``holdout``
   and ``test`` predictions are therefore on unseen examples.
@@ -20,8 +20,8 @@ weights its rows by the class weights of its own fit labels, and the stacker (it
 and the temperature) weights the holdout rows by theirs. Greedy selection and the test metrics stay unweighted;
 balanced accuracy, macro F1 and recall per class are reported beside accuracy for every model.
 
-The members themselves (kinds, fitting tasks on Ray or in-process, ONNX export) are ``transfuse.learners``; what
-the stage reads (the CNN members' outputs, the pixels) and the K-fold protocol are ``transfuse.stack_inputs``.
+The members themselves (kinds, fitting tasks on Ray or in-process, ONNX export) are ``transfuse.ensemble.learners``; what
+the stage reads (the CNN members' outputs, the pixels) and the K-fold protocol are ``transfuse.ensemble.inputs``.
 """
 
 from __future__ import annotations
@@ -34,34 +34,23 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from transfuse import member_search
+from transfuse.ensemble import member_search
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig
-from transfuse.learners import (ONNX_INPUT, ONNX_OUTPUT, FitOutput, FitTask, Progress, data_key, make_runner,
+from transfuse.ensemble.learners import (ONNX_INPUT, ONNX_OUTPUT, FitOutput, FitTask, Progress, data_key, make_runner,
                                  to_onnx_bytes, validate_members)
-from transfuse.member_split import write_member_split
-from transfuse.stack_inputs import (CnnMember, EnsembleInputs, class_weighting, find_cnn_members, fold_tasks,
+from transfuse.finetune.predictions import write_member_split
+from transfuse.ensemble.inputs import (CnnMember, EnsembleInputs, class_weighting, find_cnn_members, fold_tasks,
                                     holdout_folds, load_inputs, member_inputs, oof_predictions, shared_data,
                                     stage_fingerprint)
-from transfuse.stacking import (
-    EnsembleError,
-    FitRecord,
-    GreedyEnsemble,
-    Stacker,
-    average,
-    check_no_leakage,
-    hard_vote,
-    load_sklearn_member,
-    select_stacker,
-    stacker_candidates,
-    temperature_line,
-)
+from transfuse.inference.combine import EnsembleError, Stacker, average, hard_vote, load_sklearn_member
+from transfuse.ensemble.stacker import FitRecord, GreedyEnsemble, check_no_leakage, select_stacker, stacker_candidates, temperature_line
 
 log = logging.getLogger(__name__)
 
 STAGE = "ensemble"
-ENSEMBLE_FORMAT = "transfuse.ensemble/v1"
+ENSEMBLE_FORMAT = "transfuse.ensemble.stage/v1"
 COMBINERS = ("average", "hard_vote", "greedy", "stack")
 
 

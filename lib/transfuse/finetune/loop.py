@@ -1,6 +1,6 @@
 """The per-worker training loop (``train_func``) and what it reads and writes: the typed loop config, its
 phases and test hooks, and the checkpoint (loop state, weights, optimizer state, the phase's best weights).
-``transfuse.train`` builds the ``LoopConfig`` from the config and runs this on Ray Train.
+``transfuse.finetune.stage`` builds the ``LoopConfig`` from the config and runs this on Ray Train.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class LoopHooks:
 
     def after_epoch(self, full: Any, rank: int, epoch: int) -> None:
         if self.weights_digest:
-            from transfuse import models
+            from transfuse.finetune import models
 
             with open(os.path.join(self.weights_digest["dir"], f"epoch{epoch}-rank{rank}.txt"), "w") as f:
                 f.write(models.weights_digest(full))
@@ -131,7 +131,7 @@ class LoopState:
 
 def _phase_model(full: Any, phase: Phase, cached: bool) -> Any:
     """The model one phase trains: the full model, or only its part above the cut (trained on the cache)."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     if phase.cut_layer is None and phase.unfreeze >= len(models.backbone_layer_names(models.get_backbone(full))):
         for layer in full.layers:
@@ -278,8 +278,8 @@ def train_func(config: dict[str, Any]) -> None:
     import ray.train
     import tensorflow as tf
 
-    from transfuse import models
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.finetune import models
+    from transfuse.inference.preprocess import PreprocessSpec
 
     loop: LoopConfig = config["loop"]
     ctx = ray.train.get_context()

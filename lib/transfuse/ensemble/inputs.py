@@ -1,11 +1,11 @@
 """What the ensemble stage and the member search read, and the out-of-fold protocol they share.
 
 The inputs: the CNN members' saved outputs (``<member>/<kind>/<split>.parquet``: id, label, and probabilities or
-an embedding; ``transfuse.member_split`` owns that format), the images' pixels as a second view, all aligned by id
+an embedding; ``transfuse.finetune.predictions`` owns that format), the images' pixels as a second view, all aligned by id
 in ``EnsembleInputs``; and the fingerprint of those inputs (``stage_fingerprint``). The protocol: the holdout is
 split into K stratified folds (``holdout_folds``), fold k's model is fitted on train + the other folds and predicts
 fold k (``fold_tasks``), and the K predictions make one member's out-of-fold holdout probabilities with a record
-of what each fold model saw (``oof_predictions``, checked by ``stacking.check_no_leakage``). The ensemble fits its
+of what each fold model saw (``oof_predictions``, checked by ``transfuse.ensemble.stacker.check_no_leakage``). The ensemble fits its
 members this way for the stacker; the member search scores each trial this way, on the same folds.
 """
 
@@ -19,10 +19,11 @@ import numpy as np
 
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig
-from transfuse.learners import FitOutput, FitTask
-from transfuse.member_split import read_member_split
-from transfuse.preprocess import pixel_features
-from transfuse.stacking import EnsembleError, FitRecord
+from transfuse.ensemble.learners import FitOutput, FitTask
+from transfuse.finetune.predictions import read_member_split
+from transfuse.inference.preprocess import pixel_features
+from transfuse.inference.combine import EnsembleError
+from transfuse.ensemble.stacker import FitRecord
 
 @dataclass
 class EnsembleInputs:
@@ -139,7 +140,7 @@ class CnnMember:
 
 def find_cnn_members(cfg: Config) -> list[CnnMember]:
     """The members chosen by Tune (``<run>/tune/members.json``), else the single fine-tuned model."""
-    from transfuse.search import MEMBERS_FILE, read_members, tune_dir
+    from transfuse.finetune.tune import MEMBERS_FILE, read_members, tune_dir
 
     ft_dir = storage.stage_dir(cfg, "finetune")
     tuned = read_members(cfg)

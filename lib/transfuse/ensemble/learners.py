@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from transfuse.config import MEMBER_KINDS, EnsembleConfig, MemberConfig
-from transfuse.stacking import EnsembleError
+from transfuse.inference.combine import EnsembleError
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ class RayRunner:
         import ray
 
         if not ray.is_initialized():
-            raise EnsembleError("RayRunner needs a connected Ray cluster (transfuse.runtime.init_ray), "
+            raise EnsembleError("RayRunner needs a connected Ray cluster (transfuse.environment.init_ray), "
                                 "or use ensemble.parallel=local")
         ref = ray.put(dict(data))
         remote = ray.remote(_fit_remote).options(num_cpus=self.num_cpus, max_retries=1,

@@ -11,11 +11,11 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from transfuse import stacking
-from transfuse.bundle import SklearnMember
+from transfuse.inference import combine as stacking
+from transfuse.inference.bundle import SklearnMember
 from transfuse.config import Config
-from transfuse.preprocess import PreprocessSpec, preprocess
-from transfuse.tflite_export import CompressError, Member
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.compress.tflite import CompressError, Member
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,13 @@ class EnsembleSource:
 
 def read_ensemble(cfg: Config) -> EnsembleSource:
     """The CNN member dirs, sklearn members (ONNX) and stacker written by ``jobs.ensemble``
-    (``ensemble.json``, format transfuse.ensemble/v1). Without an ensemble stage: the members chosen by Tune
+    (``ensemble.json``, format transfuse.ensemble.stage/v1). Without an ensemble stage: the members chosen by Tune
     (``tune/members.json``) or the single ``finetune/`` model, combined by plain averaging."""
     import hashlib
 
-    from transfuse import ensemble, storage
+    from transfuse import storage
+
+    from transfuse.ensemble import stage as ensemble
 
     h = hashlib.sha256(cfg.fingerprint("compress", "data").encode())
     ens_dir = storage.stage_dir(cfg, "ensemble")
@@ -60,7 +62,7 @@ def read_ensemble(cfg: Config) -> EnsembleSource:
         h.update((storage.sha256(man) if storage.exists(man) else storage.sha256(desc_path)).encode())
         return EnsembleSource(members, EnsembleParts(sk, ensemble.read_stacker(ens_dir, desc)), "ensemble",
                               h.hexdigest()[:16])
-    from transfuse.search import MEMBERS_FILE, read_members, tune_dir
+    from transfuse.finetune.tune import MEMBERS_FILE, read_members, tune_dir
 
     tuned = read_members(cfg)
     if tuned is not None:
@@ -122,8 +124,8 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
 
     import tensorflow as tf
 
-    from transfuse import models
-    from transfuse.runtimes import OnnxRunner
+    from transfuse.finetune import models
+    from transfuse.inference.runtimes import OnnxRunner
 
     nets = {m.name: tf.keras.Model(m.model.input, [m.model.output, models.embedding_model(m.model).output])
             for m in members}

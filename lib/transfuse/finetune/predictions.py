@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from transfuse import storage
-from transfuse.stacking import EnsembleError
+from transfuse.inference.combine import EnsembleError
 
 
 def _read_table(path: str) -> Any:

@@ -1,14 +1,14 @@
 """The compress stage: prune and quantize the ensemble's CNN members, write every variant as a bundle, measure it.
 
-- The ensemble to compress is ``transfuse.ensemble_source``'s reading of ``ensemble/`` (zero-weight members left
+- The ensemble to compress is ``transfuse.ensemble.fitted``'s reading of ``ensemble/`` (zero-weight members left
   out, see below); with ``distill.enabled`` the distilled student is one more variant (``student_int8``).
-- Pruning (``transfuse.prune``) and the TFLite export with one shared trunk (``transfuse.tflite_export``); the
-  scikit-learn members' ONNX graphs are rewritten losslessly (``transfuse.onnx_rewrite``).
+- Pruning (``transfuse.compress.prune``) and the TFLite export with one shared trunk (``transfuse.compress.tflite``); the
+  scikit-learn members' ONNX graphs are rewritten losslessly (``transfuse.compress.onnx_rewrite``).
 - Dead members: a member whose stacker columns are all exactly zero (the log-linear pool gives w_m = 0 to
   members that do not help) cannot change a prediction, so no variant carries it (``drop_zero_weight_members``):
   lossless, and it shrinks float32 and int8 alike.
 - Variant table: each variant is written as a full bundle, loaded back with ``load_bundle`` and measured
-  (``transfuse.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1
+  (``transfuse.compress.measure``): model bytes stored (``compress.coding``), gzipped and as loaded, latency at batch 1
   (p50, p99), throughput at batch 32, test accuracy / NLL / ECE, balanced accuracy, macro F1 and recall per class
   (by class name).
 - Class weights: ``metrics.json`` records the run's decision (``class_weights.decision``) that the members and the
@@ -23,14 +23,14 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse import measure
-from transfuse.bundle import CNNMember, example_images, write_bundle
+from transfuse.compress import measure
+from transfuse.inference.bundle import CNNMember, example_images, write_bundle
 from transfuse.config import AUTO_VARIANT, STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants, pruned_name
-from transfuse.ensemble_source import EnsembleParts, EnsembleSource, ensemble_to_compress
-from transfuse.onnx_rewrite import optimize_sklearn_onnx
-from transfuse.preprocess import PreprocessSpec, preprocess
-from transfuse.prune import prune_member
-from transfuse.tflite_export import QUANT_MODES, CompressError, Exported, Member, export_members, representative_raw
+from transfuse.ensemble.fitted import EnsembleParts, EnsembleSource, ensemble_to_compress
+from transfuse.compress.onnx_rewrite import optimize_sklearn_onnx
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.compress.prune import prune_member
+from transfuse.compress.tflite import QUANT_MODES, CompressError, Exported, Member, export_members, representative_raw
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray)
     members, equal outputs: used by every variant alike."""
     import dataclasses
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     x = preprocess(raw, PreprocessSpec(**members[0].spec["preprocess"]))
     emb: dict[str, np.ndarray] = {}
@@ -150,7 +150,7 @@ def _fingerprint(cfg: Config, src: EnsembleSource) -> str:
 
     if not cfg.distill.enabled:
         return src.fingerprint
-    from transfuse.distill import STAGE as DISTILL
+    from transfuse.distill.stage import STAGE as DISTILL
 
     man = storage.join(storage.stage_dir(cfg, DISTILL), storage.MANIFEST)
     if not storage.exists(man):
@@ -162,7 +162,9 @@ def student_variant(cfg: Config, rep_raw: np.ndarray, num_classes: int) -> tuple
                                                                                   EnsembleParts, str]:
     """The distilled student as an int8 bundle's contents: the one CNN member (no scikit-learn member), and its
     fitted temperature as a one-member stacker (none when the distill stage fitted none)."""
-    from transfuse import distill, models, storage
+    from transfuse import storage
+    from transfuse.distill import stage as distill
+    from transfuse.finetune import models
 
     d = storage.stage_dir(cfg, distill.STAGE)
     model, spec = models.load_member(storage.join(d, distill.STUDENT))
@@ -179,7 +181,8 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     """The compress stage: every variant as a bundle under ``<run>/compress/<variant>/`` with the measured table in
     ``compress/metrics.json``, and the ``compress.serve_variant`` bundle in ``<run>/bundle/``. Returns the compress
     manifest."""
-    from transfuse import models, storage
+    from transfuse import storage
+    from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
 
     ccfg = cfg.compress
@@ -227,7 +230,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         write_variant(vdir, ex, v_members, v_parts, **common, extra={"ensemble_source": v_source})
         local = vdir if not storage.is_uri(vdir) else None
         if local is None:
-            from transfuse.bundle import fetch
+            from transfuse.inference.bundle import fetch
 
             local = str(fetch(vdir))
         row = measure.variant_row(local, x_te, y_te, num_threads=ccfg.num_threads, latency_runs=ccfg.latency_runs,
@@ -236,7 +239,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         rows.append(row)
         log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
     if len(rows) > 1:  # batch-1 latency again, in warm blocks alternating between variants: ratios robust to load
-        from transfuse.bundle import fetch
+        from transfuse.inference.bundle import fetch
 
         dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
                 for v in contents}
@@ -282,7 +285,7 @@ def choose_served(dirs: dict[str, str], rows: list[dict], images: np.ndarray, po
     can be no more wrong than it disagrees) and needs no label, so it rests on every labelled image rather than on
     the val split alone; the test split only reports what the choice gave."""
     from transfuse import storage
-    from transfuse.bundle import fetch, load_bundle
+    from transfuse.inference.bundle import fetch, load_bundle
 
     answers = {}
     for v, d in dirs.items():

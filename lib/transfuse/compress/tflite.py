@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Member:
 
 
 def _same_weights(models_: list[Any], layer_name: str) -> bool:
-    from transfuse import models
+    from transfuse.finetune import models
 
     ws = [models.get_backbone(m).get_layer(layer_name).get_weights() for m in models_]
     return all(len(w) == len(ws[0]) and all(np.array_equal(a, b) for a, b in zip(w, ws[0])) for w in ws[1:])
@@ -74,7 +74,7 @@ def member_graph(model: Any, cut_layer: Optional[str], name: str = "top") -> tup
     read) and ``logits`` (pre-softmax; the bundle applies softmax in float, which keeps int8 NLL honest)."""
     import tensorflow as tf
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     L = tf.keras.layers
     net = models.get_backbone(model)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from transfuse import metrics as _metrics
-from transfuse.bundle import load_bundle
+from transfuse.inference.bundle import load_bundle
 from transfuse.config import GoalsConfig
 
 
@@ -23,7 +23,7 @@ def model_bytes(directory: str) -> tuple[int, int, int]:
     load them (each file decoded as its manifest entry says, ``bundle.decode``)."""
     from pathlib import Path
 
-    from transfuse.bundle import decode, file_codings, verify
+    from transfuse.inference.bundle import decode, file_codings, verify
 
     root = Path(directory)
     codings = file_codings(verify(root)[0])

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
-from transfuse.tflite_export import CompressError, Member
+from transfuse.compress.tflite import CompressError, Member
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def prune_member(
     import tensorflow as tf
     import tensorflow_model_optimization as tfmot
 
-    from transfuse import models
+    from transfuse.finetune import models
 
     sp = tfmot.sparsity.keras
     steps = int(np.ceil(len(x) / batch_size)) * epochs
@@ -212,7 +212,7 @@ def prune_member(
         full.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
                  callbacks=[sp.UpdatePruningStep()])
     s_net, s_head = sp.strip_pruning(p_net), sp.strip_pruning(p_head)
-    s_net._name = "backbone"  # transfuse.models finds the backbone by this name
+    s_net._name = "backbone"  # transfuse.finetune.models finds the backbone by this name
     z = inp2 = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
     z = s_net(z, training=False)
     for layer in s_head.layers:  # the head is a chain (the embedding output is an intermediate of it)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
 
@@ -25,10 +25,14 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     """Prepare the source data, train the whole network on it, save the backbone weights + manifest."""
     import tensorflow as tf
 
-    from transfuse import models, train, train_loop
+    from transfuse.finetune import models
+
+    from transfuse.finetune import stage as train
+
+    from transfuse.finetune import loop as train_loop
     from transfuse.data import data_manifest, prepare, preprocessed, read_split, training_rows
     from transfuse.metrics import evaluate
-    from transfuse.preprocess import PreprocessSpec
+    from transfuse.inference.preprocess import PreprocessSpec
 
     out_dir = storage.stage_dir(cfg, STAGE)
     fp = cfg.fingerprint("pretrain", "model", "seed")
@@ -70,7 +74,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
         train_loop.load_checkpoint_weights(model, d)
     models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
     from transfuse.data import read_split_numpy
-    from transfuse.preprocess import preprocess
+    from transfuse.inference.preprocess import preprocess
 
     images, labels, _ = read_split_numpy(data_dir, "test")
     evals = {}

@@ -11,7 +11,7 @@ the fixed one only by beating it by more than that many paired standard errors o
 
 Who sees what: the trials' shared data hold the train and holdout rows only (no test row is ever put in the object
 store for them), each trial records the ids every fold model was fitted on and predicted, and the driver runs
-``stacking.check_no_leakage`` over those records with the test ids before any configuration is chosen.
+``transfuse.ensemble.stacker.check_no_leakage`` over those records with the test ids before any configuration is chosen.
 
 The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records; a dot folder is
 working state, not a stage output). A run whose inputs match the experiment's fingerprint restores it
@@ -45,7 +45,7 @@ import numpy as np
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig, digest
-from transfuse.stack_inputs import (
+from transfuse.ensemble.inputs import (
     CnnMember,
     EnsembleInputs,
     fold_tasks,
@@ -54,8 +54,9 @@ from transfuse.stack_inputs import (
     shared_data,
     stage_fingerprint,
 )
-from transfuse.learners import MemberError, build_estimator, data_key, fit_one
-from transfuse.stacking import EnsembleError, FitRecord, check_no_leakage
+from transfuse.ensemble.learners import MemberError, build_estimator, data_key, fit_one
+from transfuse.inference.combine import EnsembleError
+from transfuse.ensemble.stacker import FitRecord, check_no_leakage
 
 log = logging.getLogger(__name__)
 

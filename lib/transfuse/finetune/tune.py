@@ -1,10 +1,10 @@
 """Ray Tune over the fine-tuning runs: unfreeze depth, both learning rates, head width, dropout and seed.
 
-A trial is a function that calls ``transfuse.train.finetune`` (the same training code as ``jobs.finetune``)
+A trial is a function that calls ``transfuse.finetune.stage.finetune`` (the same training code as ``jobs.finetune``)
 with the trial's overrides and a ``TuneReportCallback`` in the trainer's ``RunConfig``, so every epoch's
 ``val_accuracy`` reaches Tune's scheduler (ASHA or HyperBand), which stops weak trials early. A trial that
 finishes writes a member dir under ``<run>/tune/trials/<trial_id>/``; a trial stopped early leaves none.
-Trials with the same cut point share the cached frozen activations (``transfuse.cache``).
+Trials with the same cut point share the cached frozen activations (``transfuse.finetune.cache``).
 
 Output under ``<run>/tune/``: ``results.csv``/``results.json`` (a row per trial), ``best_config.json``,
 ``members.json`` (the top M trials, chosen for accuracy and diversity), ``val_accuracy_vs_depth.png``,
@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
 from transfuse.errors import TransfuseError
@@ -123,7 +123,7 @@ def trial_fn(config: dict[str, Any], cfg_json: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from transfuse.train import finetune
+    from transfuse.finetune.stage import finetune
 
     cfg = Config.model_validate(cfg_json)
     overrides = {k: config[k] for k in SEARCHED if k in config}

@@ -8,7 +8,7 @@ Ray Tune reuses ``build_trainer`` from a trial function with per-trial overrides
 ``TuneReportCallback`` in ``run_config_extra['callbacks']``.
 
 With ``train.cache_frozen`` (default), each phase trains only the part above its cut point on activations
-cached once (``transfuse.cache``); the full model's layers are shared with that top part, so the saved
+cached once (``transfuse.finetune.cache``); the full model's layers are shared with that top part, so the saved
 weights are the full model's. Every epoch reports ``epoch`` (global, across both phases), ``phase``,
 ``loss``, ``accuracy``, ``val_loss``, ``val_accuracy`` and a checkpoint (weights + loop state + optimizer
 state + the phase's best weights so far), so ``FailureConfig(max_failures)`` and a rerun with the same storage
@@ -31,10 +31,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import class_weights, storage
 from transfuse.config import Config, TrainConfig
-from transfuse.train_loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
+from transfuse.finetune.loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
                                   load_checkpoint_weights, train_func)
 
 log = logging.getLogger(__name__)
@@ -108,17 +108,19 @@ def loop_class_weights(decision: dict[str, Any], class_names: list[str]) -> Opti
 def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
                 weights: Optional[str] = None) -> RunInputs:
     """Make one training run ready: writes the initial weights under ``out_dir``, builds the frozen-activation
-    cache when ``train.cache_frozen`` (``transfuse.cache``), and returns the spec, phases and datasets the
+    cache when ``train.cache_frozen`` (``transfuse.finetune.cache``), and returns the spec, phases and datasets the
     workers read. (``transfuse.plan`` is the dry run that writes nothing.)
 
     ``weights`` overrides ``cfg.model.weights`` (the scratch baseline passes "none").
     """
     import tensorflow as tf
 
-    from transfuse import cache, models
+    from transfuse.finetune import cache
+
+    from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy, training_rows
     from transfuse.data.dataset import in_memory
-    from transfuse.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
     data_dir = data_dir or _data_dir(cfg)
     manifest = data_manifest(data_dir)
@@ -201,7 +203,7 @@ def make_trainer(t: TrainConfig, loop: Any, datasets: dict[str, Any], out_dir: s
         name=name, storage_path=path, storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=t.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=2),  # the latest is what resumes; one spare
-        worker_runtime_env=runtime.runtime_env(), **dict(run_config_extra or {}))
+        worker_runtime_env=environment.runtime_env(), **dict(run_config_extra or {}))
     return TensorflowTrainer(
         func, train_loop_config={"loop": loop},
         scaling_config=scaling_config(t),
@@ -236,7 +238,7 @@ def build_trainer(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any]]
 
 def _write_split_outputs(out_dir: str, outs: dict[str, dict[str, np.ndarray]], splits: list[str],
                          num_classes: int, class_names: Optional[list[str]] = None) -> dict[str, dict]:
-    from transfuse.member_split import write_member_split
+    from transfuse.finetune.predictions import write_member_split
     from transfuse.metrics import evaluate
 
     results = {}
@@ -256,7 +258,9 @@ def finalize(cfg: Config, out_dir: str, spec: dict[str, Any], data_dir: str, che
     """Write the member dir from the last checkpoint: spec, weights, metrics, predictions, embeddings, manifest."""
     import tensorflow as tf
 
-    from transfuse import cache, models
+    from transfuse.finetune import cache
+
+    from transfuse.finetune import models
 
     with checkpoint.as_directory() as d:
         state = LoopState.read(d)
@@ -309,7 +313,7 @@ def finalize_member(cfg: Config, out_dir: str, overrides: Optional[dict[str, Any
                     data_dir: Optional[str] = None, weights: Optional[str] = None) -> dict[str, Any]:
     """Write the member dir from the newest checkpoint of a run that did not finish (e.g. a Tune trial that
     ASHA stopped): same outputs as ``finetune``; the history ends where that run stopped."""
-    from transfuse import models
+    from transfuse.finetune import models
     from transfuse.data import data_manifest
 
     eff = effective(cfg, overrides)
@@ -355,7 +359,7 @@ def scratch_overrides(cfg: Config) -> dict[str, Any]:
     stopping and the best epoch, as Keras's ``start_from_epoch``): from random weights the val loss often rises
     for a while before it falls (draw 0's first 16 epochs were all worse than its first; on draw 2 no epoch up to
     27 beat the first, chance-level one, which was then kept while the first half was still monitored)."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     n = models.unfreeze_units(cfg.model)
     t = cfg.train
@@ -368,7 +372,7 @@ def scratch_overrides(cfg: Config) -> dict[str, Any]:
 def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     """Train the scratch baseline into ``<run>/scratch`` and compare its test metrics with ``<run>/finetune``'s
     and with a logistic regression on the pixels fitted on the same labels (``baselines.pixels_logreg``)."""
-    from transfuse.baselines import TRANSFER_FILE, budget_splits, pixels_logreg
+    from transfuse.finetune.baselines import TRANSFER_FILE, budget_splits, pixels_logreg
 
     transfer = storage.read_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"))
     scratch = finetune(cfg, storage.stage_dir(cfg, "scratch"), scratch_overrides(cfg), weights="none", force=force)

@@ -23,11 +23,11 @@ import re
 import tempfile
 from typing import Any, Optional
 
-from transfuse import runtime  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import BACKBONES, ModelConfig
 from transfuse.errors import TransfuseError
-from transfuse.preprocess import PreprocessSpec
+from transfuse.inference.preprocess import PreprocessSpec
 
 SPEC_FILE = "model_spec.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -113,7 +113,7 @@ def build_backbone(backbone: str, input_size: int, width: float = 0.25, weights:
             raise ModelError("vgg_small has no ImageNet weights: use weights none, pretrain or a file path")
         net = vgg_small(shape, width)
     elif backbone.startswith("efficientnet_lite"):
-        from transfuse import efficientnet_lite
+        from transfuse.finetune import efficientnet_lite
 
         torch_file = weights if weights is not None and weights.endswith(".pth") else None
         net = efficientnet_lite.backbone(backbone, shape, "imagenet" if weights == "imagenet" else torch_file)
@@ -234,7 +234,7 @@ def build_model(spec: dict[str, Any], weights: Optional[str] = None, *, bn_train
     layers = tf.keras.layers
     if backbone is None and spec["backbone"].startswith("efficientnet_lite") and weights is not None \
             and (weights == "imagenet" or weights.endswith(".pth")):
-        from transfuse import efficientnet_lite
+        from transfuse.finetune import efficientnet_lite
 
         # convert (once; cached) before seeding: the conversion builds a model of its own, and the random draws
         # it takes shifted the head's initial weights, so the run that converted differed from every later one

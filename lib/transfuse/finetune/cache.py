@@ -30,7 +30,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.preprocess import PreprocessSpec, preprocess
+from transfuse.inference.preprocess import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,10 @@ class ApplyModel:
     """
 
     def __init__(self, spec: dict[str, Any], weights_path: str, outputs: list[str]) -> None:
-        from transfuse import runtime  # noqa: F401  (tf_keras in this actor)
+        from transfuse import environment  # noqa: F401  (tf_keras in this actor)
         import tensorflow as tf
 
-        from transfuse import models
+        from transfuse.finetune import models
 
         tf.keras.mixed_precision.set_global_policy("float32")  # cache and evaluate in float32
         model = models.build_model(spec, None)
@@ -283,7 +283,7 @@ def cache_key(spec: dict[str, Any], cut_layer: str, trunk_digest: str, data_fing
 
 def trunk_digest(model: Any, cut_layer: str) -> str:
     """Hash of the weight values of every backbone layer up to and including the cut."""
-    from transfuse import models
+    from transfuse.finetune import models
 
     net = models.get_backbone(model)
     h = hashlib.sha256()

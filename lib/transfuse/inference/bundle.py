@@ -6,7 +6,7 @@ Layout (format_version 1)::
     trunk.tflite            shared frozen layers of the CNN members (absent when the members share none)
     members/<i>_<name>.tflite each CNN member's top: trunk features (or the image) -> logits, embedding
     sklearn/<i>_<name>.onnx scikit-learn members on one CNN member's embedding, or on the image's pixels
-                            (``transfuse.preprocess.pixel_features``) -> probabilities
+                            (``transfuse.inference.preprocess.pixel_features``) -> probabilities
     stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
 
 Model files may be stored coded (``coding``, per file in the manifest: ``gzip`` adds ``.gz`` to the name): the
@@ -41,11 +41,11 @@ import numpy as np
 from transfuse import storage
 from transfuse.errors import TransfuseError
 from transfuse.images import ImagePolicy
-from transfuse.preprocess import PreprocessSpec, pixel_features, preprocess
-from transfuse.runtimes import MODEL_FORMATS, LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
-from transfuse.stacking import Stacker, combine_probs, softmax
+from transfuse.inference.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.inference.runtimes import MODEL_FORMATS, LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
+from transfuse.inference.combine import Stacker, combine_probs, softmax
 
-FORMAT = "transfuse.bundle"
+FORMAT = "transfuse.inference.bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
