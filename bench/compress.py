@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse.compress import stage as compress
+from transfuse.compress import measure, stage as compress, tflite as tflite_export
+from transfuse.data import PREPARE
 from transfuse.ensemble import fitted as ensemble_source
-from transfuse.compress import measure
-from transfuse.compress import tflite as tflite_export
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.finetune.models import KerasMember
+from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
 ALL = ["float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8"]  # pruned kinds: once per sparsity
 
@@ -40,7 +40,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     from sklearn.linear_model import LogisticRegression
 
     from transfuse.finetune import models
-    from transfuse.inference.bundle import SklearnMember
+    from transfuse.inference.bundle_writer import BundleSklearn
     from transfuse.inference.combine import Stacker
     from transfuse.config import HeadConfig, ModelConfig
 
@@ -78,7 +78,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
         models.set_unfreeze(m, k)
         m.compile(tf.keras.optimizers.Adam(3e-4), "sparse_categorical_crossentropy")
         m.fit(xtr, y[tr], batch_size=64, epochs=max(1, epochs // 2), verbose=0)
-        members.append(tflite_export.Member(f"vgg_u{k}", m, spec))
+        members.append(KerasMember(f"vgg_u{k}", m, spec))
     emb_net = models.embedding_model(members[0].model)
     lr = LogisticRegression(max_iter=1000).fit(emb_net.predict(xtr, verbose=0), y[tr])
     xho = preprocess(x[ho], pspec)
@@ -92,7 +92,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     onx = convert_sklearn(lr, initial_types=[("embedding", FloatTensorType([None, dim]))],
                           options={id(lr): {"zipmap": False}}).SerializeToString()
     parts = ensemble_source.EnsembleParts(
-        sklearn=[SklearnMember("logreg", onx, embedding_of=members[0].name)],
+        sklearn=[BundleSklearn("logreg", onx, embedding_of=members[0].name)],
         stacker=stacker)
     info = {"source": source, "train": len(tr), "stacker_holdout": len(ho), "test": len(te), "epochs": epochs,
             "backbone": "vgg_small width 0.25, 32x32", "members": [m.name for m in members] + ["logreg"]}
@@ -106,8 +106,8 @@ def run_members(cfg):
     from transfuse.data import data_manifest, read_split_numpy
 
     src, dropped = ensemble_source.ensemble_to_compress(cfg)
-    members = [tflite_export.Member(n, *models.load_member(d)) for n, d in src.members]
-    data_dir = storage.stage_dir(cfg, "data")
+    members = [KerasMember(n, *models.load_member(d)) for n, d in src.members]
+    data_dir = PREPARE.dir(cfg)
     names = data_manifest(data_dir)["class_names"]
     xtr, ytr, _ = read_split_numpy(data_dir, "train")
     xte, yte, _ = read_split_numpy(data_dir, "test")

@@ -28,10 +28,10 @@ from ray.data.dataset import MaterializedDataset
 
 from transfuse import environment, storage
 from transfuse.config import load_config
-from transfuse.data import prepare, preprocessed, read_split
+from transfuse.data import PREPARE, prepare, preprocessed, read_split
 from transfuse.data.dataset import training_split
 from transfuse.data.sources import FASHION_MNIST_DIRS, read_idx
-from transfuse.inference.preprocess import PreprocessSpec
+from transfuse.inference.preprocessing import PreprocessSpec
 
 BATCH = 256  # images per batch for both pipelines
 
@@ -90,7 +90,7 @@ def main() -> None:
         prepare(cfg)
         t_prepare = time.perf_counter() - t
         spec = PreprocessSpec(32, "unit")
-        train_dir = storage.stage_dir(cfg, "data")
+        train_dir = PREPARE.dir(cfg)
 
         keras = [keras_epoch(root) for _ in range(args.epochs)]
 

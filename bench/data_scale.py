@@ -39,6 +39,8 @@ from typing import Any, Callable
 import numpy as np
 
 from transfuse import environment, storage
+from transfuse.data import PREPARE
+from transfuse.finetune import CACHE
 
 BATCH = 256  # rows per batch in every path
 SHARD_ROWS = 512  # rows per parquet file (~14 MiB at 96 px; the read cuts it into blocks of the target)
@@ -51,7 +53,7 @@ MiB = 2**20
 def fashion_images(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST's 60,000 training images resized to size x size RGB uint8 (the project's preprocessing)."""
     from transfuse.data.sources import FASHION_MNIST_DIRS, read_idx
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     folder = Path(FASHION_MNIST_DIRS[0])
     images = read_idx(str(folder / "train-images-idx3-ubyte.gz"))[..., None]
@@ -70,7 +72,7 @@ def write_dataset(cfg: Any, rows: int, size: int) -> str:
     from ray.data.extensions import ArrowTensorArray
 
     images, labels = fashion_images(size)
-    data_dir = storage.stage_dir(cfg, "data")
+    data_dir = PREPARE.dir(cfg)
     train = Path(data_dir, "train")
     train.mkdir(parents=True, exist_ok=True)
     for start in range(0, rows, SHARD_ROWS):
@@ -210,7 +212,7 @@ def iterate_in_memory(images: np.ndarray, labels: np.ndarray, spec: Any) -> int:
     """The same rows already in memory: the same preprocessing per batch, handed to TensorFlow as tensors."""
     import tensorflow as tf
 
-    from transfuse.inference.preprocess import preprocess
+    from transfuse.inference.preprocessing import preprocess
 
     seen = 0
     for i in range(0, len(labels), BATCH):
@@ -238,7 +240,7 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
 
     from transfuse.config import load_config
     from transfuse.data import read_split_numpy
-    from transfuse.inference.preprocess import PreprocessSpec
+    from transfuse.inference.preprocessing import PreprocessSpec
 
     work = tempfile.mkdtemp(prefix="tfs-", dir="/tmp")  # short: Ray's socket paths live under it
     marker = os.path.join(work, "ray")
@@ -254,7 +256,7 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
         rows = math.ceil(ratio * object_store_mib * MiB / row_bytes)
         t = time.perf_counter()
         data_dir = write_dataset(cfg, rows, input_size)
-        storage.makedirs(storage.stage_dir(cfg_mem, "data"))
+        storage.makedirs(PREPARE.dir(cfg_mem))
         write_s = time.perf_counter() - t
         on_disk = sum(f.stat().st_size for f in Path(data_dir, "train").glob("*.parquet"))
 
@@ -278,7 +280,7 @@ def run(*, object_store_mib: int = 200, ratio: float = 5.5, input_size: int = 96
         images = labels = None  # freed before the next pass
         results.append(timed("training iterator, read + in memory", marker,
                              lambda: iterate_read_then_in_memory(data_dir, pspec)))
-        caches = {"streamed": storage.stage_dir(cfg, "cache"), "in_memory": storage.stage_dir(cfg_mem, "cache")}
+        caches = {"streamed": CACHE.dir(cfg), "in_memory": CACHE.dir(cfg_mem)}
         out = {"results": results, "rows": rows, "decoded_bytes": rows * row_bytes, "on_disk_bytes": on_disk,
                "write_s": write_s, "object_store_bytes": object_store_mib * MiB, "cut": cut, "work": work,
                "caches": caches, "input_size": input_size}

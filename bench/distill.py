@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.transfer import run_draws  # noqa: E402
 from transfuse import storage  # noqa: E402
 from transfuse.config import Config  # noqa: E402
+from transfuse.compress import COMPRESS
+from transfuse.distill import DISTILL
 
 GAIN_KEPT, FIDELITY, FASTER = 0.8, 0.95, 3.0  # the goals
 
@@ -35,8 +37,8 @@ def one_draw(cfg: Config) -> dict[str, Any]:
     from transfuse.pipeline import run_pipeline
 
     run_pipeline(cfg, until="compress", skip=("scratch",))
-    m = storage.read_json(storage.join(storage.stage_dir(cfg, "distill"), "metrics.json"))
-    comp = storage.stage_dir(cfg, "compress")
+    m = storage.read_json(DISTILL.metrics_path(cfg))
+    comp = COMPRESS.dir(cfg)
     rows = {r["variant"]: r for r in storage.read_json(storage.join(comp, "metrics.json"))["variants"]}
     ens, stu = rows["int8"], rows["student_int8"]
     return {"teacher": m["teacher"], "student": m["student"], "best_member": m["best_cnn_member"],

@@ -76,7 +76,7 @@ def main() -> int:
     from transfuse.config import load_config
     from transfuse.data import data_manifest, prepare, read_split_numpy
     from transfuse.metrics import evaluate
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     environment.init_ray(num_cpus=4)
     storage_dir = tempfile.mkdtemp(prefix="bench_finetune_")

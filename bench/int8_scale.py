@@ -35,10 +35,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
 from transfuse import environment  # noqa: E402,F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.finetune import models  # noqa: E402
-from transfuse.compress import tflite as tflite_export
 from transfuse.inference.runtimes import LiteRTRunner  # noqa: E402
 from transfuse.config import HeadConfig, ModelConfig  # noqa: E402
-from transfuse.inference.preprocess import PreprocessSpec, preprocess  # noqa: E402
+from transfuse.inference.preprocessing import PreprocessSpec, preprocess  # noqa: E402
+from transfuse.compress import tflite as tflite_export
 
 
 HEADS = {"dense256": HeadConfig(dense=[256]),  # the seed's head: Flatten -> Dense(256) -> Dense(classes)

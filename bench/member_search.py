@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 from bench.transfer import run_draws  # noqa: E402
 from transfuse import storage  # noqa: E402
 from transfuse.config import Config  # noqa: E402
+from transfuse.finetune import TUNE
 
 METRICS = ("accuracy", "nll", "ece")
 
@@ -43,7 +44,7 @@ def one_draw(cfg: Config) -> dict[str, Any]:
     from transfuse.pipeline import run_pipeline
 
     run_pipeline(cfg, until="tune", skip=("scratch",))  # the ensemble reads no scratch baseline
-    tune_seconds = float(storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))["seconds"])
+    tune_seconds = float(storage.read_json(storage.join(TUNE.dir(cfg), "summary.json"))["seconds"])
     scfg = cfg.model_copy(update={"ensemble": cfg.ensemble.model_copy(
         update={"search": cfg.ensemble.search.model_copy(update={"enabled": True})})})
     # the inputs as the ensemble stage reads them with the search on: every CNN member's embedding (a searched

@@ -26,6 +26,7 @@ import numpy as np
 
 from transfuse import environment  # noqa: F401  (tf_keras)
 from transfuse import images, runs, storage
+from transfuse.compress import COMPRESS
 from transfuse.data.messy import FASHION_ODD, write
 from transfuse.predict import load, predict_files
 
@@ -34,7 +35,7 @@ BATCH = 64
 
 def keras_loop(cfg, files: list[str], policy: images.ImagePolicy) -> tuple[float, dict[str, np.ndarray]]:
     from transfuse.finetune import models
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
     from transfuse.finetune.tune import read_members
 
     members = {m.name: models.load_member(m.dir) for m in read_members(cfg)}
@@ -80,7 +81,7 @@ def main() -> None:
         print(f"transfuse predict (served {predictor.bundle.manifest['variant']} bundle, whole ensemble): "
               f"{len(files) / t_ours:.0f} files/s ({t_ours:.1f}s)")
         print(f"ratio transfuse / keras: {t_keras / t_ours:.2f}x")
-        f32 = storage.join(storage.stage_dir(cfg, "compress"), "float32")
+        f32 = storage.join(COMPRESS.dir(cfg), "float32")
         if storage.exists(f32) and predictor.bundle.manifest["variant"] != "float32":
             t = time.perf_counter()
             ref = predict_files(load(f32), files).probabilities

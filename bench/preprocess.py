@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lib"))
-from transfuse.inference.preprocess import PreprocessSpec, normalize, preprocess  # noqa: E402
+from transfuse.inference.preprocessing import PreprocessSpec, normalize, preprocess  # noqa: E402
 
 
 def gather_resize(x: np.ndarray, size: int) -> np.ndarray:

@@ -136,9 +136,9 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
     With ``keras_dir`` the float32 tf_keras weights are saved there too (``member<i>.weights.h5``), for the
     baseline. Returns the bundle's manifest.
     """
-    from transfuse.inference.bundle import CNNMember, example_images, write_bundle
+    from transfuse.inference.bundle_writer import BundleCnn, example_images, write_bundle
     from transfuse.metrics import evaluate
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     images, labels, names = DATASETS[dataset]()
     shown = fashion_uint8("test", 200) if dataset == "fashion" else (images, labels, names)
@@ -153,7 +153,7 @@ def write_demo_bundle(out_dir: str, *, members: int = 1, int8: bool = False, epo
             m.save_weights(str(Path(keras_dir) / f"member{i}.weights.h5"))
         logits = m.predict(x, batch_size=256, verbose=0)[0]
         probs.append(softmax(logits))
-        cnn.append(CNNMember(name=f"cnn{i}", data=to_tflite(m, int8, x[::9][:200]), input="image"))
+        cnn.append(BundleCnn(name=f"cnn{i}", data=to_tflite(m, int8, x[::9][:200]), input="image"))
     metrics = {"train_float32": evaluate(np.mean(probs, 0), labels)}  # digits has no held-out split here
     return write_bundle(out_dir, name=f"{dataset}-demo", version=version, class_names=names,
                         input_shape=tuple(images.shape[1:]), preprocess_spec=spec, cnn_members=cnn,
@@ -175,7 +175,7 @@ def _baseline_deployment():
     @serve.ingress(api)
     class KerasBaseline:
         def __init__(self, weights: list[str], class_names: list[str]) -> None:
-            from transfuse.inference.preprocess import PreprocessSpec
+            from transfuse.inference.preprocessing import PreprocessSpec
 
             self.models = []
             for w in weights:
@@ -187,7 +187,7 @@ def _baseline_deployment():
             self.pool = ThreadPoolExecutor(max_workers=1)  # one request at a time: no batching
 
         def _predict(self, x: np.ndarray) -> np.ndarray:
-            from transfuse.inference.preprocess import preprocess
+            from transfuse.inference.preprocessing import preprocess
 
             xb = preprocess(x, self.spec)
             probs = []

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from transfuse import environment, storage  # noqa: E402
 from transfuse.config import Config, load_config  # noqa: E402
+from transfuse.data import PREPARE
 
 MODELS = ("pixels_logreg", "frozen_logreg", "scratch", "seed_recipe", "searched_depth", "stack")
 
@@ -49,7 +50,7 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
     import tensorflow as tf
 
     from transfuse.finetune import models
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     tf.keras.mixed_precision.set_global_policy("float32")
     net = models.build_backbone(cfg.model.backbone, cfg.model.input_size, cfg.model.width,
@@ -63,7 +64,7 @@ def frozen_features(cfg: Config, images: np.ndarray, batch: int = 128) -> np.nda
 def baselines(cfg: Config) -> dict[str, dict[str, float]]:
     from transfuse.finetune.baselines import budget_splits, logreg_on_val, pixels_logreg
 
-    images, y = budget_splits(storage.stage_dir(cfg, "data"))
+    images, y = budget_splits(PREPARE.dir(cfg))
     frozen = {s: frozen_features(cfg, v) for s, v in images.items()}
     return {"pixels_logreg": pixels_logreg(images, y), "frozen_logreg": logreg_on_val(frozen, y)}
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds.append(round(time.time() - t, 1))
         print(f"draw {d}: " + ", ".join(f"{m} {per_draw[-1][m]['accuracy']:.4f}" for m in MODELS), flush=True)
     summary = summarize(per_draw)
-    budget = storage.read_manifest(storage.stage_dir(cfg, "data")).get("label_budget")
+    budget = storage.read_manifest(PREPARE.dir(cfg)).get("label_budget")
     met = goals(per_draw, summary)
     out = {"label_budget": budget, "draws": draws, "seconds": seconds,
            "models": {m: {k: [d[m][k] for d in per_draw] for k in ("accuracy", "nll")} for m in MODELS},

@@ -5,15 +5,12 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.compress.stage import run_compress
-from transfuse.compress.measure import format_table, goals_line
+from transfuse.compress import COMPRESS, format_table, goals_line, run_compress
 
 
 def _run(cfg, args) -> None:
-    from transfuse import storage
-
     m = run_compress(cfg, force=args.force)
-    report = storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
+    report = COMPRESS.metrics(cfg)
     print(format_table(report["variants"]))
     if report["goals"]:
         print(f"goals (this run): {goals_line(report['goals'])}")

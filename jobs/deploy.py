@@ -12,7 +12,7 @@ import sys
 import time
 
 from jobs._cli import main
-from transfuse import storage
+from transfuse.compress import BUNDLE
 
 
 def _args(p) -> None:
@@ -25,7 +25,7 @@ def _args(p) -> None:
 def _run(cfg, args) -> None:
     from serve.app import deploy
 
-    bundle = args.bundle or storage.stage_dir(cfg, "bundle")
+    bundle = args.bundle or BUNDLE.dir(cfg)
     url = deploy(cfg.serve, bundle, app_name=args.app_name, route_prefix=args.route_prefix)
     print(f"serving {cfg.serve.name}: {url}  (POST {url}:predict, POST {url}/images, GET {url})")
     if args.block:

@@ -9,14 +9,13 @@ import sys
 from typing import Optional
 
 from jobs._cli import main as cli_main
-from transfuse import storage
-from transfuse.distill.stage import run_distill
+from transfuse.distill import DISTILL, run_distill
 
 
 def _run(cfg, args) -> None:
     run_distill(cfg, force=args.force)
-    out = storage.stage_dir(cfg, "distill")
-    m = storage.read_json(storage.join(out, "metrics.json"))
+    out = DISTILL.dir(cfg)
+    m = DISTILL.metrics(cfg)
     best = m["best_cnn_member"]
     print(f"teacher {m['teacher']['accuracy']:.4f}  student {m['student']['accuracy']:.4f}  best member "
           f"{best['name']} {best['accuracy']:.4f}  fidelity {m['fidelity']:.4f}")

@@ -9,14 +9,13 @@ import sys
 from typing import Optional
 
 from jobs._cli import main as cli_main
-from transfuse import storage
-from transfuse.ensemble.stage import format_table, run_ensemble
+from transfuse.ensemble import ENSEMBLE, format_table, run_ensemble
 
 
 def _run(cfg, args) -> None:
     run_ensemble(cfg, force=args.force)
-    out = storage.stage_dir(cfg, "ensemble")
-    print(format_table(storage.read_json(storage.join(out, "metrics.json"))))
+    out = ENSEMBLE.dir(cfg)
+    print(format_table(ENSEMBLE.metrics(cfg)))
     print(f"-> {out}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.finetune.stage import finetune, transfer_vs_scratch
+from transfuse.finetune import finetune, transfer_vs_scratch
 
 
 def _extra(p) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from jobs._cli import main
-from transfuse.finetune.pretrain import pretrain
+from transfuse.finetune import pretrain
 
 
 def _extra(p) -> None:

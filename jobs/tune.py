@@ -6,7 +6,7 @@ import json
 import sys
 
 from jobs._cli import main
-from transfuse.finetune.tune import run_search
+from transfuse.finetune import run_search
 
 
 def _args(p) -> None:

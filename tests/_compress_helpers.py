@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 first)
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
 CLASS_NAMES = [str(i) for i in range(10)]
 
@@ -87,14 +87,14 @@ def trained() -> tuple[Digits, list]:
 
 
 def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int = 2) -> list:
-    """Members (transfuse.compress.stage.Member) sharing a backbone trained once; tops fine-tuned per depth.
+    """Members (``KerasMember``) sharing a backbone trained once; tops fine-tuned per depth.
 
-    Trained to ~95% test accuracy (base 5 epochs, tops ``epochs``): int8 top-1 agreement is only meaningful on
+    Trained well above chance (base 5 epochs, tops ``epochs``): int8 top-1 agreement is only meaningful on
     members with real margins, not on near-chance ones."""
     import tensorflow as tf
 
     from transfuse.finetune import models
-    from transfuse.compress.tflite import Member
+    from transfuse.finetune.models import KerasMember
 
     x = preprocess(data.x_train, PreprocessSpec(32, "unit"))
     base = build(spec_for(len(BACKBONE_LAYERS)))  # all trainable: the "pretrained" backbone
@@ -106,5 +106,5 @@ def train_members(data: Digits, unfreezes: tuple[int, ...] = (2, 4), epochs: int
         m = build(spec, models.get_backbone(base).get_weights())
         m.compile(tf.keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy")
         m.fit(x, data.y_train, batch_size=32, epochs=epochs, verbose=0)
-        out.append(Member(f"cnn{i}", m, spec))
+        out.append(KerasMember(f"cnn{i}", m, spec))
     return out

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config
+from transfuse.data import PREPARE
+from transfuse.finetune import TUNE
 
 
 def digits_splits() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -84,14 +86,14 @@ def write_member_run(digits_run: Config, storage_dir: str, run: str) -> tuple[Co
     the shared run cannot interfere. Returns (the run's config, the splits as (pixels / 255, labels, ids))."""
     from transfuse.data import read_split_numpy
 
-    data_dir = storage.stage_dir(digits_run, "data")
+    data_dir = PREPARE.dir(digits_run)
     cfg = digits_run.model_copy(update={"storage": str(storage_dir), "run": run})
-    shutil.copytree(data_dir, storage.stage_dir(cfg, "data"))
+    shutil.copytree(data_dir, PREPARE.dir(cfg))
     splits = {}
     for split in ("train", "val", "test", "holdout"):
         images, labels, ids = read_split_numpy(data_dir, split)
         splits[split] = (images.reshape(len(images), -1).astype(np.float32) / 255.0, labels, ids)
-    tune = Path(storage.stage_dir(cfg, "tune"))
+    tune = Path(TUNE.dir(cfg))
     entries = []
     for name, hidden, seed in (("trial_a", 24, 0), ("trial_b", 16, 1)):
         acc = write_member_dir(cfg, tune / "trials" / name, name, splits, hidden, seed)

@@ -22,6 +22,10 @@ import pyarrow.parquet as pq
 
 from transfuse import metrics as tm
 from transfuse import storage
+from transfuse.compress import COMPRESS
+from transfuse.data import PREPARE
+from transfuse.ensemble import ENSEMBLE
+from transfuse.finetune import FINETUNE, SCRATCH, TUNE
 
 CLASS_NAMES = [f"digit_{i}" for i in range(10)]
 SIDE = 8  # digits are 8 x 8 grey images
@@ -54,7 +58,7 @@ def write_data(cfg, data, label_budget: dict | None = None) -> None:
     """data/: every split as parquet of (image, label, id) as prepare writes it, and its manifest."""
     from ray.data.extensions import ArrowTensorArray
 
-    out = storage.stage_dir(cfg, "data")
+    out = PREPARE.dir(cfg)
     for split, (x, y, ids) in data.items():
         path = Path(out) / split / "part-00000.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +116,7 @@ def write_tune(cfg, data, *, plot: bool) -> list[dict]:
     """tune/: trials' member dirs, results.json rows in search.result_row's format, members.json, summary.json, the plot."""
     from transfuse.finetune.tune import SEARCHED, plot_depth
 
-    tune = storage.stage_dir(cfg, "tune")
+    tune = TUNE.dir(cfg)
     rows, members = [], []
     for i, (unfreeze, finished) in enumerate(((0, True), (4, True), (4, False), (2, False))):
         trial = f"abcde_{i:05d}"
@@ -162,7 +166,7 @@ def write_ensemble(cfg, *, pixels: bool = True, temperature_check: bool = True) 
     members = find_cnn_members(cfg)
     inp, members = load_inputs(cfg.model_copy(update={"ensemble": ecfg}), members)
     fit = fit_ensemble(inp, ecfg, LocalRunner())
-    out = storage.stage_dir(cfg, "ensemble")
+    out = ENSEMBLE.dir(cfg)
     save_ensemble(out, fit, inp, members, ecfg)
     report = fit_report(fit, inp)
     report["reload_max_abs_diff"] = verify_saved(out, fit, inp)
@@ -223,19 +227,19 @@ class Linear:
 def write_compress(cfg, data, clf) -> tuple[dict, Linear]:
     """compress/<variant>/ bundles (float32 and int8 weights of ``clf``) and compress/metrics.json as run_compress
     writes it: rows measured by measure.variant_row on the loaded bundles, ratios and goals from compress."""
-    from transfuse.inference.bundle import CNNMember, write_bundle
+    from transfuse.inference.bundle_writer import BundleCnn, write_bundle
     from transfuse.compress.measure import goals, variant_row, with_ratios
-    from transfuse.inference.preprocess import PreprocessSpec
+    from transfuse.inference.preprocessing import PreprocessSpec
 
     x, y, _ = data["test"]
     lin = Linear.of(clf)
-    out = storage.stage_dir(cfg, "compress")
+    out = COMPRESS.dir(cfg)
     rows = []
     for variant in ("float32", "int8"):
         d = storage.join(out, variant)
         write_bundle(d, name="report-test", version="1", class_names=CLASS_NAMES, input_shape=(SIDE, SIDE, 1),
                      preprocess_spec=PreprocessSpec(SIDE, "unit"), variant=variant,
-                     cnn_members=[CNNMember("linear", lin.onnx(variant == "int8"), format="onnx", input="image",
+                     cnn_members=[BundleCnn("linear", lin.onnx(variant == "int8"), format="onnx", input="image",
                                             embedding_output=None)])
         rows.append(variant_row(d, images_of(x), y, latency_runs=5, throughput_runs=2))
     rows = with_ratios(rows)
@@ -261,8 +265,8 @@ class FullRun:
 def write_full_run(cfg, data, label_budget: dict | None = None, temperature_check: bool = True) -> FullRun:
     """Every stage the report reads, in its real format."""
     write_data(cfg, data, label_budget)
-    ft = write_member(cfg, storage.stage_dir(cfg, "finetune"), data, seed=10)
-    scratch = write_member(cfg, storage.stage_dir(cfg, "scratch"), data, seed=11, epochs=(0, 2), alpha=1e-1)
+    ft = write_member(cfg, FINETUNE.dir(cfg), data, seed=10)
+    scratch = write_member(cfg, SCRATCH.dir(cfg), data, seed=11, epochs=(0, 2), alpha=1e-1)
     rows = write_tune(cfg, data, plot=True)
     ens = write_ensemble(cfg, temperature_check=temperature_check)
     comp, lin = write_compress(cfg, data, ft["clf"])
@@ -277,15 +281,15 @@ def expected_verdict(cfg) -> dict[str, tuple[Optional[float], Optional[bool]]]:
         path = storage.join(d, "metrics.json")
         return storage.read_json(path)["test"]["accuracy"] if storage.exists(path) else None
 
-    ft, scratch = (test_accuracy(storage.stage_dir(cfg, s)) for s in ("finetune", "scratch"))
-    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ft, scratch = (test_accuracy(storage.join(storage.run_dir(cfg), s)) for s in ("finetune", "scratch"))
+    ens_dir = ENSEMBLE.dir(cfg)
     ens = storage.read_json(storage.join(ens_dir, "metrics.json"))
     summ, best = ens["summary"], ens["best_member"]["name"]  # the ensemble stage names its best member
     desc = storage.read_json(storage.join(ens_dir, "ensemble.json"))
     pixels = next(m["name"] for m in desc["sklearn_members"] if m["features"] == "pixels")
-    members = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"]
+    members = storage.read_json(storage.join(TUNE.dir(cfg), "members.json"))["members"]
     searched = test_accuracy(members[0]["dir"])
-    served = next(r for r in storage.read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json"))
+    served = next(r for r in storage.read_json(COMPRESS.metrics_path(cfg))
                   ["variants"] if r["variant"] == cfg.compress.serve_variant)
     points = lambda a, b: None if a is None or b is None else 100 * (a - b)  # noqa: E731
     values = {

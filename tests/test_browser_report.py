@@ -14,7 +14,7 @@ from PIL import Image
 import _report_helpers as H
 from conftest import SCREEN, smoke_config
 from transfuse import storage
-from transfuse.report import write_report
+from transfuse.report import REPORT_DIR, write_report
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_verdict_below_the_first_screen_is_caught(browser, report, tmp_path):
     """The first-screen check can fail: the same page with the verdict pushed below 900 px is refused."""
     shutil.copytree(storage.run_dir(report[0]), tmp_path / "browser")
     cfg = smoke_config(tmp_path, "browser")
-    index = Path(storage.stage_dir(cfg, "report")) / "index.html"
+    index = Path(REPORT_DIR.dir(cfg)) / "index.html"
     index.write_text(index.read_text().replace('<h2 id="verdict">',
                                                '<div style="height:1000px"></div><h2 id="verdict">'))
     with pytest.raises(AssertionError, match="#verdict"):

@@ -15,11 +15,12 @@ import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
 from transfuse.compress import stage as compress
-from transfuse.ensemble import fitted as ensemble_source
 from transfuse.compress import tflite as tflite_export
-from transfuse.inference.bundle import BundleError, BundleInputError, SklearnMember, load_bundle, write_bundle
-from transfuse.inference.preprocess import PreprocessSpec, pixel_features, preprocess
+from transfuse.ensemble import fitted as ensemble_source
+from transfuse.inference.bundle import BundleError, BundleInputError, load_bundle
+from transfuse.inference.bundle_writer import BundleSklearn, write_bundle
 from transfuse.inference.combine import Stacker
+from transfuse.inference.preprocessing import PreprocessSpec, pixel_features, preprocess
 
 SPEC = PreprocessSpec(32, "unit")
 
@@ -44,8 +45,8 @@ def ensemble(tmp_path_factory):
     probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb), px.predict_proba(pix)]
     stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)  # the reference
     parts = ensemble_source.EnsembleParts(
-        sklearn=[SklearnMember("logreg_cnn0", onx, embedding_of="cnn0"),
-                 SklearnMember("px", px_onx, features="pixels", pixel_size=6)],
+        sklearn=[BundleSklearn("logreg_cnn0", onx, embedding_of="cnn0"),
+                 BundleSklearn("px", px_onx, features="pixels", pixel_size=6)],
         stacker=Stacker(["cnn0", "cnn1", "logreg_cnn0", "px"], coef_=stacker.coef_, intercept_=stacker.intercept_))
     exported = tflite_export.export_members(members, "float32")
     path = tmp_path_factory.mktemp("bundle") / "b"
@@ -170,12 +171,12 @@ def test_write_refuses_non_empty_dir(ensemble, tmp_path):
         compress.write_variant(str(tmp_path / "w"), ex, members, ensemble_source.EnsembleParts(), overwrite=False, **kw)
     with pytest.raises(BundleError, match="embedding_of must be one of"):
         write_bundle(str(tmp_path / "w2"), preprocess_spec=SPEC, trunk=ex.trunk,
-                     cnn_members=[compress.CNNMember("a", ex.tops["cnn0"])],
-                     sklearn_members=[SklearnMember("s", b"", embedding_of="zzz")], **kw)
+                     cnn_members=[compress.BundleCnn("a", ex.tops["cnn0"])],
+                     sklearn_members=[BundleSklearn("s", b"", embedding_of="zzz")], **kw)
     with pytest.raises(BundleError, match=r"features must be one of \('embedding', 'pixels'\), got 'pixel'"):
         write_bundle(str(tmp_path / "w3"), preprocess_spec=SPEC, trunk=ex.trunk,
-                     cnn_members=[compress.CNNMember("a", ex.tops["cnn0"])],
-                     sklearn_members=[SklearnMember("s", b"", features="pixel")], **kw)
+                     cnn_members=[compress.BundleCnn("a", ex.tops["cnn0"])],
+                     sklearn_members=[BundleSklearn("s", b"", features="pixel")], **kw)
 
 
 def test_http_bundle_is_fetched_and_verified(ensemble, tmp_path):

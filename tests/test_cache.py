@@ -13,8 +13,9 @@ import pytest
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow)
 from transfuse import storage
-from transfuse.finetune import cache
 from transfuse.config import ModelConfig
+from transfuse.data import PREPARE
+from transfuse.finetune import CACHE, cache
 
 tf = pytest.importorskip("tensorflow")
 
@@ -111,9 +112,9 @@ def test_cache_computed_in_the_driver_is_the_trunk_output_reused_and_replaces_a_
     would write new part files)."""
     from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
-    data_dir = storage.stage_dir(digits_run, "data")
+    data_dir = PREPARE.dir(digits_run)
     man = data_manifest(data_dir)
     cfg = digits_run.model_copy(update={"storage": str(tmp_path), "run": "driver"})
     spec = models.model_spec(cfg.model, len(man["class_names"]), man["class_names"], seed=0)
@@ -122,7 +123,7 @@ def test_cache_computed_in_the_driver_is_the_trunk_output_reused_and_replaces_a_
     models.save_weights(full, init)
     cut = "block2_pool"
     key = cache.cache_key(spec, cut, cache.trunk_digest(full, cut), man["fingerprint"])
-    root = Path(storage.stage_dir(cfg, cache.CACHE_STAGE))
+    root = Path(CACHE.dir(cfg))
     (root / key / "train").mkdir(parents=True)
     (root / key / "train" / "part-stale.parquet").write_bytes(b"left by an interrupted pass")
 
@@ -163,7 +164,7 @@ def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
     full = models.build_model(spec)
     models.load_weights(full, init)
     cut = "block3_pool"  # a cut no fine-tuning run of the session uses, so nobody built it yet
-    data_dir = storage.stage_dir(cfg, "data")
+    data_dir = PREPARE.dir(cfg)
     key = cache.cache_key(spec, cut, cache.trunk_digest(full, cut), data_manifest(data_dir)["fingerprint"])
     caplog.set_level(logging.INFO, logger="transfuse.finetune.cache")
     with ThreadPoolExecutor(2) as pool:
@@ -174,7 +175,7 @@ def test_two_builders_at_once_build_the_cache_once(digits_run, caplog):
     assert sum(m.startswith("cache: reusing") for m in msgs) == 1
     # the cached activations are the trunk's outputs on the preprocessed images
     from transfuse.data import read_split_numpy
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     images, labels, _ = read_split_numpy(data_dir, "val")
     x, y = cache.read_cache_numpy(dirs[0][cut], "val")

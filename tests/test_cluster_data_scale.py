@@ -53,7 +53,7 @@ def test_training_split_picks_the_path_by_size_and_both_give_the_same_rows(fashi
     from transfuse import environment
     from transfuse.config import load_config
     from transfuse.data.dataset import in_memory_bytes, training_split
-    from transfuse.inference.preprocess import PreprocessSpec
+    from transfuse.inference.preprocessing import PreprocessSpec
 
     cfg = load_config(None, [f"storage={tmp_path}", "run=split"])
     data_dir = write_dataset(cfg, 1500, 32)

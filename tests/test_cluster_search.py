@@ -20,6 +20,7 @@ from tests._cluster import actor_nodes, checkpoint_epoch, wait_for
 from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 from tests.conftest import smoke_config
 from transfuse import storage
+from transfuse.finetune import TUNE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 
@@ -47,7 +48,7 @@ def test_search_completes_after_a_node_kill_and_redoes_nothing(cluster, tmp_path
         "tune.scheduler=none", "tune.cpus_per_trial=0.25", "train.num_workers=1", "train.cpus_per_worker=0.75",
         "train.max_failures=2"])
     prepare(cfg)
-    tune_dir = storage.stage_dir(cfg, "tune")
+    tune_dir = TUNE.dir(cfg)
     result: dict = {}
     workers: set[str] = set()
 

@@ -27,6 +27,7 @@ from tests._cluster import actor_nodes, digest_mtimes, wait_for
 from tests._cluster import cluster  # noqa: F401  (the module's fixture)
 from tests.conftest import smoke_config
 from transfuse import storage
+from transfuse.data import PREPARE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]  # one test = whole runs of a stage on a loaded 2-core VM
 
@@ -161,11 +162,11 @@ def test_stage_runs_on_another_node_than_the_one_that_wrote_its_inputs(cluster, 
     assert train_nodes and writer not in train_nodes
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, EPOCHS + 1))
     # what the prepare stage handed over is files under <storage>/<run>/data, none on a node's own disk space
-    data = storage.read_manifest(storage.stage_dir(cfg, "data"))
+    data = storage.read_manifest(PREPARE.dir(cfg))
     assert data["complete"] and data["files"]
     for f in data["files"]:
-        assert storage.exists(storage.join(storage.stage_dir(cfg, "data"), f)), f
-    assert not str(Path(storage.stage_dir(cfg, "data"))).startswith(cluster.tmp)
+        assert storage.exists(storage.join(PREPARE.dir(cfg), f)), f
+    assert not str(Path(PREPARE.dir(cfg))).startswith(cluster.tmp)
 
 
 def test_train_workers_run_on_two_nodes(baseline):

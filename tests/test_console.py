@@ -1,4 +1,4 @@
-"""The pipeline's console without Ray: progress read from checkpoint files as Ray Train names them, bars on a
+"""The pipeline's console without Ray: progress read (by each stage's reader) from checkpoint files as Ray Train names them, bars on a
 terminal and at a few fractions elsewhere, and quiet mode in a real child process (file descriptors 1 and 2 into
 the log file, the console on the original stdout)."""
 
@@ -41,35 +41,42 @@ def _checkpoint(member_dir: Path, stamp: str, epoch: int) -> None:
     (d / STATE_FILE).write_text(json.dumps({"epoch": epoch, "phase": 0}))
 
 
+def _watch(cfg, name):
+    """The named stage's progress reader, as the pipeline starts it (``Stage.watch``)."""
+    from transfuse.pipeline import PIPELINE
+
+    return next(st for st in PIPELINE if st.name == name).watch(cfg)
+
+
 def test_watch_reads_epochs_and_variants_from_the_stage_files(tmp_path):
     cfg = smoke_config(tmp_path)
     epochs = cfg.train.epochs_frozen + cfg.train.epochs_unfrozen
-    finetune = con.watch(cfg, "finetune")
+    finetune = _watch(cfg, "finetune")
     assert finetune() == (0, epochs, "epochs")  # nothing written yet
     ft = tmp_path / "smoke" / "finetune"
     _checkpoint(ft, "21.421623", 1)
     _checkpoint(ft, "24.429340", 2)  # the newest checkpoint holds the newest epoch
     assert finetune() == (2, epochs, "epochs")
 
-    tune = con.watch(cfg, "tune")
+    tune = _watch(cfg, "tune")
     assert tune() == (0, cfg.tune.num_samples * epochs, "trial epochs")
     _checkpoint(tmp_path / "smoke" / "tune" / "trials" / "e0a35_00000", "01.0", 3)
     _checkpoint(tmp_path / "smoke" / "tune" / "trials" / "e0a35_00001", "02.0", 1)
     assert tune() == (4, cfg.tune.num_samples * epochs, "trial epochs")
 
-    compress = con.watch(cfg, "compress")
+    compress = _watch(cfg, "compress")
     names = cfg.compress.variant_names()
     assert compress() == (0, len(names), "variants")
     (tmp_path / "smoke" / "compress" / names[0]).mkdir(parents=True)
     (tmp_path / "smoke" / "compress" / names[0] / "manifest.json").write_text("{}")  # a bundle's manifest: last
     assert compress() == (1, len(names), "variants")
 
-    ensemble = con.watch(cfg, "ensemble")
+    ensemble = _watch(cfg, "ensemble")
     assert ensemble() is None  # no task finished yet (or the member search still runs)
     (tmp_path / "smoke" / "ensemble").mkdir(parents=True)
     (tmp_path / "smoke" / "ensemble" / "progress.json").write_text(json.dumps({"done": 7, "total": 45}))
     assert ensemble() == (7, 45, "member fits")
-    assert con.watch(cfg, "prepare") is None
+    assert _watch(cfg, "prepare") is None
 
 
 def test_watch_ignores_files_an_earlier_run_left_behind(tmp_path):
@@ -87,7 +94,7 @@ def test_watch_ignores_files_an_earlier_run_left_behind(tmp_path):
     (ens / "progress.json").write_text(json.dumps({"done": 45, "total": 45}))
     for f in (*ft.rglob("state.json"), comp / "manifest.json", ens / "progress.json"):
         os.utime(f, (stale, stale))
-    finetune, compress, ensemble = (con.watch(cfg, s) for s in ("finetune", "compress", "ensemble"))
+    finetune, compress, ensemble = (_watch(cfg, s) for s in ("finetune", "compress", "ensemble"))
     assert finetune()[0] == 0 and compress()[0] == 0 and ensemble() is None
     _checkpoint(ft, "29.000001", 1)  # the rerun's first epoch
     (ens / "progress.json").write_text(json.dumps({"done": 2, "total": 45}))

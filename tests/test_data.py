@@ -13,8 +13,8 @@ import pytest
 from tests.conftest import smoke_config
 from transfuse import storage
 from transfuse.config import SPLITS
-from transfuse.data import DataError, prepare, preprocessed, read_split, read_split_numpy
-from transfuse.inference.preprocess import PreprocessSpec
+from transfuse.data import PREPARE, DataError, prepare, preprocessed, read_split, read_split_numpy
+from transfuse.inference.preprocessing import PreprocessSpec
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -24,7 +24,7 @@ def _ids_by_split(data_dir: str) -> dict[str, set]:
 
 
 def _data_dir(cfg) -> str:
-    return storage.stage_dir(cfg, "data")
+    return PREPARE.dir(cfg)
 
 
 # ---------------------------------------------------------------- digits: splits and shards
@@ -223,8 +223,7 @@ def test_image_folder_round_trip(tmp_path):
     assert m["class_names"] == ["cat", "dog", "fox"]
     assert sum(m["totals"].values()) == 18 and m["image_shape"] == [12, 12, 1]
     assert m["ignored_files"]["count"] == 1 and m["ignored_files"]["files"][0]["path"].endswith("notes.txt")
-    images, labels, ids = read_split_numpy(storage.stage_dir(_folder_cfg(tmp_path, root, "folder", *grey12),
-                                                             "data"), "train")
+    images, labels, ids = read_split_numpy(PREPARE.dir(_folder_cfg(tmp_path, root, "folder", *grey12)), "train")
     from PIL import Image
 
     k = 0
@@ -274,10 +273,10 @@ def test_a_separate_test_folder_is_the_test_split_whole(tmp_path):
                       "data.split={val: 0.2, test: 0.0, holdout: 0.34}")
     m = prepare(cfg)
     assert m["totals"] == {"test": 6, "train": 9, "val": 3, "holdout": 6}
-    _, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+    _, _, ids = read_split_numpy(PREPARE.dir(cfg), "test")
     assert all(i.startswith("test:") for i in ids)
     for split in ("train", "val", "holdout"):
-        assert not any(i.startswith("test:") for i in read_split_numpy(storage.stage_dir(cfg, "data"), split)[2])
+        assert not any(i.startswith("test:") for i in read_split_numpy(PREPARE.dir(cfg), split)[2])
     (test / "wolf").mkdir()
     (test / "wolf" / "0.png").write_bytes(_png(np.zeros((4, 4), np.uint8)))
     with pytest.raises(DataError, match=r"test_path .* has classes \['wolf'\] that data.path .* lacks"):
@@ -291,10 +290,10 @@ def test_image_folder_of_mixed_sizes_is_resized_by_the_policy(tmp_path):
     cfg = _folder_cfg(tmp_path, root, "mixed", "data.image_size=10", "data.resize=pad")
     m = prepare(cfg)
     assert m["image_shape"] == [10, 10, 3] and m["image_policy"]["resize"] == "pad"
-    images, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "train")
+    images, _, ids = read_split_numpy(PREPARE.dir(cfg), "train")
     fox0 = list(ids).index("fox/0.png") if "fox/0.png" in ids else None
     if fox0 is None:  # the split put it in test
-        images, _, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+        images, _, ids = read_split_numpy(PREPARE.dir(cfg), "test")
         fox0 = list(ids).index("fox/0.png")
     # 50 x 20 -> 10 x 4, padded above and below: the whole photo, undistorted
     assert (images[fox0][3:7] == 255).all() and (images[fox0][:3] == 0).all() and (images[fox0][7:] == 0).all()

@@ -16,9 +16,11 @@ import pytest
 from tests.conftest import smoke_config
 from transfuse import storage
 from transfuse.config import ConfigError, load_config
-from transfuse.distill.stage import (DistillError, augment_view, kd_loss, read_pool, read_temperature, soften,
-                               temperature_stacker)
+from transfuse.distill.stage import read_temperature, temperature_stacker
+from transfuse.distill.student import kd_loss
+from transfuse.distill.teacher import DistillError, augment_view, read_pool, soften
 from transfuse.inference.combine import combine_probs
+from transfuse.report import REPORT_DIR
 
 BUDGET = ["data.labelled_per_class=40", "data.test_per_class=30", "data.unlabelled_per_class=40",
           "distill.enabled=true", "distill.epochs=4", "distill.views=2", "distill.batch_size=32",
@@ -38,7 +40,7 @@ def distilled(ray_cluster, tmp_path_factory):
 
 
 def _dir(cfg, stage: str) -> Path:
-    return Path(storage.stage_dir(cfg, stage))
+    return Path(storage.join(storage.run_dir(cfg), stage))
 
 
 def test_the_unlabelled_pool_is_written_without_labels_and_apart_from_every_labelled_split(distilled):
@@ -88,8 +90,8 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     cal = m["calibration"]
     assert cal["temperature"] > 0 and cal["test"]["after"]["accuracy"] == cal["test"]["before"]["accuracy"]
     # the console's progress reading: the newest checkpoint's history holds every epoch
-    from transfuse.console import newest_checkpoint_file
-    from transfuse.distill.stage import HISTORY_FILE
+    from transfuse.finetune.progress import newest_checkpoint_file
+    from transfuse.distill import HISTORY_FILE
     from transfuse.finetune.stage import TRAIN_DIR
 
     path = newest_checkpoint_file(str(_dir(distilled, "distill") / TRAIN_DIR), HISTORY_FILE, 0.0)
@@ -218,7 +220,7 @@ def test_the_report_shows_teacher_student_and_best_member(distilled):
     # the student's reliability diagram beside its teacher's, and its table row from the same predictions
     sec = html[html.index("6b. Distillation"):]
     assert "reliability_student.png" in sec
-    assert (Path(storage.stage_dir(distilled, "report")) / "reliability_student.png").stat().st_size > 1000
+    assert (Path(REPORT_DIR.dir(distilled)) / "reliability_student.png").stat().st_size > 1000
 
 
 def test_views_are_the_image_first_then_augmented_by_id_not_by_batch():
@@ -263,7 +265,7 @@ def test_the_teachers_probabilities_do_not_depend_on_how_the_views_were_batched(
     """Ray Data cuts the teacher's batches where blocks happen to arrive; the same rows in other batches (one of a
     single row, where TensorFlow's kernels round differently) get bit-identical probabilities."""
     from transfuse.data import read_split_numpy
-    from transfuse.distill.stage import TeacherActor
+    from transfuse.distill.teacher import TeacherActor
     from transfuse.ensemble.fitted import ensemble_to_compress
 
     src, _ = ensemble_to_compress(distilled)
@@ -299,7 +301,7 @@ def test_the_same_config_and_seed_give_the_same_student(distilled):
 
 def _trained(cfg) -> tuple[list[dict], int]:
     """(history, Adam's step count) in the newest checkpoint of the student's Ray Train run."""
-    from transfuse.distill.stage import read_history
+    from transfuse.distill.student import read_history
     from transfuse.finetune.stage import latest_checkpoint
     from transfuse.finetune.loop import read_optimizer_state
 

@@ -9,11 +9,11 @@ import shutil
 import numpy as np
 import pytest
 
+from transfuse.config import ModelConfig
 from transfuse.finetune import efficientnet_lite as lite
 from transfuse.finetune import models
-from transfuse.config import ModelConfig
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
 from transfuse.finetune.torchfile import read_state_dict_file
+from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
 VARIANT = "efficientnet_lite0"
 

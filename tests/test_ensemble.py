@@ -16,19 +16,14 @@ from tests._ensemble_helpers import digits_splits, subset_members, write_member_
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import ConfigError, EnsembleConfig, MemberConfig, load_config
-from transfuse.ensemble.stage import fit_ensemble, load_saved_members, run_ensemble
-from transfuse.finetune.predictions import read_member_split
+from transfuse.data import PREPARE
+from transfuse.ensemble import ENSEMBLE
 from transfuse.ensemble.inputs import EnsembleInputs
-from transfuse.ensemble.learners import (
-    LocalRunner,
-    MemberError,
-    RayRunner,
-    build_estimator,
-    fit_one,
-    FitTask,
-    to_onnx_bytes,
-    validate_members,
-)
+from transfuse.ensemble.learners import (FitTask, LocalRunner, MemberError, RayRunner, build_estimator, fit_one,
+                                         to_onnx_bytes, validate_members)
+from transfuse.ensemble.stage import fit_ensemble, load_saved_members, run_ensemble
+from transfuse.finetune import TUNE
+from transfuse.finetune.predictions import read_member_split
 from transfuse.inference.combine import EnsembleError, load_sklearn_member
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,7 +218,7 @@ def test_hist_gradient_boosting_onnx_is_exact_on_pixels(fashion_dir):
     ``float32_exact_thresholds`` the ONNX graph matches scikit-learn, whose own predictions do not move."""
     from transfuse.data.sources import read_idx
     from transfuse.ensemble.learners import float32_exact_thresholds
-    from transfuse.inference.preprocess import pixel_features
+    from transfuse.inference.preprocessing import pixel_features
 
     x = pixel_features(read_idx(str(fashion_dir / "train-images-idx3-ubyte.gz"))[:2150])
     y = read_idx(str(fashion_dir / "train-labels-idx1-ubyte.gz"))[:2150].astype(np.int64)
@@ -257,7 +252,7 @@ def test_ensemble_stage_end_to_end(member_run):
         "ensemble.members=[{name: rf, kind: random_forest, params: {n_estimators: 20}},"
         " {name: logreg, kind: logistic_regression, params: {max_iter: 300}}]"])
     manifest = run_ensemble(cfg, force=True)
-    out = Path(storage.stage_dir(cfg, "ensemble"))
+    out = Path(ENSEMBLE.dir(cfg))
     desc = json.loads((out / "ensemble.json").read_text())
     assert desc["member_order"] == ["trial_a", "trial_b", "rf", "logreg"]
     assert [m["file"] for m in desc["sklearn_members"]] == ["members/rf.onnx", "members/logreg.onnx"]
@@ -288,7 +283,7 @@ def test_ensemble_stage_end_to_end(member_run):
     assert set(records["stacker_fit_ids"]) == set(splits["holdout"][2])
     # the saved parts reload with numpy + onnxruntime and give the stack's test predictions
     sk, stacker, _, _ = load_saved_members(str(out))
-    probs = {m: pq.read_table(Path(storage.stage_dir(cfg, "tune")) / "trials" / m / "predictions" /
+    probs = {m: pq.read_table(Path(TUNE.dir(cfg)) / "trials" / m / "predictions" /
                               "test.parquet").sort_by("id") for m in ("trial_a", "trial_b")}
     probs = {m: np.asarray(t.column("probs").to_pylist()) for m, t in probs.items()}
     emb = pq.read_table(Path(desc["embedding_source"]["dir"]) / "embeddings" / "test.parquet").sort_by("id")
@@ -312,13 +307,13 @@ def test_a_temperature_is_served_only_where_its_check_says_it_pays(member_run, t
     cfg, _ = member_run
     run = cfg.model_copy(update={"storage": str(tmp_path), "run": "checked"})
     for stage in ("tune", "data"):
-        shutil.copytree(storage.stage_dir(cfg, stage), storage.stage_dir(run, stage))
+        shutil.copytree(storage.join(storage.run_dir(cfg), stage), storage.join(storage.run_dir(run), stage))
     run = load_config(ROOT / "configs" / "smoke.yaml", [
         f"storage={tmp_path}", "run=checked", "ensemble.folds=3", "ensemble.seeds=[0, 1, 2]",
         "ensemble.temperature_check=true", "ensemble.parallel=local",
         "ensemble.members=[{name: logreg, kind: logistic_regression, params: {max_iter: 300}}]"])
     run_ensemble(run, force=True)
-    out = Path(storage.stage_dir(run, "ensemble"))
+    out = Path(ENSEMBLE.dir(run))
     report = json.loads((out / "metrics.json").read_text())
     decided = {}
     for seed, cal in report["calibration"].items():
@@ -349,13 +344,13 @@ def test_class_weight_balanced_weights_members_and_stacker_and_records_it(member
 
     cfg, splits = member_run
     for stage in ("tune", "data"):
-        shutil.copytree(storage.stage_dir(cfg, stage), str(tmp_path / "weighted" / stage))
+        shutil.copytree(storage.join(storage.run_dir(cfg), stage), str(tmp_path / "weighted" / stage))
     run = load_config(ROOT / "configs" / "smoke.yaml", [
         f"storage={tmp_path}", "run=weighted", "ensemble.folds=3", "ensemble.parallel=local",
         "data.class_weight=balanced", "ensemble.members=[{name: logreg, kind: logistic_regression, "
                                       "params: {max_iter: 300}}]"])
     manifest = run_ensemble(run, force=True)
-    out = Path(storage.stage_dir(run, "ensemble"))
+    out = Path(ENSEMBLE.dir(run))
     report = json.loads((out / "metrics.json").read_text())
     names = json.loads((out / "ensemble.json").read_text())["class_names"]
     cw = report["class_weight"]
@@ -380,19 +375,19 @@ def test_pixel_member_reads_the_prepared_images_by_id(ray_cluster, member_run, t
 
     from transfuse.data import read_split_numpy
     from transfuse.ensemble.inputs import read_pixels
-    from transfuse.inference.preprocess import pixel_features
+    from transfuse.inference.preprocessing import pixel_features
 
     cfg, splits = member_run
     run = cfg.model_copy(update={"storage": str(tmp_path), "run": "px"})
-    data_dir = storage.stage_dir(cfg, "data")
+    data_dir = PREPARE.dir(cfg)
     for stage in ("tune", "data"):
-        shutil.copytree(storage.stage_dir(cfg, stage), storage.stage_dir(run, stage))
+        shutil.copytree(storage.join(storage.run_dir(cfg), stage), storage.join(storage.run_dir(run), stage))
     run = load_config(ROOT / "configs" / "smoke.yaml", [
         f"storage={tmp_path}", "run=px", "ensemble.folds=3", "ensemble.seeds=[0]", "ensemble.pixel_size=4",
         "ensemble.members=[{name: logreg, kind: logistic_regression, params: {max_iter: 300}},"
         " {name: px, kind: logistic_regression, params: {C: 0.5, max_iter: 500}, features: pixels}]"])
     run_ensemble(run, force=True)
-    out = Path(storage.stage_dir(run, "ensemble"))
+    out = Path(ENSEMBLE.dir(run))
     desc = json.loads((out / "ensemble.json").read_text())
     px = next(e for e in desc["sklearn_members"] if e["name"] == "px")
     assert (px["features"], px["pixel_size"], px["pixels_dim"]) == ("pixels", 4, 16)  # 8x8 digits at 4x4
@@ -433,7 +428,7 @@ def test_ensemble_job_cli(member_run, tmp_path):
 def test_members_that_disagree_on_ids_are_refused(member_run, tmp_path):
     cfg, splits = member_run
     other = cfg.model_copy(update={"storage": str(tmp_path), "run": "mismatch"})
-    tune = Path(storage.stage_dir(other, "tune"))
+    tune = Path(TUNE.dir(other))
     shifted = dict(splits)
     x, y, ids = splits["test"]
     shifted["test"] = (x[1:], y[1:], ids[1:])  # one test id missing in trial_b

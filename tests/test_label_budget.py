@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from transfuse.config import ConfigError, DataConfig, load_config
-from transfuse.data.prepare import assign_splits, label_budget
+from transfuse.data.stage import assign_splits, label_budget
 from transfuse.data.sources import DataError, read_idx
 
 TEN = [str(i) for i in range(10)]  # Fashion-MNIST's class list, by id

@@ -20,24 +20,14 @@ from tests._ensemble_helpers import write_member_run
 from tests.conftest import ROOT
 from transfuse import storage
 from transfuse.config import MEMBER_KINDS, ConfigError, load_config
-from transfuse.ensemble.stage import run_ensemble
+from transfuse.ensemble import ENSEMBLE
 from transfuse.ensemble.inputs import holdout_folds, load_inputs
 from transfuse.ensemble.learners import MemberError
-from transfuse.ensemble.member_search import (
-    DEFAULT_SPACE,
-    PLOT,
-    RESULTS_CSV,
-    RESULTS_JSON,
-    SEARCH_DIR,
-    SHORT,
-    check_trials,
-    max_overlap,
-    paired_gain,
-    read_records,
-    select,
-    validate_search,
-)
+from transfuse.ensemble.member_search import (DEFAULT_SPACE, PLOT, RESULTS_CSV, RESULTS_JSON, SEARCH_DIR, SHORT,
+                                              check_trials, max_overlap, paired_gain, read_records, select,
+                                              validate_search)
 from transfuse.ensemble.stacker import LeakageError
+from transfuse.ensemble.stage import run_ensemble
 
 BAD_C = 1e-4  # so strong an L2 penalty that the logistic regression predicts little more than the class prior
 FIXED = [  # the fixed list: one deliberately bad member, on the pixel view (the CNN members' own embeddings would
@@ -71,7 +61,7 @@ def runs(digits_run, tmp_path_factory):
 
 
 def _out(cfg) -> Path:
-    return Path(storage.stage_dir(cfg, "ensemble"))
+    return Path(ENSEMBLE.dir(cfg))
 
 
 def _read(cfg, name: str) -> dict:
@@ -295,7 +285,7 @@ def test_bad_search_config_fails_with_a_clear_error(overrides, exc, pattern):
 
 
 def test_plan_shows_the_member_search_space_and_its_resources(tmp_path):
-    from transfuse.plan import ensemble_plan
+    from transfuse.ensemble.plan import ensemble_plan
 
     cfg = load_config(ROOT / "configs" / "default.yaml", [f"storage={tmp_path}", "ensemble.search.enabled=true"])
     ms = ensemble_plan(cfg)["member_search"]

@@ -13,7 +13,10 @@ import pytest
 import _report_helpers as H
 from tests.conftest import ROOT, _free_port, smoke_config
 from transfuse import storage
+from transfuse.compress import BUNDLE
+from transfuse.ensemble import ENSEMBLE
 from transfuse.pipeline import STAGES, PipelineError, run_pipeline
+from transfuse.report import REPORT_DIR
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -92,18 +95,18 @@ def _check_job(client, job: str, tmp_path, browser) -> None:
     text = log_file.read_text()
     assert "transfuse.finetune.cache" in text and "Dataset" in text, text[-3000:]
     for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
-        assert storage.read_manifest(storage.stage_dir(cfg, stage)), f"{stage} has no manifest"
+        assert storage.read_manifest(storage.join(storage.run_dir(cfg), stage)), f"{stage} has no manifest"
     # the served bundle ships one test image per class for the page at GET / (not counted as model bytes)
     from transfuse.inference.bundle import load_bundle
 
-    bundle = load_bundle(storage.stage_dir(cfg, "bundle"))
+    bundle = load_bundle(BUNDLE.dir(cfg))
     shown = bundle.example_images()
     assert [label for label, _ in shown] == bundle.class_names[:6]
     assert all(png.startswith(b"\x89PNG") for _, png in shown)
     # ...and serves the temperature-scaled stacker the ensemble stage fitted (folded into its arrays)
-    stacker = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "stacker.json"))
+    stacker = storage.read_json(storage.join(ENSEMBLE.dir(cfg), "stacker.json"))
     assert stacker["temperature"] != 1.0 and bundle.manifest["combiner"]["temperature"] == stacker["temperature"]
-    index = storage.join(storage.stage_dir(cfg, "report"), "index.html")
+    index = storage.join(REPORT_DIR.dir(cfg), "index.html")
     assert storage.exists(index)
     # the report as a person opens it: plots loaded, the verdict as the files say and on the first screen
     H.check_report_page(browser, index, cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfuse.inference.preprocess import PreprocessError, PreprocessSpec, pixel_features, preprocess, resize_bilinear
+from transfuse.inference.preprocessing import PreprocessError, PreprocessSpec, pixel_features, preprocess, resize_bilinear
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_augmentation_changes_images_not_shapes(images):
 @pytest.mark.parametrize("shape, dtype", [((2500, 28, 28), np.uint8), ((2100, 20, 20, 3), np.float32)])
 def test_many_images_go_through_in_chunks_with_the_same_values(shape, dtype, monkeypatch):
     """More than CHUNK images are preprocessed chunk by chunk into one array: bit-equal to one pass over all."""
-    import transfuse.inference.preprocess as pp
+    import transfuse.inference.preprocessing as pp
 
     rng = np.random.default_rng(0)
     images = (rng.random(shape) * (255 if dtype == np.uint8 else 1)).astype(dtype)

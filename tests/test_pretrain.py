@@ -1,4 +1,4 @@
-"""The pretrain stage's completion rule (transfuse.finetune.pretrain): a complete stage returns its saved metrics without
+"""The pretrain stage's completion rule (transfuse.finetune.pretraining): a complete stage returns its saved metrics without
 running; the pretrain, model and seed sections of the config (and force) make it run again, other sections do not.
 
 The source data here is an image folder that does not exist, so a stage that does run stops at its first step,
@@ -16,7 +16,8 @@ from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before T
 from transfuse import storage
 from transfuse.config import Config
 from transfuse.data import DataError
-from transfuse.finetune.pretrain import DATA_STAGE, STAGE, pretrain
+from transfuse.finetune import PRETRAIN, PRETRAIN_DATA
+from transfuse.finetune.pretraining import pretrain
 
 pytest.importorskip("tensorflow")
 
@@ -33,9 +34,9 @@ def _cfg(tmp_path: Path, *overrides: str) -> Config:
 def _complete(cfg: Config) -> str:
     """The stage's folder as a finished pretrain() leaves it for ``cfg``: metrics.json, then the manifest last,
     with the fingerprint of the config's pretrain, model and seed sections."""
-    out = storage.stage_dir(cfg, STAGE)
+    out = PRETRAIN.dir(cfg)
     storage.write_json(storage.join(out, "metrics.json"), METRICS)
-    storage.write_manifest(out, cfg, STAGE, cfg.fingerprint("pretrain", "model", "seed"))
+    storage.write_manifest(out, cfg, PRETRAIN.folder, cfg.fingerprint("pretrain", "model", "seed"))
     return out
 
 
@@ -47,7 +48,7 @@ def test_a_complete_stage_returns_its_metrics_without_running(tmp_path, override
     _complete(_cfg(tmp_path))
     assert pretrain(_cfg(tmp_path, *overrides)) == METRICS
     assert pretrain(_cfg(tmp_path, *overrides), resume=True) == METRICS
-    assert not storage.exists(storage.stage_dir(_cfg(tmp_path), DATA_STAGE))  # the source was never prepared
+    assert not storage.exists(PRETRAIN_DATA.dir(_cfg(tmp_path)))  # the source was never prepared
 
 
 @pytest.mark.parametrize("overrides, force", [
@@ -64,6 +65,6 @@ def test_force_or_a_changed_pretrain_model_or_seed_section_runs_the_stage_again(
 def test_an_incomplete_stage_runs_again(tmp_path):
     """metrics.json alone (the manifest, written last, missing: an interrupted run) is not a finished stage."""
     cfg = _cfg(tmp_path)
-    storage.write_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"), METRICS)
+    storage.write_json(PRETRAIN.metrics_path(cfg), METRICS)
     with pytest.raises(DataError, match=r"image folder not found"):
         pretrain(cfg)

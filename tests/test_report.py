@@ -17,6 +17,8 @@ import _report_helpers as H
 from conftest import smoke_config
 from transfuse import metrics as tm
 from transfuse import storage
+from transfuse.ensemble import ENSEMBLE
+from transfuse.finetune import FINETUNE, TUNE
 from transfuse.report import verdict, verdict_lines, write_report
 
 SECTIONS = ("Verdict", "1. Learning curves", "2. Val accuracy against unfreeze depth", "3. Transfer vs scratch",
@@ -105,13 +107,13 @@ def test_full_run_report(full):
     assert ("Missed: " in sec["Verdict"]) == bool(missed)
     # the appendix: run name, config fingerprint, the git commit the manifests recorded, package versions
     assert "full" in text and cfg.fingerprint() in sec["Appendix"]
-    commit = storage.read_manifest(storage.stage_dir(cfg, "ensemble"))["git_commit"]
+    commit = storage.read_manifest(ENSEMBLE.dir(cfg))["git_commit"]
     if commit:
         assert commit in sec["Appendix"]
-    ray_version = storage.read_manifest(storage.stage_dir(cfg, "ensemble"))["versions"]["ray"]
+    ray_version = storage.read_manifest(ENSEMBLE.dir(cfg))["versions"]["ray"]
     assert f"<td>ray</td><td>{ray_version}</td>" in sec["Appendix"]
     # 1: the best trial is the first entry of members.json; its phases are named and the boundary is drawn
-    best = storage.read_json(storage.join(storage.stage_dir(cfg, "tune"), "members.json"))["members"][0]
+    best = storage.read_json(storage.join(TUNE.dir(cfg), "members.json"))["members"][0]
     s1 = sec["1"]
     assert best["name"] in s1 and "frozen: 3 epoch(s), unfrozen: 2 epoch(s)" in s1
     best_m = storage.read_json(storage.join(best["dir"], "metrics.json"))
@@ -119,7 +121,7 @@ def test_full_run_report(full):
     # 2: a table row per trial, the tune stage's own plot copied byte for byte
     for r in rows:
         assert r["trial_id"] in sec["2"]
-    tune_png = Path(storage.stage_dir(cfg, "tune")) / "val_accuracy_vs_depth.png"
+    tune_png = Path(TUNE.dir(cfg)) / "val_accuracy_vs_depth.png"
     assert (Path(index).parent / "val_accuracy_vs_depth.png").read_bytes() == tune_png.read_bytes()
     # 3: both test accuracies
     for m in (ft, scratch):
@@ -130,7 +132,7 @@ def test_full_run_report(full):
         assert f"<td>{model}</td>" in s4
         assert f"{s['accuracy']['mean']:.4f}" in s4 and f"{s['ece']['mean']:.4f}" in s4
     assert ens["best_member"]["name"] in s4
-    order = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "ensemble.json"))["member_order"]
+    order = storage.read_json(storage.join(ENSEMBLE.dir(cfg), "ensemble.json"))["member_order"]
     expected = order + ["average", "hard_vote", "greedy", "stack"]  # members in the ensemble's order, then combiners
     positions = [s4.index(f"<td>{m}</td>") for m in expected]
     assert positions == sorted(positions) and len(expected) == len(ens["summary"])
@@ -161,7 +163,7 @@ def test_an_applied_temperature_is_drawn_before_and_after(tmp_path, digits):
     cfg = smoke_config(tmp_path, "applied")
     H.write_full_run(cfg, digits, temperature_check=False)
     sec = _sections(_html(write_report(cfg)))
-    cal = storage.read_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"))["calibration"]["0"]
+    cal = storage.read_json(ENSEMBLE.metrics_path(cfg))["calibration"]["0"]
     assert cal["applied"] and cal["temperature"] == cal["fitted_temperature"] != 1.0
     assert "stacked ensemble, before temperature scaling" in sec["5"] and f"T = {cal['temperature']:.3f}" in sec["5"]
     assert _reliability_nlls(sec["5"]) == pytest.approx([cal["test"]["before"]["nll"], cal["test"]["after"]["nll"]],
@@ -220,7 +222,7 @@ def test_a_weighted_stack_shows_its_class_weights(tmp_path, full):
 
     shutil.copytree(storage.run_dir(full[0]), tmp_path / "full")
     cfg = smoke_config(tmp_path, "full")
-    path = storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json")
+    path = ENSEMBLE.metrics_path(cfg)
     ens = storage.read_json(path)
     weights = {n: 0.5 + k / 10 for k, n in enumerate(H.CLASS_NAMES)}
     ens["class_weight"] = {"mode": "auto", "imbalance_ratio": 2.0, "train_imbalance": 3.5, "on": True,
@@ -302,7 +304,7 @@ def test_partial_run_names_missing_stages(tmp_path, digits):
     """finetune and a tune without its plot: the report draws the depth plot itself and names the missing stages;
     a rerun replaces the earlier report's files."""
     cfg = smoke_config(tmp_path, "partial")
-    H.write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=3, epochs=(2, 0))
+    H.write_member(cfg, FINETUNE.dir(cfg), digits, seed=3, epochs=(2, 0))
     index = write_report(cfg)
     sec = _sections(_html(index))
     assert "the seed&#x27;s fixed-depth model" in sec["1"] and "one phase only" in sec["1"]
@@ -344,8 +346,8 @@ def test_command_line_writes_the_report(tmp_path, capsys):
 def test_unreadable_stage_output_is_shown_not_raised(tmp_path, digits):
     """An ensemble metrics.json without its summary: that section names the error, the others are still drawn."""
     cfg = smoke_config(tmp_path, "broken")
-    H.write_member(cfg, storage.stage_dir(cfg, "finetune"), digits, seed=5)
-    storage.write_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"), {"seeds": [0]})
+    H.write_member(cfg, FINETUNE.dir(cfg), digits, seed=5)
+    storage.write_json(ENSEMBLE.metrics_path(cfg), {"seeds": [0]})
     index = write_report(cfg)
     sec = _sections(_html(index))
     assert "could not be drawn: KeyError" in sec["4"] and "summary" in sec["4"]
@@ -361,7 +363,7 @@ def test_seed_range_of_equal_values_draws(tmp_path):
     assert float(np.mean(values)) > min(values)  # the rounding this test is about
     stat = {"mean": float(np.mean(values)), "min": min(values), "max": max(values), "values": values}
     summary = {m: {"accuracy": stat, "nll": stat, "ece": stat} for m in ("logreg", "average", "stack")}
-    storage.write_json(storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json"),
+    storage.write_json(ENSEMBLE.metrics_path(cfg),
                        {"seeds": [0, 1, 2], "summary": summary})
     sec = _sections(_html(write_report(cfg)))
     assert "members_vs_ensemble.png" in sec["4"] and "could not be drawn" not in sec["4"]

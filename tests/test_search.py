@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, smoke_config
 from transfuse import storage
+from transfuse.finetune import TUNE
 from transfuse.finetune.tune import SEARCHED, samples_per_grid, select_members
 
 
@@ -62,7 +63,7 @@ def test_search_interrupted_then_resumed(tmp_path):
     member set holds 2 distinct configurations."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cfg = smoke_config(tmp_path, "search")
-    trials = storage.join(storage.stage_dir(cfg, "tune"), "trials")
+    trials = storage.join(TUNE.dir(cfg), "trials")
     config = str(ROOT / "configs" / "smoke.yaml")
     prep = subprocess.run([sys.executable, "-m", "jobs.prepare", *_tune_cmd(config, str(tmp_path))[3:]], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -81,14 +82,14 @@ def test_search_interrupted_then_resumed(tmp_path):
     created = storage.read_manifest(storage.join(trials, first))["created"]
     proc.send_signal(signal.SIGINT)  # Tune saves the experiment state and stops
     proc.wait(timeout=300)
-    assert not storage.exists(storage.join(storage.stage_dir(cfg, "tune"), "manifest.json"))
+    assert not storage.exists(storage.join(TUNE.dir(cfg), "manifest.json"))
 
     out = subprocess.run(_tune_cmd(config, str(tmp_path), *SEARCH, "--resume"), cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert storage.read_manifest(storage.join(trials, first))["created"] == created  # not rerun
 
-    tune_dir = storage.stage_dir(cfg, "tune")
+    tune_dir = TUNE.dir(cfg)
     rows = storage.read_json(storage.join(tune_dir, "results.json"))
     assert len(rows) == 4 and sorted(r["unfreeze"] for r in rows) == [0, 0, 13, 13]
     assert any(r["stopped_early"] for r in rows), rows  # ASHA cut at least one weak trial

@@ -460,13 +460,13 @@ def test_replica_survives_bad_input(server, digits, offline):
 def broken_bundle(bundles, tmp_path_factory) -> str:
     """A bundle that verifies (intact checksums) but cannot predict: its preprocess spec resizes to 20 x 20,
     which the 32 x 32 model's Flatten -> Dense cannot take."""
-    from transfuse.inference.bundle import CNNMember, write_bundle
-    from transfuse.inference.preprocess import PreprocessSpec
+    from transfuse.inference.bundle_writer import BundleCnn, write_bundle
+    from transfuse.inference.preprocessing import PreprocessSpec
 
     data = (Path(bundles["v1"]) / _member_file(Path(bundles["v1"]))).read_bytes()
     out = str(tmp_path_factory.mktemp("broken") / "bundle")
     write_bundle(out, name="broken", version="b", class_names=[str(i) for i in range(10)], input_shape=(8, 8, 1),
-                 preprocess_spec=PreprocessSpec(20, "unit"), cnn_members=[CNNMember("cnn0", data, input="image")])
+                 preprocess_spec=PreprocessSpec(20, "unit"), cnn_members=[BundleCnn("cnn0", data, input="image")])
     return out
 
 

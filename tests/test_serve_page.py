@@ -87,7 +87,7 @@ def test_page_upload_and_shipped_example_match_the_json_routes(page_server, page
     from selenium.webdriver.support.ui import WebDriverWait
 
     from bench.serve import fashion_uint8
-    from transfuse.inference.bundle import png_bytes
+    from transfuse.inference.bundle_writer import png_bytes
 
     images, _, names = fashion_uint8("test", 20)
     i = 7  # a real test image (not among the training slice the demo model saw)

@@ -13,6 +13,7 @@ import pytest
 
 from transfuse import environment  # noqa: F401
 from transfuse import storage
+from transfuse.data import PREPARE
 
 pytest.importorskip("tensorflow")
 
@@ -76,11 +77,11 @@ def test_loss_falls_and_outputs_are_written(finetuned):
 def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
     from transfuse.data import read_split_numpy
     from transfuse.finetune.models import load_member
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
     _, out, _, _ = finetuned
     model, spec = load_member(out)
-    images, labels, ids = read_split_numpy(storage.stage_dir(digits_run, "data"), "test")
+    images, labels, ids = read_split_numpy(PREPARE.dir(digits_run), "test")
     probs = model.predict(preprocess(images, PreprocessSpec(**spec["preprocess"])), verbose=0)
     t = pq.read_table(storage.join(out, "predictions", "test.parquet"))
     assert list(t.column("id").to_pylist()) == list(ids)
@@ -179,7 +180,7 @@ def _shifted_train_labels(digits_run, dest) -> str:
 
     import pyarrow as pa
 
-    src = storage.stage_dir(digits_run, "data")
+    src = PREPARE.dir(digits_run)
     dst = str(dest / "data")
     shutil.copytree(src, dst)
     for f in sorted((dest / "data" / "train").glob("*.parquet")):
@@ -275,10 +276,10 @@ def test_streamed_rows_are_preprocessed_and_augmented_by_the_worker(digits_run):
     changes with the epoch."""
     from transfuse.config import AugmentConfig
     from transfuse.data import read_split_numpy, training_rows
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.inference.preprocessing import PreprocessSpec, preprocess
     from transfuse.finetune.loop import tf_dataset
 
-    data_dir = storage.stage_dir(digits_run, "data")
+    data_dir = PREPARE.dir(digits_run)
     rows = training_rows(data_dir, "val")
     assert rows.schema().names == ["image", "label"]
     assert "uint8" in str(rows.schema().types[0])
@@ -360,7 +361,7 @@ def test_the_decision_reaches_the_training_loop(digits_run, tmp_path):
     from transfuse.data import read_split_numpy
     from transfuse.finetune.stage import build_trainer
 
-    _, train_labels, _ = read_split_numpy(storage.stage_dir(digits_run, "data"), "train")
+    _, train_labels, _ = read_split_numpy(PREPARE.dir(digits_run), "train")
     loops = {}
     for mode in ("balanced", "none"):
         data = digits_run.model_dump(mode="json")

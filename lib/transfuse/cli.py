@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from transfuse.compress import BUNDLE, COMPRESS
 from transfuse.config import FILE_SOURCES, Config, load_config
 from transfuse.errors import TransfuseError
 
@@ -154,11 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_results(cfg: Config, out: Callable[[str], None]) -> None:
     """The served model's test metrics, per class by name (from the compress stage's metrics)."""
-    from transfuse import storage
-    from transfuse.compress.measure import served_variant
+    from transfuse.compress import served_variant
 
-    path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
-    m = storage.read_json(path) if storage.exists(path) else {}
+    m = COMPRESS.metrics(cfg) or {}
     variants = {r.get("variant"): r for r in m.get("variants", [])}
     served = served_variant(cfg)
     row = variants.get(served)
@@ -185,12 +184,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
     from serve.app import deploy
-    from transfuse import runs, storage
+    from transfuse import runs
 
     cfg = runs.open_run(args.run_dir, args.storage or "./runs", list(args.overrides))
     own = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))
     environment.init_ray(cfg.ray.address, cfg.ray.num_cpus, ingress=cfg.serve.ingress)
-    url = deploy(cfg.serve, storage.stage_dir(cfg, "bundle"))
+    url = deploy(cfg.serve, BUNDLE.dir(cfg))
     print(f"serving {cfg.serve.name}: {url}  (POST {url}:predict, POST {url}/images, GET {url}; the page: "
           f"{url.split('/v1/')[0]}/)", flush=True)
     if own or args.block:  # a Ray this process started ends with it: keep serving until Ctrl-C

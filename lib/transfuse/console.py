@@ -9,10 +9,9 @@ which every library and child process writes to, at the log file, and the consol
 original terminal. Python's own warnings at WARNING and above from ``transfuse`` (and errors from any logger) are
 also shown on the console; a traceback is written to both.
 
-Progress is read from the files a stage writes as it goes (``watch``): Ray Train checkpoints carry the epoch
-(finetune, scratch, every Tune trial), each compressed variant ends with its bundle manifest. The ensemble stage's
-member tasks run inside one ``ray.get`` in ``transfuse.ensemble.learners.RayRunner`` and write nothing until the end, so
-that stage shows its elapsed time only.
+Progress is read from the files a stage writes as it goes, by the stage's own reader (``Stage.watch``):
+Ray Train checkpoints carry the epoch (finetune, scratch, every Tune trial, the distilled student), the ensemble
+stage counts its member fits, each compressed variant ends with its bundle manifest.
 """
 
 from __future__ import annotations
@@ -142,75 +141,6 @@ class StageProgress:
         self.console.bar(bar_text(self.label, done, total, unit, elapsed), mark=mark)
 
 
-# ------------------------------------------------------------------------------------------------ readers
-def epochs_done(member_dir: str, since: float = 0.0) -> int:
-    """The epoch of the newest Ray Train checkpoint under a member dir written since ``since`` (0 before the
-    first one)."""
-    from transfuse.finetune.stage import TRAIN_DIR
-    from transfuse.finetune.loop import STATE_FILE, LoopState
-
-    path = newest_checkpoint_file(storage.join(member_dir, TRAIN_DIR), STATE_FILE, since)
-    return 0 if path is None else LoopState.from_json(storage.read_json(path)).epoch
-
-
-def newest_checkpoint_file(train_dir: str, name: str, since: float) -> Optional[str]:
-    """``name`` in the newest Ray Train checkpoint under ``train_dir`` that has it written since ``since``: a
-    checkpoint being written has no such file yet, and one an earlier run left is not this run's progress."""
-    for d in reversed([d for d in storage.list_dirs(train_dir) if d.startswith("checkpoint_")]):  # newest last
-        path = storage.join(train_dir, d, name)
-        if storage.written_since(path, since):
-            return path
-    return None
-
-
-def watch(cfg: Any, stage: str) -> Optional[Callable[[], Reading]]:
-    """A reader of ``stage``'s progress from the files it writes from now on, or None for a stage that writes
-    none as it goes."""
-    since = time.time() - 1.0  # file times come from a coarser clock than time.time()
-    t = cfg.train
-    epochs = t.epochs_frozen + t.epochs_unfrozen
-    if stage in ("finetune", "scratch"):
-        d = storage.stage_dir(cfg, stage)
-        return lambda: (epochs_done(d, since), epochs, "epochs")
-    if stage == "tune":
-        trials = storage.join(storage.stage_dir(cfg, "tune"), "trials")
-        total = cfg.tune.num_samples * epochs
-
-        return lambda: (sum(epochs_done(storage.join(trials, t), since) for t in storage.list_dirs(trials)), total,
-                        "trial epochs")
-    if stage == "ensemble":
-        from transfuse.ensemble.stage import PROGRESS_FILE
-
-        path = storage.join(storage.stage_dir(cfg, "ensemble"), PROGRESS_FILE)
-
-        def tasks() -> Reading:
-            if not storage.written_since(path, since):
-                return None
-            p = storage.read_json(path)
-            return int(p["done"]), int(p["total"]), "member fits"
-
-        return tasks
-    if stage == "distill":
-        from transfuse.distill.stage import HISTORY_FILE
-        from transfuse.finetune.stage import TRAIN_DIR
-
-        base = storage.join(storage.stage_dir(cfg, "distill"), TRAIN_DIR)
-
-        def student() -> Reading:
-            path = newest_checkpoint_file(base, HISTORY_FILE, since)
-            return (0 if path is None else len(storage.read_json(path))), cfg.distill.epochs, "student epochs"
-
-        return student
-    if stage == "compress":
-        from transfuse.inference.bundle import MANIFEST
-
-        out = storage.stage_dir(cfg, "compress")
-        names = cfg.compress.variant_names()
-        return lambda: (sum(storage.written_since(storage.join(out, v, MANIFEST), since) for v in names), len(names),
-                        "variants")
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ quiet mode
 class _ConsoleFilter(logging.Filter):
     """What reaches the console: ``transfuse`` and ``jobs`` warnings, and errors from any logger."""
@@ -289,4 +219,4 @@ def verbose() -> Console:
     return Console(sys.stdout, bars=False)
 
 
-__all__ = ["Console", "StageProgress", "bar_text", "clock", "epochs_done", "log_path", "quiet", "verbose", "watch"]
+__all__ = ["Console", "StageProgress", "bar_text", "clock", "log_path", "quiet", "verbose"]

@@ -23,15 +23,31 @@ def accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(1) == labels))
 
 
-def row_nll(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Each row's negative log-likelihood of its true class (natural log; probabilities floored at 1e-12)."""
+def row_nll(probs: np.ndarray, labels: np.ndarray, floor: float = _EPS) -> np.ndarray:
+    """Each row's negative log-likelihood of its true class (natural log; probabilities floored at ``floor``)."""
     probs, labels = _check(probs, labels)
-    return -np.log(np.clip(probs[np.arange(len(labels)), labels], _EPS, 1.0))
+    return -np.log(np.clip(probs[np.arange(len(labels)), labels], floor, 1.0))
 
 
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true class (natural log)."""
-    return float(np.mean(row_nll(probs, labels)))
+def _mean(rows: np.ndarray, weights: Optional[np.ndarray]) -> float:
+    """The mean of per-row losses, or their ``weights``-weighted mean when given."""
+    return float(np.mean(rows) if weights is None else np.sum(weights * rows) / np.sum(weights))
+
+
+def nll(probs: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None, floor: float = _EPS) -> float:
+    """Mean negative log-likelihood of the true class (natural log; probabilities floored at ``floor``), each row
+    weighted by ``weights`` when given (a weighted mean). The one NLL of probabilities: the ensemble's combiners
+    call it with their own floor (``transfuse.inference.combine.EPS``)."""
+    return _mean(row_nll(probs, labels, floor), weights)
+
+
+def logits_nll(logits: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
+    """Mean NLL of ``softmax(logits)``, computed from the logits (log-sum-exp, no floor), each row weighted by
+    ``weights`` when given: what temperature scaling minimises."""
+    logits, labels = _check(logits, labels)
+    z = logits - logits.max(1, keepdims=True)
+    logq = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return _mean(-logq[np.arange(len(labels)), labels], weights)
 
 
 def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, list[float]]:

@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse import storage
+from transfuse.compress import BUNDLE, COMPRESS
 from transfuse.config import Config
-from transfuse.console import Console, StageProgress, watch
+from transfuse.console import Console, StageProgress
+from transfuse.data import PREPARE
+from transfuse.distill import DISTILL
+from transfuse.ensemble import ENSEMBLE
 from transfuse.errors import TransfuseError
+from transfuse.finetune import FINETUNE, PRETRAIN, SCRATCH, TUNE
+from transfuse.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -45,67 +50,8 @@ class RunContext:
     results: list[StageResult]
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: its name, the folder under ``<storage>/<run>/`` whose manifest says it is complete
-    (None: deploy and report keep none), whether the config turns it on, and what runs it."""
-
-    name: str
-    folder: Optional[str]
-    run: Callable[[Config, RunContext], Any]
-    enabled: Callable[[Config, Optional[Callable[..., str]]], bool] = lambda cfg, deploy: True
-
-
-def _prepare(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.data import prepare
-
-    return prepare(cfg, force=ctx.force)
-
-
-def _pretrain(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.finetune.pretrain import pretrain
-
-    return pretrain(cfg, force=ctx.force)
-
-
-def _finetune(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.finetune import stage as train
-
-    return train.finetune(cfg, force=ctx.force)
-
-
-def _scratch(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.finetune import stage as train
-
-    return train.transfer_vs_scratch(cfg, force=ctx.force)
-
-
-def _tune(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.finetune import tune as search
-
-    return search.run_search(cfg, force=ctx.force)
-
-
-def _ensemble(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.ensemble import stage as ensemble
-
-    return ensemble.run_ensemble(cfg, force=ctx.force)
-
-
-def _distill(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.distill import stage as distill
-
-    return distill.run_distill(cfg, force=ctx.force)
-
-
-def _compress(cfg: Config, ctx: RunContext) -> Any:
-    from transfuse.compress import stage as compress
-
-    return compress.run_compress(cfg, force=ctx.force)
-
-
 def _deploy(cfg: Config, ctx: RunContext) -> Any:
-    url = ctx.deploy(cfg.serve, storage.stage_dir(cfg, "bundle"))
+    url = ctx.deploy(cfg.serve, BUNDLE.dir(cfg))
     return {"url": url, **query(url, cfg)}
 
 
@@ -115,19 +61,14 @@ def _report(cfg: Config, ctx: RunContext) -> Any:
     return {"path": write_report(cfg, ctx.results)}
 
 
-PIPELINE: tuple[Stage, ...] = (
-    Stage("prepare", "data", _prepare),
-    Stage("pretrain", "pretrain", _pretrain, lambda cfg, deploy: cfg.model.weights == "pretrain"),
-    Stage("finetune", "finetune", _finetune),
-    # the transfer baseline only means something when weights were transferred
-    Stage("scratch", "scratch", _scratch, lambda cfg, deploy: cfg.model.weights != "none" and cfg.train.baselines),
-    Stage("tune", "tune", _tune),
-    Stage("ensemble", "ensemble", _ensemble),
-    Stage("distill", "distill", _distill, lambda cfg, deploy: cfg.distill.enabled),
-    Stage("compress", "compress", _compress),
-    Stage("deploy", None, _deploy, lambda cfg, deploy: deploy is not None),
-    Stage("report", None, _report),
-)
+# the two steps that keep no folder of their own: how each runs, given the run's context
+DEPLOY = Stage(None, name="deploy", inputs=("compress",))
+REPORT = Stage(None, name="report", inputs=("prepare", "finetune", "scratch", "tune", "ensemble", "distill",
+                                            "compress"))
+_CONTEXT_RUNS = {"deploy": _deploy, "report": _report}
+
+PIPELINE: tuple[Stage, ...] = (PREPARE, PRETRAIN, FINETUNE, SCRATCH, TUNE, ENSEMBLE, DISTILL, COMPRESS, DEPLOY,
+                               REPORT)
 STAGES = tuple(st.name for st in PIPELINE)
 
 
@@ -143,7 +84,7 @@ def query(url: str, cfg: Config, n: int = 4) -> dict[str, Any]:
 
     from transfuse.data import read_split_numpy
 
-    images, labels, ids = read_split_numpy(storage.stage_dir(cfg, "data"), "test")
+    images, labels, ids = read_split_numpy(PREPARE.dir(cfg), "test")
     body = json.dumps({"instances": images[:n].tolist()}).encode()
     req = urllib.request.Request(f"{url}:predict", data=body, headers={"content-type": "application/json"})
     if cfg.serve.api_key:
@@ -158,6 +99,12 @@ def query(url: str, cfg: Config, n: int = 4) -> dict[str, Any]:
             "latency_ms": round(latency * 1000, 1)}
 
 
+def _run(stage: Stage, cfg: Config, ctx: RunContext) -> Any:
+    if stage.name in _CONTEXT_RUNS:
+        return _CONTEXT_RUNS[stage.name](cfg, ctx)
+    return stage.entry("run")(cfg, force=ctx.force)
+
+
 def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[str] = None,
                  skip: tuple[str, ...] = (), deploy: Optional[Callable[..., str]] = None,
                  echo: Callable[[str], None] = print, console: Optional[Console] = None) -> list[StageResult]:
@@ -165,7 +112,7 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[st
     not to run (reported "off"; a benchmark that needs no scratch baseline skips it).
 
     A line per stage start and end goes to ``console`` (else ``echo``); with a console, the long stages also
-    draw a progress bar read from their files (``transfuse.console.watch``)."""
+    draw a progress bar read from their files (``Stage.watch``)."""
     for f in force:
         _check_stage(f, "--force")
     for f in skip:
@@ -178,21 +125,20 @@ def run_pipeline(cfg: Config, *, force: tuple[str, ...] = (), until: Optional[st
     for i, stage in enumerate(PIPELINE[: stop + 1]):
         name = stage.name
         tag = f"[{i + 1}/{stop + 1}] {name:<9}"
-        if name in skip or not stage.enabled(cfg, deploy):
+        if name in skip or not stage.enabled(cfg) or (stage is DEPLOY and deploy is None):
             results.append(StageResult(name, 0.0, "off"))
             say(f"{tag} off")
             continue
         say(f"{tag} started")
-        folder = storage.stage_dir(cfg, stage.folder) if stage.folder else None
-        before = storage.read_manifest(folder) if folder else None
+        before = stage.manifest(cfg) if stage.folder else None
         t = time.time()
-        with StageProgress(console, name, watch(cfg, name)) if console else contextlib.nullcontext():
-            out = stage.run(cfg, RunContext(name in force, deploy, results))
+        with StageProgress(console, name, stage.watch(cfg)) if console else contextlib.nullcontext():
+            out = _run(stage, cfg, RunContext(name in force, deploy, results))
         seconds = time.time() - t
-        after = storage.read_manifest(folder) if before is not None else None
+        after = stage.manifest(cfg) if before is not None else None
         status = "skipped (complete)" if before and after and before.get("created") == after.get("created") \
             else "ran"
-        detail = out if folder is None and isinstance(out, dict) else {}
+        detail = out if stage.folder is None and isinstance(out, dict) else {}
         results.append(StageResult(name, seconds, status, detail))
         say(f"{tag} {status} in {seconds:.1f}s (total {time.time() - t0:.1f}s)")
     return results

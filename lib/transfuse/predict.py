@@ -18,14 +18,12 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from transfuse import images, storage
-from transfuse.inference.bundle import MANIFEST, Bundle, load_bundle
+from transfuse.data import DataError
 from transfuse.errors import TransfuseError
+from transfuse.inference import MANIFEST, Bundle, BundleError, load_bundle
 
 BATCH = 256  # images decoded and classified together
 
-
-class PredictError(TransfuseError, ValueError):
-    """Inputs that cannot be predicted: no files found, a run without a bundle, an unreadable list."""
 
 
 @dataclass
@@ -56,7 +54,7 @@ def bundle_dir(run_or_bundle: str) -> str:
     inner = storage.join(run_or_bundle, "bundle")
     if storage.exists(storage.join(inner, MANIFEST)):
         return inner
-    raise PredictError(f"{run_or_bundle}: neither a bundle (it holds {MANIFEST}) nor a run with a served bundle "
+    raise BundleError(f"{run_or_bundle}: neither a bundle (it holds {MANIFEST}) nor a run with a served bundle "
                        f"({inner}/{MANIFEST}); the compress stage writes it")
 
 
@@ -130,7 +128,7 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
                 ) -> tuple[list[str], list[dict[str, str]]]:
     """Files to classify from command-line arguments: image files, folders (searched recursively) and CSV or
     parquet tables with a path column; plus what was skipped in folders (hidden, not an image) and why."""
-    from transfuse.data.files import skip_reason, table_paths
+    from transfuse.data import skip_reason, table_paths
 
     exts = tuple(e.lower() for e in extensions)
     out: list[str] = []
@@ -156,10 +154,10 @@ def input_files(args: Sequence[str], extensions: Sequence[str] = images.EXTENSIO
         elif p.is_file() or storage.is_uri(a):
             out.append(a)
         else:
-            raise PredictError(f"{a}: no such file or folder (give image files, folders, or a CSV/parquet table "
+            raise DataError(f"{a}: no such file or folder (give image files, folders, or a CSV/parquet table "
                                "with a path column)")
     if not out:
-        raise PredictError(f"no image files found in {list(args)} (extensions: {' '.join(exts)}, any case)")
+        raise DataError(f"no image files found in {list(args)} (extensions: {' '.join(exts)}, any case)")
     return out, skipped
 
 
@@ -167,7 +165,7 @@ def _list_uri(folder: str, exts: tuple[str, ...]) -> tuple[list[str], list[dict[
     """Image files under a folder in object storage (``s3://bucket/prefix``), and the others skipped."""
     import pyarrow.fs as pafs
 
-    from transfuse.data.files import skip_reason
+    from transfuse.data import skip_reason
 
     fs, base = storage.resolve(folder)
     scheme = folder.split("://", 1)[0]

@@ -81,10 +81,6 @@ def run_dir(cfg: Any) -> str:
     return join(cfg.storage, cfg.run)
 
 
-def stage_dir(cfg: Any, stage: str) -> str:
-    return join(cfg.storage, cfg.run, stage)
-
-
 def makedirs(path: str) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)

@@ -1,1 +1,41 @@
-"""transfuse.compress."""
+"""Compression: pruning, the TFLite export with one shared trunk, the ONNX rewrites of the scikit-learn members,
+measuring every variant, and the stage that writes them as bundles and picks the one to serve.
+
+Its stage: ``COMPRESS``; the folder it writes besides: ``BUNDLE`` (the served variant). The other names below
+are what other wings use, imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+from transfuse import storage
+from transfuse.stage import Folder, Stage
+
+BUNDLE = Folder("bundle")
+
+
+def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, str]]]:
+    names = cfg.compress.variant_names()
+    return lambda: (sum(storage.written_since(COMPRESS.path(cfg, v, storage.MANIFEST), since) for v in names),
+                    len(names), "variants")
+
+
+COMPRESS = Stage("compress", name="compress", inputs=("prepare", "ensemble", "distill"),
+                 outputs=("<variant>/",), run="transfuse.compress.stage:run_compress",
+                 progress="transfuse.compress:_progress", plan="transfuse.compress.plan:compress_plan")
+
+# name -> module: the public face other wings import from ``transfuse.compress``
+_FACE = {
+    "format_table": "transfuse.compress.measure",
+    "goals_line": "transfuse.compress.measure",
+    "served_variant": "transfuse.compress.measure",
+    "run_compress": "transfuse.compress.stage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACE:
+        return getattr(importlib.import_module(_FACE[name]), name)
+    raise AttributeError(f"module 'transfuse.compress' has no attribute {name!r}")

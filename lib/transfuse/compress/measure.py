@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from transfuse import metrics as _metrics
-from transfuse.inference.bundle import load_bundle
 from transfuse.config import GoalsConfig
+from transfuse.inference import load_bundle
 
 
 def model_bytes(directory: str) -> tuple[int, int, int]:
@@ -23,7 +23,7 @@ def model_bytes(directory: str) -> tuple[int, int, int]:
     load them (each file decoded as its manifest entry says, ``bundle.decode``)."""
     from pathlib import Path
 
-    from transfuse.inference.bundle import decode, file_codings, verify
+    from transfuse.inference import decode, file_codings, verify
 
     root = Path(directory)
     codings = file_codings(verify(root)[0])
@@ -85,11 +85,9 @@ def blocked_latency(directories: dict[str, str], images: np.ndarray, *, num_thre
                     blocks: int = 6, warmup: int = 10) -> dict[str, dict[str, float]]:
     """Batch-1 latency of several bundles as a replica serving one of them sees it: each timed in warm blocks of
     ``runs`` calls, the blocks alternating between bundles (A B, B A, ...) so that load from other processes
-    falls on every bundle alike. Switching bundle every call instead (what the compress stage did before) makes
-    each call also pay for the caches the other bundles evicted, which penalises a small model most (measured on
-    the default: int8 ensemble vs the distilled student 0.83 vs 0.32 ms switching every call, 0.75 vs 0.25 ms in
-    blocks; with the 22 MB float32 bundle in the rotation, 1.08 vs 0.67 ms). Returns {name: {p50_ms_b1,
-    p99_ms_b1}}."""
+    falls on every bundle alike. Switching bundle every call instead makes each call also pay for the caches the
+    other bundles evicted, which penalises a small model most (and more so with a large bundle in the rotation).
+    Returns {name: {p50_ms_b1, p99_ms_b1}}."""
     bundles = {k: load_bundle(d, num_threads=num_threads) for k, d in directories.items()}
     one = np.asarray(images[:1])
     t: dict[str, list[np.ndarray]] = {k: [] for k in bundles}
@@ -106,7 +104,7 @@ def component_breakdown(directory: str, images: np.ndarray, *, num_threads: int 
     exported as one graph: the first pays for it), each sklearn member and the combiner, timed IN PIPELINE ORDER
     on the first image (p50 ms of each part over ``runs`` passes, through ``Bundle.batch_probs``), then the whole
     ``predict_proba`` in the same passes and what is left of it (Python glue). Timing a part alone in a tight loop
-    reads 2-10x lower (its weights and code stay in cache); in order they pay the cold caches that a real request
+    reads far lower (its weights and code stay in cache); in order they pay the cold caches that a real request
     pays."""
     from pathlib import Path
 
@@ -228,8 +226,7 @@ def format_table(rows: list[dict]) -> str:
 def served_variant(cfg: Any) -> str:
     """The variant a run serves: the compress stage's record of it (its choice under ``serve_variant: auto``),
     else the config's."""
-    from transfuse import storage
+    from transfuse.compress import COMPRESS
 
-    path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
-    rep = storage.read_json(path) if storage.exists(path) else {}
+    rep = COMPRESS.metrics(cfg) or {}
     return rep.get("served") or cfg.compress.serve_variant

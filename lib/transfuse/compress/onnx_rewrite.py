@@ -11,8 +11,6 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-# Lossless rewrites of the scikit-learn members' ONNX graphs (skl2onnx output). Each is checked by running the old
-# and the new graph on the same embeddings; a rewrite whose outputs differ is dropped, never shipped.
 def _attrs(node: Any) -> dict[str, Any]:
     from onnx import helper
 
@@ -143,13 +141,11 @@ def _prune_graph(model: Any) -> None:
 
 
 def run_onnx(data: bytes, x: np.ndarray) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    """Every output of one ONNX graph on ``x``, by name: the graph run as a bundle runs it (``OnnxRunner``, one
+    thread)."""
+    from transfuse.inference import OnnxRunner
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {name: np.asarray(x, np.float32)})))
+    return OnnxRunner(data, 1, "sklearn ONNX rewrite check")(x)
 
 
 def optimize_sklearn_onnx(data: bytes, probe: np.ndarray, *, atol: float = 1e-5) -> tuple[bytes, dict[str, Any]]:

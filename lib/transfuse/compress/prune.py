@@ -16,14 +16,15 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
+from transfuse.compress.tflite import CompressError
 from transfuse.errors import TransfuseError
-from transfuse.compress.tflite import CompressError, Member
+from transfuse.finetune import KerasMember
 
 log = logging.getLogger(__name__)
 
 # what TFMOT's magnitude pruning prunes, and the weight it prunes (its prune_registry). It registers
 # DepthwiseConv2D with no weight to prune: EfficientNet-Lite's and MobileNetV2's depthwise kernels stay dense,
-# and counting them here made every such member fail the sparsity check (0.1-0.5 % zeros).
+# and counting them here would fail every such member's sparsity check (they hold almost no zeros).
 PRUNED_WEIGHT = {"Conv2D": "kernel", "Dense": "kernel", "SeparableConv2D": "pointwise_kernel"}
 PRUNABLE = tuple(PRUNED_WEIGHT)
 PRUNE_SCOPES = ("trainable", "all")
@@ -139,7 +140,7 @@ def make_schedule(kind: str, target: float, steps: int, frequency: int, ramp: fl
 
 
 def prune_member(
-    member: Member,
+    member: KerasMember,
     x: np.ndarray,
     y: np.ndarray,
     *,
@@ -154,7 +155,7 @@ def prune_member(
     scope: str = "trainable",
     distill: bool = True,
     ramp: float = 1.0,
-) -> tuple[Member, dict[str, float]]:
+) -> tuple[KerasMember, dict[str, float]]:
     """Magnitude-prune the Conv2D/Dense kernels in ``scope`` to ``sparsity``, fine-tune, strip, measure. Returns
     the pruned member (same architecture) and the sparsity reached per pruned layer.
 
@@ -168,12 +169,6 @@ def prune_member(
     the float member's probabilities, instead of the labels alone: the sklearn members and the stacker were fitted
     on the float member's embedding and probabilities, and few labels alone cannot repair a pruned member.
     """
-    import tensorflow as tf
-    import tensorflow_model_optimization as tfmot
-
-    from transfuse.finetune import models
-
-    sp = tfmot.sparsity.keras
     steps = int(np.ceil(len(x) / batch_size)) * epochs
     sched = schedule_obj if schedule_obj is not None else make_schedule(schedule, sparsity, steps, frequency, ramp)
     # TFMOT wraps the model's own layer objects and writes the masks into their kernels: prune a copy, so the
@@ -183,11 +178,26 @@ def prune_member(
     if not names:
         raise PruningError(f"member {member.name}: no prunable (Conv2D/Dense) layer in scope {scope!r}: nothing "
                            f"would be pruned")
-    net = models.get_backbone(src)
+    full, p_net, p_head = _pruning_model(src, names, sched, distill)
+    _fine_tune(full, member, x, y, distill=distill, batch_size=batch_size, epochs=epochs, lr=lr)
+    pruned = _stripped(src, p_net, p_head)
+    measured = measure_sparsity(pruned, names)
+    check_sparsity(measured, sparsity, tolerance)
+    return KerasMember(member.name, pruned, member.spec), measured
+
+
+def _pruning_model(src: Any, names: set[str], sched: Any, distill: bool) -> tuple[Any, Any, Any]:
+    """(the model to fine-tune, its wrapped backbone, its wrapped head): ``src``'s backbone and head each cloned
+    with the layers in ``names`` wrapped for pruning; with ``distill`` the head also outputs the embedding."""
+    import tensorflow as tf
+
+    from transfuse import finetune
+
+    net = finetune.get_backbone(src)
     p_net = wrap_for_pruning(net, names, sched)
-    head = models.head_of(src)
+    head = finetune.head_of(src)
     h_in = tf.keras.layers.Input(shape=tuple(net.output.shape[1:]), name="head_in")
-    emb_name = models.embedding_layer_name(src)
+    emb_name = finetune.embedding_layer_name(src)
     h, emb = h_in, None
     for layer in head:
         h = layer(h)
@@ -197,10 +207,22 @@ def prune_member(
     inp = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
     # training follows fit(): the pruning wrappers update their masks only in training mode. Frozen BatchNorm
     # layers (trainable=False) run in inference mode regardless.
-    full = tf.keras.Model(inp, p_head(p_net(inp)))
+    return tf.keras.Model(inp, p_head(p_net(inp))), p_net, p_head
+
+
+def _fine_tune(full: Any, member: KerasMember, x: np.ndarray, y: np.ndarray, *, distill: bool, batch_size: int,
+               epochs: int, lr: float) -> None:
+    """The fine-tune at the target sparsity (masks updated every step by ``UpdatePruningStep``): towards the float
+    member's embedding and a 50/50 mix of labels and its probabilities (``distill``), or the labels alone."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    from transfuse import finetune
+
+    sp = tfmot.sparsity.keras
     opt = tf.keras.optimizers.Adam(lr)
     if distill:
-        t_emb = models.embedding_model(member.model).predict(x, batch_size=256, verbose=0)
+        t_emb = finetune.embedding_model(member.model).predict(x, batch_size=256, verbose=0)
         t_prob = member.model.predict(x, batch_size=256, verbose=0)
         target = 0.5 * np.eye(t_prob.shape[1], dtype=np.float32)[np.asarray(y)] + 0.5 * t_prob
         w_emb = 1.0 / max(float(np.mean(t_emb ** 2)), 1e-8)  # relative MSE: ~1 for an embedding of the wrong scale
@@ -211,6 +233,15 @@ def prune_member(
         full.compile(optimizer=opt, loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         full.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0, shuffle=True,
                  callbacks=[sp.UpdatePruningStep()])
+
+
+def _stripped(src: Any, p_net: Any, p_head: Any) -> Any:
+    """The fine-tuned backbone and head with the pruning wrappers stripped, joined back into one member model
+    (image -> probabilities) of fresh layers."""
+    import tensorflow as tf
+    import tensorflow_model_optimization as tfmot
+
+    sp = tfmot.sparsity.keras
     s_net, s_head = sp.strip_pruning(p_net), sp.strip_pruning(p_head)
     s_net._name = "backbone"  # transfuse.finetune.models finds the backbone by this name
     z = inp2 = tf.keras.layers.Input(shape=tuple(src.input.shape[1:]), name="image")
@@ -221,7 +252,4 @@ def prune_member(
     joined = tf.keras.Model(inp2, z, name=f"{src.name}_pruned")
     # The stripped layers also belong to the pruning graphs (two inbound nodes each), so ``layer.output`` is
     # ambiguous and graphs cut at a layer would reach back into the pruning model: clone into fresh layers.
-    pruned = _copy_model(joined)
-    measured = measure_sparsity(pruned, names)
-    check_sparsity(measured, sparsity, tolerance)
-    return Member(member.name, pruned, member.spec), measured
+    return _copy_model(joined)

@@ -23,27 +23,29 @@ from typing import Any, Optional
 
 import numpy as np
 
-from transfuse.compress import measure
-from transfuse.inference.bundle import CNNMember, example_images, write_bundle
-from transfuse.config import AUTO_VARIANT, STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants, pruned_name
-from transfuse.ensemble.fitted import EnsembleParts, EnsembleSource, ensemble_to_compress
+from transfuse.compress import BUNDLE, COMPRESS, measure
 from transfuse.compress.onnx_rewrite import optimize_sklearn_onnx
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
 from transfuse.compress.prune import prune_member
-from transfuse.compress.tflite import QUANT_MODES, CompressError, Exported, Member, export_members, representative_raw
+from transfuse.compress.tflite import QUANT_MODES, CompressError, Exported, export_members, representative_raw
+from transfuse.config import (AUTO_VARIANT, STUDENT_VARIANT, CompressConfig, Config, digest, expand_variants,
+                              pruned_name)
+from transfuse.data import PREPARE
+from transfuse.ensemble import EnsembleParts, EnsembleSource, ensemble_to_compress
+from transfuse.finetune import KerasMember
+from transfuse.inference import BundleCnn, PreprocessSpec, example_images, preprocess, write_bundle
 
 log = logging.getLogger(__name__)
 
 VARIANTS = ("float32", "pruned", "int8", "pruned_int8", "float16", "dynamic_int8")  # kinds (config.variants)
 
 
-def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray) -> tuple[EnsembleParts, dict]:
+def optimize_parts(parts: EnsembleParts, members: list[KerasMember], raw: np.ndarray) -> tuple[EnsembleParts, dict]:
     """``optimize_sklearn_onnx`` on every sklearn member, checked on what it reads for ``raw`` (train images as
     prepared): its CNN member's embeddings or the pixel features, plus those with each column shuffled. The same
     members, equal outputs: used by every variant alike."""
     import dataclasses
 
-    from transfuse.finetune import models
+    from transfuse import finetune
 
     x = preprocess(raw, PreprocessSpec(**members[0].spec["preprocess"]))
     emb: dict[str, np.ndarray] = {}
@@ -54,7 +56,7 @@ def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray)
             if m is None:
                 raise CompressError(f"sklearn member {sk.name} reads {sk.embedding_of!r}, not a CNN member "
                                     f"{[m.name for m in members]}")
-            emb[sk.embedding_of] = models.embedding_model(m.model).predict(x, batch_size=256, verbose=0)
+            emb[sk.embedding_of] = finetune.embedding_model(m.model).predict(x, batch_size=256, verbose=0)
         v = sk.inputs(raw, emb)
         # plus the same values with every column shuffled on its own: feature combinations the real rows lack
         rng = np.random.default_rng(0)
@@ -65,18 +67,18 @@ def optimize_parts(parts: EnsembleParts, members: list[Member], raw: np.ndarray)
     return EnsembleParts(out, parts.stacker), info
 
 
-def write_variant(directory: str, exported: Exported, members: list[Member], parts: EnsembleParts, *,
+def write_variant(directory: str, exported: Exported, members: list[KerasMember], parts: EnsembleParts, *,
                   name: str, version: str, class_names: list[str], input_shape: tuple[int, int, int],
                   num_threads: int = 1, metrics: Optional[dict] = None, extra: Optional[dict] = None,
                   examples: Optional[list[tuple[str, bytes]]] = None, overwrite: bool = True,
                   coding: str = "none", image_policy: Optional[dict] = None) -> dict:
     spec = members[0].spec
     if exported.merged is not None:
-        cnn = [CNNMember(name=m.name, data=exported.merged, format="tflite", input="image",
+        cnn = [BundleCnn(name=m.name, data=exported.merged, format="tflite", input="image",
                          logits_output=f"m{i}_logits", embedding_output=f"m{i}_embedding")
                for i, m in enumerate(members)]
     else:
-        cnn = [CNNMember(name=m.name, data=exported.tops[m.name], format="tflite",
+        cnn = [BundleCnn(name=m.name, data=exported.tops[m.name], format="tflite",
                          input="trunk" if exported.trunk is not None else "image") for m in members]
     return write_bundle(
         directory, name=name, version=version, class_names=class_names, input_shape=input_shape,
@@ -86,7 +88,6 @@ def write_variant(directory: str, exported: Exported, members: list[Member], par
         extra={"shared_trunk": {"cut_layer": exported.cut_layer}, **(extra or {})})
 
 
-STAGE = "compress"
 # the served bundle's test metrics (its manifest): what every stage reports, by class too
 SERVED_METRICS = ("accuracy", "nll", "ece", "n", "balanced_accuracy", "macro_f1", "per_class_recall")
 
@@ -108,7 +109,7 @@ def parse_variant(name: str, sparsity: list[float]) -> tuple[Optional[float], st
                         f"compress.sparsity {sparsity})")
 
 
-def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarray, x_train: np.ndarray,
+def build_variants(members: list[KerasMember], variants: list[str], *, rep: np.ndarray, x_train: np.ndarray,
                    y_train: np.ndarray, ccfg: CompressConfig) -> tuple[dict[str, Exported], dict[str, Any]]:
     """Exported files per variant (kinds expanded over ``ccfg.sparsity``); the pruned members of each sparsity
     are built once and shared by its float32 and int8 variants. Returns (exported by name, pruning report by
@@ -117,7 +118,7 @@ def build_variants(members: list[Member], variants: list[str], *, rep: np.ndarra
     plan = [(v, *parse_variant(v, list(ccfg.sparsity))) for v in names]
     exported: dict[str, Exported] = {}
     pruning: dict[str, Any] = {}
-    pruned: dict[float, list[Member]] = {}
+    pruned: dict[float, list[KerasMember]] = {}
     scope, distill = ccfg.prune_scope, ccfg.prune_distill
     for v, target, mode in plan:
         if target is None:
@@ -150,30 +151,30 @@ def _fingerprint(cfg: Config, src: EnsembleSource) -> str:
 
     if not cfg.distill.enabled:
         return src.fingerprint
-    from transfuse.distill.stage import STAGE as DISTILL
+    from transfuse.distill import DISTILL
 
-    man = storage.join(storage.stage_dir(cfg, DISTILL), storage.MANIFEST)
+    man = DISTILL.path(cfg, storage.MANIFEST)
     if not storage.exists(man):
         raise CompressError(f"distill.enabled, but the distill stage has not run: no {man}")
     return digest({"ensemble": src.fingerprint, "distill": storage.sha256(man)})
 
 
-def student_variant(cfg: Config, rep_raw: np.ndarray, num_classes: int) -> tuple[Exported, list[Member],
+def student_variant(cfg: Config, rep_raw: np.ndarray, num_classes: int) -> tuple[Exported, list[KerasMember],
                                                                                   EnsembleParts, str]:
     """The distilled student as an int8 bundle's contents: the one CNN member (no scikit-learn member), and its
     fitted temperature as a one-member stacker (none when the distill stage fitted none)."""
     from transfuse import storage
-    from transfuse.distill import stage as distill
-    from transfuse.finetune import models
+    from transfuse.distill import DISTILL, STUDENT, read_temperature, temperature_stacker
+    from transfuse import finetune
 
-    d = storage.stage_dir(cfg, distill.STAGE)
-    model, spec = models.load_member(storage.join(d, distill.STUDENT))
-    student = Member(distill.STUDENT, model, spec)
+    d = DISTILL.dir(cfg)
+    model, spec = finetune.load_member(storage.join(d, STUDENT))
+    student = KerasMember(STUDENT, model, spec)
     rep = preprocess(rep_raw, PreprocessSpec(**spec["preprocess"]))
     ex = export_members([student], "int8", rep, share_trunk=False)
     ex.mode = STUDENT_VARIANT
-    temp = distill.read_temperature(d)
-    stacker = distill.temperature_stacker(temp, num_classes) if temp else None
+    temp = read_temperature(d)
+    stacker = temperature_stacker(temp, num_classes) if temp else None
     return ex, [student], EnsembleParts([], stacker), "distill"
 
 
@@ -182,7 +183,6 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     ``compress/metrics.json``, and the ``compress.serve_variant`` bundle in ``<run>/bundle/``. Returns the compress
     manifest."""
     from transfuse import storage
-    from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
 
     ccfg = cfg.compress
@@ -190,23 +190,16 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     if ccfg.serve_variant not in names and ccfg.serve_variant != AUTO_VARIANT:
         raise CompressError(f"compress.serve_variant = {ccfg.serve_variant!r} must be an exported variant: {names}")
     src, dropped = ensemble_to_compress(cfg)
-    out, bundle_dir = storage.stage_dir(cfg, STAGE), storage.stage_dir(cfg, "bundle")
+    out, bundle_dir = COMPRESS.dir(cfg), BUNDLE.dir(cfg)
     fp = _fingerprint(cfg, src)
-    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, fp, STAGE, force):
+    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, fp, COMPRESS.folder, force):
         return storage.read_manifest(out)
-    members = []
-    for name, d in src.members:
-        model, spec = models.load_member(d)
-        members.append(Member(name, model, spec))
-    pspec = PreprocessSpec(**members[0].spec["preprocess"])
-    if any(PreprocessSpec(**m.spec["preprocess"]) != pspec for m in members):
-        raise CompressError("CNN members use different preprocessing; one bundle runs one preprocessing function")
-    data_dir = storage.stage_dir(cfg, "data")
+    members, pspec = _load_members(src)
+    data_dir = PREPARE.dir(cfg)
     dm = data_manifest(data_dir)
     class_names = list(dm["class_names"])
     x_tr, y_tr, _ = read_split_numpy(data_dir, "train")
     x_te, y_te, _ = read_split_numpy(data_dir, "test")
-    input_shape = tuple(int(d) for d in x_tr.shape[1:])
     rep_raw = representative_raw(x_tr, ccfg.representative_examples, seed=cfg.seed)
     rep = preprocess(rep_raw, pspec)
     sk_info: dict = {}
@@ -221,43 +214,13 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
         contents[STUDENT_VARIANT] = student_variant(cfg, rep_raw, len(class_names))
     storage.makedirs(out)
     storage.clear_dir(out)  # no stale variants from an earlier run
-    common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names, input_shape=input_shape,
-                  num_threads=ccfg.num_threads, examples=example_images(x_te, y_te, class_names), coding=ccfg.coding,
+    common = dict(name=cfg.serve.name, version=src.fingerprint, class_names=class_names,
+                  input_shape=tuple(int(d) for d in x_tr.shape[1:]), num_threads=ccfg.num_threads,
+                  examples=example_images(x_te, y_te, class_names), coding=ccfg.coding,
                   image_policy=dm.get("image_policy"))
-    rows = []
-    for v, (ex, v_members, v_parts, v_source) in contents.items():
-        vdir = storage.join(out, v)
-        write_variant(vdir, ex, v_members, v_parts, **common, extra={"ensemble_source": v_source})
-        local = vdir if not storage.is_uri(vdir) else None
-        if local is None:
-            from transfuse.inference.bundle import fetch
-
-            local = str(fetch(vdir))
-        row = measure.variant_row(local, x_te, y_te, num_threads=ccfg.num_threads, latency_runs=ccfg.latency_runs,
-                          throughput_runs=ccfg.throughput_runs)
-        row["variant"] = v
-        rows.append(row)
-        log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
-    if len(rows) > 1:  # batch-1 latency again, in warm blocks alternating between variants: ratios robust to load
-        from transfuse.inference.bundle import fetch
-
-        dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
-                for v in contents}
-        lat = measure.blocked_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
-        for r in rows:
-            r.update(lat[r["variant"]], latency="blocked")
-    rows = measure.with_ratios(rows)
-    pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
-    from transfuse.class_weights import decision
-
-    report = {"variants": rows, "goals": measure.goals(rows, cfg.goals, "int8") if "int8" in exported else {},
-              # the first pruned int8 variant (the report reads this key); every one in goals_by_variant
-              "goals_pruned_int8": measure.goals(rows, cfg.goals, pruned_int8[0]) if pruned_int8 else {},
-              "goals_by_variant": {v: measure.goals(rows, cfg.goals, v) for v in exported if v != "float32" and "float32" in exported},
-              "pruning": pruning, "sklearn_rewrites": sk_info, "ensemble_source": src.source,
-              "zero_weight_members": dropped, "num_threads": ccfg.num_threads,
-              "test_n": int(len(y_te)), "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()},
-              "class_weight": decision(cfg.data, dm)}
+    rows = measure_variants(out, contents, common, x_te, y_te, ccfg)
+    report = {**variants_report(cfg, rows, exported, dm), "pruning": pruning, "sklearn_rewrites": sk_info,
+              "ensemble_source": src.source, "zero_weight_members": dropped, "test_n": int(len(y_te))}
     served, report["serve_choice"] = ccfg.serve_variant, None
     if served == AUTO_VARIANT:
         x_va = read_split_numpy(data_dir, "val")[0]
@@ -265,7 +228,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
             {r["variant"]: storage.join(out, r["variant"]) for r in rows}, rows, np.concatenate([x_tr, x_va]),
             cfg.goals.served_accuracy_points, ccfg.num_threads)
     report["served"] = served
-    storage.write_json(storage.join(out, "metrics.json"), report)
+    storage.write_json(COMPRESS.metrics_path(cfg), report)
     serve_row = next(r for r in rows if r["variant"] == served)
     ex, v_members, v_parts, v_source = contents[served]
     write_variant(bundle_dir, ex, v_members, v_parts, **common, overwrite=True,
@@ -273,8 +236,66 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
                            "goals": report["goals"]},
                   extra={"ensemble_source": v_source, "stage": "bundle", "complete": True,
                          "fingerprint": fp, "config": cfg.model_dump(mode="json")})
-    return storage.write_manifest(out, cfg, STAGE, fp, variants=[r["variant"] for r in rows],
+    return storage.write_manifest(out, cfg, COMPRESS.folder, fp, variants=[r["variant"] for r in rows],
                                   serve_variant=served, bundle=bundle_dir, metrics=report["goals"])
+
+
+def _load_members(src: EnsembleSource) -> tuple[list[KerasMember], PreprocessSpec]:
+    """The ensemble's CNN members (tf_keras) and the one preprocessing they share (``CompressError`` when they do
+    not: one bundle runs one preprocessing function)."""
+    from transfuse import finetune
+
+    members = []
+    for name, d in src.members:
+        model, spec = finetune.load_member(d)
+        members.append(KerasMember(name, model, spec))
+    pspec = PreprocessSpec(**members[0].spec["preprocess"])
+    if any(PreprocessSpec(**m.spec["preprocess"]) != pspec for m in members):
+        raise CompressError("CNN members use different preprocessing; one bundle runs one preprocessing function")
+    return members, pspec
+
+
+def measure_variants(out: str, contents: dict[str, tuple], common: dict[str, Any], x_te: np.ndarray,
+                     y_te: np.ndarray, ccfg: CompressConfig) -> list[dict]:
+    """Each variant of ``contents`` written as a bundle under ``out/<variant>``, loaded back and measured on the
+    test split (``measure.variant_row``); with several variants, batch-1 latency measured again in warm blocks
+    alternating between them (ratios robust to load). The table's rows, with ratios to float32."""
+    from transfuse import storage
+    from transfuse.inference import fetch
+
+    rows = []
+    for v, (ex, v_members, v_parts, v_source) in contents.items():
+        vdir = storage.join(out, v)
+        write_variant(vdir, ex, v_members, v_parts, **common, extra={"ensemble_source": v_source})
+        local = vdir if not storage.is_uri(vdir) else str(fetch(vdir))
+        row = measure.variant_row(local, x_te, y_te, num_threads=ccfg.num_threads, latency_runs=ccfg.latency_runs,
+                                  throughput_runs=ccfg.throughput_runs)
+        row["variant"] = v
+        rows.append(row)
+        log.info("variant %s: %s", v, {k: round(val, 4) if isinstance(val, float) else val for k, val in row.items()})
+    if len(rows) > 1:
+        dirs = {v: (storage.join(out, v) if not storage.is_uri(out) else str(fetch(storage.join(out, v))))
+                for v in contents}
+        lat = measure.blocked_latency(dirs, x_te, num_threads=ccfg.num_threads, runs=ccfg.latency_runs)
+        for r in rows:
+            r.update(lat[r["variant"]], latency="blocked")
+    return measure.with_ratios(rows)
+
+
+def variants_report(cfg: Config, rows: list[dict], exported: dict[str, Exported], dm: dict) -> dict[str, Any]:
+    """The parts of ``compress/metrics.json`` read off the variant table: the rows, the goals of int8, of the
+    pruned int8 variants and of every variant against float32, the shared trunk's cut per variant, the threads
+    measured with and the run's class-weight decision."""
+    from transfuse.class_weights import decision
+
+    pruned_int8 = [v for v in exported if v.startswith("pruned") and v.endswith("_int8")]
+    return {"variants": rows, "goals": measure.goals(rows, cfg.goals, "int8") if "int8" in exported else {},
+            # the first pruned int8 variant (the report reads this key); every one in goals_by_variant
+            "goals_pruned_int8": measure.goals(rows, cfg.goals, pruned_int8[0]) if pruned_int8 else {},
+            "goals_by_variant": {v: measure.goals(rows, cfg.goals, v) for v in exported
+                                 if v != "float32" and "float32" in exported},
+            "num_threads": cfg.compress.num_threads, "shared_trunk": {v: ex.cut_layer for v, ex in exported.items()},
+            "class_weight": decision(cfg.data, dm)}
 
 
 def choose_served(dirs: dict[str, str], rows: list[dict], images: np.ndarray, points: float,
@@ -285,7 +306,7 @@ def choose_served(dirs: dict[str, str], rows: list[dict], images: np.ndarray, po
     can be no more wrong than it disagrees) and needs no label, so it rests on every labelled image rather than on
     the val split alone; the test split only reports what the choice gave."""
     from transfuse import storage
-    from transfuse.inference.bundle import fetch, load_bundle
+    from transfuse.inference import fetch, load_bundle
 
     answers = {}
     for v, d in dirs.items():

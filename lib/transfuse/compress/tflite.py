@@ -18,6 +18,7 @@ import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
+from transfuse.finetune import KerasMember
 
 log = logging.getLogger(__name__)
 
@@ -28,23 +29,14 @@ class CompressError(TransfuseError, ValueError):
     """Members cannot be compressed or exported as asked."""
 
 
-@dataclass
-class Member:
-    """A CNN member: its tf_keras model and its model_spec (cut_layer, backbone_layers, preprocess, ...)."""
-
-    name: str
-    model: Any
-    spec: dict
-
-
 def _same_weights(models_: list[Any], layer_name: str) -> bool:
-    from transfuse.finetune import models
+    from transfuse import finetune
 
-    ws = [models.get_backbone(m).get_layer(layer_name).get_weights() for m in models_]
+    ws = [finetune.get_backbone(m).get_layer(layer_name).get_weights() for m in models_]
     return all(len(w) == len(ws[0]) and all(np.array_equal(a, b) for a, b in zip(w, ws[0])) for w in ws[1:])
 
 
-def shared_cut(members: list[Member]) -> Optional[str]:
+def shared_cut(members: list[KerasMember]) -> Optional[str]:
     """The deepest backbone layer frozen in every member with identical weights up to it; None if none.
 
     Members must share the backbone, its input size and width; sharing is checked on the weights, so two
@@ -74,17 +66,17 @@ def member_graph(model: Any, cut_layer: Optional[str], name: str = "top") -> tup
     read) and ``logits`` (pre-softmax; the bundle applies softmax in float, which keeps int8 NLL honest)."""
     import tensorflow as tf
 
-    from transfuse.finetune import models
+    from transfuse import finetune
 
     L = tf.keras.layers
-    net = models.get_backbone(model)
-    head = models.head_of(model)
+    net = finetune.get_backbone(model)
+    head = finetune.head_of(model)
     if cut_layer is None:
         inp = L.Input(shape=tuple(model.input.shape[1:]), name="image")
         x = net(inp, training=False)
         trunk = None
     else:
-        names = models.backbone_layer_names(net)
+        names = finetune.backbone_layer_names(net)
         cut = net.get_layer(cut_layer)
         inp = L.Input(shape=tuple(cut.output.shape[1:]), name="features")
         x = inp
@@ -95,7 +87,7 @@ def member_graph(model: Any, cut_layer: Optional[str], name: str = "top") -> tup
                 raise CompressError(f"cannot cut the backbone at {cut_layer!r}: not a single tensor ({e})") from None
             x = rest(x, training=False)
         trunk = tf.keras.Model(net.input, cut.output, name="trunk")
-    emb_name = models.embedding_layer_name(model)
+    emb_name = finetune.embedding_layer_name(model)
     emb = logits = None
     for layer in head:
         if layer.name == "head_out":
@@ -152,7 +144,7 @@ class Exported:
     merged: Optional[bytes] = None
 
 
-def merged_graph(members: list[Member], cut_layer: Optional[str]) -> Any:
+def merged_graph(members: list[KerasMember], cut_layer: Optional[str]) -> Any:
     """One Keras model: image -> the shared trunk (once) -> every member's top. Outputs, in member order:
     ``m<i>_embedding`` and ``m<i>_logits``."""
     import tensorflow as tf
@@ -169,7 +161,7 @@ def merged_graph(members: list[Member], cut_layer: Optional[str]) -> Any:
     return tf.keras.Model(inp, outs, name="members")
 
 
-def export_members(members: list[Member], mode: str, representative: Optional[np.ndarray] = None,
+def export_members(members: list[KerasMember], mode: str, representative: Optional[np.ndarray] = None,
                    share_trunk: bool = True, merge: bool = False) -> Exported:
     """Export the members as one shared trunk + tops (or whole models when nothing is shared, or when there is one
     member: a split buys nothing then and costs a second interpreter call per request). ``merge``: one graph for

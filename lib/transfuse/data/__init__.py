@@ -1,8 +1,40 @@
-"""The data layer: sources, the prepare stage, and reading prepared splits (Ray Data)."""
+"""The data: sources (built-in datasets, image folders, tables of paths), listing and inspecting a user's files,
+the prepare stage (decode, split, write parquet shards) and reading prepared splits (Ray Data).
 
-from transfuse.data.dataset import data_manifest, preprocessed, read_split, read_split_numpy, training_rows
-from transfuse.data.prepare import prepare
-from transfuse.data.sources import DataError, load_source
+Its stage: ``PREPARE`` (folder ``data/``). The other names below are what other wings use, imported on first use.
+"""
 
-__all__ = ["DataError", "data_manifest", "load_source", "prepare", "preprocessed", "read_split",
-           "read_split_numpy", "training_rows"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from transfuse.stage import Stage
+
+PREPARE = Stage("data", name="prepare", outputs=("<split>/*.parquet", "manifest.json"),
+                run="transfuse.data.stage:prepare", plan="transfuse.data.plan:data_plan")
+
+# name -> module: the public face other wings import from ``transfuse.data``
+_FACE = {
+    "data_manifest": "transfuse.data.dataset",
+    "in_memory": "transfuse.data.dataset",
+    "preprocess_batch": "transfuse.data.dataset",
+    "preprocessed": "transfuse.data.dataset",
+    "prepare": "transfuse.data.stage",
+    "read_split": "transfuse.data.dataset",
+    "read_split_numpy": "transfuse.data.dataset",
+    "training_rows": "transfuse.data.dataset",
+    "skip_reason": "transfuse.data.files",
+    "table_paths": "transfuse.data.files",
+    "check_data": "transfuse.data.plan",
+    "data_plan": "transfuse.data.plan",
+    "files_plan": "transfuse.data.plan",
+    "num_classes": "transfuse.data.plan",
+    "DataError": "transfuse.data.sources",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACE:
+        return getattr(importlib.import_module(_FACE[name]), name)
+    raise AttributeError(f"module 'transfuse.data' has no attribute {name!r}")

@@ -4,7 +4,7 @@
 node's object store is read with pyarrow here, preprocessed once with numpy and put in the object store as one
 materialized dataset (no Ray Data read or map tasks: their start-up was most of a small epoch's time); a larger
 one streams from parquet through ``map_batches``. Training itself streams ``training_rows`` (the stored uint8
-rows), which each Train worker preprocesses and augments (``train_loop.tf_dataset``).
+rows), which each Train worker preprocesses and augments (``transfuse.finetune.loop.tf_dataset``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 from transfuse import storage
 from transfuse.config import PREPARED_SPLITS, AugmentConfig
 from transfuse.data.sources import DataError
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.inference import PreprocessSpec, preprocess
 
 
 def data_manifest(data_dir: str) -> dict[str, Any]:
@@ -91,7 +91,7 @@ def _local_object_store_bytes() -> int:
 
 def training_split(data_dir: str, split: str, spec: PreprocessSpec, *, max_bytes: Optional[int] = None) -> Any:
     """The split as model inputs (``x``, ``label``), by size, unaugmented (augmentation happens in the Train
-    worker, ``train_loop.tf_dataset``).
+    worker, ``transfuse.finetune.loop.tf_dataset``).
 
     At most ``max_bytes`` preprocessed (default: ``IN_MEMORY_FRACTION`` of this node's object store): read here,
     preprocessed once, one materialized dataset that every epoch reuses. Otherwise the streaming path

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from transfuse import storage
-from transfuse.config import FILE_SOURCES, DataConfig
+from transfuse.config import DataConfig
 from transfuse.errors import TransfuseError
 
 FASHION_MNIST_CLASSES = [
@@ -273,14 +273,3 @@ LOADERS: dict[str, Callable[[DataConfig], Source]] = {
     "cifar10": load_cifar10_source,
     "parquet": load_parquet_source,
 }
-
-
-def load_source(cfg: DataConfig, policy: Any = None) -> Source:
-    """The source's rows. A user's files (``FILE_SOURCES``) are decoded to ``policy`` (``images.ImagePolicy``)."""
-    if cfg.source in FILE_SOURCES:
-        from transfuse.data.files import load_files_source
-
-        if policy is None:
-            raise DataError(f"data.source={cfg.source}: decoding files needs an image policy (size, channels)")
-        return load_files_source(cfg, policy)
-    return LOADERS[cfg.source](cfg)

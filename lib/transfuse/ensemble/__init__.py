@@ -1,1 +1,53 @@
-"""transfuse.ensemble."""
+"""The ensemble: scikit-learn members on the CNNs' embeddings or the pixels, their inputs and out-of-fold
+predictions, the member search, fitting the stacker, and the stage that writes ``<run>/ensemble/``.
+
+Its stage: ``ENSEMBLE``. The other names below are what other wings use, imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Optional
+
+from transfuse import storage
+from transfuse.stage import Stage
+
+DESCRIPTION_FILE = "ensemble.json"  # the fitted ensemble's description (format transfuse.ensemble/v1)
+PROGRESS_FILE = "progress.json"  # {"done": n, "total": m} member tasks, while the stage runs
+
+
+def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, str]]]:
+    path = ENSEMBLE.path(cfg, PROGRESS_FILE)
+
+    def tasks() -> Optional[tuple[int, int, str]]:
+        if not storage.written_since(path, since):
+            return None
+        p = storage.read_json(path)
+        return int(p["done"]), int(p["total"]), "member fits"
+
+    return tasks
+
+
+ENSEMBLE = Stage("ensemble", name="ensemble", inputs=("prepare", "finetune", "tune"),
+                 outputs=(DESCRIPTION_FILE, "stacker.json", "greedy.json", "fit_records.json", "predictions/"),
+                 run="transfuse.ensemble.stage:run_ensemble", progress="transfuse.ensemble:_progress",
+                 plan="transfuse.ensemble.plan:ensemble_plan")
+
+# name -> module: the public face other wings import from ``transfuse.ensemble``
+_FACE = {
+    "EnsembleParts": "transfuse.ensemble.fitted",
+    "EnsembleSource": "transfuse.ensemble.fitted",
+    "ensemble_to_compress": "transfuse.ensemble.fitted",
+    "keras_baseline": "transfuse.ensemble.fitted",
+    "checked_temperature": "transfuse.ensemble.stacker",
+    "temperature_line": "transfuse.ensemble.stacker",
+    "format_table": "transfuse.ensemble.stage",
+    "read_description": "transfuse.ensemble.stage",
+    "run_ensemble": "transfuse.ensemble.stage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FACE:
+        return getattr(importlib.import_module(_FACE[name]), name)
+    raise AttributeError(f"module 'transfuse.ensemble' has no attribute {name!r}")

@@ -11,11 +11,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from transfuse.inference import combine as stacking
-from transfuse.inference.bundle import SklearnMember
 from transfuse.config import Config
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
-from transfuse.compress.tflite import CompressError, Member
+from transfuse.ensemble import ENSEMBLE
+from transfuse.finetune import FINETUNE, KerasMember
+from transfuse.inference import BundleSklearn, EnsembleError, PreprocessSpec, Stacker, combine_probs, preprocess
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +23,8 @@ log = logging.getLogger(__name__)
 class EnsembleParts:
     """What the bundle needs besides the CNNs: sklearn members (ONNX bytes) and the stacker (None: average)."""
 
-    sklearn: list[SklearnMember] = field(default_factory=list)
-    stacker: Optional[stacking.Stacker] = None
+    sklearn: list[BundleSklearn] = field(default_factory=list)
+    stacker: Optional[Stacker] = None
 
 
 @dataclass
@@ -40,7 +39,7 @@ class EnsembleSource:
 
 def read_ensemble(cfg: Config) -> EnsembleSource:
     """The CNN member dirs, sklearn members (ONNX) and stacker written by ``jobs.ensemble``
-    (``ensemble.json``, format transfuse.ensemble.stage/v1). Without an ensemble stage: the members chosen by Tune
+    (``ensemble.json``, format transfuse.ensemble/v1). Without an ensemble stage: the members chosen by Tune
     (``tune/members.json``) or the single ``finetune/`` model, combined by plain averaging."""
     import hashlib
 
@@ -49,12 +48,12 @@ def read_ensemble(cfg: Config) -> EnsembleSource:
     from transfuse.ensemble import stage as ensemble
 
     h = hashlib.sha256(cfg.fingerprint("compress", "data").encode())
-    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ens_dir = ENSEMBLE.dir(cfg)
     desc_path = storage.join(ens_dir, ensemble.DESCRIPTION_FILE)
     desc = ensemble.read_description(ens_dir, missing_ok=True)
     if desc is not None:
         members = [(str(m["name"]), str(m["dir"])) for m in desc["cnn_members"]]
-        sk = [SklearnMember(name=m.name, data=storage.read_bytes(storage.join(ens_dir, m.file)),
+        sk = [BundleSklearn(name=m.name, data=storage.read_bytes(storage.join(ens_dir, m.file)),
                             embedding_of=m.embedding_source, probabilities_output=m.output, features=m.features,
                             pixel_size=m.pixel_size)
               for m in ensemble.saved_sklearn_members(desc)]
@@ -62,15 +61,15 @@ def read_ensemble(cfg: Config) -> EnsembleSource:
         h.update((storage.sha256(man) if storage.exists(man) else storage.sha256(desc_path)).encode())
         return EnsembleSource(members, EnsembleParts(sk, ensemble.read_stacker(ens_dir, desc)), "ensemble",
                               h.hexdigest()[:16])
-    from transfuse.finetune.tune import MEMBERS_FILE, read_members, tune_dir
+    from transfuse.finetune import MEMBERS_FILE, read_members, tune_dir
 
     tuned = read_members(cfg)
     if tuned is not None:
         members = [(m.name, m.dir) for m in tuned]
     else:
-        ft = storage.stage_dir(cfg, "finetune")
+        ft = FINETUNE.dir(cfg)
         if not storage.exists(storage.join(ft, "model_spec.json")):
-            raise CompressError(f"nothing to compress: no {desc_path} (jobs.ensemble), no "
+            raise EnsembleError(f"nothing to compress: no {desc_path} (jobs.ensemble), no "
                                 f"{storage.join(tune_dir(cfg), MEMBERS_FILE)} (jobs.tune) and no "
                                 f"{ft}/model_spec.json (jobs.finetune); run one of them first")
         members = [("finetune", ft)]
@@ -116,7 +115,7 @@ def ensemble_to_compress(cfg: Config) -> tuple[EnsembleSource, dict[str, Any]]:
     return drop_zero_weight_members(src) if cfg.compress.drop_zero_weight_members else (src, {"dropped": []})
 
 
-def keras_baseline(members: list[Member], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
+def keras_baseline(members: list[KerasMember], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
     """The seed-style float32 ensemble: each tf_keras member's ``model.predict`` one after another (whole model,
     no shared trunk), the same sklearn members (ONNX on the Keras embedding) and the same combiner."""
     import tempfile
@@ -124,10 +123,10 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
 
     import tensorflow as tf
 
-    from transfuse.finetune import models
-    from transfuse.inference.runtimes import OnnxRunner
+    from transfuse import finetune
+    from transfuse.inference import OnnxRunner
 
-    nets = {m.name: tf.keras.Model(m.model.input, [m.model.output, models.embedding_model(m.model).output])
+    nets = {m.name: tf.keras.Model(m.model.input, [m.model.output, finetune.embedding_model(m.model).output])
             for m in members}
     tmp = Path(tempfile.mkdtemp(prefix="transfuse-baseline-"))
     sk = []
@@ -144,7 +143,7 @@ def keras_baseline(members: list[Member], parts: EnsembleParts, spec: Preprocess
         for s, r in sk:
             probs[s.name] = np.asarray(r(s.inputs(images, emb))[s.probabilities_output], np.float64)
         st = parts.stacker
-        p = stacking.combine_probs(probs, list(probs)) if st is None else st.predict_proba(probs)
+        p = combine_probs(probs, list(probs)) if st is None else st.predict_proba(probs)
         return p.astype(np.float32)
 
     return predict

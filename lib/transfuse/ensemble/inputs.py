@@ -19,11 +19,11 @@ import numpy as np
 
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig
+from transfuse.data import PREPARE
 from transfuse.ensemble.learners import FitOutput, FitTask
-from transfuse.finetune.predictions import read_member_split
-from transfuse.inference.preprocess import pixel_features
-from transfuse.inference.combine import EnsembleError
 from transfuse.ensemble.stacker import FitRecord
+from transfuse.finetune import FINETUNE, member_metrics, read_member_split
+from transfuse.inference import EnsembleError, pixel_features
 
 @dataclass
 class EnsembleInputs:
@@ -132,32 +132,32 @@ def oof_predictions(outputs: Sequence[FitOutput], name: str, seed: int, holdout_
 
 
 @dataclass
-class CnnMember:
+class MemberDir:
     name: str
     dir: str
     val_accuracy: Optional[float] = None
 
 
-def find_cnn_members(cfg: Config) -> list[CnnMember]:
+def find_cnn_members(cfg: Config) -> list[MemberDir]:
     """The members chosen by Tune (``<run>/tune/members.json``), else the single fine-tuned model."""
-    from transfuse.finetune.tune import MEMBERS_FILE, read_members, tune_dir
+    from transfuse.finetune import MEMBERS_FILE, read_members, tune_dir
 
-    ft_dir = storage.stage_dir(cfg, "finetune")
+    ft_dir = FINETUNE.dir(cfg)
     tuned = read_members(cfg)
     if tuned is not None:
-        return [CnnMember(m.name, m.dir, m.val_accuracy) for m in tuned]
+        return [MemberDir(m.name, m.dir, m.val_accuracy) for m in tuned]
     if storage.exists(storage.join(ft_dir, "predictions")):
-        return [CnnMember("finetune", ft_dir, None)]
+        return [MemberDir("finetune", ft_dir, None)]
     raise EnsembleError(f"no CNN members found: expected {storage.join(tune_dir(cfg), MEMBERS_FILE)} (jobs.tune) "
                         f"or {ft_dir}/predictions (jobs.finetune); run one of them first")
 
 
-def _member_val_accuracy(m: CnnMember) -> float:
+def _member_val_accuracy(m: MemberDir) -> float:
     if m.val_accuracy is not None:
         return float(m.val_accuracy)
-    path = storage.join(m.dir, "metrics.json")
-    if storage.exists(path):
-        return float(storage.read_json(path).get("val", {}).get("accuracy", float("-inf")))
+    metrics = member_metrics(m.dir)
+    if metrics is not None:
+        return float(metrics.get("val", {}).get("accuracy", float("-inf")))
     return float("-inf")
 
 
@@ -175,7 +175,7 @@ def _agree(split: str, ref: tuple[str, np.ndarray, np.ndarray], other: tuple[str
                             f"e.g. {ids_a[bad[:3]].tolist()}")
 
 
-def load_inputs(cfg: Config, members: Optional[list[CnnMember]] = None) -> tuple[EnsembleInputs, list[CnnMember]]:
+def load_inputs(cfg: Config, members: Optional[list[MemberDir]] = None) -> tuple[EnsembleInputs, list[MemberDir]]:
     """Read every CNN member's predictions and the best member's embeddings, joined and checked by id."""
     members = members or find_cnn_members(cfg)
     names = [m.name for m in members]
@@ -210,7 +210,7 @@ def load_inputs(cfg: Config, members: Optional[list[CnnMember]] = None) -> tuple
     if labels["train"].size and labels["train"].max() >= k:
         raise EnsembleError(f"labels go up to {labels['train'].max()} but members predict {k} classes")
     wants_pixels, wants_embeddings = _views_read(cfg.ensemble, names)
-    pixels = (read_pixels(storage.stage_dir(cfg, "data"), inp_ids, labels, cfg.ensemble.pixel_size)
+    pixels = (read_pixels(PREPARE.dir(cfg), inp_ids, labels, cfg.ensemble.pixel_size)
               if wants_pixels else {})
     cnn_embeddings = {best.name: embeddings} if best.name in wants_embeddings else {}
     for m in members:
@@ -247,7 +247,7 @@ def read_pixels(data_dir: str, ids: Mapping[str, np.ndarray], labels: Mapping[st
                 size: Optional[int]) -> dict[str, np.ndarray]:
     """``pixel_features`` of the prepared images, per split, in the order of ``ids`` (the CNN members' rows); an
     id the prepared split lacks, or a label that differs, is an error (the members were built on other data)."""
-    from transfuse.data.dataset import read_split_numpy
+    from transfuse.data import read_split_numpy
 
     out = {}
     for split, want in ids.items():
@@ -264,8 +264,8 @@ def read_pixels(data_dir: str, ids: Mapping[str, np.ndarray], labels: Mapping[st
     return out
 
 
-def _class_names(cfg: Config, best: CnnMember, k: int) -> list[str]:
-    for path in (storage.join(best.dir, "model_spec.json"), storage.join(storage.stage_dir(cfg, "data"),
+def _class_names(cfg: Config, best: MemberDir, k: int) -> list[str]:
+    for path in (storage.join(best.dir, "model_spec.json"), storage.join(PREPARE.dir(cfg),
                                                                          storage.MANIFEST)):
         if storage.exists(path):
             names = storage.read_json(path).get("class_names")
@@ -280,7 +280,7 @@ def class_weighting(cfg: Config, inp: EnsembleInputs) -> dict[str, Any]:
     (the same split)."""
     from transfuse import class_weights
 
-    manifest = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    manifest = storage.read_manifest(PREPARE.dir(cfg)) or {}
     if not (manifest.get("class_names") and (manifest.get("counts") or {}).get("train")):
         names = inp.class_names or [str(i) for i in range(inp.num_classes)]
         counts = class_weights.class_counts(inp.labels["train"], inp.num_classes)
@@ -289,7 +289,7 @@ def class_weighting(cfg: Config, inp: EnsembleInputs) -> dict[str, Any]:
     return class_weights.decision(cfg.data, manifest)
 
 
-def stage_fingerprint(cfg: Config, members: list[CnnMember], head: Optional[str] = None) -> str:
+def stage_fingerprint(cfg: Config, members: list[MemberDir], head: Optional[str] = None) -> str:
     """Same config (or ``head``: a digest of the parts that matter) and the same member files (their manifests'
     checksums) -> the stage (or the member search) is complete."""
     h = hashlib.sha256((head or cfg.fingerprint("ensemble")).encode())
@@ -313,6 +313,6 @@ def member_inputs(inp: EnsembleInputs, features: str, split: str, embedding_of: 
 
 
 __all__ = [
-    "CnnMember", "EnsembleInputs", "class_weighting", "find_cnn_members", "fold_tasks", "holdout_folds",
+    "MemberDir", "EnsembleInputs", "class_weighting", "find_cnn_members", "fold_tasks", "holdout_folds",
     "load_inputs", "member_inputs", "oof_predictions", "read_pixels", "shared_data", "stage_fingerprint",
 ]

@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from transfuse.config import MEMBER_KINDS, EnsembleConfig, MemberConfig
-from transfuse.inference.combine import EnsembleError
+from transfuse.inference import EnsembleError
 
 log = logging.getLogger(__name__)
 

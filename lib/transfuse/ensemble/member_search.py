@@ -3,7 +3,7 @@
 One trial = one member configuration: a kind (``MEMBER_KINDS``), its parameters drawn from that kind's space
 (``DEFAULT_SPACE``, or ``ensemble.search.space``) and a feature view (one CNN member's embedding, itself drawn,
 or the pixels). A trial fits the member K times, exactly as the ensemble fits it for the stacker: the holdout is
-split into the same K folds (``stack_inputs.holdout_folds`` with the first of ``ensemble.seeds``), fold k's model is
+split into the same K folds (``transfuse.ensemble.inputs.holdout_folds`` with the first of ``ensemble.seeds``), fold k's model is
 fitted on train + the other holdout folds and predicts fold k. Its score is the out-of-fold NLL over the holdout.
 The fixed list (``ensemble.members``) is evaluated as trials too, so each (kind, view family) keeps its best
 configuration among the fixed one and the drawn ones (with ``ensemble.search.se_rule`` > 0, a drawn one displaces
@@ -13,14 +13,13 @@ Who sees what: the trials' shared data hold the train and holdout rows only (no 
 store for them), each trial records the ids every fold model was fitted on and predicted, and the driver runs
 ``transfuse.ensemble.stacker.check_no_leakage`` over those records with the test ids before any configuration is chosen.
 
-The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records; a dot folder is
-working state, not a stage output). A run whose inputs match the experiment's fingerprint restores it
+The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records: working state). A run whose inputs match the experiment's fingerprint restores it
 (``Tuner.restore``): an interrupted search resumes and no finished trial is fitted again. Every trial is drawn
 before Tune sees it, from one generator seeded with ``seed`` (``candidates``), and every fit uses
-``random_state=seed``: the same seed gives the same trials, scores and choice, unless ``time_budget_s`` cuts the
-search short.
+``random_state=seed``: the same seed gives the same trials, scores and choice, unless ``time_budget_s`` cuts the search
+short.
 
-Class weights: when the run weights by class (``stack_inputs.class_weighting``), every trial's fold fits weight
+Class weights: when the run weights by class (``inputs.class_weighting``), every trial's fold fits weight
 their rows as the ensemble's do (``FitTask.class_weighted``) and its score is the class-weighted out-of-fold NLL
 (each holdout row's NLL times its class's weight on the holdout labels): the objective the members and the
 stacker then fit.
@@ -45,18 +44,12 @@ import numpy as np
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig, MemberConfig, digest
-from transfuse.ensemble.inputs import (
-    CnnMember,
-    EnsembleInputs,
-    fold_tasks,
-    holdout_folds,
-    oof_predictions,
-    shared_data,
-    stage_fingerprint,
-)
+from transfuse.ensemble import ENSEMBLE
+from transfuse.ensemble.inputs import (EnsembleInputs, MemberDir, fold_tasks, holdout_folds, oof_predictions,
+                                       shared_data, stage_fingerprint)
 from transfuse.ensemble.learners import MemberError, build_estimator, data_key, fit_one
-from transfuse.inference.combine import EnsembleError
 from transfuse.ensemble.stacker import FitRecord, check_no_leakage
+from transfuse.inference import EnsembleError
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +80,6 @@ DEFAULT_SPACE: dict[str, dict[str, Any]] = {
                 "estimator__max_depth": {"choice": [None, 8]}},
 }
 
-
-class MemberSearchError(EnsembleError):
-    """The member search could not choose members (every trial of it failed)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -250,7 +240,7 @@ class SearchResult:
     summary: dict[str, Any]
 
 
-def search_fingerprint(cfg: Config, cnn_members: Sequence[CnnMember], class_weighted: bool = False) -> str:
+def search_fingerprint(cfg: Config, cnn_members: Sequence[MemberDir], class_weighted: bool = False) -> str:
     """What the trials depend on: the search section, the fixed members, folds, the seed, the pixel view, the
     class weighting (named only when on: an unweighted search keeps its fingerprint) and the CNN members' files.
     A stored experiment with another fingerprint is discarded, never restored."""
@@ -379,13 +369,13 @@ def check_trials(records: Mapping[str, Mapping[str, Any]], inp: EnsembleInputs) 
     return check_no_leakage(fits, ho, list(records), test_ids=te, final_records=fits)
 
 
-def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[CnnMember], *,
+def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[MemberDir], *,
                       force: bool = False, class_weighted: bool = False) -> SearchResult:
     """Run (or restore and finish) the member search; return the trials and the members chosen for the stacker.
-    ``class_weighted``: the run's decision (``stack_inputs.class_weighting``): fits and scores weighted by class."""
+    ``class_weighted``: the run's decision (``inputs.class_weighting``): fits and scores weighted by class."""
     e = cfg.ensemble
     validate_search(e)
-    base = storage.join(storage.stage_dir(cfg, "ensemble"), SEARCH_DIR)
+    base = storage.join(ENSEMBLE.dir(cfg), SEARCH_DIR)
     fp = search_fingerprint(cfg, cnn_members, class_weighted)
     stamp = storage.join(base, "fingerprint.json")
     same = storage.exists(stamp) and storage.read_json(stamp).get("fingerprint") == fp
@@ -402,11 +392,11 @@ def run_member_search(cfg: Config, inp: EnsembleInputs, cnn_members: Sequence[Cn
     unfinished = len(rows) - len(scored) - sum(bool(r["error"]) for r in rows) + trial_count(e) - len(rows)
     budget_hit = e.search.time_budget_s is not None and seconds >= e.search.time_budget_s
     if unfinished and not budget_hit:  # Tune returns, rather than raises, when interrupted (SIGINT)
-        raise MemberSearchError(f"member search interrupted: {unfinished} of {trial_count(e)} trials unfinished; "
+        raise EnsembleError(f"member search interrupted: {unfinished} of {trial_count(e)} trials unfinished; "
                                 f"its state is in {base}: run the ensemble stage again to resume it")
     if not scored:
         errors = [r["error"] for r in rows if r["error"]]
-        raise MemberSearchError(f"member search: none of its {len(rows)} trials was scored; errors: {errors[:3]}")
+        raise EnsembleError(f"member search: none of its {len(rows)} trials was scored; errors: {errors[:3]}")
     records = read_records(base, rows)
     leakage = check_trials(records, inp)
     row_nll = {t: np.asarray(d["row_nll"]) for t, d in records.items()}
@@ -496,6 +486,6 @@ def plot(result: SearchResult) -> bytes:
     return buf.getvalue()
 
 
-__all__ = ["DEFAULT_SPACE", "MemberSearchError", "SearchResult", "candidates", "fixed_anchor", "kind_space",
+__all__ = ["DEFAULT_SPACE", "SearchResult", "candidates", "fixed_anchor", "kind_space",
            "max_overlap", "paired_gain", "run_member_search", "select", "trial_count", "tune_space",
            "validate_search", "write_results"]

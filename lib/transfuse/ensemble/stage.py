@@ -15,7 +15,7 @@ Who sees what (the leakage rule, checked from recorded ids by ``transfuse.ensemb
   already picked the CNN members, so scores on it are optimistic.
 
 Class weights (``data.class_weight``): the run decides once, from the prepared train split's counts
-(``stack_inputs.class_weighting``), and when it weights, every scikit-learn fit here and in the member search
+(``transfuse.ensemble.inputs.class_weighting``), and when it weights, every scikit-learn fit here and in the member search
 weights its rows by the class weights of its own fit labels, and the stacker (its fit, the candidates' CV score
 and the temperature) weights the holdout rows by theirs. Greedy selection and the test metrics stay unweighted;
 balanced accuracy, macro F1 and recall per class are reported beside accuracy for every model.
@@ -34,23 +34,23 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from transfuse.ensemble import member_search
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig
+from transfuse.ensemble import DESCRIPTION_FILE, ENSEMBLE, PROGRESS_FILE, member_search
+from transfuse.ensemble.inputs import (EnsembleInputs, MemberDir, class_weighting, find_cnn_members, fold_tasks,
+                                       holdout_folds, load_inputs, member_inputs, oof_predictions, shared_data,
+                                       stage_fingerprint)
 from transfuse.ensemble.learners import (ONNX_INPUT, ONNX_OUTPUT, FitOutput, FitTask, Progress, data_key, make_runner,
-                                 to_onnx_bytes, validate_members)
-from transfuse.finetune.predictions import write_member_split
-from transfuse.ensemble.inputs import (CnnMember, EnsembleInputs, class_weighting, find_cnn_members, fold_tasks,
-                                    holdout_folds, load_inputs, member_inputs, oof_predictions, shared_data,
-                                    stage_fingerprint)
-from transfuse.inference.combine import EnsembleError, Stacker, average, hard_vote, load_sklearn_member
-from transfuse.ensemble.stacker import FitRecord, GreedyEnsemble, check_no_leakage, select_stacker, stacker_candidates, temperature_line
+                                         to_onnx_bytes, validate_members)
+from transfuse.ensemble.stacker import (FitRecord, GreedyEnsemble, check_no_leakage, select_stacker,
+                                        stacker_candidates, temperature_line)
+from transfuse.finetune import write_member_split
+from transfuse.inference import EnsembleError, Stacker, average, hard_vote, load_sklearn_member
 
 log = logging.getLogger(__name__)
 
-STAGE = "ensemble"
-ENSEMBLE_FORMAT = "transfuse.ensemble.stage/v1"
+ENSEMBLE_FORMAT = "transfuse.ensemble/v1"
 COMBINERS = ("average", "hard_vote", "greedy", "stack")
 
 
@@ -179,7 +179,7 @@ def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None,
                  progress: Optional[Progress] = None, *, class_weighted: bool = False) -> EnsembleFit:
     """Fit every sklearn member for every seed (all tasks at once), then the combiners; score everything on test.
     ``progress(done, total)`` is called as member tasks finish. ``class_weighted``: the run's decision
-    (``stack_inputs.class_weighting``): the members' fits and the stacker weight their rows by class."""
+    (``transfuse.ensemble.inputs.class_weighting``): the members' fits and the stacker weight their rows by class."""
     inp.check()
     validate_members(ecfg, class_weighted)
     wants = [m.name for m in ecfg.members if m.features == "pixels"]
@@ -201,7 +201,7 @@ def fit_ensemble(inp: EnsembleInputs, ecfg: EnsembleConfig, runner: Any = None,
 # The stage: fit, save, verify
 
 
-def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: list[CnnMember],
+def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: list[MemberDir],
                   ecfg: EnsembleConfig) -> dict[str, Any]:
     """Write members/*.onnx, stacker.json, greedy.json, fit_records.json and ensemble.json for the first seed."""
     s = fit.first
@@ -244,7 +244,6 @@ def save_ensemble(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, members: 
 
 
 # ---------------------------------------------------------------------- ensemble.json (this module owns it)
-DESCRIPTION_FILE = "ensemble.json"
 
 
 @dataclass(frozen=True)
@@ -365,7 +364,6 @@ def learner_weights(inp: EnsembleInputs, on: bool) -> dict[str, Any]:
             "stacker": by_name(class_weights(inp.labels["holdout"], k), names)}
 
 
-PROGRESS_FILE = "progress.json"  # {"done": n, "total": m} member tasks, while the stage runs (the console reads it)
 
 
 def _progress_file(out: str) -> Progress:
@@ -388,9 +386,9 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
     validate_members(cfg.ensemble)
     member_search.validate_search(cfg.ensemble)
     members = find_cnn_members(cfg)
-    out = storage.stage_dir(cfg, STAGE)
+    out = ENSEMBLE.dir(cfg)
     fp = stage_fingerprint(cfg, members)
-    if storage.skip_complete(out, fp, STAGE, force):
+    if storage.skip_complete(out, fp, ENSEMBLE.folder, force):
         return storage.read_manifest(out)
     inp, members = load_inputs(cfg, members)
     weighting = class_weighting(cfg, inp)  # one decision for every learner of the run
@@ -410,8 +408,8 @@ def run_ensemble(cfg: Config, *, force: bool = False, runner: Any = None) -> dic
         member_search.write_results(out, searched)
         report["member_search"] = searched.summary
     report["reload_max_abs_diff"] = verify_saved(out, fit, inp, cfg.ensemble.onnx_threads)
-    storage.write_json(storage.join(out, "metrics.json"), report)
-    return storage.write_manifest(out, cfg, STAGE, fp, members=desc["member_order"],
+    storage.write_json(ENSEMBLE.metrics_path(cfg), report)
+    return storage.write_manifest(out, cfg, ENSEMBLE.folder, fp, members=desc["member_order"],
                                   embedding_source=inp.embedding_source, counts=report["counts"],
                                   metrics={k: v["accuracy"]["mean"] for k, v in report["summary"].items()},
                                   class_weight=report["class_weight"])

@@ -59,6 +59,6 @@ def budget_splits(data_dir: str) -> tuple[dict[str, np.ndarray], dict[str, np.nd
 def pixels_logreg(images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
                   class_weighted: bool = False) -> dict[str, Any]:
     """``logreg_on_val`` on the images' pixels (``preprocess.pixel_features``), split by split."""
-    from transfuse.inference.preprocess import pixel_features
+    from transfuse.inference import pixel_features
 
     return logreg_on_val({s: pixel_features(v) for s, v in images.items()}, labels, class_weighted)

@@ -30,11 +30,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.inference.preprocess import PreprocessSpec, preprocess
+from transfuse.finetune import CACHE
+from transfuse.inference import PreprocessSpec, preprocess
 
 log = logging.getLogger(__name__)
 
-CACHE_STAGE = "cache"
 PROFILE: dict[str, float] = {}  # where the last cache pass in this process spent its time (bench, logs)
 
 
@@ -323,7 +323,7 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
     """
     from transfuse.data import data_manifest
 
-    root = storage.stage_dir(cfg, CACHE_STAGE)
+    root = CACHE.dir(cfg)
     data_fp = data_manifest(data_dir).get("fingerprint", "")
     dirs = {cut: storage.join(root, key) for key, cut in cuts.items()}
     lock_path = storage.join(root, ".lock")
@@ -346,7 +346,7 @@ def ensure_cache(cfg: Any, data_dir: str, spec: dict[str, Any], weights_path: st
                                               actors, batch_size, use_gpu, actor_cpus)
             for key, cut in missing.items():
                 final, tmp = dirs[cut], tmps[key]
-                storage.write_manifest(tmp, cfg, CACHE_STAGE, data_fp, cut_layer=cut, key=key, counts=counts,
+                storage.write_manifest(tmp, cfg, CACHE.folder, data_fp, cut_layer=cut, key=key, counts=counts,
                                        spec={k: spec[k] for k in ("backbone", "width", "input_size")})
                 if tmp != final:
                     if os.path.exists(final):

@@ -1,31 +1,39 @@
-"""The per-worker training loop (``train_func``) and what it reads and writes: the typed loop config, its
-phases and test hooks, and the checkpoint (loop state, weights, optimizer state, the phase's best weights).
-``transfuse.finetune.stage`` builds the ``LoopConfig`` from the config and runs this on Ray Train.
+"""The one Ray Train worker loop and what it reads and writes.
+
+``run_worker`` is the skeleton every training worker runs, fine-tuning and the distill stage's student alike: the
+Ray Train context (seed, precision, determinism, the distribution strategy), resuming from a checkpoint (weights,
+optimizer state, the loop's state and the phase's best weights), the phases and their epochs, early stopping and
+the best epoch's weights, and a reported checkpoint after every epoch. Its typed config is a ``WorkerPlan``; what
+differs between callers (the model, its inputs and loss, one epoch's fit and evaluation, the state file) comes
+through the hooks of a ``WorkerTask``. ``FinetuneTask`` is fine-tuning's: ``train_func`` runs it on a
+``LoopConfig``, which ``transfuse.finetune.stage`` builds from the config; the student's is
+``transfuse.distill.student.StudentTask``. The checkpoint's files are ``transfuse.finetune.checkpoint``'s (their
+names are importable from here too).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Optional
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse.errors import TransfuseError
+from transfuse.finetune.checkpoint import (BEST_WEIGHTS, CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, OPT_STATE, STATE_FILE,
+                                           LoopState, load_arrays, load_checkpoint_weights, read_optimizer_state,
+                                           restore_optimizer, save_arrays, save_checkpoint_weights,
+                                           save_optimizer_state)
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "state.json"
-CKPT_WEIGHTS = "model.weights.npz"  # every weight array, in the model's order
-LEGACY_CKPT_WEIGHTS = "model.weights.h5"  # checkpoints written before the .npz
-BEST_WEIGHTS = "best.weights.npz"  # the phase's best epoch so far, when not the checkpoint's own weights
-OPT_STATE = "optimizer.npz"  # the phase's optimizer variables (Adam: step, m, v), mid-phase checkpoints only
-# Tune overrides accepted by build_trainer: per-trial values that change the model or the schedule
+MONITOR = "val_loss"  # what early stopping and the best epoch read (lower is better)
+MIN_DELTA = 1e-6  # a new best must beat the old one by more than this
 
 
 class TrainError(TransfuseError, ValueError):
@@ -99,34 +107,242 @@ class LoopConfig:
     class_weights: Optional[list[float]] = None  # per class 0..K-1, on the training loss only
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The skeleton: what every training worker runs
+
+
+class PhasePlan(Protocol):
+    """What the skeleton reads of a phase: its name (the history's, the logs') and its epochs."""
+
+    name: str
+    epochs: int
+
+
 @dataclass
-class LoopState:
-    """Where the loop is, saved in every checkpoint (``state.json``) so a resumed run continues there."""
+class EarlyStopping:
+    """Early stopping per phase on the val loss (``MONITOR``): ``patience`` epochs without a lower one end the
+    phase, its first ``start`` epochs not monitored (Keras's start_from_epoch). ``restore_best``: the phase ends
+    with the weights of its best epoch (kept on every worker, and in each checkpoint while they are not its own)."""
 
-    phase: int = 0
-    phase_epoch: int = 0
-    epoch: int = 0  # global, over all phases
-    best: Optional[float] = None  # the current phase's lowest val loss
-    best_epoch: Optional[int] = None
-    bad: int = 0  # epochs since the best
-    stopped: bool = False  # early-stopped: the phase is over
-    history: list[dict[str, Any]] = field(default_factory=list)
-    restored: list[dict[str, Any]] = field(default_factory=list)  # per phase: the best epoch put back at its end
-    weights_epoch: Optional[int] = None  # whose weights the checkpoint holds (the best epoch's at a phase end)
+    patience: int
+    start: int = 0
+    restore_best: bool = True
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "LoopState":
-        """A checkpoint's state; keys a state of an earlier version lacks keep their defaults."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+@dataclass
+class WorkerPlan:
+    """The skeleton's config: the seed (each worker's: ``seed + rank``), the batch size over all workers, the phases
+    in order, the Keras dtype policy (None: Keras's default), op determinism, early stopping (None: every phase
+    runs all its epochs) and the test hooks."""
 
-    @classmethod
-    def read(cls, checkpoint_dir: str) -> "LoopState":
-        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-            return cls.from_json(json.load(f))
+    seed: int
+    batch_size: int
+    phases: Sequence[PhasePlan]
+    policy: Optional[str] = None
+    op_determinism: bool = False
+    stopping: Optional[EarlyStopping] = None
+    hooks: LoopHooks = field(default_factory=LoopHooks)
+
+
+@dataclass
+class WorkerContext:
+    """This worker in the Ray Train run: its rank, the number of workers, the distribution strategy, and its part
+    of the batch."""
+
+    rank: int
+    world: int
+    strategy: Any
+    per_worker: int
+
+
+class WorkerTask(ABC):
+    """What a caller plugs into ``run_worker``: its ``plan`` and the hooks below, called in this order: ``build``
+    (once), ``read_state`` (resuming), then per phase ``phase_model`` and ``phase_inputs``, then per epoch
+    ``fit_epoch``, ``metrics`` and (rank 0) ``write_state``. The default state file is ``LoopState`` as
+    ``state.json``; the default metrics are the epoch's history row."""
+
+    plan: WorkerPlan
+
+    @abstractmethod
+    def build(self, ctx: WorkerContext) -> Any:
+        """The model whose weights the checkpoints hold, at its initial weights (called in the strategy's scope)."""
+
+    @abstractmethod
+    def phase_model(self, index: int) -> Any:
+        """The compiled model phase ``index`` fits (in the strategy's scope); its optimizer is the checkpoint's."""
+
+    @abstractmethod
+    def phase_inputs(self, index: int, state: LoopState, ctx: WorkerContext) -> None:
+        """Make phase ``index``'s inputs ready (datasets, evaluation data); ``state.epoch`` is live."""
+
+    @abstractmethod
+    def fit_epoch(self, model: Any, state: LoopState) -> dict[str, Any]:
+        """Train one epoch and evaluate it: the history row, with ``epoch`` (``state.epoch + 1``) and, where the
+        plan stops early, ``val_loss``."""
+
+    def metrics(self, row: dict[str, Any], state: LoopState) -> dict[str, Any]:
+        """What Ray Train reports with the epoch's checkpoint, from the row of the weights it holds."""
+        return row
+
+    def read_state(self, checkpoint_dir: str) -> LoopState:
+        return LoopState.read(checkpoint_dir)
+
+    def write_state(self, state: LoopState, checkpoint_dir: str) -> None:
+        state.write(checkpoint_dir)
+
+
+def start_worker(plan: WorkerPlan) -> WorkerContext:
+    """Ray Train's context for this worker, its seed, precision, determinism and distribution strategy."""
+    import ray.train
+    import tensorflow as tf
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if plan.policy is not None:
+        tf.keras.mixed_precision.set_global_policy(plan.policy)
+    tf.keras.utils.set_random_seed(int(plan.seed) + rank)
+    if plan.op_determinism:
+        tf.config.experimental.enable_op_determinism()
+    # One worker: the default strategy. MultiWorkerMirroredStrategy over a single worker still runs a collective
+    # all-reduce for every gradient, which makes each epoch slower (bench/train_overhead.py --what scratch).
+    if world > 1 or plan.hooks.force_multi_worker:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tf.distribute.get_strategy()
+    return WorkerContext(rank, world, strategy, max(1, int(plan.batch_size) // world))
+
+
+def run_worker(task: WorkerTask) -> None:
+    """The worker loop: build the task's model, resume from Ray Train's checkpoint if there is one, and run the
+    phases' remaining epochs, each ending with a checkpoint reported to Ray Train.
+
+    Early stopping (``plan.stopping``) is per phase on validation loss. With ``restore_best``, the weights of the
+    phase's best epoch are kept in memory on every worker (the val loss Keras reports is reduced across workers and
+    the weights are mirrored, so every worker picks the same epoch and holds the same arrays) and put back when the
+    phase ends, before that epoch's checkpoint is written: the checkpoint, the next phase and what the caller saves
+    all start from the best epoch. Each checkpoint holds the weights, the optimizer state, the task's state file
+    and, when they are not the current ones, the best weights so far, so a resumed run keeps all of them.
+    """
+    import ray.train
+
+    ctx = start_worker(task.plan)
+    with ctx.strategy.scope():
+        full = task.build(ctx)
+    run = _WorkerRun(task, ctx, full)
+    run.resume(ray.train.get_checkpoint())
+    for index, phase in enumerate(task.plan.phases):
+        run.run_phase(index, phase)
+
+
+class _WorkerRun:
+    """``run_worker``'s moving parts: the loop state, the phase's best weights and a checkpoint's optimizer state."""
+
+    def __init__(self, task: WorkerTask, ctx: WorkerContext, full: Any):
+        self.task, self.ctx, self.full, self.plan = task, ctx, full, task.plan
+        self.state = LoopState()
+        self.best_weights: Optional[list[np.ndarray]] = None  # the current phase's best epoch (restore_best only)
+        self.opt_state: Optional[list[np.ndarray]] = None  # to load into the resumed phase's optimizer
+
+    @property
+    def restore_best(self) -> bool:
+        return self.plan.stopping is not None and self.plan.stopping.restore_best
+
+    def resume(self, ckpt: Any) -> None:
+        if not ckpt:
+            return
+        with ckpt.as_directory() as d:
+            self.state = self.task.read_state(d)
+            if self.restore_best and os.path.exists(os.path.join(d, BEST_WEIGHTS)):
+                self.best_weights = load_arrays(os.path.join(d, BEST_WEIGHTS))
+            self.opt_state = read_optimizer_state(d)
+            load_checkpoint_weights(self.full, d)
+        state = self.state
+        weights_epoch = state.epoch if state.weights_epoch is None else state.weights_epoch
+        if self.restore_best and self.best_weights is None and state.best_epoch == weights_epoch:
+            self.best_weights = self.full.get_weights()  # the checkpoint's own weights are the best so far
+        log.info("rank %d: resumed at global epoch %d (phase %d)%s", self.ctx.rank, state.epoch, state.phase,
+                 " with optimizer state" if self.opt_state is not None else "")
+
+    def run_phase(self, index: int, phase: PhasePlan) -> None:
+        """Phase ``index``'s remaining epochs (none: a finished or early-stopped phase, or one already passed)."""
+        state = self.state
+        if index < state.phase:
+            return
+        if index > state.phase:
+            state.phase, state.phase_epoch, state.best, state.best_epoch, state.bad, state.stopped = \
+                index, 0, None, None, 0, False
+            self.best_weights, self.opt_state = None, None  # a new phase: fresh optimizer, its own best epoch
+        if state.phase_epoch >= phase.epochs or state.stopped:
+            return
+        with self.ctx.strategy.scope():
+            model = self.task.phase_model(index)
+        if self.opt_state is not None:
+            restore_optimizer(model, self.opt_state, self.ctx.strategy)
+            self.opt_state = None
+        self.task.phase_inputs(index, state, self.ctx)
+        while state.phase_epoch < phase.epochs and not state.stopped:
+            row = self.task.fit_epoch(model, state)
+            state.history.append(row)
+            state.epoch += 1
+            state.phase_epoch += 1
+            self.monitor(row)
+            reported = self.end_phase(phase, row) if state.stopped or state.phase_epoch >= phase.epochs else row
+            # the metrics describe the weights in this epoch's checkpoint (the best epoch's at a phase end)
+            metrics = self.task.metrics(reported, state)
+            if reported is not row:
+                metrics["restored_from_epoch"] = reported["epoch"]
+            state.weights_epoch = reported["epoch"]
+            self.report(model, metrics)
+            self.plan.hooks.after_epoch(self.full, self.ctx.rank, state.epoch)
+
+    def monitor(self, row: dict[str, Any]) -> None:
+        """Early stopping's bookkeeping after an epoch: a new best (and its weights), or one more bad epoch."""
+        stopping, state = self.plan.stopping, self.state
+        if stopping is None or state.phase_epoch <= stopping.start:
+            return  # (Keras's start_from_epoch) a phase's first epochs are not monitored: no best, no patience
+        if state.best is None or row[MONITOR] < state.best - MIN_DELTA:
+            state.best, state.best_epoch, state.bad = row[MONITOR], state.epoch, 0
+            if stopping.restore_best:
+                self.best_weights = self.full.get_weights()
+        else:
+            state.bad += 1
+            if state.bad >= stopping.patience:
+                state.stopped = True  # early stopping on val loss: this phase ends here
+
+    def end_phase(self, phase: PhasePlan, row: dict[str, Any]) -> dict[str, Any]:
+        """The row of the weights the phase ends with: its best epoch's, put back, or the last epoch's own."""
+        state = self.state
+        if not self.restore_best or state.best_epoch in (None, state.epoch):
+            return row
+        self.full.set_weights(self.best_weights)  # every worker: same epoch, same arrays
+        best = next(r for r in state.history if r["epoch"] == state.best_epoch)
+        state.restored.append({"phase": phase.name, "best_epoch": state.best_epoch, "last_epoch": state.epoch,
+                               "val_loss": best[MONITOR]})
+        log.info("rank %d: phase %s ends at epoch %d; restored epoch %d (val loss %.4f)", self.ctx.rank,
+                 phase.name, state.epoch, state.best_epoch, best[MONITOR])
+        return best
+
+    def report(self, model: Any, metrics: dict[str, Any]) -> None:
+        """Report the epoch to Ray Train with its checkpoint (written by rank 0 only)."""
+        import ray.train
+
+        state = self.state
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if self.ctx.rank == 0:
+                save_checkpoint_weights(self.full, d)
+                # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the same
+                # optimizer state and still knows its best epoch
+                save_optimizer_state(model, d)
+                if self.restore_best and state.best_epoch not in (None, state.weights_epoch):
+                    save_arrays(os.path.join(d, BEST_WEIGHTS), self.best_weights)
+                self.task.write_state(state, d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning's task
 
 
 def _phase_model(full: Any, phase: Phase, cached: bool) -> Any:
@@ -148,9 +364,9 @@ def tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory:
                epoch: Callable[[], int] = lambda: 0, *, images: Optional[Any] = None, augment: Optional[Any] = None,
                rank: int = 0) -> Any:
     """This worker's shard as a tf.data pipeline. ``in_memory`` (``train.materialize``: small data): the shard is
-    read once into arrays and every epoch iterates those (a Ray Data pass per epoch cost 0.3-1 s of each 4-step
-    epoch of the default's head), shuffled per epoch from (``seed``, ``epoch()``); otherwise it streams from Ray
-    Data every epoch. ``images`` (a PreprocessSpec): the streamed shard holds stored rows and each batch is
+    read once into arrays and every epoch iterates those (a Ray Data pass per epoch costs a large share of a short
+    epoch of a small head), shuffled per epoch from (``seed``, ``epoch()``); otherwise it streams from Ray Data
+    every epoch. ``images`` (a PreprocessSpec): the streamed shard holds stored rows and each batch is
     preprocessed here, augmented (``augment``) from (``seed``, ``rank``, ``epoch()``), one batch ahead of the
     model. The arrays are fed through a generator, as Ray's ``to_tf`` does: a ``from_tensor_slices``
     dataset (known cardinality) did not train at all under MultiWorkerMirroredStrategy with two workers here (val
@@ -174,7 +390,7 @@ def tf_dataset(shard: Any, batch_size: int, shuffle: bool, seed: int, in_memory:
         ds = tf.data.Dataset.from_generator(batches, output_signature=(
             tf.TensorSpec((None, *x.shape[1:]), tf.float32), tf.TensorSpec((None,), tf.as_dtype(y.dtype))))
     elif images is not None:
-        from transfuse.data.dataset import preprocess_batch
+        from transfuse.data import preprocess_batch
 
         def batches() -> Any:
             e = epoch()
@@ -204,191 +420,80 @@ def keras_class_weight(weights: Optional[list[float]]) -> Optional[dict[int, flo
     return None if weights is None else {i: float(w) for i, w in enumerate(weights)}
 
 
-def save_checkpoint_weights(model: Any, d: str) -> None:
-    """A checkpoint's model weights: every weight array in the model's order, as a plain .npz (0.06 s for
-    EfficientNet-Lite0 where Keras's .h5 took 0.5 s, once per epoch)."""
-    _save_arrays(os.path.join(d, CKPT_WEIGHTS), model.get_weights())
+class FinetuneTask(WorkerTask):
+    """Fine-tuning (and pretraining, and the scratch baseline) on the skeleton: the full model from its spec and
+    initial weights; per phase the part that trains (``_phase_model``) with Adam at the phase's rate and sparse
+    cross-entropy, on its shard of the phase's datasets (``tf_dataset``); Keras's own val loss and accuracy.
 
+    ``loop.class_weights`` weight the training loss per row by its class (Keras's ``class_weight``); the
+    validation loss stays unweighted (see ``phase_inputs``)."""
 
-def load_checkpoint_weights(model: Any, d: str) -> None:
-    """Load what ``save_checkpoint_weights`` wrote (or a checkpoint of an earlier version: Keras .h5)."""
-    if os.path.exists(os.path.join(d, CKPT_WEIGHTS)):
-        model.set_weights(load_arrays(os.path.join(d, CKPT_WEIGHTS)))
-    else:
-        model.load_weights(os.path.join(d, LEGACY_CKPT_WEIGHTS))
+    def __init__(self, loop: LoopConfig):
+        self.loop = loop
+        self.plan = WorkerPlan(seed=loop.seed, batch_size=loop.batch_size, phases=loop.phases, policy=loop.policy,
+                               op_determinism=loop.op_determinism, hooks=loop.hooks,
+                               stopping=EarlyStopping(loop.patience, loop.patience_start, loop.restore_best))
+        self.full: Any = None
+        self.phase: Optional[Phase] = None
+        self.train: Any = None
+        self.val: Any = None
+        self.class_weight: Optional[dict[int, float]] = None
 
+    def build(self, ctx: WorkerContext) -> Any:
+        from transfuse.finetune import models
 
-def _save_arrays(path: str, arrays: list[np.ndarray]) -> None:
-    """Arrays in order as a plain .npz (a checkpoint-private file; loaded with allow_pickle=False)."""
-    np.savez(path, **{f"a{i:05d}": a for i, a in enumerate(arrays)})
+        self.full = models.build_model(self.loop.spec, None, bn_training=self.loop.bn_training)
+        models.load_weights(self.full, self.loop.init_weights)
+        return self.full
 
+    def phase_model(self, index: int) -> Any:
+        import tensorflow as tf
 
-def load_arrays(path: str) -> list[np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        return [z[k] for k in sorted(z.files)]
+        phase = self.loop.phases[index]
+        model = _phase_model(self.full, phase, self.loop.cached)
+        model.compile(optimizer=tf.keras.optimizers.Adam(phase.lr), loss="sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        return model
 
+    def phase_inputs(self, index: int, state: LoopState, ctx: WorkerContext) -> None:
+        import ray.train
 
-def save_optimizer_state(model: Any, d: str) -> None:
-    """A checkpoint's optimizer variables (Adam: step, m, v), so a resumed run continues with the same state."""
-    _save_arrays(os.path.join(d, OPT_STATE), [v.numpy() for v in model.optimizer.variables])
+        from transfuse.inference import PreprocessSpec
 
-
-def read_optimizer_state(d: str) -> Optional[list[np.ndarray]]:
-    """What ``save_optimizer_state`` wrote in checkpoint ``d`` (None: a checkpoint without it)."""
-    path = os.path.join(d, OPT_STATE)
-    return load_arrays(path) if os.path.exists(path) else None
-
-
-def restore_optimizer(model: Any, arrays: list[np.ndarray], strategy: Any) -> bool:
-    """Load a checkpointed optimizer state (Adam's step, m and v) into ``model``'s freshly compiled optimizer.
-
-    The optimizer's slots are created first (``build`` on the trainable variables, in the strategy's scope),
-    then assigned; a state whose shapes do not match (a different model or trainable set) is refused and the
-    phase continues with a fresh optimizer. Returns whether the state was loaded.
-    """
-    opt = model.optimizer
-    try:
-        with strategy.scope():
-            opt.build(model.trainable_variables)
-        variables = list(opt.variables)
-    except (AttributeError, TypeError, ValueError) as e:  # e.g. an optimizer wrapper without build()
-        log.warning("cannot restore the optimizer state (%s): continuing with a fresh optimizer", e)
-        return False
-    if len(variables) != len(arrays) or any(tuple(v.shape) != a.shape for v, a in zip(variables, arrays)):
-        log.warning("optimizer state in the checkpoint does not match this model (%d vs %d variables): "
-                    "continuing with a fresh optimizer", len(arrays), len(variables))
-        return False
-    for v, a in zip(variables, arrays):
-        v.assign(a)
-    return True
-
-
-def train_func(config: dict[str, Any]) -> None:
-    """Per-worker loop; ``config["loop"]`` is the ``LoopConfig``.
-
-    Early stopping per phase on validation loss. ``loop.class_weights`` weight the training loss per row by its
-    class (Keras's ``class_weight``); the validation loss stays unweighted (see the comment at ``fit``). With
-    ``restore_best``, the weights of the phase's best epoch (lowest val loss) are kept in memory on every worker
-    (the val loss Keras reports is reduced across workers and the weights are mirrored, so every worker picks the
-    same epoch and holds the same arrays) and put back when the phase ends, before that epoch's checkpoint is
-    written: the checkpoint, the next phase and the saved member all start from the best epoch. Each checkpoint
-    also holds the best weights so far (when they are not the current ones) and the optimizer state, so a resumed
-    run keeps both.
-    """
-    import ray.train
-    import tensorflow as tf
-
-    from transfuse.finetune import models
-    from transfuse.inference.preprocess import PreprocessSpec
-
-    loop: LoopConfig = config["loop"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    tf.keras.mixed_precision.set_global_policy(loop.policy)
-    tf.keras.utils.set_random_seed(int(loop.seed) + rank)
-    if loop.op_determinism:
-        tf.config.experimental.enable_op_determinism()
-    # One worker: the default strategy. MultiWorkerMirroredStrategy over a single worker still runs a collective
-    # all-reduce for every gradient: 8 from-scratch EfficientNet-Lite0 epochs took 1.2x (in-memory input) to
-    # 1.7x (Ray Data input) longer with it and Ray's 2 s poll (bench/train_overhead.py --what scratch).
-    if world > 1 or loop.hooks.force_multi_worker:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    else:
-        strategy = tf.distribute.get_strategy()
-    per_worker = max(1, int(loop.batch_size) // world)
-
-    state = LoopState()
-    best_weights: Optional[list[np.ndarray]] = None  # the current phase's best epoch (restore_best only)
-    opt_state: Optional[list[np.ndarray]] = None  # optimizer state to load into the resumed phase's optimizer
-    with strategy.scope():
-        full = models.build_model(loop.spec, None, bn_training=loop.bn_training)
-        models.load_weights(full, loop.init_weights)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt:
-        with ckpt.as_directory() as d:
-            state = LoopState.read(d)
-            if loop.restore_best and os.path.exists(os.path.join(d, BEST_WEIGHTS)):
-                best_weights = load_arrays(os.path.join(d, BEST_WEIGHTS))
-            opt_state = read_optimizer_state(d)
-            load_checkpoint_weights(full, d)
-        weights_epoch = state.epoch if state.weights_epoch is None else state.weights_epoch
-        if loop.restore_best and best_weights is None and state.best_epoch == weights_epoch:
-            best_weights = full.get_weights()  # the checkpoint's own weights are the best so far
-        log.info("rank %d: resumed at global epoch %d (phase %d)%s", rank, state.epoch, state.phase,
-                 " with optimizer state" if opt_state is not None else "")
-
-    for pi, phase in enumerate(loop.phases):
-        if pi < state.phase:
-            continue
-        if pi > state.phase:
-            state.phase, state.phase_epoch, state.best, state.best_epoch, state.bad, state.stopped = \
-                pi, 0, None, None, 0, False
-            best_weights, opt_state = None, None  # a new phase: fresh optimizer, its own best epoch
-        if state.phase_epoch >= phase.epochs or state.stopped:
-            continue
-        with strategy.scope():
-            model = _phase_model(full, phase, loop.cached)
-            model.compile(optimizer=tf.keras.optimizers.Adam(phase.lr),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-        if opt_state is not None:
-            restore_optimizer(model, opt_state, strategy)
-            opt_state = None
+        loop = self.loop
+        self.phase = phase = loop.phases[index]
         images = PreprocessSpec(**loop.spec["preprocess"]) if phase.images else None
-        train = tf_dataset(ray.train.get_dataset_shard(phase.train), per_worker, True, loop.seed, loop.in_memory,
-                           epoch=lambda: state.epoch, images=images, augment=loop.augment, rank=rank)
-        val = tf_dataset(ray.train.get_dataset_shard(phase.val), per_worker, False, 0, loop.in_memory,
-                         images=images)
+        self.train = tf_dataset(ray.train.get_dataset_shard(phase.train), ctx.per_worker, True, loop.seed,
+                                loop.in_memory, epoch=lambda: state.epoch, images=images, augment=loop.augment,
+                                rank=ctx.rank)
+        self.val = tf_dataset(ray.train.get_dataset_shard(phase.val), ctx.per_worker, False, 0, loop.in_memory,
+                              images=images)
         # Class weights weight the training loss only: Keras applies class_weight to the training batches (each
         # row's loss times its class's weight; the weights average 1 over the train split, so the loss keeps its
         # scale and the learning rates their meaning). The val loss that drives early stopping and the best epoch
         # stays the plain NLL on the val split, the quantity the test metrics and the temperature read; weighted,
         # a class with a handful of val images would swing it (val is a few images per class on a label budget).
         # The compiled "accuracy" metric is unweighted either way (Keras weights only weighted_metrics).
-        class_weight = keras_class_weight(loop.class_weights)
-        while state.phase_epoch < phase.epochs and not state.stopped:
-            h = model.fit(train, validation_data=val, epochs=1, verbose=0, class_weight=class_weight).history
-            row = {"phase": phase.name, "epoch": state.epoch + 1, "phase_epoch": state.phase_epoch + 1,
-                   **{k: float(v[-1]) for k, v in h.items()}}
-            state.history.append(row)
-            state.epoch += 1
-            state.phase_epoch += 1
-            if state.phase_epoch <= loop.patience_start:
-                pass  # (Keras's start_from_epoch) a phase's first epochs are not monitored: no best, no patience
-            elif state.best is None or row["val_loss"] < state.best - 1e-6:
-                state.best, state.best_epoch, state.bad = row["val_loss"], state.epoch, 0
-                if loop.restore_best:
-                    best_weights = full.get_weights()
-            else:
-                state.bad += 1
-                if state.bad >= loop.patience:
-                    state.stopped = True  # early stopping on val loss: this phase ends here
-            phase_end = state.stopped or state.phase_epoch >= phase.epochs
-            reported = row
-            if phase_end and loop.restore_best and state.best_epoch not in (None, state.epoch):
-                full.set_weights(best_weights)  # every worker: same epoch, same arrays
-                reported = next(r for r in state.history if r["epoch"] == state.best_epoch)
-                state.restored.append({"phase": phase.name, "best_epoch": state.best_epoch,
-                                       "last_epoch": state.epoch, "val_loss": reported["val_loss"]})
-                log.info("rank %d: phase %s ends at epoch %d; restored epoch %d (val loss %.4f)", rank,
-                         phase.name, state.epoch, state.best_epoch, reported["val_loss"])
-            # the metrics describe the weights in this epoch's checkpoint (the best epoch's at a phase end)
-            metrics = {"epoch": state.epoch, "phase": phase.name, "loss": reported["loss"],
-                       "accuracy": reported.get("accuracy"), "val_loss": reported["val_loss"],
-                       "val_accuracy": reported.get("val_accuracy")}
-            if reported is not row:
-                metrics["restored_from_epoch"] = reported["epoch"]
-            state.weights_epoch = reported["epoch"]
-            with tempfile.TemporaryDirectory() as d:
-                checkpoint = None
-                if rank == 0:
-                    save_checkpoint_weights(full, d)
-                    # a resumed phase (interrupted, or extended by a rerun with more epochs) continues with the
-                    # same Adam state and still knows its best epoch
-                    save_optimizer_state(model, d)
-                    if loop.restore_best and state.best_epoch not in (None, state.weights_epoch):
-                        _save_arrays(os.path.join(d, BEST_WEIGHTS), best_weights)
-                    with open(os.path.join(d, STATE_FILE), "w") as f:
-                        json.dump(state.to_json(), f)
-                    checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            loop.hooks.after_epoch(full, rank, state.epoch)
+        self.class_weight = keras_class_weight(loop.class_weights)
+
+    def fit_epoch(self, model: Any, state: LoopState) -> dict[str, Any]:
+        h = model.fit(self.train, validation_data=self.val, epochs=1, verbose=0,
+                      class_weight=self.class_weight).history
+        return {"phase": self.phase.name, "epoch": state.epoch + 1, "phase_epoch": state.phase_epoch + 1,
+                **{k: float(v[-1]) for k, v in h.items()}}
+
+    def metrics(self, row: dict[str, Any], state: LoopState) -> dict[str, Any]:
+        return {"epoch": state.epoch, "phase": self.phase.name, "loss": row["loss"], "accuracy": row.get("accuracy"),
+                "val_loss": row["val_loss"], "val_accuracy": row.get("val_accuracy")}
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """What every fine-tuning worker runs: ``config["loop"]`` is the ``LoopConfig`` (see ``FinetuneTask``)."""
+    run_worker(FinetuneTask(config["loop"]))
+
+
+__all__ = ["BEST_WEIGHTS", "CKPT_WEIGHTS", "EarlyStopping", "FinetuneTask", "LEGACY_CKPT_WEIGHTS", "LoopConfig",
+           "LoopHooks", "LoopState", "OPT_STATE", "Phase", "PhasePlan", "STATE_FILE", "TrainError", "WorkerContext",
+           "WorkerPlan", "WorkerTask", "keras_class_weight", "load_arrays", "load_checkpoint_weights",
+           "read_optimizer_state", "restore_optimizer", "run_worker", "save_checkpoint_weights",
+           "save_optimizer_state", "start_worker", "tf_dataset", "train_func"]

@@ -21,13 +21,14 @@ import hashlib
 import os
 import re
 import tempfile
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import BACKBONES, ModelConfig
 from transfuse.errors import TransfuseError
-from transfuse.inference.preprocess import PreprocessSpec
+from transfuse.inference import PreprocessSpec
 
 SPEC_FILE = "model_spec.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -35,6 +36,16 @@ BACKBONE_WEIGHTS = "backbone.weights.h5"  # what the pretrain stage writes under
 
 # VGG16's blocks: (convolutions, filters). vgg_small keeps the shape and scales the filters by `width`.
 _VGG16_BLOCKS = ((2, 64), (2, 128), (3, 256), (3, 512), (3, 512))
+
+
+@dataclass
+class KerasMember:
+    """A CNN member loaded in tf_keras: its name, model and model_spec (cut_layer, backbone_layers, preprocess, ...):
+    what the compress stage exports and the distill stage's teacher runs."""
+
+    name: str
+    model: Any
+    spec: dict
 
 
 class ModelError(TransfuseError, ValueError):

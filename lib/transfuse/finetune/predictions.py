@@ -5,12 +5,13 @@ distill stage read them. This module is that format's one writer and reader."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from transfuse import storage
-from transfuse.inference.combine import EnsembleError
+from transfuse.inference import EnsembleError
+from transfuse.stage import METRICS
 
 
 def _read_table(path: str) -> Any:
@@ -78,3 +79,9 @@ def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarra
 
 
 __all__ = ["SPLIT_COLUMNS", "read_member_split", "write_member_split"]
+
+
+def member_metrics(member_dir: str) -> Optional[dict[str, Any]]:
+    """A member dir's ``metrics.json`` (val and test metrics, the per-epoch history), or None before it is written."""
+    path = storage.join(member_dir, METRICS)
+    return storage.read_json(path) if storage.exists(path) else None

@@ -1,6 +1,6 @@
 """Fine-tuning on Ray Train: phase 1 frozen backbone, phase 2 the last k layers unfrozen.
 
-Three layers, as Ray's own examples: ``train_loop.train_func`` runs on every worker (tf_keras under
+Three layers, as Ray's own examples: ``transfuse.finetune.loop.train_func`` runs on every worker (tf_keras under
 ``MultiWorkerMirroredStrategy``, each worker reading its shard with ``ray.train.get_dataset_shard``);
 ``build_trainer(...)`` turns the config into a ``TensorflowTrainer``; ``finetune(...)`` runs it and writes the
 member directory (model_spec.json, model.weights.h5, metrics.json, predictions/, embeddings/, manifest.json).
@@ -34,12 +34,15 @@ import numpy as np
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import class_weights, storage
 from transfuse.config import Config, TrainConfig
+from transfuse.data import PREPARE
+from transfuse.finetune import FINETUNE, SCRATCH
 from transfuse.finetune.loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
-                                  load_checkpoint_weights, train_func)
+                                     load_checkpoint_weights, train_func)
+from transfuse.finetune.predictions import member_metrics
+from transfuse.stage import METRICS
 
 log = logging.getLogger(__name__)
 
-STAGE = "finetune"
 TRAIN_DIR = ".ray_train"  # Ray Train's storage under the member dir (dot: not listed in the manifest)
 INIT_DIR = ".init"  # initial full-model weights shared by the cache builder and the workers
 OVERRIDES = ("unfreeze", "unfreeze_unit", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed",
@@ -95,7 +98,7 @@ def effective(cfg: Config, overrides: Optional[dict[str, Any]] = None) -> Config
 
 
 def _data_dir(cfg: Config) -> str:
-    return storage.stage_dir(cfg, "data")
+    return PREPARE.dir(cfg)
 
 
 def loop_class_weights(decision: dict[str, Any], class_names: list[str]) -> Optional[list[float]]:
@@ -119,8 +122,8 @@ def prepare_run(cfg: Config, out_dir: str, *, data_dir: Optional[str] = None,
 
     from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy, training_rows
-    from transfuse.data.dataset import in_memory
-    from transfuse.inference.preprocess import PreprocessSpec, preprocess
+    from transfuse.data import in_memory
+    from transfuse.inference import PreprocessSpec, preprocess
 
     data_dir = data_dir or _data_dir(cfg)
     manifest = data_manifest(data_dir)
@@ -193,8 +196,9 @@ def scaling_config(t: TrainConfig) -> Any:
 def make_trainer(t: TrainConfig, loop: Any, datasets: dict[str, Any], out_dir: str, *,
                  name: str = TRAIN_DIR, run_config_extra: Optional[dict[str, Any]] = None,
                  func: Callable[[dict[str, Any]], None] = train_func) -> Any:
-    """A TensorflowTrainer running ``func`` (``train_func``, or the distill stage's student loop) with
-    ``{"loop": loop}``: the one place train config becomes Ray's objects."""
+    """A TensorflowTrainer running ``func`` (``train_func``, or the distill stage's ``student_loop``: both the
+    worker loop of ``transfuse.finetune.loop``) with ``{"loop": loop}``, ``loop`` that function's typed config
+    (``LoopConfig``, ``StudentConfig``): the one place train config becomes Ray's objects."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -287,8 +291,8 @@ def finalize(cfg: Config, out_dir: str, spec: dict[str, Any], data_dir: str, che
     # restored: per phase whose last epoch was not its best, the epoch whose weights were kept instead
     metrics = {"history": state.history, **evals, "epochs": state.epoch, "restored": state.restored,
                "class_weight": weighting}
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
-    storage.write_manifest(out_dir, cfg, STAGE, fingerprint, metrics={k: v for k, v in evals.items()},
+    storage.write_json(storage.join(out_dir, METRICS), metrics)
+    storage.write_manifest(out_dir, cfg, FINETUNE.folder, fingerprint, metrics={k: v for k, v in evals.items()},
                            epochs=state.epoch, class_weight=weighting, **(extra_manifest or {}))
     return metrics
 
@@ -336,11 +340,11 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
     earlier, unfinished Ray Train run in ``out_dir`` is discarded; with it, training continues from its
     last checkpoint.
     """
-    out_dir = out_dir or storage.stage_dir(cfg, STAGE)
+    out_dir = out_dir or FINETUNE.dir(cfg)
     eff = effective(cfg, overrides)
     fp = _fingerprint(eff, weights)
-    if storage.skip_complete(out_dir, fp, STAGE, force):
-        return storage.read_json(storage.join(out_dir, "metrics.json"))
+    if storage.skip_complete(out_dir, fp, FINETUNE.folder, force):
+        return member_metrics(out_dir)
     train_path = storage.join(out_dir, TRAIN_DIR)
     if not resume:
         storage.delete(train_path)
@@ -357,8 +361,8 @@ def scratch_overrides(cfg: Config) -> dict[str, Any]:
     (default: the phase-1 rate; a from-scratch net needs a higher rate than fine-tuning) for up to all the
     epochs, keeping its best epoch by val loss as every run does. Only the second half is monitored (early
     stopping and the best epoch, as Keras's ``start_from_epoch``): from random weights the val loss often rises
-    for a while before it falls (draw 0's first 16 epochs were all worse than its first; on draw 2 no epoch up to
-    27 beat the first, chance-level one, which was then kept while the first half was still monitored)."""
+    for a while before it falls, and with the whole run monitored a first, chance-level epoch could be the one
+    kept."""
     from transfuse.finetune import models
 
     n = models.unfreeze_units(cfg.model)
@@ -374,10 +378,10 @@ def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     and with a logistic regression on the pixels fitted on the same labels (``baselines.pixels_logreg``)."""
     from transfuse.finetune.baselines import TRANSFER_FILE, budget_splits, pixels_logreg
 
-    transfer = storage.read_json(storage.join(storage.stage_dir(cfg, STAGE), "metrics.json"))
-    scratch = finetune(cfg, storage.stage_dir(cfg, "scratch"), scratch_overrides(cfg), weights="none", force=force)
+    transfer = FINETUNE.metrics(cfg)
+    scratch = finetune(cfg, SCRATCH.dir(cfg), scratch_overrides(cfg), weights="none", force=force)
     out = {"transfer": transfer.get("test", {}), "scratch": scratch.get("test", {}),
-           "pixels_logreg": pixels_logreg(*budget_splits(storage.stage_dir(cfg, "data")),
+           "pixels_logreg": pixels_logreg(*budget_splits(PREPARE.dir(cfg)),
                                           class_weighted=bool(scratch.get("class_weight", {}).get("on"))),
            "weights": cfg.model.weights, "unfreeze": cfg.model.unfreeze,
            "epochs": cfg.train.epochs_frozen + cfg.train.epochs_unfrozen}

@@ -23,25 +23,25 @@ from typing import Any, Optional
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
-from transfuse.errors import TransfuseError
+from transfuse.data import PREPARE
+from transfuse.finetune import FINETUNE, TUNE
+from transfuse.finetune.loop import TrainError
+from transfuse.finetune.predictions import member_metrics
 
 log = logging.getLogger(__name__)
 
-STAGE = "tune"
 EXPERIMENT = "search"  # Tune's own experiment folder under <run>/tune/
+TRIALS_DIR = "trials"  # one member dir per trial under <run>/tune/
 SEARCHED = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed")
 
 
-class SearchError(TransfuseError, RuntimeError):
-    """The search could not produce members (every trial failed or was stopped)."""
-
 
 def tune_dir(cfg: Config) -> str:
-    return storage.stage_dir(cfg, STAGE)
+    return TUNE.dir(cfg)
 
 
 def trial_dir(cfg: Config, trial_id: str) -> str:
-    return storage.join(tune_dir(cfg), "trials", trial_id)
+    return storage.join(tune_dir(cfg), TRIALS_DIR, trial_id)
 
 
 # ---------------------------------------------------------------------------- members.json (this module owns it)
@@ -70,13 +70,13 @@ def write_members(cfg: Config, rows: list[dict[str, Any]]) -> list[TunedMember]:
 
 def read_members(cfg: Config) -> Optional[list[TunedMember]]:
     """The members ``members.json`` lists, best first, with each dir resolved (relative dirs are relative to the
-    tune stage); None when the tune stage has not written it; ``SearchError`` when it lists none or is malformed."""
+    tune stage); None when the tune stage has not written it; ``TrainError`` when it lists none or is malformed."""
     path = storage.join(tune_dir(cfg), MEMBERS_FILE)
     if not storage.exists(path):
         return None
     entries = storage.read_json(path).get("members") or []
     if not entries:
-        raise SearchError(f"{path} lists no members; rerun the tune stage (python -m jobs.tune --force)")
+        raise TrainError(f"{path} lists no members; rerun the tune stage (python -m jobs.tune --force)")
     out = []
     for e in entries:
         try:
@@ -86,7 +86,7 @@ def read_members(cfg: Config) -> Optional[list[TunedMember]]:
             out.append(TunedMember(str(e["name"]), d, str(e.get("trial_id", "")), dict(e.get("config") or {}),
                                    None if e.get("val_accuracy") is None else float(e["val_accuracy"])))
         except (KeyError, TypeError, ValueError) as err:
-            raise SearchError(f"{path}: member entry {e!r} is malformed ({err!r}); expected name, dir, trial_id, "
+            raise TrainError(f"{path}: member entry {e!r} is malformed ({err!r}); expected name, dir, trial_id, "
                               f"config, val_accuracy") from None
     return out
 
@@ -200,7 +200,7 @@ def result_row(cfg: Config, result: Any) -> dict[str, Any]:
     best_val = float(history["val_accuracy"].max()) if history is not None and len(history) else float("nan")
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
     planned = cfg.train.epochs_frozen + cfg.train.epochs_unfrozen
-    member = storage.read_json(storage.join(d, "metrics.json")) if finished else None
+    member = member_metrics(d) if finished else None
     return {
         "trial_id": trial_id,
         **{k: result.config.get(k) for k in SEARCHED},
@@ -282,14 +282,14 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
 
     out = tune_dir(cfg)
     fp = cfg.fingerprint("data", "model", "train", "tune", "seed")
-    if storage.skip_complete(out, fp, STAGE, force):
+    if storage.skip_complete(out, fp, TUNE.folder, force):
         return storage.read_manifest(out)
     from transfuse.data import data_manifest
 
     from transfuse.class_weights import decision
 
     # fail once, here, rather than in every trial; every trial trains under this class-weighting decision
-    weighting = decision(cfg.data, data_manifest(storage.stage_dir(cfg, "data")))
+    weighting = decision(cfg.data, data_manifest(PREPARE.dir(cfg)))
     if force:
         storage.clear_dir(out)
     start = time.time()
@@ -298,7 +298,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     members = select_members(rows, cfg.tune.members)
     if not members:
         errors = [r["error"] for r in rows if r["error"]]
-        raise SearchError(f"no trial of {len(rows)} finished; errors: {errors[:3]}")
+        raise TrainError(f"no trial of {len(rows)} finished; errors: {errors[:3]}")
     best = members[0]
     storage.write_bytes(storage.join(out, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_json(storage.join(out, "results.json"), rows)
@@ -313,13 +313,13 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
         "seconds": round(time.time() - start, 1),
         "class_weight": weighting,
     }
-    baseline_dir = baseline_dir or storage.stage_dir(cfg, "finetune")
+    baseline_dir = baseline_dir or FINETUNE.dir(cfg)
     base = storage.read_manifest(baseline_dir)
     if base and base.get("complete"):
-        bm = storage.read_json(storage.join(baseline_dir, "metrics.json"))
+        bm = member_metrics(baseline_dir)
         summary["seed_depth"] = {"unfreeze": base["config"]["model"]["unfreeze"],
                                  "test_accuracy": bm["test"]["accuracy"]}
         summary["best_minus_seed_test_accuracy"] = best["test_accuracy"] - bm["test"]["accuracy"]
     storage.write_json(storage.join(out, "summary.json"), summary)
-    return storage.write_manifest(out, cfg, STAGE, fp, summary=summary,
+    return storage.write_manifest(out, cfg, TUNE.folder, fp, summary=summary,
                                   members=[r["trial_id"] for r in members])

@@ -6,7 +6,7 @@ Layout (format_version 1)::
     trunk.tflite            shared frozen layers of the CNN members (absent when the members share none)
     members/<i>_<name>.tflite each CNN member's top: trunk features (or the image) -> logits, embedding
     sklearn/<i>_<name>.onnx scikit-learn members on one CNN member's embedding, or on the image's pixels
-                            (``transfuse.inference.preprocess.pixel_features``) -> probabilities
+                            (``transfuse.inference.preprocessing.pixel_features``) -> probabilities
     stacker.npz             logistic meta-learner on the members' probabilities (absent: plain averaging)
 
 Model files may be stored coded (``coding``, per file in the manifest: ``gzip`` adds ``.gz`` to the name): the
@@ -16,14 +16,15 @@ the model to its runtime; ``gunzip`` restores the plain file for other tools.
 Loading needs numpy, LiteRT (``ai_edge_litert``) and onnxruntime only: no TensorFlow, no pickle
 (``np.load(allow_pickle=False)``, JSON). ``load_bundle`` verifies every checksum before anything is parsed
 and refuses a bundle whose files are missing, altered, unlisted or of another format version.
+
+This module owns the format (its constants and the checks writer and loader share) and its reading: fetching,
+verifying, loading. ``transfuse.inference.bundle_writer`` writes it, from ``BundleCnn`` and ``BundleSklearn``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -41,11 +42,11 @@ import numpy as np
 from transfuse import storage
 from transfuse.errors import TransfuseError
 from transfuse.images import ImagePolicy
-from transfuse.inference.preprocess import PreprocessSpec, pixel_features, preprocess
-from transfuse.inference.runtimes import MODEL_FORMATS, LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
 from transfuse.inference.combine import Stacker, combine_probs, softmax
+from transfuse.inference.preprocessing import PreprocessSpec, pixel_features, preprocess
+from transfuse.inference.runtimes import LiteRTRunner, ModelLoadError, OnnxRunner, load_runner
 
-FORMAT = "transfuse.inference.bundle"
+FORMAT = "transfuse.bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
@@ -63,45 +64,12 @@ class BundleInputError(TransfuseError, ValueError):
     """Images given to ``Bundle.predict_proba`` do not match the bundle's input spec."""
 
 
-# --------------------------------------------------------------------------------------------- writing
-@dataclass
-class CNNMember:
-    """A CNN member's top (or whole model when there is no shared trunk) as model bytes.
-
-    ``input``: "trunk" (the trunk's output) or "image" (the preprocessed image). Outputs are named signature
-    outputs of the .tflite (or ONNX output names): ``logits`` (pre-softmax, N x K) and optionally
-    ``embedding`` (N x D, the penultimate layer the sklearn members read).
-    """
-
-    name: str
-    data: bytes
-    format: str = "tflite"
-    input: str = "trunk"
-    logits_output: str = "logits"
-    embedding_output: Optional[str] = "embedding"
-
-
-@dataclass
-class SklearnMember:
-    """A scikit-learn member exported to ONNX (skl2onnx, ``zipmap=False``), fed ``embedding_of``'s embedding
-    (``features="embedding"``) or the images' ``pixel_features`` at ``pixel_size`` (``features="pixels"``)."""
-
-    name: str
-    data: bytes
-    embedding_of: Optional[str] = None
-    probabilities_output: str = "probabilities"
-    features: str = "embedding"
-    pixel_size: Optional[int] = None
-
-    def inputs(self, images: np.ndarray, embeddings: dict[str, np.ndarray]) -> np.ndarray:
-        return sklearn_inputs(self.features, self.pixel_size, self.embedding_of, images, embeddings)
-
-
+# --------------------------------------------------------------------------------------------- shared by writer and loader
 SKLEARN_FEATURES = ("embedding", "pixels")
 
 
-def _check_sklearn_features(features: Any, pixel_size: Any, what: str) -> None:
-    """A sklearn member's ``features`` and (for pixels) ``pixel_size``, as written and as loaded."""
+def check_sklearn_features(features: Any, pixel_size: Any, what: str) -> None:
+    """A sklearn member's ``features`` and (for pixels) ``pixel_size``, as written and as loaded (``BundleError``)."""
     if features not in SKLEARN_FEATURES:
         raise BundleError(f"{what}: features must be one of {SKLEARN_FEATURES}, got {features!r}")
     if features == "pixels" and pixel_size is not None and (not isinstance(pixel_size, int) or pixel_size < 1):
@@ -123,28 +91,7 @@ def _safe_rel(rel: str) -> str:
     return rel
 
 
-def _file_safe(name: str) -> str:
-    """A member name as part of a file name (the manifest keeps the real name)."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:64]
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One H x W (x 1 or 3) uint8 image as PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def example_images(images: np.ndarray, labels: np.ndarray, names: list[str], n: int = 6) -> list[tuple[str, bytes]]:
-    """The first image of each of the first ``n`` classes, as (true label, PNG bytes): what a bundle ships as
-    ``examples`` (the page at the endpoint's ``GET /`` offers them)."""
-    firsts = [int(np.flatnonzero(labels == k)[0]) for k in range(min(n, len(names))) if (labels == k).any()]
-    return [(names[int(labels[i])], png_bytes(images[i])) for i in firsts]
-
-
-def _image_policy(d: Optional[dict], shape: Any) -> ImagePolicy:
+def input_image_policy(d: Optional[dict], shape: Any) -> ImagePolicy:
     """The bundle's image policy; one written without one stretches any image to its input shape."""
     h, w, c = (int(v) for v in shape)
     if d:
@@ -153,165 +100,6 @@ def _image_policy(d: Optional[dict], shape: Any) -> ImagePolicy:
             raise BundleError(f"image_policy makes {policy.shape} images, the input shape is {(h, w, c)}")
         return policy
     return ImagePolicy(size=h, width=None if w == h else w, channels=c, resize="stretch")
-
-
-def write_bundle(
-    directory: str,
-    *,
-    name: str,
-    version: str,
-    class_names: list[str],
-    input_shape: tuple[int, int, int],
-    preprocess_spec: Union[PreprocessSpec, dict],
-    cnn_members: list[CNNMember],
-    trunk: Optional[bytes] = None,
-    trunk_format: str = "tflite",
-    sklearn_members: Optional[list[SklearnMember]] = None,
-    stacker: Optional[Stacker] = None,
-    variant: str = "float32",
-    metrics: Optional[dict] = None,
-    num_threads: int = 1,
-    extra: Optional[dict] = None,
-    examples: Optional[list[tuple[str, bytes]]] = None,
-    overwrite: bool = False,
-    coding: str = "none",
-    image_policy: Optional[dict] = None,
-) -> dict:
-    """Write a bundle to ``directory`` (local or URI); the manifest goes last. Returns the manifest.
-
-    ``coding``: how the model files (trunk, CNN members, scikit-learn members) are stored, one of ``CODINGS``.
-    ``image_policy``: how an image file becomes the input pixels (``transfuse.images.ImagePolicy``, from the
-    prepared data); None: stretched to ``input_shape``.
-
-    A non-empty target is refused unless ``overwrite`` (then its contents are deleted first), since files left
-    over from an earlier bundle would make the loader refuse this one. ``examples``: a few (true label, PNG bytes)
-    test images shipped for people to try the served model with (``Bundle.example_images``).
-    """
-    sklearn_members = list(sklearn_members or [])
-    if coding not in CODINGS:
-        raise BundleError(f"coding must be one of {CODINGS}, got {coding!r}")
-    if not cnn_members:
-        raise BundleError("a bundle needs at least one CNN member")
-    k = len(class_names)
-    if k < 2:
-        raise BundleError(f"class_names must name at least 2 classes, got {class_names}")
-    if len(input_shape) != 3 or input_shape[2] not in (1, 3):
-        raise BundleError(f"input_shape must be (H, W, C) with C in (1, 3), got {tuple(input_shape)}")
-    names = [m.name for m in cnn_members] + [m.name for m in sklearn_members]
-    if not all(isinstance(n, str) and n for n in names):
-        raise BundleError(f"member names must be non-empty strings, got {names}")
-    if len(set(names)) != len(names):
-        raise BundleError(f"member names must be unique, got {names}")
-    cnn_names = {m.name for m in cnn_members}
-    for m in cnn_members:
-        if m.format not in MODEL_FORMATS:
-            raise BundleError(f"member {m.name}: format must be one of {MODEL_FORMATS}, got {m.format!r}")
-        if m.input not in ("trunk", "image"):
-            raise BundleError(f"member {m.name}: input must be 'trunk' or 'image', got {m.input!r}")
-        if m.input == "trunk" and trunk is None:
-            raise BundleError(f"member {m.name} reads the trunk but no trunk was given")
-    for s in sklearn_members:
-        _check_sklearn_features(s.features, s.pixel_size, f"sklearn member {s.name}")
-        if s.features == "pixels":
-            continue
-        if s.embedding_of not in cnn_names:
-            raise BundleError(f"sklearn member {s.name}: embedding_of must be one of {sorted(cnn_names)}, "
-                              f"got {s.embedding_of!r}")
-        src = next(m for m in cnn_members if m.name == s.embedding_of)
-        if not src.embedding_output:
-            raise BundleError(f"sklearn member {s.name} reads {src.name}'s embedding, which it does not output")
-
-    files: dict[str, bytes] = {}
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "name": name,
-        "version": str(version),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "variant": variant,
-        "class_names": list(class_names),
-        "input_spec": {"shape": [int(d) for d in input_shape], "dtype": ["uint8", "float32"],
-                       "range": {"uint8": [0, 255], "float32": [0.0, 1.0]}, "layout": "NHWC",
-                       "image_policy": _image_policy(image_policy, input_shape).to_dict()},
-        "preprocess": preprocess_spec.to_dict() if isinstance(preprocess_spec, PreprocessSpec)
-        else dict(preprocess_spec),
-        "runtime": {"num_threads": int(num_threads)},
-        "trunk": None,
-        "cnn_members": [],
-        "sklearn_members": [],
-    }
-    suffix = ".gz" if coding == "gzip" else ""
-    if trunk is not None:
-        rel = f"trunk.{trunk_format}{suffix}"
-        files[rel] = encode(trunk, coding)
-        manifest["trunk"] = {"file": rel, "format": trunk_format, "coding": coding}
-    digests = [hashlib.sha256(m.data).hexdigest() for m in cnn_members]
-    shared: dict[str, str] = {}  # sha256 -> file: members exported as one graph share one file
-    for i, (m, digest) in enumerate(zip(cnn_members, digests)):
-        if digests.count(digest) > 1:
-            rel = shared.setdefault(digest, f"members/{len(shared):02d}_merged.{m.format}{suffix}")
-        else:
-            rel = f"members/{i:02d}_{_file_safe(m.name)}.{m.format}{suffix}"
-        if rel not in files:
-            files[rel] = encode(m.data, coding)
-        manifest["cnn_members"].append({"name": m.name, "file": rel, "format": m.format, "coding": coding,
-                                        "input": m.input,
-                                        "outputs": {"logits": m.logits_output, "embedding": m.embedding_output}})
-    for i, s in enumerate(sklearn_members):
-        rel = f"sklearn/{i:02d}_{_file_safe(s.name)}.onnx{suffix}"
-        files[rel] = encode(s.data, coding)
-        src = ({"embedding_of": s.embedding_of} if s.features == "embedding" else {"pixel_size": s.pixel_size})
-        manifest["sklearn_members"].append({"name": s.name, "file": rel, "format": "onnx", "coding": coding,
-                                            "features": s.features,
-                                            **src, "outputs": {"probabilities": s.probabilities_output}})
-    if stacker is None:
-        manifest["combiner"] = {"kind": "average", "members": names}
-    else:
-        if sorted(stacker.members) != sorted(names):
-            raise BundleError(f"stacker.members must list every member once, got {stacker.members}, "
-                              f"members are {names}")
-        if stacker.features not in FEATURES:
-            raise BundleError(f"stacker.features must be one of {FEATURES}, got {stacker.features!r}")
-        if stacker.coef_ is None:
-            raise BundleError("the stacker is not fitted")
-        coef = np.asarray(stacker.coef_, dtype=np.float64)
-        intercept = np.asarray(stacker.intercept_, dtype=np.float64).reshape(-1)
-        n_feat = k * len(names)
-        if coef.shape not in ((k, n_feat), (1, n_feat)) or intercept.shape != (coef.shape[0],):
-            raise BundleError(f"stacker coef must be {k} x {n_feat} (or 1 x {n_feat} for binary) with a matching "
-                              f"intercept, got coef {coef.shape}, intercept {intercept.shape}")
-        buf = io.BytesIO()
-        np.savez(buf, coef=coef, intercept=intercept)
-        files["stacker.npz"] = buf.getvalue()
-        manifest["combiner"] = {"kind": "stacker", "file": "stacker.npz", "members": list(stacker.members),
-                                "features": stacker.features, "eps": float(stacker.eps),
-                                "temperature": float(stacker.temperature)}
-    manifest["examples"] = []
-    for i, (label, png) in enumerate(examples or []):
-        files[f"examples/{i:02d}.png"] = png
-        manifest["examples"].append({"file": f"examples/{i:02d}.png", "label": str(label)})
-    manifest["metrics"] = metrics or {}
-    manifest["versions"] = storage.versions()
-    manifest["git_commit"] = storage.git_commit()
-    manifest.update(extra or {})
-    manifest["files"] = {rel: hashlib.sha256(b).hexdigest() for rel, b in sorted(files.items())}
-
-    if storage.exists(directory) and (storage.list_files(directory) or storage.exists(storage.join(directory, MANIFEST))):
-        if not overwrite:
-            raise BundleError(f"{directory} is not empty; pass overwrite=True to replace the bundle there")
-        storage.clear_dir(directory)
-    storage.makedirs(directory)
-    for rel, b in files.items():
-        storage.write_bytes(storage.join(directory, *rel.split("/")), b)
-    storage.write_bytes(storage.join(directory, MANIFEST), storage.json_bytes(manifest))
-    return manifest
-
-
-def encode(data: bytes, coding: str) -> bytes:
-    """A model file's bytes as stored under ``coding``."""
-    if coding == "gzip":
-        return gzip.compress(data, compresslevel=9, mtime=0)
-    return data
 
 
 def file_codings(manifest: dict) -> dict[str, str]:
@@ -510,7 +298,7 @@ class Bundle:
     @property
     def image_policy(self) -> ImagePolicy:
         """How an image file becomes this bundle's input pixels (Serve's decoders and ``transfuse predict``)."""
-        return _image_policy(self.input_spec.get("image_policy"), self.input_spec["shape"])
+        return input_image_policy(self.input_spec.get("image_policy"), self.input_spec["shape"])
 
     @property
     def preprocess_spec(self) -> PreprocessSpec:
@@ -605,7 +393,6 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
     if threads < 1:
         raise BundleError(f"num_threads must be >= 1, got {threads}")
     b = Bundle(path=local, manifest=m, checksum=hashlib.sha256(raw).hexdigest())
-    k = len(m["class_names"])
     try:
         PreprocessSpec(**m["preprocess"])
     except TypeError as e:
@@ -617,9 +404,16 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         if len(outs) != 1:
             raise BundleError(f"trunk ({t['file']}): must have one output, has {outs}")
         b._trunk_output = outs[0]
+    names = _load_cnn_members(b, local, threads) | _load_sklearn_members(b, local, threads)
+    b._stack = _load_combiner(m, local, names)
+    return b
+
+
+def _load_cnn_members(b: Bundle, local: Path, threads: int) -> set[str]:
+    """The manifest's CNN members into ``b._cnn`` (members sharing a file share one runner); their names."""
     names = set()
     runners: dict[str, tuple[dict, Any]] = {}  # file -> (first member's meta, runner): one graph, one interpreter
-    for meta in m["cnn_members"]:
+    for meta in b.manifest["cnn_members"]:
         what = f"member {meta.get('name')} ({meta.get('file')})"
         if meta.get("input") not in ("trunk", "image"):
             raise BundleError(f"{what}: input must be 'trunk' or 'image', got {meta.get('input')!r}")
@@ -638,10 +432,17 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         _need_output(r, meta["outputs"].get("embedding"), what)
         b._cnn.append((meta, r))
         names.add(meta["name"])
-    for meta in m.get("sklearn_members", []):
+    return names
+
+
+def _load_sklearn_members(b: Bundle, local: Path, threads: int) -> set[str]:
+    """The manifest's scikit-learn members into ``b._sk`` (after the CNN members whose embeddings they read);
+    their names."""
+    names = set()
+    for meta in b.manifest.get("sklearn_members", []):
         what = f"sklearn member {meta.get('name')} ({meta.get('file')})"
         meta.setdefault("features", "embedding")  # bundles written before pixel members existed
-        _check_sklearn_features(meta["features"], meta.get("pixel_size"), what)
+        check_sklearn_features(meta["features"], meta.get("pixel_size"), what)
         src = next((c for c, _ in b._cnn if c["name"] == meta.get("embedding_of")), None)
         if meta["features"] == "embedding" and (src is None or not src["outputs"].get("embedding")):
             raise BundleError(f"{what}: embedding_of {meta.get('embedding_of')!r} is not a CNN member with an "
@@ -650,24 +451,33 @@ def load_bundle(path: Union[str, Path], *, num_threads: Optional[int] = None,
         _need_output(r, meta["outputs"]["probabilities"], what)
         b._sk.append((meta, r))
         names.add(meta["name"])
+    return names
+
+
+def _load_combiner(m: dict, local: Path, names: set[str]) -> Optional[Stacker]:
+    """The manifest's combiner checked against the loaded members: None for the average, else the stacker read
+    from its arrays."""
+    k = len(m["class_names"])
     comb = m["combiner"]
     if comb.get("kind") not in ("average", "stacker"):
         raise BundleError(f"{local}/{MANIFEST}: combiner.kind must be 'average' or 'stacker', got {comb.get('kind')!r}")
     if sorted(comb.get("members", [])) != sorted(names):
         raise BundleError(f"{local}/{MANIFEST}: combiner.members {comb.get('members')} must list every member "
                           f"once ({sorted(names)})")
-    if comb["kind"] == "stacker":
-        try:
-            with np.load(local / comb["file"], allow_pickle=False) as z:
-                coef, intercept = np.asarray(z["coef"], np.float64), np.asarray(z["intercept"], np.float64)
-        except (ValueError, KeyError, OSError) as e:
-            raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as coef/intercept arrays: {e}") from None
-        f = k * len(names)
-        if coef.shape not in ((k, f), (1, f)) or intercept.shape != (coef.shape[0],):
-            raise BundleError(f"{local}: stacker coef {coef.shape} / intercept "
-                              f"{intercept.shape} do not fit {len(names)} members x {k} classes")
-        if comb.get("features") not in FEATURES:
-            raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, got {comb.get('features')!r}")
-        b._stack = Stacker(list(comb["members"]), features=comb["features"], eps=float(comb.get("eps", 1e-6)),
-                           coef_=coef, intercept_=intercept, temperature=float(comb.get("temperature", 1.0)))
-    return b
+    if comb["kind"] != "stacker":
+        return None
+    try:
+        with np.load(local / comb["file"], allow_pickle=False) as z:
+            coef, intercept = np.asarray(z["coef"], np.float64), np.asarray(z["intercept"], np.float64)
+    except (ValueError, KeyError, OSError) as e:
+        raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as coef/intercept arrays: {e}") from None
+    f = k * len(names)
+    if coef.shape not in ((k, f), (1, f)) or intercept.shape != (coef.shape[0],):
+        raise BundleError(f"{local}: stacker coef {coef.shape} / intercept "
+                          f"{intercept.shape} do not fit {len(names)} members x {k} classes")
+    if comb.get("features") not in FEATURES:
+        raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, got {comb.get('features')!r}")
+    return Stacker(list(comb["members"]), features=comb["features"], eps=float(comb.get("eps", 1e-6)),
+                   coef_=coef, intercept_=intercept, temperature=float(comb.get("temperature", 1.0)))
+
+

@@ -30,15 +30,17 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from transfuse.errors import TransfuseError
+from transfuse.inference.runtimes import ModelLoadError, onnx_session
 
-# Probabilities are clipped to [EPS, 1] before taking logs in greedy selection's NLL: a member that says 0 for the
-# true class would otherwise dominate with an infinite loss.
+# Probabilities are floored at EPS in the NLL that chooses the combiners (greedy selection, the stacker's
+# cross-validated NLL: ``transfuse.metrics.nll(..., floor=EPS)``): a member that says 0 for the true class would
+# otherwise dominate with an infinite loss.
 EPS = 1e-6
 # Log-probability stacker features are clipped higher: tree members output exact zeros, and log(1e-6) = -13.8
-# outliers made the meta-learner worse on digits (measured: clip 1e-6 -> 0.953 test accuracy, 1e-2 -> 0.971).
+# outliers make the meta-learner worse (lower test accuracy than at 1e-2).
 LOG_FEATURE_EPS = 1e-2
-# The log-linear pool has one weight per member, so outliers matter less; on the default run's holdout its
-# cross-validated NLL was 0.310 at clip 1e-2, 0.301 at 1e-3, 0.298 at 1e-4 (transfuse.ensemble.stage, 2026-11-28).
+# The log-linear pool has one weight per member, so outliers matter less: a lower clip gives it a lower
+# cross-validated NLL than 1e-2 does.
 POOL_EPS = 1e-4
 STACKER_FORMAT = "transfuse.stacker/v1"
 STACKER_METHODS = ("logistic", "log_pool")
@@ -46,7 +48,6 @@ STACKER_METHODS = ("logistic", "log_pool")
 
 class EnsembleError(TransfuseError, ValueError):
     """Ensemble inputs or saved ensemble files are inconsistent."""
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,13 +92,7 @@ def hard_vote(member_probs: Mapping[str, np.ndarray], order: Optional[Sequence[s
     return (votes + 1.0 + tie_break) / (votes + 1.0 + tie_break).sum(1, keepdims=True)
 
 
-def _nll(probs: np.ndarray, labels: np.ndarray, weights: Optional[np.ndarray] = None) -> float:
-    """Mean NLL (clipped at ``EPS``), each row weighted by ``weights`` when given (a weighted mean)."""
-    rows = -np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0))
-    return float(np.mean(rows) if weights is None else np.sum(weights * rows) / np.sum(weights))
-
-
-def _row_weights(labels: np.ndarray, k: int, on: bool) -> Optional[np.ndarray]:
+def row_weights(labels: np.ndarray, k: int, on: bool) -> Optional[np.ndarray]:
     """Class-balanced row weights of ``labels`` (``transfuse.class_weights``; they average 1) when ``on``."""
     if not on:
         return None
@@ -105,9 +100,6 @@ def _row_weights(labels: np.ndarray, k: int, on: bool) -> Optional[np.ndarray]:
 
     return sample_weights(labels, k)
 
-
-def _accuracy(probs: np.ndarray, labels: np.ndarray) -> float:
-    return float(np.mean(probs.argmax(1) == labels))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -189,7 +181,7 @@ class Stacker:
             raise EnsembleError(f"the stacker needs at least 2 classes among its {len(labels)} rows, got {present}")
         if labels.max() >= k:
             raise EnsembleError(f"stacker labels go up to {labels.max()} but the members predict {k} classes")
-        weights = _row_weights(labels, k, self.class_weighted)
+        weights = row_weights(labels, k, self.class_weighted)
         if self.method == "log_pool":
             self._fit_log_pool(member_probs, labels, k, weights)
             self.fit_ids_ = None if ids is None else np.asarray(ids)
@@ -326,20 +318,15 @@ def stack_predict(stacker: Stacker, member_probs: Mapping[str, np.ndarray]) -> n
 
 
 class OnnxMember:
-    """A scikit-learn member exported by skl2onnx (zipmap off): embeddings N x D float32 -> probabilities N x K."""
+    """A scikit-learn member exported by skl2onnx (zipmap off): embeddings N x D float32 -> probabilities N x K.
+    Its session is ``transfuse.inference.runtimes.onnx_session``'s, like every ONNX graph transfuse runs."""
 
     def __init__(self, path: Union[str, Path, bytes], num_threads: int = 1, output: str = "probabilities"):
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = num_threads  # onnxruntime's default takes every core
-        opts.inter_op_num_threads = 1
-        model = path if isinstance(path, bytes) else str(path)
+        shown = path if not isinstance(path, bytes) else "<bytes>"
         try:
-            self.session = ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise EnsembleError(f"cannot load ONNX member {path if not isinstance(path, bytes) else '<bytes>'}: "
-                                f"{e}") from e
+            self.session = onnx_session(path, num_threads, f"ONNX member {shown}")
+        except ModelLoadError as e:
+            raise EnsembleError(f"cannot load ONNX member {shown}: {e.reason}") from e.reason
         inputs = self.session.get_inputs()
         outputs = [o.name for o in self.session.get_outputs()]
         if len(inputs) != 1 or output not in outputs:

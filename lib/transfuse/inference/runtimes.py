@@ -5,12 +5,16 @@ and is called with a batch (a numpy array) to return its outputs by name. They i
 TensorFlow), so a Serve replica loads them without it.
 A file the runtime cannot load, or one whose signature is not what a bundle expects, is a ``ModelLoadError``
 (``bundle.load_bundle`` reports it as a ``BundleError`` naming the member).
+
+``onnx_session`` is the one place an ONNX Runtime session is made (session options, threads, the CPU provider,
+load errors): ``OnnxRunner`` here, the scikit-learn members of ``transfuse.inference.combine`` and the checks of
+``transfuse.compress.onnx_rewrite`` all open their graphs through it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -20,10 +24,15 @@ MODEL_FORMATS = ("tflite", "onnx")
 
 
 class ModelLoadError(TransfuseError, RuntimeError):
-    """A model file that its runtime cannot load, or whose inputs and outputs are not as expected."""
+    """A model file that its runtime cannot load, or whose inputs and outputs are not as expected. ``reason``: the
+    runtime's own error, when it refused the file."""
+
+    def __init__(self, message: str, reason: Optional[BaseException] = None):
+        super().__init__(message)
+        self.reason = reason
 
 
-def _source(model: Union[Path, bytes]) -> tuple[Union[str, bytes], str]:
+def _source(model: Union[str, Path, bytes]) -> tuple[Union[str, bytes], str]:
     """(what the runtime loads: a path as a string, which it maps, or the model's bytes; a name for errors)."""
     if isinstance(model, (bytes, bytearray)):
         return bytes(model), f"the decoded model ({len(model):,} bytes)"
@@ -57,23 +66,30 @@ class LiteRTRunner:
         return self.runner(**{self.input_name: np.ascontiguousarray(x, dtype=self.input_dtype)})
 
 
+def onnx_session(model: Union[str, Path, bytes], num_threads: int, what: str) -> Any:
+    """An ONNX Runtime ``InferenceSession`` over a model file's path or its bytes, on the CPU provider with
+    ``num_threads`` intra-op threads (onnxruntime's default takes every core) and one inter-op thread.
+    ``ModelLoadError`` (its ``reason`` the runtime's error) when ONNX Runtime cannot load it."""
+    import onnxruntime as ort
+
+    src, name = _source(model)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = num_threads
+    opts.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ModelLoadError(f"{what}: ONNX Runtime cannot load {name}: {e}", reason=e) from None
+
+
 class OnnxRunner:
-    """One ONNX model on ONNX Runtime's CPU provider."""
+    """One ONNX model on ONNX Runtime's CPU provider (``onnx_session``)."""
 
     def __init__(self, model: Union[Path, bytes], num_threads: int, what: str):
-        import onnxruntime as ort
-
-        src, name = _source(model)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = num_threads
-        opts.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
-            raise ModelLoadError(f"{what}: ONNX Runtime cannot load {name}: {e}") from None
+        self.session = onnx_session(model, num_threads, what)
         ins = self.session.get_inputs()
         if len(ins) != 1:
-            raise ModelLoadError(f"{what}: {name} must take one input, takes {[i.name for i in ins]}")
+            raise ModelLoadError(f"{what}: {_source(model)[1]} must take one input, takes {[i.name for i in ins]}")
         self.input_name = ins[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 
@@ -92,4 +108,4 @@ def load_runner(model: Union[Path, bytes], fmt: str, num_threads: int, what: str
     raise ModelLoadError(f"{what}: format must be one of {MODEL_FORMATS}, got {fmt!r}")
 
 
-__all__ = ["MODEL_FORMATS", "LiteRTRunner", "ModelLoadError", "OnnxRunner", "load_runner"]
+__all__ = ["MODEL_FORMATS", "LiteRTRunner", "ModelLoadError", "OnnxRunner", "load_runner", "onnx_session"]

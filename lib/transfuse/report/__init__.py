@@ -33,7 +33,7 @@ appendix: storage, fingerprints, stage manifests, git commits, the label budget 
 Modules: ``page`` (the HTML machinery: escaping, number cells, tables, the ``Page`` that writes the PNGs, the
 CSS, the matplotlib import and the wrapper that shows a failed section's error), ``judge`` (the verdict: its rows,
 ``verdict`` and ``verdict_lines``, and the stage-file readers the others share), ``sections`` (the title, the
-verdict table, sections 1-7 with ``per_class``, and the appendix), ``pipeline_summary`` (section 8: ``summary``
+verdict table, sections 1-5 and the appendix), ``compression`` (sections 6-7 with ``per_class``), ``pipeline_summary`` (section 8: ``summary``
 and ``format_summary``, also printed by the pipeline). This module writes the page (``write_report``) and is the
 command line (``main``: ``python -m transfuse.report``); every name other code imports is importable from here.
 (The submodules are not named ``verdict`` or ``summary``: those names are the functions re-exported here.)
@@ -45,17 +45,18 @@ import logging
 from typing import Any, Optional, Sequence
 
 from transfuse import storage
-from transfuse.report.judge import (Measure, Verdict, VerdictRow, budget_text, description, read_json, verdict,
-                                    verdict_lines)
+from transfuse.ensemble import ENSEMBLE
+from transfuse.report.compression import compression, distillation, per_class, per_class_section
+from transfuse.report.judge import Measure, Verdict, VerdictRow, budget_text, description, verdict, verdict_lines
 from transfuse.report.page import CSS, Page, esc, pyplot, section
 from transfuse.report.pipeline_summary import format_summary, summary, summary_section
-from transfuse.report.sections import (appendix, calibration, compression, depth_search, distillation,
-                                       learning_curves, members_vs_ensemble, per_class, per_class_section, title,
-                                       transfer_vs_scratch, verdict_section)
+from transfuse.report.sections import (appendix, calibration, depth_search, learning_curves, members_vs_ensemble,
+                                       title, transfer_vs_scratch, verdict_section)
+from transfuse.stage import Folder
 
 log = logging.getLogger(__name__)
 
-STAGE = "report"
+REPORT_DIR = Folder("report")  # <storage>/<run>/report/: the page and its PNGs
 INDEX = "index.html"
 
 
@@ -65,15 +66,15 @@ def write_report(cfg: Any, results: Optional[Sequence[Any]] = None) -> str:
     ``results``: the pipeline's ``StageResult`` list, shown as a timing table when given.
     """
     pyplot()
-    out = storage.stage_dir(cfg, STAGE)
+    out = REPORT_DIR.dir(cfg)
     storage.makedirs(out)
     storage.clear_dir(out)  # no stale plots from an earlier report
     page = Page(out)
-    ens_dir = storage.stage_dir(cfg, "ensemble")
+    ens_dir = ENSEMBLE.dir(cfg)
     ens: Optional[dict] = None
     desc: Optional[dict] = None
     try:
-        ens = read_json(storage.join(ens_dir, "metrics.json"))
+        ens = ENSEMBLE.metrics(cfg)
         desc = description(ens_dir)
     except Exception as e:  # noqa: BLE001 - shown in sections 4 and 5
         log.warning("report: cannot read %s: %s", ens_dir, e)

@@ -14,8 +14,10 @@ from typing import Any, Optional
 import numpy as np
 
 from transfuse import storage
-from transfuse.finetune.baselines import TRANSFER_FILE
-from transfuse.compress.measure import served_variant
+from transfuse.compress import COMPRESS, served_variant
+from transfuse.data import PREPARE
+from transfuse.ensemble import ENSEMBLE
+from transfuse.finetune import FINETUNE, SCRATCH, TRANSFER_FILE, TUNE
 
 BENCH_FILE = "bench_transfer.json"  # under <storage>/<run>/, from bench/transfer.py
 # bench_transfer.json's model names for the verdict's rows
@@ -29,7 +31,7 @@ def read_json(path: str) -> Optional[Any]:
 
 def description(ens_dir: str) -> Optional[dict]:
     """ensemble.json through its reader (format checked); None when the ensemble stage has not written it."""
-    from transfuse.ensemble.stage import read_description
+    from transfuse.ensemble import read_description
 
     return read_description(ens_dir, missing_ok=True)
 
@@ -127,7 +129,7 @@ def budget_text(b: Optional[dict[str, Any]]) -> str:
 
 def _label_budget(cfg: Any, bench: Optional[dict]) -> Optional[dict[str, Any]]:
     """The data manifest's ``label_budget`` record, else the bench's, else the prepared split sizes."""
-    m = storage.read_manifest(storage.stage_dir(cfg, "data")) or {}
+    m = storage.read_manifest(PREPARE.dir(cfg)) or {}
     if m.get("label_budget"):
         return dict(m["label_budget"])
     if bench and bench.get("label_budget"):
@@ -142,15 +144,15 @@ def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[s
     """The run's own test accuracies (1 draw): transfer, scratch, pixels (the same-labels baseline of the scratch
     stage, else the ensemble's pixel member), searched, stack, best_member."""
     out: dict[str, Measure] = {}
-    for key, stage, name in (("transfer", "finetune", "seed recipe"), ("scratch", "scratch", "scratch")):
-        m = read_json(storage.join(storage.stage_dir(cfg, stage), "metrics.json"))
+    for key, stage, name in (("transfer", FINETUNE, "seed recipe"), ("scratch", SCRATCH, "scratch")):
+        m = stage.metrics(cfg)
         if m and isinstance(m.get("test"), dict):
             out[key] = Measure(name, [float(m["test"]["accuracy"])])
     # the pixels on the CNNs' own labels (train, C chosen on val), written beside the scratch baseline
     tvs = read_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE)) or {}
     if isinstance(tvs.get("pixels_logreg"), dict) and tvs["pixels_logreg"].get("accuracy") is not None:
         out["pixels"] = Measure("pixels logreg (train, C on val)", [float(tvs["pixels_logreg"]["accuracy"])])
-    tsum = read_json(storage.join(storage.stage_dir(cfg, "tune"), "summary.json"))
+    tsum = read_json(storage.join(TUNE.dir(cfg), "summary.json"))
     if tsum and tsum.get("best", {}).get("test_accuracy") is not None:
         out["searched"] = Measure(f"searched depth {tsum['best'].get('unfreeze')}",
                                   [float(tsum["best"]["test_accuracy"])])
@@ -204,7 +206,7 @@ def _served_rows(cfg: Any) -> list[VerdictRow]:
     rows = [VerdictRow("served_accuracy", f"{serve} vs float32: accuracy", goal=g.served_accuracy_points),
             VerdictRow("served_size", f"{serve} vs float32: size", unit="x", goal=g.served_smaller),
             VerdictRow("served_speed", f"{serve} vs float32: batch-1 latency", unit="x", goal=g.served_faster)]
-    rep = read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")) or {}
+    rep = COMPRESS.metrics(cfg) or {}
     by = {r.get("variant"): r for r in rep.get("variants") or []}
     s, f = by.get(serve), by.get("float32")
     if s is None or f is None or "speedup_b1" not in s:
@@ -226,8 +228,8 @@ def verdict(cfg: Any) -> Verdict:
     """The report's first section, from bench_transfer.json (several draws) where it has the models, else the
     run's files (1 draw); a row whose stage has not run is "not run", never a miss."""
     bench = read_json(storage.join(storage.run_dir(cfg), BENCH_FILE))
-    ens_dir = storage.stage_dir(cfg, "ensemble")
-    ens, desc = read_json(storage.join(ens_dir, "metrics.json")), description(ens_dir)
+    ens_dir = ENSEMBLE.dir(cfg)
+    ens, desc = ENSEMBLE.metrics(cfg), description(ens_dir)
     b, r, g = _bench_measures(bench), _run_measures(cfg, ens, desc), cfg.goals
     rows = [
         # transfer is judged on the tuned CNN (the issue's goal: "the tuned ImageNet CNN beats ..."); the seed
@@ -252,7 +254,7 @@ def verdict_lines(cfg: Any) -> list[str]:
     lines = ["", "verdict: " + v.headline()] + [
         f"  {r.verdict_text():<8}{r.comparison:<{width}}  {r.difference_text():<32} goal {r.goal_text()}"
         for r in v.rows]
-    comp = read_json(storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")) or {}
+    comp = COMPRESS.metrics(cfg) or {}
     dropped = (comp.get("zero_weight_members") or {}).get("dropped")
     if dropped:
         lines.append(f"note: left out of every compressed variant (zero stacker weight): {', '.join(dropped)}")

@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from transfuse import metrics as tm
 from transfuse import storage
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
@@ -91,6 +92,41 @@ figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}figcaption{font-siz
 .missing{color:#a33;font-style:italic}.error{color:#a00}code{font-size:.9em}h1{margin:.2em 0 .4em}
 .verdict-lines p{margin:.2em 0}td.met{color:#161;font-weight:bold}td.missed{color:#a00;font-weight:bold}
 td.not-run{color:#777}.note{font-size:.85em;color:#555}"""
+
+
+def reliability_figure(page: Page, curves: list, filename: str, how: str) -> None:
+    """A reliability diagram on the test split and its table (accuracy, NLL, ECE, n) for ``curves``
+    [(label, probs, labels)]: the last curve (the served model) as bars with its counts, earlier ones as lines."""
+    plt = pyplot()
+    fig, (ax, axc) = plt.subplots(2, 1, figsize=(5.5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    rows = []
+    for i, (label, probs, labels) in enumerate(curves):
+        rel = tm.reliability(probs, labels)
+        edges = np.asarray(rel["edges"])
+        centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        count = np.asarray(rel["count"])
+        has = count > 0
+        ece, nll = tm.ece(probs, labels), tm.nll(probs, labels)
+        rows.append((label, tm.accuracy(probs, labels), nll, ece, len(labels)))
+        last = i == len(curves) - 1
+        if last:  # the served model's bins as bars, an earlier curve as a line over them
+            ax.bar(centers[has], np.asarray(rel["accuracy"])[has], width[has], edgecolor="black", alpha=0.6,
+                   label="accuracy per confidence bin")
+            axc.bar(centers, count, width, color="tab:grey", edgecolor="black")
+        ax.plot(np.asarray(rel["confidence"])[has], np.asarray(rel["accuracy"])[has], "o" if last else "o-",
+                color="tab:red" if last else "tab:orange", ms=4, label=f"{label}: ECE {ece:.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.45)  # room above 1.0 for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_title(f"Reliability on the test split (n={rows[-1][4]})")
+    ax.legend(fontsize=6.5, loc="upper left")
+    axc.set_xlabel("confidence (max probability)")
+    axc.set_ylabel("examples")
+    axc.set_xlim(0, 1)
+    page.figure(fig, filename, "reliability diagram", f"Reliability diagram of {esc(how)}.")
+    page.add(table(["model", "test accuracy", "NLL", "ECE", "n"],
+                    [(esc(label), num(a), num(n), num(e), num(k)) for label, a, n, e, k in rows]))
 
 
 def section(page: Page, title: str, fn: Callable[[], None]) -> None:

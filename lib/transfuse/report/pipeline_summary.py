@@ -9,8 +9,10 @@ import logging
 from typing import Any, Optional, Sequence
 
 from transfuse import storage
+from transfuse.compress import COMPRESS, served_variant
+from transfuse.ensemble import ENSEMBLE
 from transfuse.errors import TransfuseError
-from transfuse.compress.measure import served_variant
+from transfuse.finetune import FINETUNE, SCRATCH, member_metrics
 from transfuse.report.page import Page, esc, num, table
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
@@ -18,7 +20,7 @@ log = logging.getLogger(__package__)  # "transfuse.report": one logger for the p
 
 def tuned_members(cfg: Any) -> list[Any]:
     """tune/members.json through its reader; [] when absent or unreadable (the report never stops for it)."""
-    from transfuse.finetune.tune import read_members
+    from transfuse.finetune import read_members
 
     try:
         return read_members(cfg) or []
@@ -33,17 +35,17 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def member_row(label: str, d: str) -> None:
-        path = storage.join(d, "metrics.json")
-        if storage.exists(path):
-            m = storage.read_json(path)["test"]
+        m = member_metrics(d)
+        if m is not None:
+            m = m["test"]
             rows.append({"model": label, **{k: m[k] for k in ("accuracy", "nll", "ece")}})
 
-    member_row(f"seed recipe (unfreeze {cfg.model.unfreeze})", storage.stage_dir(cfg, "finetune"))
-    member_row("same network from scratch", storage.stage_dir(cfg, "scratch"))
+    member_row(f"seed recipe (unfreeze {cfg.model.unfreeze})", FINETUNE.dir(cfg))
+    member_row("same network from scratch", SCRATCH.dir(cfg))
     tuned = tuned_members(cfg)
     if tuned:
         member_row(f"best tuned ({tuned[0].name})", tuned[0].dir)
-    ens_path = storage.join(storage.stage_dir(cfg, "ensemble"), "metrics.json")
+    ens_path = ENSEMBLE.metrics_path(cfg)
     if storage.exists(ens_path):
         rep = storage.read_json(ens_path)
         before = [c["test"]["before"] for c in (rep.get("calibration") or {}).values() if c and c.get("applied", True)]
@@ -54,7 +56,7 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
             if key in rep.get("summary", {}):
                 s = rep["summary"][key]
                 rows.append({"model": label, **{k: s[k]["mean"] for k in ("accuracy", "nll", "ece")}})
-    comp_path = storage.join(storage.stage_dir(cfg, "compress"), "metrics.json")
+    comp_path = COMPRESS.metrics_path(cfg)
     if storage.exists(comp_path):
         comp = storage.read_json(comp_path)
         for r in comp.get("variants", []):

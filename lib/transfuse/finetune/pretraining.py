@@ -14,32 +14,29 @@ from typing import Any
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
 from transfuse import storage
 from transfuse.config import Config
+from transfuse.finetune import PRETRAIN, PRETRAIN_DATA
 
 log = logging.getLogger(__name__)
 
-STAGE = "pretrain"
-DATA_STAGE = "pretrain_data"
 
 
 def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[str, Any]:
     """Prepare the source data, train the whole network on it, save the backbone weights + manifest."""
     import tensorflow as tf
 
-    from transfuse.finetune import models
-
-    from transfuse.finetune import stage as train
-
-    from transfuse.finetune import loop as train_loop
     from transfuse.data import data_manifest, prepare, preprocessed, read_split, training_rows
+    from transfuse.finetune import loop as train_loop
+    from transfuse.finetune import models
+    from transfuse.finetune import stage as train
+    from transfuse.inference import PreprocessSpec
     from transfuse.metrics import evaluate
-    from transfuse.inference.preprocess import PreprocessSpec
 
-    out_dir = storage.stage_dir(cfg, STAGE)
+    out_dir = PRETRAIN.dir(cfg)
     fp = cfg.fingerprint("pretrain", "model", "seed")
-    if storage.skip_complete(out_dir, fp, STAGE, force):
-        return storage.read_json(storage.join(out_dir, "metrics.json"))
-    prepare(cfg, data_cfg=cfg.pretrain.data, stage=DATA_STAGE)
-    data_dir = storage.stage_dir(cfg, DATA_STAGE)
+    if storage.skip_complete(out_dir, fp, PRETRAIN.folder, force):
+        return PRETRAIN.metrics(cfg)
+    prepare(cfg, data_cfg=cfg.pretrain.data, stage=PRETRAIN_DATA.folder)
+    data_dir = PRETRAIN_DATA.dir(cfg)
     manifest = data_manifest(data_dir)
     class_names = manifest["class_names"]
     names = models.layer_names_of(cfg.model.backbone, cfg.model.input_size, cfg.model.width)
@@ -57,10 +54,11 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
         datasets = {f"{s}_image": training_rows(data_dir, s) for s in ("train", "val")}
     phases = [train_loop.Phase("pretrain", len(names), cfg.pretrain.epochs, cfg.pretrain.lr, None,
                                "train_image", "val_image", images=not cfg.train.materialize)]
-    loop = train_loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases, batch_size=cfg.pretrain.batch_size,
-                            patience=cfg.train.early_stopping_patience, seed=cfg.seed,
-                            policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu), cached=False,
-                            in_memory=cfg.train.materialize, bn_training=True)
+    # the same worker loop as fine-tuning (``transfuse.finetune.loop.train_func``): one phase, every layer trains
+    loop = train_loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases,
+                                 batch_size=cfg.pretrain.batch_size, patience=cfg.train.early_stopping_patience,
+                                 seed=cfg.seed, policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu),
+                                 cached=False, in_memory=cfg.train.materialize, bn_training=True)
     train_path = storage.join(out_dir, train.TRAIN_DIR)
     if not resume:
         storage.delete(train_path)
@@ -74,7 +72,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
         train_loop.load_checkpoint_weights(model, d)
     models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
     from transfuse.data import read_split_numpy
-    from transfuse.inference.preprocess import preprocess
+    from transfuse.inference import preprocess
 
     images, labels, _ = read_split_numpy(data_dir, "test")
     evals = {}
@@ -82,8 +80,8 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
         probs = model.predict(preprocess(images, pspec), batch_size=256, verbose=0)
         evals["test"] = evaluate(probs, labels)
     metrics = {"history": state.history, "source_classes": class_names, **evals}
-    storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
+    storage.write_json(PRETRAIN.metrics_path(cfg), metrics)
     storage.write_json(storage.join(out_dir, "model_spec.json"), spec)
-    storage.write_manifest(out_dir, cfg, STAGE, fp, metrics=evals, epochs=state.epoch,
+    storage.write_manifest(out_dir, cfg, PRETRAIN.folder, fp, metrics=evals, epochs=state.epoch,
                            backbone=cfg.model.backbone, source=manifest.get("counts"))
     return metrics

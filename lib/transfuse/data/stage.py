@@ -15,11 +15,22 @@ import numpy as np
 
 from transfuse import images, storage
 from transfuse.config import FILE_SOURCES, MIN_PER_SPLIT, PREPARED_SPLITS, UNLABELLED, Config, DataConfig, digest
-from transfuse.data.sources import DataError, Source, load_source
+from transfuse.data.files import load_files_source
+from transfuse.data.sources import LOADERS, DataError, Source
+from transfuse.data import PREPARE
+
 
 log = logging.getLogger(__name__)
-STAGE = "data"
 _MAX_LISTED = 20
+
+
+def load_source(cfg: DataConfig, policy: Any = None) -> Source:
+    """The source's rows. A user's files (``FILE_SOURCES``) are decoded to ``policy`` (``images.ImagePolicy``)."""
+    if cfg.source in FILE_SOURCES:
+        if policy is None:
+            raise DataError(f"data.source={cfg.source}: decoding files needs an image policy (size, channels)")
+        return load_files_source(cfg, policy)
+    return LOADERS[cfg.source](cfg)
 
 
 def _shape_of(batch: dict[str, Any]) -> dict[str, Any]:
@@ -240,13 +251,14 @@ def _tag_split(batch: dict[str, Any], assignment: dict[str, tuple[str, int]]) ->
 
 
 def prepare(cfg: Config, *, force: bool = False, data_cfg: Optional[DataConfig] = None,
-            stage: str = STAGE) -> dict[str, Any]:
+            stage: Optional[str] = None) -> dict[str, Any]:
     """Run the prepare stage (skipped when its manifest is complete for the same config)."""
     import ray
     from ray.data.expressions import col
 
     dcfg = data_cfg or cfg.data
-    out = storage.stage_dir(cfg, stage)
+    stage = stage or PREPARE.folder  # the pretrain stage prepares its own data into another folder
+    out = storage.join(storage.run_dir(cfg), stage)
     policy = image_policy(cfg, dcfg) if dcfg.source in FILE_SOURCES else None
     inputs = {"data": dcfg.model_dump(mode="json"), "seed": cfg.seed}
     fingerprint = digest(inputs if policy is None else {**inputs, "image_policy": policy.to_dict()})
