@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS=1 before TensorFlow is imported)
-from transfuse.compress import measure, stage as compress, tflite as tflite_export
+from transfuse.compress import stage as compress
+from transfuse.compress import measure, tflite
 from transfuse.data import PREPARE
-from transfuse.ensemble import fitted as ensemble_source
+from transfuse.ensemble import fitted
 from transfuse.finetune.models import KerasMember
 from transfuse.inference.preprocessing import PreprocessSpec, preprocess
 
@@ -91,7 +92,7 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
     dim = int(emb_net.output.shape[-1])
     onx = convert_sklearn(lr, initial_types=[("embedding", FloatTensorType([None, dim]))],
                           options={id(lr): {"zipmap": False}}).SerializeToString()
-    parts = ensemble_source.EnsembleParts(
+    parts = fitted.EnsembleParts(
         sklearn=[BundleSklearn("logreg", onx, embedding_of=members[0].name)],
         stacker=stacker)
     info = {"source": source, "train": len(tr), "stacker_holdout": len(ho), "test": len(te), "epochs": epochs,
@@ -101,11 +102,10 @@ def demo_members(n_train: int, n_test: int, epochs: int, seed: int = 0):
 
 def run_members(cfg):
     """The run's ensemble as jobs.compress reads it, and its prepared train/test splits."""
-    from transfuse import storage
     from transfuse.finetune import models
     from transfuse.data import data_manifest, read_split_numpy
 
-    src, dropped = ensemble_source.ensemble_to_compress(cfg)
+    src, dropped = fitted.ensemble_to_compress(cfg)
     members = [KerasMember(n, *models.load_member(d)) for n, d in src.members]
     data_dir = PREPARE.dir(cfg)
     names = data_manifest(data_dir)["class_names"]
@@ -161,7 +161,7 @@ def main() -> None:
     pspec = PreprocessSpec(**members[0].spec["preprocess"])
     ccfg = cfg.compress
     args.threads = args.threads or ccfg.num_threads
-    rep_raw = tflite_export.representative_raw(xtr, ccfg.representative_examples, seed=cfg.seed)
+    rep_raw = tflite.representative_raw(xtr, ccfg.representative_examples, seed=cfg.seed)
     rep = preprocess(rep_raw, pspec)
     parts0 = parts  # as the ensemble stage wrote them: the seed-style baseline uses these
     if ccfg.optimize_sklearn and parts.sklearn:
@@ -194,7 +194,7 @@ def main() -> None:
                                           num_threads=args.threads, runs=args.latency_runs)
             for r in rows:
                 r.update(lat[r["variant"]], latency="blocked")
-    base = ensemble_source.keras_baseline(members, parts0, pspec)
+    base = fitted.keras_baseline(members, parts0, pspec)
     row = {"variant": "keras_seq"}
     row["size_bytes"], row["size_gzip_bytes"] = keras_bytes(members, parts0)
     row.update(measure.measure_predictor(base, xte, yte, latency_runs=max(10, args.latency_runs // 5)))

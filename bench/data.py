@@ -26,7 +26,7 @@ import numpy as np
 
 from ray.data.dataset import MaterializedDataset
 
-from transfuse import environment, storage
+from transfuse import environment
 from transfuse.config import load_config
 from transfuse.data import PREPARE, prepare, preprocessed, read_split
 from transfuse.data.dataset import training_split

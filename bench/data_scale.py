@@ -4,12 +4,12 @@ A prepared dataset (Fashion-MNIST resized to the default config's input size, 96
 ``--ratio`` times the object store) is written in the canonical parquet layout. A local Ray with a bounded
 object store (``--object-store-mib``) then runs, each timed on its own:
 
-  (a) the cache pass, streamed: ``transfuse.finetune.cache.ensure_cache`` on the actor path (Ray Data ``read_parquet`` ->
-      ``CacheWriter`` actor, which writes the activations itself), against (b) the same rows in memory: the same
+  (a) the cache pass, streamed: ``transfuse.finetune.cache.ensure_cache`` on the actor path (Ray Data ``read_parquet``
+      -> ``CacheWriter`` actor, which writes the activations itself), against (b) the same rows in memory: the same
       function's driver path (every row read into this process's memory, the same model, the same files);
   (c) the training iterator, streamed: ``training_rows`` (the stored uint8 rows) through a streaming split into
-      ``train_loop.tf_dataset``, which preprocesses each batch as a Ray Train worker does, against (d) the same
-      rows already in this process's memory, preprocessed batch by batch with the same function, as tf tensors
+      ``transfuse.finetune.loop.tf_dataset``, which preprocesses each batch as a Ray Train worker does, against (d) the
+      same rows already in this process's memory, preprocessed batch by batch with the same function, as tf tensors
       (nothing read: timed after the read); and (e) the read too: the split read into memory as transfuse's
       small-data path reads it (``read_split_numpy``, pyarrow), then (d). (b) includes its read as (e) does.
 

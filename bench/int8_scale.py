@@ -38,7 +38,7 @@ from transfuse.finetune import models  # noqa: E402
 from transfuse.inference.runtimes import LiteRTRunner  # noqa: E402
 from transfuse.config import HeadConfig, ModelConfig  # noqa: E402
 from transfuse.inference.preprocessing import PreprocessSpec, preprocess  # noqa: E402
-from transfuse.compress import tflite as tflite_export
+from transfuse.compress import tflite
 
 
 HEADS = {"dense256": HeadConfig(dense=[256]),  # the seed's head: Flatten -> Dense(256) -> Dense(classes)
@@ -54,8 +54,8 @@ def export(backbone: str, size: int, width: float, calib: int,
     rng = np.random.default_rng(0)
     raw = rng.integers(0, 256, size=(calib + 1, size, size, 3), dtype=np.uint8)
     x = preprocess(raw, PreprocessSpec(**spec["preprocess"]))
-    files = {"float32": tflite_export.to_tflite(model, "float32"),
-             "int8": tflite_export.to_tflite(model, "int8", x[:calib])}
+    files = {"float32": tflite.to_tflite(model, "float32"),
+             "int8": tflite.to_tflite(model, "int8", x[:calib])}
     return files, int(model.count_params()), x[calib:], model, x[:calib]
 
 

@@ -18,7 +18,7 @@ ratios of (a) to (b) and to (c) (the median over rounds, and each round's), meas
 
 ``write_demo_bundle`` (also used by the tests) trains tiny real tf_keras CNNs on scikit-learn's digits (or a
 slice of Fashion-MNIST), converts them to .tflite (float32 or full-integer int8) and writes a real bundle with
-``transfuse.inference.bundle.write_bundle``, shipping a few test images for the page at ``GET /``.
+``transfuse.inference.bundle_writer.write_bundle``, shipping a few test images for the page at ``GET /``.
 """
 
 # No `from __future__ import annotations`: the baseline's FastAPI route needs its `Request` annotation as a

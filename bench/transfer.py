@@ -71,13 +71,14 @@ def baselines(cfg: Config) -> dict[str, dict[str, float]]:
 
 def pipeline_results(cfg: Config) -> dict[str, dict[str, float]]:
     """The CNNs' and the stack's test metrics from the run's own files."""
-    run = storage.run_dir(cfg)
-    test = lambda d: storage.read_json(storage.join(d, "metrics.json"))["test"]  # noqa: E731
-    from transfuse.finetune.tune import read_members
+    from transfuse.ensemble import ENSEMBLE
+    from transfuse.finetune import FINETUNE, SCRATCH, read_members
+    from transfuse.stage import read_metrics
 
+    test = lambda d: read_metrics(d)["test"]  # noqa: E731
     best = read_members(cfg)[0]
-    ens = storage.read_json(storage.join(run, "ensemble", "metrics.json"))["summary"]["stack"]
-    return {"scratch": test(storage.join(run, "scratch")), "seed_recipe": test(storage.join(run, "finetune")),
+    ens = ENSEMBLE.metrics(cfg)["summary"]["stack"]
+    return {"scratch": test(SCRATCH.dir(cfg)), "seed_recipe": test(FINETUNE.dir(cfg)),
             "searched_depth": {**test(best.dir), "unfreeze": best.config["unfreeze"]},
             "stack": {k: ens[k]["mean"] for k in ("accuracy", "nll", "ece")}}
 

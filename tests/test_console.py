@@ -1,6 +1,6 @@
-"""The pipeline's console without Ray: progress read (by each stage's reader) from checkpoint files as Ray Train names them, bars on a
-terminal and at a few fractions elsewhere, and quiet mode in a real child process (file descriptors 1 and 2 into
-the log file, the console on the original stdout)."""
+"""The pipeline's console without Ray: progress read (by each stage's reader) from checkpoint files as Ray Train names
+them, bars on a terminal and at a few fractions elsewhere, and quiet mode in a real child process (file descriptors 1
+and 2 into the log file, the console on the original stdout)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ def test_bar_text_eta_from_the_rate_so_far():
 
 
 def _checkpoint(member_dir: Path, stamp: str, epoch: int) -> None:
-    """A Ray Train checkpoint dir as transfuse.finetune.stage writes it: <member>/.ray_train/checkpoint_<time>/state.json."""
+    """A Ray Train checkpoint dir as transfuse.finetune.stage writes it:
+    <member>/.ray_train/checkpoint_<time>/state.json."""
     from transfuse.finetune.stage import TRAIN_DIR
     from transfuse.finetune.loop import STATE_FILE
 

@@ -96,6 +96,10 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
 
     path = newest_checkpoint_file(str(_dir(distilled, "distill") / TRAIN_DIR), HISTORY_FILE, 0.0)
     assert path is not None and len(json.loads(Path(path).read_text())) == 4
+    # the stage's own reader, as the console starts it (files written since 0: every epoch counts)
+    from transfuse import distill
+
+    assert distill._progress(distilled, 0.0)() == (4, distilled.distill.epochs, "student epochs")
 
 
 def test_plan_shows_the_distill_stage():

@@ -1,6 +1,6 @@
 """The plan of the house, read from the source with ``ast``: the wings stack in one order and no import reaches up
-it, other wings see only a wing's public face, no module-level import circle, no module over 500 lines or function over 80, stage
-folders and metrics files named only by their stage, and no dates in comments."""
+it, other wings see only a wing's public face, no module-level import circle, no module over 500 lines or function over
+80, stage folders and metrics files named only by their stage, and no dates in comments."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ LIB = ROOT / "lib" / "transfuse"
 
 # bottom to top: each wing may import its own modules and the wings below it, never one above
 CORE = {"transfuse", "transfuse.errors", "transfuse.storage", "transfuse.metrics", "transfuse.images",
-        "transfuse.class_weights", "transfuse.environment", "transfuse.stage"}
+        "transfuse.class_weights", "transfuse.environment", "transfuse.stage", "transfuse.wing"}
 WINGS = ["core", "transfuse.inference", "transfuse.data", "transfuse.finetune", "transfuse.ensemble",
          "transfuse.distill", "transfuse.compress", "transfuse.report", "top", "serve", "transfuse.cli", "jobs"]
 TOP = {"transfuse.pipeline", "transfuse.console", "transfuse.plan", "transfuse.predict", "transfuse.runs"}
@@ -97,6 +97,29 @@ def test_other_wings_import_only_a_wings_public_face():
                 if w not in ("core", "top", "serve", wing(m)) and target != w:
                     reach.append(f"{m}: from {n.module} import {', '.join(a.name for a in n.names)}")
     assert not reach, "\n".join(reach)
+
+
+def _package_names(package: str) -> set[str]:
+    """What ``from package import X`` finds without the face: the names its ``__init__`` binds, its submodules."""
+    tree = ast.parse(MODULES[package].read_text())
+    names = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    names |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    names |= {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    return names | {m.rsplit(".", 1)[1] for m in MODULES if m.rsplit(".", 1)[0] == package}
+
+
+def test_every_name_imported_from_a_wing_is_there():
+    """``from transfuse.finetune import X`` anywhere (nested imports, tests and benchmarks too) names a face entry,
+    a name the package binds or a submodule: a missing face entry fails when the import runs, maybe mid-run."""
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py" and m.startswith("transfuse.")}
+    missing = []
+    for path in sorted({*MODULES.values(), *(ROOT / "tests").glob("*.py"), *(ROOT / "bench").glob("*.py")}):
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.module in packages and n.level == 0:
+                known = set(face(n.module)) | _package_names(n.module)
+                missing += [f"{path.relative_to(ROOT)}:{n.lineno}: {n.module}.{a.name}" for a in n.names
+                            if a.name not in known]
+    assert not missing, "\n".join(missing)
 
 
 def test_every_public_face_name_exists():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from transfuse.inference.preprocessing import PreprocessError, PreprocessSpec, pixel_features, preprocess, resize_bilinear
+from transfuse.inference.preprocessing import (PreprocessError, PreprocessSpec, pixel_features, preprocess,
+                                               resize_bilinear)
 
 
 @pytest.fixture(scope="module")

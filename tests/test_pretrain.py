@@ -1,5 +1,6 @@
-"""The pretrain stage's completion rule (transfuse.finetune.pretraining): a complete stage returns its saved metrics without
-running; the pretrain, model and seed sections of the config (and force) make it run again, other sections do not.
+"""The pretrain stage's completion rule (transfuse.finetune.pretraining): a complete stage returns its saved metrics
+without running; the pretrain, model and seed sections of the config (and force) make it run again, other sections do
+not.
 
 The source data here is an image folder that does not exist, so a stage that does run stops at its first step,
 preparing that data, with a DataError naming the folder: these tests take seconds and train nothing.

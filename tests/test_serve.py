@@ -1,8 +1,8 @@
 """The Serve app end to end: a real local Ray, serve.run on 127.0.0.1, real HTTP and gRPC, a tiny real bundle.
 
 The bundle: a small tf_keras CNN trained on scikit-learn's digits, converted to .tflite and written with
-``transfuse.inference.bundle.write_bundle`` (bench.serve.write_demo_bundle). Each check compares what comes over the wire
-with what the bundle predicts offline for the same images. The Open Inference Protocol is spoken by the real
+``transfuse.inference.bundle_writer.write_bundle`` (bench.serve.write_demo_bundle). Each check compares what comes over
+the wire with what the bundle predicts offline for the same images. The Open Inference Protocol is spoken by the real
 ``tritonclient`` (HTTP and gRPC); TensorFlow Serving's by bodies shaped like its example client's.
 """
 

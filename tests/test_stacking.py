@@ -18,8 +18,10 @@ from tests._ensemble_helpers import digits_splits, subset_members
 from transfuse import metrics as tm
 from transfuse.config import MemberConfig
 from transfuse.ensemble.learners import build_estimator, to_onnx_bytes
-from transfuse.inference.combine import EnsembleError, Stacker, average, combine_probs, hard_vote, load_sklearn_member, softmax, stack_members, stacker_features
-from transfuse.ensemble.stacker import FitRecord, GreedyEnsemble, LeakageError, check_no_leakage, checked_temperature, fit_temperature, select_stacker, stacker_candidates, temperature_line
+from transfuse.inference.combine import (EnsembleError, Stacker, average, combine_probs, hard_vote, load_sklearn_member,
+                                         softmax, stack_members, stacker_features)
+from transfuse.ensemble.stacker import (FitRecord, GreedyEnsemble, LeakageError, check_no_leakage, checked_temperature,
+                                        fit_temperature, select_stacker, stacker_candidates, temperature_line)
 
 
 @pytest.fixture(scope="module", autouse=True)

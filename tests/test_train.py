@@ -91,7 +91,8 @@ def test_member_reloads_with_the_same_predictions(finetuned, digits_run):
 def test_checkpoint_weights_round_trip_and_read_older_h5_checkpoints(tmp_path):
     import tensorflow as tf
 
-    from transfuse.finetune.loop import CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights, save_checkpoint_weights
+    from transfuse.finetune.loop import (CKPT_WEIGHTS, LEGACY_CKPT_WEIGHTS, load_checkpoint_weights,
+                                         save_checkpoint_weights)
 
     def model(seed):
         tf.keras.utils.set_random_seed(seed)

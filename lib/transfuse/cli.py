@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from transfuse import environment  # noqa: F401  (TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from transfuse.compress import BUNDLE, COMPRESS
 from transfuse.config import FILE_SOURCES, Config, load_config
 from transfuse.errors import TransfuseError
 
@@ -155,7 +154,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _print_results(cfg: Config, out: Callable[[str], None]) -> None:
     """The served model's test metrics, per class by name (from the compress stage's metrics)."""
-    from transfuse.compress import served_variant
+    from transfuse.compress import COMPRESS, served_variant
 
     m = COMPRESS.metrics(cfg) or {}
     variants = {r.get("variant"): r for r in m.get("variants", [])}
@@ -185,6 +184,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from serve.app import deploy
     from transfuse import runs
+    from transfuse.compress import BUNDLE
 
     cfg = runs.open_run(args.run_dir, args.storage or "./runs", list(args.overrides))
     own = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))

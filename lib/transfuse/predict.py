@@ -18,9 +18,10 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 
 from transfuse import images, storage
+from transfuse.compress import BUNDLE
 from transfuse.data import DataError
 from transfuse.errors import TransfuseError
-from transfuse.inference import MANIFEST, Bundle, BundleError, load_bundle
+from transfuse.inference import MANIFEST, Bundle, load_bundle
 
 BATCH = 256  # images decoded and classified together
 
@@ -49,12 +50,12 @@ class Predictions:
 def bundle_dir(run_or_bundle: str) -> str:
     """A bundle folder as given, or the served bundle of a run folder (``<run>/bundle``)."""
     if storage.exists(storage.join(run_or_bundle, MANIFEST)) and not storage.exists(
-            storage.join(run_or_bundle, "bundle", MANIFEST)):
+            storage.join(run_or_bundle, BUNDLE.folder, MANIFEST)):
         return run_or_bundle
-    inner = storage.join(run_or_bundle, "bundle")
+    inner = storage.join(run_or_bundle, BUNDLE.folder)
     if storage.exists(storage.join(inner, MANIFEST)):
         return inner
-    raise BundleError(f"{run_or_bundle}: neither a bundle (it holds {MANIFEST}) nor a run with a served bundle "
+    raise DataError(f"{run_or_bundle}: neither a bundle (it holds {MANIFEST}) nor a run with a served bundle "
                        f"({inner}/{MANIFEST}); the compress stage writes it")
 
 

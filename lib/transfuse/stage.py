@@ -22,6 +22,12 @@ from transfuse import storage
 METRICS = "metrics.json"  # every stage's summary, beside its manifest
 
 
+def read_metrics(directory: str) -> Optional[dict[str, Any]]:
+    """The ``metrics.json`` in ``directory`` (a stage's folder or a member dir), or None before it is written."""
+    path = storage.join(directory, METRICS)
+    return storage.read_json(path) if storage.exists(path) else None
+
+
 def _always(cfg: Any) -> bool:
     return True
 
@@ -62,8 +68,7 @@ class Stage(Folder):
 
     def metrics(self, cfg: Any) -> Optional[dict[str, Any]]:
         """Its ``metrics.json``, or None before it has written one."""
-        path = self.metrics_path(cfg)
-        return storage.read_json(path) if storage.exists(path) else None
+        return read_metrics(self.dir(cfg))
 
     def manifest(self, cfg: Any) -> Optional[dict[str, Any]]:
         return storage.read_manifest(self.dir(cfg))
@@ -86,4 +91,4 @@ class Stage(Folder):
         return reader(cfg, since) if reader else None
 
 
-__all__ = ["METRICS", "Folder", "Stage"]
+__all__ = ["METRICS", "Folder", "Stage", "read_metrics"]

@@ -7,11 +7,11 @@ are what other wings use, imported on first use.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional
 
 from transfuse import storage
 from transfuse.stage import Folder, Stage
+from transfuse.wing import public_face
 
 BUNDLE = Folder("bundle")
 
@@ -34,8 +34,4 @@ _FACE = {
     "run_compress": "transfuse.compress.stage",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.compress' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 
 from transfuse import metrics as _metrics
+from transfuse import storage
 from transfuse.config import GoalsConfig
 from transfuse.inference import load_bundle
 
@@ -29,7 +30,7 @@ def model_bytes(directory: str) -> tuple[int, int, int]:
     codings = file_codings(verify(root)[0])
     raw = gz = loaded = 0
     for p in sorted(root.rglob("*")):
-        if p.is_file() and p.name != "manifest.json" and p.relative_to(root).parts[0] != "examples":
+        if p.is_file() and p.name != storage.MANIFEST and p.relative_to(root).parts[0] != "examples":
             b = p.read_bytes()
             raw += len(b)
             gz += len(gzip.compress(b, compresslevel=9))

@@ -2,8 +2,8 @@
 
 - The ensemble to compress is ``transfuse.ensemble.fitted``'s reading of ``ensemble/`` (zero-weight members left
   out, see below); with ``distill.enabled`` the distilled student is one more variant (``student_int8``).
-- Pruning (``transfuse.compress.prune``) and the TFLite export with one shared trunk (``transfuse.compress.tflite``); the
-  scikit-learn members' ONNX graphs are rewritten losslessly (``transfuse.compress.onnx_rewrite``).
+- Pruning (``transfuse.compress.prune``) and the TFLite export with one shared trunk (``transfuse.compress.tflite``);
+  the scikit-learn members' ONNX graphs are rewritten losslessly (``transfuse.compress.onnx_rewrite``).
 - Dead members: a member whose stacker columns are all exactly zero (the log-linear pool gives w_m = 0 to
   members that do not help) cannot change a prediction, so no variant carries it (``drop_zero_weight_members``):
   lossless, and it shrinks float32 and int8 alike.
@@ -192,7 +192,8 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     src, dropped = ensemble_to_compress(cfg)
     out, bundle_dir = COMPRESS.dir(cfg), BUNDLE.dir(cfg)
     fp = _fingerprint(cfg, src)
-    if storage.exists(storage.join(bundle_dir, "manifest.json")) and storage.skip_complete(out, fp, COMPRESS.folder, force):
+    if storage.exists(storage.join(bundle_dir, storage.MANIFEST)) and storage.skip_complete(out, fp, COMPRESS.folder,
+                                                                                       force):
         return storage.read_manifest(out)
     members, pspec = _load_members(src)
     data_dir = PREPARE.dir(cfg)
@@ -234,7 +235,7 @@ def run_compress(cfg: Config, *, force: bool = False) -> dict:
     write_variant(bundle_dir, ex, v_members, v_parts, **common, overwrite=True,
                   metrics={"test": {k: serve_row[k] for k in SERVED_METRICS if k in serve_row}, "variants": rows,
                            "goals": report["goals"]},
-                  extra={"ensemble_source": v_source, "stage": "bundle", "complete": True,
+                  extra={"ensemble_source": v_source, "stage": BUNDLE.folder, "complete": True,
                          "fingerprint": fp, "config": cfg.model_dump(mode="json")})
     return storage.write_manifest(out, cfg, COMPRESS.folder, fp, variants=[r["variant"] for r in rows],
                                   serve_variant=served, bundle=bundle_dir, metrics=report["goals"])

@@ -58,9 +58,9 @@ MEMBER_SAMPLERS = ("loguniform", "uniform", "lograndint", "randint", "choice")
 
 
 class MemberSearchConfig(Strict):
-    """Ray Tune over the scikit-learn members (transfuse.ensemble.member_search): one trial = one member configuration (kind,
-    parameters, feature view) scored by its out-of-fold NLL on the holdout, over the folds the stacker's inputs use.
-    The best configurations per (kind, view family) replace ``ensemble.members``; those fixed members are searched
+    """Ray Tune over the scikit-learn members (transfuse.ensemble.member_search): one trial = one member configuration
+    (kind, parameters, feature view) scored by its out-of-fold NLL on the holdout, over the folds the stacker's inputs
+    use. The best configurations per (kind, view family) replace ``ensemble.members``; those fixed members are searched
     as trials too, so a searched member is never worse on that score than the fixed one of its kind and view."""
 
     enabled: bool = False  # false: ensemble.members as given (the fixed list; the way to opt out)

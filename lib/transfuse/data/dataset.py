@@ -107,8 +107,8 @@ def training_split(data_dir: str, split: str, spec: PreprocessSpec, *, max_bytes
 
 def training_rows(data_dir: str, split: str) -> Any:
     """The split's canonical rows (uint8 ``image``, ``label``) for Train workers that preprocess their own
-    batches (``preprocess_batch`` in ``train_loop``): the streamed training path. The object store holds the
-    stored uint8 images, not float32 model inputs: a quarter of the bytes at the input size, 1/141 for 28 x 28
+    batches (``preprocess_batch`` in ``transfuse.finetune.loop``): the streamed training path. The object store holds
+    the stored uint8 images, not float32 model inputs: a quarter of the bytes at the input size, 1/141 for 28 x 28
     grey images trained at 96 px."""
     return read_split(data_dir, split).select_columns(["image", "label"])
 

@@ -6,11 +6,11 @@ Its stage: ``DISTILL``. The other names below are what other wings use, imported
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional
 
 from transfuse import storage
 from transfuse.stage import Stage
+from transfuse.wing import public_face
 
 STUDENT = "student"  # the member directory under distill/, and the member's name in its bundle
 HISTORY_FILE = "history.json"  # in each student checkpoint, beside the weights
@@ -32,7 +32,7 @@ def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, s
     return student
 
 
-DISTILL = Stage("distill", name="distill", inputs=("prepare", "ensemble"), outputs=(STUDENT + "/", "predictions/"),
+DISTILL = Stage("distill", name="distill", inputs=("prepare", "ensemble"), outputs=(STUDENT + "/",),
                 run="transfuse.distill.stage:run_distill", progress="transfuse.distill:_progress",
                 plan="transfuse.distill.plan:distill_plan", enabled=_enabled)
 
@@ -44,8 +44,4 @@ _FACE = {
     "soften": "transfuse.distill.teacher",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.distill' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

@@ -12,8 +12,8 @@ at a smaller input) trained on Ray Train to match the ensemble (the teacher) on
 Each image is seen in ``distill.views`` views (the first as is, the others augmented with ``distill.augment``,
 seeded by the image's id and the view), and the teacher labels every view itself (Beyer et al. 2022: teacher and
 student see the same augmented image). The teacher runs on a Ray Data actor pool (``TeacherActor``: the float32
-Keras members, the scikit-learn members in ONNX Runtime, the stacker: ``ensemble_source.keras_baseline``); its soft
-labels are computed once per view and materialized, and the student's epochs stream them from the object store.
+Keras members, the scikit-learn members in ONNX Runtime, the stacker: ``transfuse.ensemble.fitted.keras_baseline``); its
+soft labels are computed once per view and materialized, and the student's epochs stream them from the object store.
 
 The loss of a row: ``soft_weight * T^2 * KL(teacher_T || student_T) + hard_weight * labelled * CE(label,
 student)``, with ``p_T = softmax(log p / T)`` (Hinton et al. 2015). Afterwards one temperature is fitted on the
@@ -29,7 +29,7 @@ the student into the ``student_int8`` bundle variant.
 
 The parts: ``transfuse.distill.teacher`` (the views and the teacher, Ray Data), ``transfuse.distill.student`` (the
 student on the worker loop, Ray Train: ``transfuse.finetune.loop.run_worker`` with ``StudentTask``'s hooks); this
-module runs the stage, step by step (``run_distill``), and keeps the parts' public names importable from here.
+module runs the stage, step by step (``run_distill``).
 """
 
 from __future__ import annotations

@@ -6,14 +6,15 @@ Its stage: ``ENSEMBLE``. The other names below are what other wings use, importe
 
 from __future__ import annotations
 
-import importlib
 from typing import Any, Callable, Optional
 
 from transfuse import storage
 from transfuse.stage import Stage
+from transfuse.wing import public_face
 
 DESCRIPTION_FILE = "ensemble.json"  # the fitted ensemble's description (format transfuse.ensemble/v1)
 PROGRESS_FILE = "progress.json"  # {"done": n, "total": m} member tasks, while the stage runs
+COMBINERS = ("average", "hard_vote", "greedy", "stack")  # reported beside the members in metrics.json
 
 
 def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, str]]]:
@@ -46,8 +47,4 @@ _FACE = {
     "run_ensemble": "transfuse.ensemble.stage",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.ensemble' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

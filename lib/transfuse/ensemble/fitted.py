@@ -115,7 +115,8 @@ def ensemble_to_compress(cfg: Config) -> tuple[EnsembleSource, dict[str, Any]]:
     return drop_zero_weight_members(src) if cfg.compress.drop_zero_weight_members else (src, {"dropped": []})
 
 
-def keras_baseline(members: list[KerasMember], parts: EnsembleParts, spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
+def keras_baseline(members: list[KerasMember], parts: EnsembleParts,
+                   spec: PreprocessSpec) -> Callable[[np.ndarray], np.ndarray]:
     """The seed-style float32 ensemble: each tf_keras member's ``model.predict`` one after another (whole model,
     no shared trunk), the same sklearn members (ONNX on the Keras embedding) and the same combiner."""
     import tempfile

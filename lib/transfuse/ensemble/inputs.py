@@ -1,12 +1,12 @@
 """What the ensemble stage and the member search read, and the out-of-fold protocol they share.
 
 The inputs: the CNN members' saved outputs (``<member>/<kind>/<split>.parquet``: id, label, and probabilities or
-an embedding; ``transfuse.finetune.predictions`` owns that format), the images' pixels as a second view, all aligned by id
-in ``EnsembleInputs``; and the fingerprint of those inputs (``stage_fingerprint``). The protocol: the holdout is
+an embedding; ``transfuse.finetune.predictions`` owns that format), the images' pixels as a second view, all aligned by
+id in ``EnsembleInputs``; and the fingerprint of those inputs (``stage_fingerprint``). The protocol: the holdout is
 split into K stratified folds (``holdout_folds``), fold k's model is fitted on train + the other folds and predicts
 fold k (``fold_tasks``), and the K predictions make one member's out-of-fold holdout probabilities with a record
-of what each fold model saw (``oof_predictions``, checked by ``transfuse.ensemble.stacker.check_no_leakage``). The ensemble fits its
-members this way for the stacker; the member search scores each trial this way, on the same folds.
+of what each fold model saw (``oof_predictions``, checked by ``transfuse.ensemble.stacker.check_no_leakage``). The
+ensemble fits its members this way for the stacker; the member search scores each trial this way, on the same folds.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from transfuse.config import Config, EnsembleConfig, MemberConfig
 from transfuse.data import PREPARE
 from transfuse.ensemble.learners import FitOutput, FitTask
 from transfuse.ensemble.stacker import FitRecord
-from transfuse.finetune import FINETUNE, member_metrics, read_member_split
+from transfuse.finetune import FINETUNE, read_member_split
 from transfuse.inference import EnsembleError, pixel_features
+from transfuse.stage import read_metrics
 
 @dataclass
 class EnsembleInputs:
@@ -155,7 +156,7 @@ def find_cnn_members(cfg: Config) -> list[MemberDir]:
 def _member_val_accuracy(m: MemberDir) -> float:
     if m.val_accuracy is not None:
         return float(m.val_accuracy)
-    metrics = member_metrics(m.dir)
+    metrics = read_metrics(m.dir)
     if metrics is not None:
         return float(metrics.get("val", {}).get("accuracy", float("-inf")))
     return float("-inf")

@@ -3,9 +3,9 @@
 One trial = one member configuration: a kind (``MEMBER_KINDS``), its parameters drawn from that kind's space
 (``DEFAULT_SPACE``, or ``ensemble.search.space``) and a feature view (one CNN member's embedding, itself drawn,
 or the pixels). A trial fits the member K times, exactly as the ensemble fits it for the stacker: the holdout is
-split into the same K folds (``transfuse.ensemble.inputs.holdout_folds`` with the first of ``ensemble.seeds``), fold k's model is
-fitted on train + the other holdout folds and predicts fold k. Its score is the out-of-fold NLL over the holdout.
-The fixed list (``ensemble.members``) is evaluated as trials too, so each (kind, view family) keeps its best
+split into the same K folds (``transfuse.ensemble.inputs.holdout_folds`` with the first of ``ensemble.seeds``), fold k's
+model is fitted on train + the other holdout folds and predicts fold k. Its score is the out-of-fold NLL over the
+holdout. The fixed list (``ensemble.members``) is evaluated as trials too, so each (kind, view family) keeps its best
 configuration among the fixed one and the drawn ones (with ``ensemble.search.se_rule`` > 0, a drawn one displaces
 the fixed one only by beating it by more than that many paired standard errors of the per-row NLL: ``select``).
 
@@ -13,11 +13,11 @@ Who sees what: the trials' shared data hold the train and holdout rows only (no 
 store for them), each trial records the ids every fold model was fitted on and predicted, and the driver runs
 ``transfuse.ensemble.stacker.check_no_leakage`` over those records with the test ids before any configuration is chosen.
 
-The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records: working state). A run whose inputs match the experiment's fingerprint restores it
-(``Tuner.restore``): an interrupted search resumes and no finished trial is fitted again. Every trial is drawn
-before Tune sees it, from one generator seeded with ``seed`` (``candidates``), and every fit uses
-``random_state=seed``: the same seed gives the same trials, scores and choice, unless ``time_budget_s`` cuts the search
-short.
+The experiment lives in ``<run>/ensemble/.search/`` (Tune's state and the trials' fit records: working state). A run
+whose inputs match the experiment's fingerprint restores it (``Tuner.restore``): an interrupted search resumes and no
+finished trial is fitted again. Every trial is drawn before Tune sees it, from one generator seeded with ``seed``
+(``candidates``), and every fit uses ``random_state=seed``: the same seed gives the same trials, scores and choice,
+unless ``time_budget_s`` cuts the search short.
 
 Class weights: when the run weights by class (``inputs.class_weighting``), every trial's fold fits weight
 their rows as the ensemble's do (``FitTask.class_weighted``) and its score is the class-weighted out-of-fold NLL

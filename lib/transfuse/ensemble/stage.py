@@ -15,13 +15,13 @@ Who sees what (the leakage rule, checked from recorded ids by ``transfuse.ensemb
   already picked the CNN members, so scores on it are optimistic.
 
 Class weights (``data.class_weight``): the run decides once, from the prepared train split's counts
-(``transfuse.ensemble.inputs.class_weighting``), and when it weights, every scikit-learn fit here and in the member search
-weights its rows by the class weights of its own fit labels, and the stacker (its fit, the candidates' CV score
+(``transfuse.ensemble.inputs.class_weighting``), and when it weights, every scikit-learn fit here and in the member
+search weights its rows by the class weights of its own fit labels, and the stacker (its fit, the candidates' CV score
 and the temperature) weights the holdout rows by theirs. Greedy selection and the test metrics stay unweighted;
 balanced accuracy, macro F1 and recall per class are reported beside accuracy for every model.
 
-The members themselves (kinds, fitting tasks on Ray or in-process, ONNX export) are ``transfuse.ensemble.learners``; what
-the stage reads (the CNN members' outputs, the pixels) and the K-fold protocol are ``transfuse.ensemble.inputs``.
+The members themselves (kinds, fitting tasks on Ray or in-process, ONNX export) are ``transfuse.ensemble.learners``;
+what the stage reads (the CNN members' outputs, the pixels) and the K-fold protocol are ``transfuse.ensemble.inputs``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import numpy as np
 from transfuse import metrics as tm
 from transfuse import storage
 from transfuse.config import Config, EnsembleConfig
-from transfuse.ensemble import DESCRIPTION_FILE, ENSEMBLE, PROGRESS_FILE, member_search
+from transfuse.ensemble import COMBINERS, DESCRIPTION_FILE, ENSEMBLE, PROGRESS_FILE, member_search
 from transfuse.ensemble.inputs import (EnsembleInputs, MemberDir, class_weighting, find_cnn_members, fold_tasks,
                                        holdout_folds, load_inputs, member_inputs, oof_predictions, shared_data,
                                        stage_fingerprint)
@@ -51,7 +51,6 @@ from transfuse.inference import EnsembleError, Stacker, average, hard_vote, load
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FORMAT = "transfuse.ensemble/v1"
-COMBINERS = ("average", "hard_vote", "greedy", "stack")
 
 
 # ----------------------------------------------------------------------------------------------------------------

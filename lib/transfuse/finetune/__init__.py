@@ -8,10 +8,10 @@ package imports no TensorFlow or Ray until one is asked for).
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from transfuse.stage import Folder, Stage
+from transfuse.wing import public_face
 
 
 def _pretraining(cfg: Any) -> bool:
@@ -25,29 +25,30 @@ def _baselines(cfg: Any) -> bool:
 
 PRETRAIN_DATA = Folder("pretrain_data")
 CACHE = Folder("cache")
-PRETRAIN = Stage("pretrain", name="pretrain", inputs=("prepare",), outputs=("model_spec.json", "model.weights.h5"),
+PRETRAIN = Stage("pretrain", name="pretrain", inputs=("prepare",), outputs=("model_spec.json", "backbone.weights.h5"),
                  run="transfuse.finetune.pretraining:pretrain", enabled=_pretraining)
 FINETUNE = Stage("finetune", name="finetune", inputs=("prepare", "pretrain"),
                  outputs=("model_spec.json", "model.weights.h5", "predictions/", "embeddings/"),
                  run="transfuse.finetune.stage:finetune", progress="transfuse.finetune.progress:finetune",
                  plan="transfuse.finetune.plan:finetune_plan")
 SCRATCH = Stage("scratch", name="scratch", inputs=("prepare", "finetune"),
-                outputs=("model_spec.json", "model.weights.h5", "predictions/", "transfer_vs_scratch.json"),
+                outputs=("model_spec.json", "model.weights.h5", "predictions/", "embeddings/"),
                 run="transfuse.finetune.stage:transfer_vs_scratch", progress="transfuse.finetune.progress:scratch",
                 enabled=_baselines)
 TUNE = Stage("tune", name="tune", inputs=("prepare", "finetune"),
-             outputs=("members.json", "results.json", "results.csv", "best_config.json", "summary.json", "trials/"),
+             outputs=("members.json", "results.json", "results.csv", "best_config.json", "summary.json",
+                      "val_accuracy_vs_depth.png", "trials/"),
              run="transfuse.finetune.tune:run_search", progress="transfuse.finetune.progress:tune",
              plan="transfuse.finetune.plan:tune_plan")
 
 # name -> module: the public face other wings import from ``transfuse.finetune``
 _FACE = {
     "TRANSFER_FILE": "transfuse.finetune.baselines",
-    "LoopState": "transfuse.finetune.loop",
+    "LoopState": "transfuse.finetune.checkpoint",
+    "load_checkpoint_weights": "transfuse.finetune.checkpoint",
     "WorkerContext": "transfuse.finetune.loop",
     "WorkerPlan": "transfuse.finetune.loop",
     "WorkerTask": "transfuse.finetune.loop",
-    "load_checkpoint_weights": "transfuse.finetune.loop",
     "run_worker": "transfuse.finetune.loop",
     "KerasMember": "transfuse.finetune.models",
     "backbone_layer_names": "transfuse.finetune.models",
@@ -63,10 +64,10 @@ _FACE = {
     "describe": "transfuse.finetune.plan",
     "model_plan": "transfuse.finetune.plan",
     "train_plan_resources": "transfuse.finetune.plan",
-    "member_metrics": "transfuse.finetune.predictions",
     "read_member_split": "transfuse.finetune.predictions",
     "write_member_split": "transfuse.finetune.predictions",
     "pretrain": "transfuse.finetune.pretraining",
+    "newest_checkpoint_file": "transfuse.finetune.progress",
     "TRAIN_DIR": "transfuse.finetune.stage",
     "finetune": "transfuse.finetune.stage",
     "make_trainer": "transfuse.finetune.stage",
@@ -77,8 +78,4 @@ _FACE = {
     "tune_dir": "transfuse.finetune.tune",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.finetune' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

@@ -58,7 +58,7 @@ def budget_splits(data_dir: str) -> tuple[dict[str, np.ndarray], dict[str, np.nd
 
 def pixels_logreg(images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarray],
                   class_weighted: bool = False) -> dict[str, Any]:
-    """``logreg_on_val`` on the images' pixels (``preprocess.pixel_features``), split by split."""
+    """``logreg_on_val`` on the images' pixels (``inference.preprocessing.pixel_features``), split by split."""
     from transfuse.inference import pixel_features
 
     return logreg_on_val({s: pixel_features(v) for s, v in images.items()}, labels, class_weighted)

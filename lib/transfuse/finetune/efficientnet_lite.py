@@ -94,8 +94,8 @@ def blocks_of(variant: str) -> list[Block]:
 
 
 def build(variant: str, input_shape: tuple[int, int, int], include_top: bool = True) -> Any:
-    """The tf_keras model: image (normalised as ``transfuse.inference.preprocessing`` does for it) -> probabilities over the
-    1000 ImageNet classes (``include_top``) or the head's 1280-channel feature map."""
+    """The tf_keras model: image (normalised as ``transfuse.inference.preprocessing`` does for it) -> probabilities over
+    the 1000 ImageNet classes (``include_top``) or the head's 1280-channel feature map."""
     import tensorflow as tf
 
     layers = tf.keras.layers

@@ -107,7 +107,9 @@ def resolve_weights(weights: str, run_dir: Optional[str] = None) -> Optional[str
     if weights == "pretrain":
         if run_dir is None:
             raise ModelError("weights: pretrain needs the run directory (<storage>/<run>) to find pretrain/")
-        path = storage.join(run_dir, "pretrain", BACKBONE_WEIGHTS)
+        from transfuse.finetune import PRETRAIN
+
+        path = storage.join(run_dir, PRETRAIN.folder, BACKBONE_WEIGHTS)
         if not storage.exists(path):
             raise ModelError(f"weights: pretrain, but {path} does not exist: run `python -m jobs.pretrain` first")
         return path

@@ -42,23 +42,23 @@ def _trainable_params(model: Any) -> int:
 
 def train_plan_resources(t: Any) -> dict[str, float]:
     """What one fine-tuning run's Ray Train workers hold together (a Tune trial holds this besides its own CPU)."""
-    from transfuse.finetune import stage as train
+    from transfuse.finetune import stage
 
-    sc = train.scaling_config(t)
+    sc = stage.scaling_config(t)
     return {k: v * sc.num_workers for k, v in sc.resources_per_worker.items()}
 
 
 def finetune_plan(cfg: Config) -> dict[str, Any]:
     from transfuse.finetune import FINETUNE
-    from transfuse.finetune import stage as train
+    from transfuse.finetune import stage
 
     t = cfg.train
-    sc = train.scaling_config(t)
+    sc = stage.scaling_config(t)
     return {"scaling_config": {"num_workers": sc.num_workers, "use_gpu": sc.use_gpu,
                                "resources_per_worker": sc.resources_per_worker},
             "strategy": "MultiWorkerMirroredStrategy" if t.num_workers > 1 else "default (one worker)",
             "global_batch_size": t.batch_size, "batch_per_worker": t.batch_size // t.num_workers,
-            "mixed_precision": train.mixed_policy(t.mixed_precision, t.use_gpu),
+            "mixed_precision": stage.mixed_policy(t.mixed_precision, t.use_gpu),
             "epochs": {"frozen": t.epochs_frozen, "unfrozen": t.epochs_unfrozen},
             "lr": {"frozen": t.lr_frozen, "unfrozen": t.lr_unfrozen}, "cache_frozen": t.cache_frozen,
             "max_failures": t.max_failures, "output": FINETUNE.dir(cfg)}
@@ -81,17 +81,17 @@ def describe(domain: Any) -> Any:
 
 
 def tune_plan(cfg: Config) -> dict[str, Any]:
-    from transfuse.finetune import tune as search
+    from transfuse.finetune import tune
 
     t, tr = cfg.tune, cfg.train
-    space = search.search_space(cfg)
+    space = tune.search_space(cfg)
     grid = len(t.unfreeze) if t.search_alg == "random" else 1
     workers = train_plan_resources(tr)  # what one trial's Ray Train workers hold together
-    sched, alg = search.scheduler(cfg), search.search_alg(cfg)
+    sched, alg = tune.scheduler(cfg), tune.search_alg(cfg)
     inner = getattr(alg, "searcher", None)  # ConcurrencyLimiter wraps the real search algorithm
     return {"param_space": {k: describe(v) for k, v in space.items()},
             "unfreeze_unit": t.unfreeze_unit or cfg.model.unfreeze_unit,
-            "trials": search.samples_per_grid(cfg) * grid, "max_concurrent": t.max_concurrent,
+            "trials": tune.samples_per_grid(cfg) * grid, "max_concurrent": t.max_concurrent,
             "scheduler": type(sched).__name__,
             "scheduler_max_t": getattr(sched, "_max_t", None),
             "search_alg": type(alg).__name__ + (f"({type(inner).__name__})" if inner is not None else ""),

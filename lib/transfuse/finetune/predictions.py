@@ -5,13 +5,12 @@ distill stage read them. This module is that format's one writer and reader."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from transfuse import storage
 from transfuse.inference import EnsembleError
-from transfuse.stage import METRICS
 
 
 def _read_table(path: str) -> Any:
@@ -79,9 +78,3 @@ def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarra
 
 
 __all__ = ["SPLIT_COLUMNS", "read_member_split", "write_member_split"]
-
-
-def member_metrics(member_dir: str) -> Optional[dict[str, Any]]:
-    """A member dir's ``metrics.json`` (val and test metrics, the per-epoch history), or None before it is written."""
-    path = storage.join(member_dir, METRICS)
-    return storage.read_json(path) if storage.exists(path) else None

@@ -25,9 +25,9 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     import tensorflow as tf
 
     from transfuse.data import data_manifest, prepare, preprocessed, read_split, training_rows
-    from transfuse.finetune import loop as train_loop
+    from transfuse.finetune import loop
     from transfuse.finetune import models
-    from transfuse.finetune import stage as train
+    from transfuse.finetune import stage
     from transfuse.inference import PreprocessSpec
     from transfuse.metrics import evaluate
 
@@ -44,7 +44,7 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
     spec = models.model_spec(cfg.model, len(class_names), class_names, seed=cfg.seed,
                              unfreeze=models.unfreeze_units(cfg.model))
     tf.keras.mixed_precision.set_global_policy("float32")
-    init_path = storage.join(out_dir, train.INIT_DIR, "initial.weights.h5")
+    init_path = storage.join(out_dir, stage.INIT_DIR, "initial.weights.h5")
     models.save_weights(models.build_model(spec, None, bn_training=True), init_path)
     pspec = PreprocessSpec(**spec["preprocess"])
     if cfg.train.materialize:  # preprocessed once, every worker keeps its shard
@@ -52,24 +52,24 @@ def pretrain(cfg: Config, *, force: bool = False, resume: bool = False) -> dict[
                     .materialize() for s in ("train", "val")}
     else:  # streamed stored rows, preprocessed by the workers
         datasets = {f"{s}_image": training_rows(data_dir, s) for s in ("train", "val")}
-    phases = [train_loop.Phase("pretrain", len(names), cfg.pretrain.epochs, cfg.pretrain.lr, None,
-                               "train_image", "val_image", images=not cfg.train.materialize)]
+    phases = [loop.Phase("pretrain", len(names), cfg.pretrain.epochs, cfg.pretrain.lr, None,
+                         "train_image", "val_image", images=not cfg.train.materialize)]
     # the same worker loop as fine-tuning (``transfuse.finetune.loop.train_func``): one phase, every layer trains
-    loop = train_loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases,
-                                 batch_size=cfg.pretrain.batch_size, patience=cfg.train.early_stopping_patience,
-                                 seed=cfg.seed, policy=train.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu),
-                                 cached=False, in_memory=cfg.train.materialize, bn_training=True)
-    train_path = storage.join(out_dir, train.TRAIN_DIR)
+    loop_cfg = loop.LoopConfig(spec=spec, init_weights=init_path, phases=phases,
+                               batch_size=cfg.pretrain.batch_size, patience=cfg.train.early_stopping_patience,
+                               seed=cfg.seed, policy=stage.mixed_policy(cfg.train.mixed_precision, cfg.train.use_gpu),
+                               cached=False, in_memory=cfg.train.materialize, bn_training=True)
+    train_path = storage.join(out_dir, stage.TRAIN_DIR)
     if not resume:
         storage.delete(train_path)
-    trainer = train.make_trainer(cfg.train, loop, datasets, out_dir)
+    trainer = stage.make_trainer(cfg.train, loop_cfg, datasets, out_dir)
     result = trainer.fit()
     if result.checkpoint is None:
-        raise train_loop.TrainError(f"pretraining finished without a checkpoint in {train_path}")
+        raise loop.TrainError(f"pretraining finished without a checkpoint in {train_path}")
     with result.checkpoint.as_directory() as d:
-        state = train_loop.LoopState.read(d)
+        state = loop.LoopState.read(d)
         model = models.build_model(spec, None, bn_training=True)
-        train_loop.load_checkpoint_weights(model, d)
+        loop.load_checkpoint_weights(model, d)
     models.save_weights(models.get_backbone(model), storage.join(out_dir, models.BACKBONE_WEIGHTS))
     from transfuse.data import read_split_numpy
     from transfuse.inference import preprocess

@@ -38,8 +38,7 @@ from transfuse.data import PREPARE
 from transfuse.finetune import FINETUNE, SCRATCH
 from transfuse.finetune.loop import (BEST_WEIGHTS, LoopConfig, LoopHooks, LoopState, Phase, TrainError, load_arrays,
                                      load_checkpoint_weights, train_func)
-from transfuse.finetune.predictions import member_metrics
-from transfuse.stage import METRICS
+from transfuse.stage import METRICS, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +343,7 @@ def finetune(cfg: Config, out_dir: Optional[str] = None, overrides: Optional[dic
     eff = effective(cfg, overrides)
     fp = _fingerprint(eff, weights)
     if storage.skip_complete(out_dir, fp, FINETUNE.folder, force):
-        return member_metrics(out_dir)
+        return read_metrics(out_dir)
     train_path = storage.join(out_dir, TRAIN_DIR)
     if not resume:
         storage.delete(train_path)
@@ -379,6 +378,9 @@ def transfer_vs_scratch(cfg: Config, *, force: bool = False) -> dict[str, Any]:
     from transfuse.finetune.baselines import TRANSFER_FILE, budget_splits, pixels_logreg
 
     transfer = FINETUNE.metrics(cfg)
+    if transfer is None:
+        raise TrainError(f"the scratch baseline compares with the finetune stage: no {FINETUNE.metrics_path(cfg)}; "
+                         "run the finetune stage first")
     scratch = finetune(cfg, SCRATCH.dir(cfg), scratch_overrides(cfg), weights="none", force=force)
     out = {"transfer": transfer.get("test", {}), "scratch": scratch.get("test", {}),
            "pixels_logreg": pixels_logreg(*budget_splits(PREPARE.dir(cfg)),

@@ -26,7 +26,7 @@ from transfuse.config import Config
 from transfuse.data import PREPARE
 from transfuse.finetune import FINETUNE, TUNE
 from transfuse.finetune.loop import TrainError
-from transfuse.finetune.predictions import member_metrics
+from transfuse.stage import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ EXPERIMENT = "search"  # Tune's own experiment folder under <run>/tune/
 TRIALS_DIR = "trials"  # one member dir per trial under <run>/tune/
 SEARCHED = ("unfreeze", "lr_frozen", "lr_unfrozen", "head_dense", "dropout", "seed")
 
+
+class SearchError(TrainError, RuntimeError):
+    """The search produced no members (every trial failed or was stopped), or its members file is unreadable."""
 
 
 def tune_dir(cfg: Config) -> str:
@@ -70,13 +73,13 @@ def write_members(cfg: Config, rows: list[dict[str, Any]]) -> list[TunedMember]:
 
 def read_members(cfg: Config) -> Optional[list[TunedMember]]:
     """The members ``members.json`` lists, best first, with each dir resolved (relative dirs are relative to the
-    tune stage); None when the tune stage has not written it; ``TrainError`` when it lists none or is malformed."""
+    tune stage); None when the tune stage has not written it; ``SearchError`` when it lists none or is malformed."""
     path = storage.join(tune_dir(cfg), MEMBERS_FILE)
     if not storage.exists(path):
         return None
     entries = storage.read_json(path).get("members") or []
     if not entries:
-        raise TrainError(f"{path} lists no members; rerun the tune stage (python -m jobs.tune --force)")
+        raise SearchError(f"{path} lists no members; rerun the tune stage (python -m jobs.tune --force)")
     out = []
     for e in entries:
         try:
@@ -86,7 +89,7 @@ def read_members(cfg: Config) -> Optional[list[TunedMember]]:
             out.append(TunedMember(str(e["name"]), d, str(e.get("trial_id", "")), dict(e.get("config") or {}),
                                    None if e.get("val_accuracy") is None else float(e["val_accuracy"])))
         except (KeyError, TypeError, ValueError) as err:
-            raise TrainError(f"{path}: member entry {e!r} is malformed ({err!r}); expected name, dir, trial_id, "
+            raise SearchError(f"{path}: member entry {e!r} is malformed ({err!r}); expected name, dir, trial_id, "
                               f"config, val_accuracy") from None
     return out
 
@@ -200,7 +203,7 @@ def result_row(cfg: Config, result: Any) -> dict[str, Any]:
     best_val = float(history["val_accuracy"].max()) if history is not None and len(history) else float("nan")
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
     planned = cfg.train.epochs_frozen + cfg.train.epochs_unfrozen
-    member = member_metrics(d) if finished else None
+    member = read_metrics(d) if finished else None
     return {
         "trial_id": trial_id,
         **{k: result.config.get(k) for k in SEARCHED},
@@ -298,7 +301,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     members = select_members(rows, cfg.tune.members)
     if not members:
         errors = [r["error"] for r in rows if r["error"]]
-        raise TrainError(f"no trial of {len(rows)} finished; errors: {errors[:3]}")
+        raise SearchError(f"no trial of {len(rows)} finished; errors: {errors[:3]}")
     best = members[0]
     storage.write_bytes(storage.join(out, "results.csv"), pd.DataFrame(rows).to_csv(index=False).encode())
     storage.write_json(storage.join(out, "results.json"), rows)
@@ -316,7 +319,7 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     baseline_dir = baseline_dir or FINETUNE.dir(cfg)
     base = storage.read_manifest(baseline_dir)
     if base and base.get("complete"):
-        bm = member_metrics(baseline_dir)
+        bm = read_metrics(baseline_dir)
         summary["seed_depth"] = {"unfreeze": base["config"]["model"]["unfreeze"],
                                  "test_accuracy": bm["test"]["accuracy"]}
         summary["best_minus_seed_test_accuracy"] = best["test_accuracy"] - bm["test"]["accuracy"]

@@ -9,8 +9,7 @@ The names below are its public face, imported on first use.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from transfuse.wing import public_face
 
 # name -> module: the public face other wings import from ``transfuse.inference``
 _FACE = {
@@ -45,8 +44,4 @@ _FACE = {
     "OnnxRunner": "transfuse.inference.runtimes",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _FACE:
-        return getattr(importlib.import_module(_FACE[name]), name)
-    raise AttributeError(f"module 'transfuse.inference' has no attribute {name!r}")
+__getattr__ = public_face(__name__, _FACE)

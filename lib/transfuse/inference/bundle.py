@@ -48,7 +48,7 @@ from transfuse.inference.runtimes import LiteRTRunner, ModelLoadError, OnnxRunne
 
 FORMAT = "transfuse.bundle"
 FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = storage.MANIFEST
 FEATURES = ("probs", "log_probs")  # what the stacker reads from each member
 MAX_BATCH = 256  # images per interpreter call: bounds peak memory for large requests
 # how a model file is stored: as written, or gzip-compressed (level 9, no timestamp: the same bytes every time)
@@ -64,7 +64,7 @@ class BundleInputError(TransfuseError, ValueError):
     """Images given to ``Bundle.predict_proba`` do not match the bundle's input spec."""
 
 
-# --------------------------------------------------------------------------------------------- shared by writer and loader
+# ------------------------------------------------------------------------------------------ shared by writer and loader
 SKLEARN_FEATURES = ("embedding", "pixels")
 
 
@@ -327,7 +327,7 @@ class Bundle:
     def batch_probs(self, raw: np.ndarray, tick: Optional[Callable[[str], None]] = None) -> dict[str, np.ndarray]:
         """Every member's probabilities for one batch of validated images, in pipeline order: preprocess, trunk,
         CNN members (a graph several members share runs once), sklearn members. ``tick(part)`` is called after each
-        part (``compress.component_breakdown`` times the parts with it). Not locked: see ``member_probs``."""
+        part (``compress.measure.component_breakdown`` times the parts with it). Not locked: see ``member_probs``."""
         tick = tick or (lambda part: None)
         xb = preprocess(raw, self.preprocess_spec)
         tick("preprocess")
@@ -470,13 +470,15 @@ def _load_combiner(m: dict, local: Path, names: set[str]) -> Optional[Stacker]:
         with np.load(local / comb["file"], allow_pickle=False) as z:
             coef, intercept = np.asarray(z["coef"], np.float64), np.asarray(z["intercept"], np.float64)
     except (ValueError, KeyError, OSError) as e:
-        raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as coef/intercept arrays: {e}") from None
+        raise BundleError(f"{local}: stacker file {comb['file']!r} cannot be read as "
+                          f"coef/intercept arrays: {e}") from None
     f = k * len(names)
     if coef.shape not in ((k, f), (1, f)) or intercept.shape != (coef.shape[0],):
         raise BundleError(f"{local}: stacker coef {coef.shape} / intercept "
                           f"{intercept.shape} do not fit {len(names)} members x {k} classes")
     if comb.get("features") not in FEATURES:
-        raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, got {comb.get('features')!r}")
+        raise BundleError(f"{local}/{MANIFEST}: combiner.features must be one of {FEATURES}, "
+                          f"got {comb.get('features')!r}")
     return Stacker(list(comb["members"]), features=comb["features"], eps=float(comb.get("eps", 1e-6)),
                    coef_=coef, intercept_=intercept, temperature=float(comb.get("temperature", 1.0)))
 

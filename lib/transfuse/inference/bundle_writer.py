@@ -264,7 +264,8 @@ def _combiner(stacker: Optional[Stacker], names: list[str], k: int, files: dict[
 def _write_files(directory: str, files: dict[str, bytes], manifest: dict[str, Any], overwrite: bool) -> None:
     """Every file, then the manifest: a directory with a manifest holds a whole bundle. A non-empty ``directory``
     is refused unless ``overwrite`` (then cleared first)."""
-    if storage.exists(directory) and (storage.list_files(directory) or storage.exists(storage.join(directory, MANIFEST))):
+    if storage.exists(directory) and (storage.list_files(directory)
+                                      or storage.exists(storage.join(directory, MANIFEST))):
         if not overwrite:
             raise BundleError(f"{directory} is not empty; pass overwrite=True to replace the bundle there")
         storage.clear_dir(directory)

@@ -7,7 +7,7 @@ scikit-learn, TensorFlow or Ray at module level. Everything a server needs is he
 - ``Stacker``: the meta-learner as plain arrays (``from_arrays`` / ``load`` / ``save`` JSON,
   ``predict_proba(member_probs)``): a multinomial logistic regression over member outputs, or a log-linear pool
   (one non-negative weight per member plus a bias per class), both ``softmax(features @ coef.T + intercept)``.
-  Its ``fit`` (training side only) imports scipy lazily.
+  Its ``fit`` (training side only) imports scikit-learn and SciPy when called.
 - ``average`` (soft voting, uniform weights) and ``hard_vote`` (majority of argmax).
 
 Choosing and fitting the combiners (cross-validated stacker choice, temperature, greedy selection, the leakage

@@ -31,12 +31,13 @@ Sections:
 appendix: storage, fingerprints, stage manifests, git commits, the label budget record and package versions.
 
 Modules: ``page`` (the HTML machinery: escaping, number cells, tables, the ``Page`` that writes the PNGs, the
-CSS, the matplotlib import and the wrapper that shows a failed section's error), ``judge`` (the verdict: its rows,
-``verdict`` and ``verdict_lines``, and the stage-file readers the others share), ``sections`` (the title, the
-verdict table, sections 1-5 and the appendix), ``compression`` (sections 6-7 with ``per_class``), ``pipeline_summary`` (section 8: ``summary``
-and ``format_summary``, also printed by the pipeline). This module writes the page (``write_report``) and is the
-command line (``main``: ``python -m transfuse.report``); every name other code imports is importable from here.
-(The submodules are not named ``verdict`` or ``summary``: those names are the functions re-exported here.)
+CSS, the matplotlib import, the reliability figure and the wrapper that shows a failed section's error),
+``judge`` (the verdict: its rows, ``verdict`` and ``verdict_lines``, and the stage-file readers the others
+share), ``sections`` (the title, the verdict table, sections 1-5 and the appendix), ``variants`` (sections 6-7
+with ``per_class``), ``pipeline_summary`` (section 8: ``summary`` and ``format_summary``, also printed by the
+pipeline). This module writes the page (``write_report``) and is the command line (``main``: ``python -m
+transfuse.report``); every name other code imports is importable from here. (No submodule is named like a
+function re-exported here.)
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from typing import Any, Optional, Sequence
 
 from transfuse import storage
 from transfuse.ensemble import ENSEMBLE
-from transfuse.report.compression import compression, distillation, per_class, per_class_section
+from transfuse.report.variants import compression, distillation, per_class, per_class_section
 from transfuse.report.judge import Measure, Verdict, VerdictRow, budget_text, description, verdict, verdict_lines
 from transfuse.report.page import CSS, Page, esc, pyplot, section
 from transfuse.report.pipeline_summary import format_summary, summary, summary_section

@@ -12,8 +12,9 @@ from transfuse import storage
 from transfuse.compress import COMPRESS, served_variant
 from transfuse.ensemble import ENSEMBLE
 from transfuse.errors import TransfuseError
-from transfuse.finetune import FINETUNE, SCRATCH, member_metrics
+from transfuse.finetune import FINETUNE, SCRATCH
 from transfuse.report.page import Page, esc, num, table
+from transfuse.stage import read_metrics
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
 
@@ -35,7 +36,7 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def member_row(label: str, d: str) -> None:
-        m = member_metrics(d)
+        m = read_metrics(d)
         if m is not None:
             m = m["test"]
             rows.append({"model": label, **{k: m[k] for k in ("accuracy", "nll", "ece")}})

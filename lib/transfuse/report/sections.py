@@ -20,15 +20,15 @@ import numpy as np
 from transfuse import storage
 from transfuse.compress import BUNDLE, COMPRESS
 from transfuse.data import PREPARE
-from transfuse.ensemble import ENSEMBLE, temperature_line
-from transfuse.finetune import FINETUNE, PRETRAIN, PRETRAIN_DATA, SCRATCH, TUNE, member_metrics
+from transfuse.ensemble import COMBINERS, ENSEMBLE, temperature_line
+from transfuse.finetune import FINETUNE, PRETRAIN, PRETRAIN_DATA, SCRATCH, TUNE
 from transfuse.report.judge import BENCH_FILE, read_json, verdict
 from transfuse.report.page import Page, esc, not_run, num, pyplot, reliability_figure, table
 from transfuse.report.pipeline_summary import tuned_members
+from transfuse.stage import read_metrics
 
 # Folders whose manifest.json is listed in the appendix (fingerprint, creation time, git commit).
 MANIFEST_FOLDERS = (PREPARE, PRETRAIN_DATA, PRETRAIN, FINETUNE, SCRATCH, TUNE, ENSEMBLE, COMPRESS, BUNDLE)
-COMBINERS = ("average", "hard_vote", "greedy", "stack")  # transfuse.ensemble.stage.COMBINERS: not members
 
 
 def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
@@ -37,7 +37,7 @@ def _member_dir(cfg: Any) -> tuple[Optional[str], str]:
     if tuned:
         return tuned[0].dir, f"best tuned trial {tuned[0].name} (first entry of tune/members.json)"
     ft = FINETUNE.dir(cfg)
-    if member_metrics(ft) is not None:
+    if read_metrics(ft) is not None:
         return ft, "the seed's fixed-depth model (finetune/; tune not run)"
     return None, ""
 
@@ -117,7 +117,7 @@ def learning_curves(cfg: Any, page: Page) -> None:
     if d is None:
         page.add(not_run("tune", "finetune"))
         return
-    m = member_metrics(d)
+    m = read_metrics(d)
     hist = m.get("history") or []
     if not hist:
         page.add(f"<p>{esc(d)}/metrics.json has no per-epoch history</p>")
