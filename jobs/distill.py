@@ -15,10 +15,9 @@ from transfuse.distill import DISTILL, run_distill
 def _run(cfg, args) -> None:
     run_distill(cfg, force=args.force)
     out = DISTILL.dir(cfg)
-    m = DISTILL.metrics(cfg)
-    best = m["best_cnn_member"]
-    print(f"teacher {m['teacher']['accuracy']:.4f}  student {m['student']['accuracy']:.4f}  best member "
-          f"{best['name']} {best['accuracy']:.4f}  fidelity {m['fidelity']:.4f}")
+    m = DISTILL.read(cfg)
+    print(f"teacher {m.teacher.accuracy:.4f}  student {m.student.accuracy:.4f}  best member "
+          f"{m.best_member} {m.best_member_accuracy:.4f}  fidelity {m.fidelity:.4f}")
     print(f"-> {out}")
 
 

@@ -78,6 +78,12 @@ def test_student_learns_the_teacher_and_reports_it_beside_the_best_member(distil
     assert m["best_cnn_member"]["name"] in ens["summary"]
     assert m["rows"] == {"views": 2 * (400 + 160), "per_view": 400 + 160, "views_per_image": 2}
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
+    # the stage's typed reader (what jobs.distill prints and the compress stage reads)
+    from transfuse.distill import DISTILL
+
+    typed = DISTILL.read(distilled)
+    assert (typed.student.accuracy, typed.fidelity, typed.best_member) == (
+        m["student"]["accuracy"], m["fidelity"], m["best_cnn_member"]["name"])
     # agreement with the teacher, recomputed from the saved predictions
     from transfuse.finetune.predictions import read_member_split
 

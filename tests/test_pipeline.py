@@ -96,6 +96,15 @@ def _check_job(client, job: str, tmp_path, browser) -> None:
     assert "transfuse.finetune.cache" in text and "Dataset" in text, text[-3000:]
     for stage in ("data", "finetune", "tune", "ensemble", "compress", "bundle"):
         assert storage.read_manifest(storage.join(storage.run_dir(cfg), stage)), f"{stage} has no manifest"
+    # each stage's typed metrics reader reads what the stage wrote
+    from transfuse.compress import COMPRESS
+    from transfuse.finetune import FINETUNE
+
+    ft, ens, comp = FINETUNE.read(cfg), ENSEMBLE.read(cfg), COMPRESS.read(cfg)
+    assert ft.test.accuracy == FINETUNE.metrics(cfg)["test"]["accuracy"] and ft.val.n > 0 and ft.history
+    assert ens.mean("stack", "accuracy") == ENSEMBLE.metrics(cfg)["summary"]["stack"]["accuracy"]["mean"]
+    assert ens.best_member in ens.summary
+    assert comp.served == COMPRESS.metrics(cfg)["served"] and comp.variant(comp.served)["variant"] == comp.served
     # the served bundle ships one test image per class for the page at GET / (not counted as model bytes)
     from transfuse.inference.bundle import load_bundle
 

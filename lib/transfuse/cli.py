@@ -156,10 +156,9 @@ def _print_results(cfg: Config, out: Callable[[str], None]) -> None:
     """The served model's test metrics, per class by name (from the compress stage's metrics)."""
     from transfuse.compress import COMPRESS, served_variant
 
-    m = COMPRESS.metrics(cfg) or {}
-    variants = {r.get("variant"): r for r in m.get("variants", [])}
+    m = COMPRESS.read(cfg)
     served = served_variant(cfg)
-    row = variants.get(served)
+    row = m.variant(served) if m is not None else None
     if not row:
         return
     keys = [k for k in ("accuracy", "balanced_accuracy", "macro_f1", "nll") if k in row]

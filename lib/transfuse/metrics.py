@@ -3,6 +3,7 @@ imbalanced test split needs beside accuracy: balanced accuracy, macro F1 and rec
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -125,3 +126,22 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, class_names: Optional[Sequen
             "n": int(len(labels)), "balanced_accuracy": balanced_accuracy(probs, labels),
             "macro_f1": macro_f1(probs, labels),
             "per_class_recall": {n: (None if np.isnan(r) else float(r)) for n, r in zip(names, recall)}}
+
+
+@dataclass(frozen=True)
+class SplitMetrics:
+    """One split's ``evaluate``, typed, as every stage writes it into its ``metrics.json`` (balanced accuracy,
+    macro F1 and recall per class are None in files written before they were recorded)."""
+
+    accuracy: float
+    nll: float
+    ece: float
+    n: int
+    balanced_accuracy: Optional[float] = None
+    macro_f1: Optional[float] = None
+    per_class_recall: Optional[dict[str, Optional[float]]] = None
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "SplitMetrics":
+        return cls(**{f.name: d.get(f.name) for f in fields(cls)})
+

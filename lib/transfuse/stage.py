@@ -3,10 +3,10 @@
 Each wing declares its stages in its package ``__init__`` (``transfuse.finetune.FINETUNE``,
 ``transfuse.ensemble.ENSEMBLE``, ...): the name the pipeline, ``--until``/``--force`` and the console use, the folder
 under ``<storage>/<run>/`` it writes, the stages it reads, the files it writes there, and where its entry point,
-progress reader and plan live. The pipeline, the console, ``transfuse plan`` and the report read these objects;
-no stage folder or metrics file is spelled as a string outside its stage.
+progress reader, plan and typed metrics reader live. The pipeline, the console, ``transfuse plan`` and the
+report read these objects; no stage folder or metrics file is spelled as a string outside its stage.
 
-The entry point, progress reader and plan are named as ``"module:function"`` and imported on first use, so
+These are named as ``"module:function"`` (``"module:Class"`` for the reader) and imported on first use, so
 declaring every stage imports no TensorFlow, Ray or scikit-learn.
 """
 
@@ -52,8 +52,9 @@ class Stage(Folder):
 
     ``run(cfg, force=...)`` does the work; ``progress(cfg, since)`` returns a reader of ``(done, total, unit)``
     from the files the stage writes as it goes (None for a stage that writes none); ``plan(cfg)`` says what it
-    would do without doing it and raises the stage's error where the config cannot work; ``enabled(cfg)`` is its
-    config switch."""
+    would do without doing it and raises the stage's error where the config cannot work; ``reader`` is the class
+    whose ``from_json`` types its ``metrics.json`` (``read``; ``metrics`` gives the file as written);
+    ``enabled(cfg)`` is its config switch."""
 
     name: str = ""
     inputs: tuple[str, ...] = ()
@@ -61,6 +62,7 @@ class Stage(Folder):
     run: str = ""
     progress: str = ""
     plan: str = ""
+    reader: str = ""
     enabled: Callable[[Any], bool] = field(default=_always, compare=False)
 
     def metrics_path(self, cfg: Any) -> str:
@@ -70,6 +72,11 @@ class Stage(Folder):
         """Its ``metrics.json``, or None before it has written one."""
         return read_metrics(self.dir(cfg))
 
+    def read(self, cfg: Any) -> Any:
+        """Its ``metrics.json`` typed by ``reader`` (None before it has written one)."""
+        d = self.metrics(cfg)
+        return None if d is None else self.entry("reader").from_json(d)
+
     def manifest(self, cfg: Any) -> Optional[dict[str, Any]]:
         return storage.read_manifest(self.dir(cfg))
 
@@ -77,7 +84,7 @@ class Stage(Folder):
         return self.manifest(cfg) is not None
 
     def entry(self, which: str) -> Optional[Callable[..., Any]]:
-        """The function named by ``run``, ``progress`` or ``plan``, imported now (None when the stage has none)."""
+        """What ``run``, ``progress``, ``plan`` or ``reader`` names, imported now (None when the stage has none)."""
         spec = getattr(self, which)
         if not spec:
             return None

@@ -24,10 +24,12 @@ def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, s
 
 COMPRESS = Stage("compress", name="compress", inputs=("prepare", "ensemble", "distill"),
                  outputs=("<variant>/",), run="transfuse.compress.stage:run_compress",
-                 progress="transfuse.compress:_progress", plan="transfuse.compress.plan:compress_plan")
+                 progress="transfuse.compress:_progress", plan="transfuse.compress.plan:compress_plan",
+                 reader="transfuse.compress.measure:CompressMetrics")
 
 # name -> module: the public face other wings import from ``transfuse.compress``
 _FACE = {
+    "CompressMetrics": "transfuse.compress.measure",
     "format_table": "transfuse.compress.measure",
     "goals_line": "transfuse.compress.measure",
     "served_variant": "transfuse.compress.measure",

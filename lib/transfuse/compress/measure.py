@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
@@ -224,10 +225,30 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class CompressMetrics:
+    """The compress stage's ``metrics.json``, typed where other stages read it: one row per variant (the columns
+    ``variant_row`` and ``with_ratios`` write), the variant it serves, the members it left out; ``raw`` keeps the
+    whole file (the report's tables)."""
+
+    variants: list[dict[str, Any]]
+    served: Optional[str]
+    dropped: list[str]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CompressMetrics":
+        return cls(variants=list(d.get("variants") or []), served=d.get("served"),
+                   dropped=list((d.get("zero_weight_members") or {}).get("dropped") or []), raw=d)
+
+    def variant(self, name: str) -> Optional[dict[str, Any]]:
+        return next((r for r in self.variants if r.get("variant") == name), None)
+
+
 def served_variant(cfg: Any) -> str:
     """The variant a run serves: the compress stage's record of it (its choice under ``serve_variant: auto``),
     else the config's."""
     from transfuse.compress import COMPRESS
 
-    rep = COMPRESS.metrics(cfg) or {}
-    return rep.get("served") or cfg.compress.serve_variant
+    m = COMPRESS.read(cfg)
+    return (m.served if m is not None else None) or cfg.compress.serve_variant

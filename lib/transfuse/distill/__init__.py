@@ -34,10 +34,12 @@ def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, s
 
 DISTILL = Stage("distill", name="distill", inputs=("prepare", "ensemble"), outputs=(STUDENT + "/",),
                 run="transfuse.distill.stage:run_distill", progress="transfuse.distill:_progress",
-                plan="transfuse.distill.plan:distill_plan", enabled=_enabled)
+                plan="transfuse.distill.plan:distill_plan", reader="transfuse.distill.stage:DistillMetrics",
+                enabled=_enabled)
 
 # name -> module: the public face other wings import from ``transfuse.distill``
 _FACE = {
+    "DistillMetrics": "transfuse.distill.stage",
     "read_temperature": "transfuse.distill.stage",
     "run_distill": "transfuse.distill.stage",
     "temperature_stacker": "transfuse.distill.stage",

@@ -51,7 +51,7 @@ from transfuse.distill import DISTILL, STUDENT
 from transfuse.distill.student import StudentConfig, build_student, read_history, student_loop
 from transfuse.distill.teacher import PROB_FLOOR, DistillError, soften, teacher_views
 from transfuse.ensemble import ENSEMBLE
-from transfuse.stage import METRICS
+from transfuse.stage import read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -67,11 +67,36 @@ def temperature_stacker(temperature: float, num_classes: int) -> Any:
                    classes_=np.arange(num_classes), temperature=float(temperature))
 
 
+@dataclass(frozen=True)
+class DistillMetrics:
+    """The distill stage's ``metrics.json``, typed where other stages read it: teacher and student on test, the best
+    CNN member's name and test accuracy, the student's fidelity to the teacher and its applied temperature (None:
+    not fitted, or its check rejected it); ``raw`` keeps the whole file (the report's tables)."""
+
+    teacher: tm.SplitMetrics
+    student: tm.SplitMetrics
+    best_member: str
+    best_member_accuracy: float
+    fidelity: float
+    temperature: Optional[float]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DistillMetrics":
+        best = d.get("best_cnn_member") or {}
+        return cls(teacher=tm.SplitMetrics.from_json(d["teacher"]), student=tm.SplitMetrics.from_json(d["student"]),
+                   best_member=best.get("name"), best_member_accuracy=best.get("accuracy"),
+                   fidelity=float(d["fidelity"]), temperature=_applied_temperature(d), raw=d)
+
+
+def _applied_temperature(metrics: dict[str, Any]) -> Optional[float]:
+    cal = metrics.get("calibration") or {}
+    return cal.get("temperature") if cal.get("applied", True) else None
+
+
 def read_temperature(out_dir: str) -> Optional[float]:
     """The student's applied temperature from ``distill/metrics.json`` (None: not fitted, or its check rejected it)."""
-    m = storage.read_json(storage.join(out_dir, METRICS))
-    cal = m.get("calibration") or {}
-    return cal.get("temperature") if cal.get("applied", True) else None
+    return _applied_temperature(read_metrics(out_dir))
 
 
 def _fingerprint(cfg: Config, source_fp: str, *, epochs: bool = True) -> str:
@@ -81,9 +106,8 @@ def _fingerprint(cfg: Config, source_fp: str, *, epochs: bool = True) -> str:
                    "train": cfg.fingerprint("train"), "seed": cfg.seed, "teacher": source_fp})
 
 
-def _best_cnn(ens: dict[str, Any], cnn_names: list[str]) -> str:
-    s = ens["summary"]
-    return max(cnn_names, key=lambda m: (s[m]["accuracy"]["mean"], -s[m]["nll"]["mean"]))
+def _best_cnn(ens: Any, cnn_names: list[str]) -> str:
+    return max(cnn_names, key=lambda m: (ens.mean(m, "accuracy"), -ens.mean(m, "nll")))
 
 
 @dataclass
@@ -95,7 +119,7 @@ class _Run:
     out: str
     src: Any
     ens_dir: str
-    ens: dict[str, Any]
+    ens: Any  # transfuse.ensemble.EnsembleMetrics
     best: str
     best_dir: str
     data_dir: str
@@ -121,7 +145,7 @@ def _open_run(cfg: Config, out: str, src: Any, ens_dir: str) -> _Run:
 
     data_dir = PREPARE.dir(cfg)
     class_names = list(data_manifest(data_dir)["class_names"])
-    ens = ENSEMBLE.metrics(cfg)
+    ens = ENSEMBLE.read(cfg)
     best = _best_cnn(ens, [name for name, _ in src.members])
     return _Run(cfg, out, src, ens_dir, ens, best, dict(src.members)[best], data_dir, class_names)
 
@@ -253,7 +277,7 @@ def _report(run: _Run, teacher_test: np.ndarray, s_test: np.ndarray, t_labels: n
             calibration: Optional[dict[str, Any]]) -> dict[str, Any]:
     """Teacher vs student vs the best CNN member on test, the student's fidelity to the teacher and the share of
     the ensemble's gain it keeps, and its calibration (``metrics.json`` without the run's counts and times)."""
-    best_m = {m: run.ens["summary"][run.best][m]["mean"] for m in ("accuracy", "nll", "ece")}
+    best_m = {m: run.ens.mean(run.best, m) for m in ("accuracy", "nll", "ece")}
     teacher = tm.evaluate(teacher_test, t_labels, run.class_names)
     student = tm.evaluate(s_test, t_labels, run.class_names)
     gain = teacher["accuracy"] - best_m["accuracy"]
@@ -266,5 +290,5 @@ def _report(run: _Run, teacher_test: np.ndarray, s_test: np.ndarray, t_labels: n
     }
 
 
-__all__ = ["calibrate", "read_temperature", "run_distill", "save_student", "student_config", "temperature_stacker",
-           "train_student"]
+__all__ = ["DistillMetrics", "calibrate", "read_temperature", "run_distill", "save_student", "student_config",
+           "temperature_stacker", "train_student"]

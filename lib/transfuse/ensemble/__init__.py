@@ -32,7 +32,7 @@ def _progress(cfg: Any, since: float) -> Callable[[], Optional[tuple[int, int, s
 ENSEMBLE = Stage("ensemble", name="ensemble", inputs=("prepare", "finetune", "tune"),
                  outputs=(DESCRIPTION_FILE, "stacker.json", "greedy.json", "fit_records.json", "predictions/"),
                  run="transfuse.ensemble.stage:run_ensemble", progress="transfuse.ensemble:_progress",
-                 plan="transfuse.ensemble.plan:ensemble_plan")
+                 plan="transfuse.ensemble.plan:ensemble_plan", reader="transfuse.ensemble.stage:EnsembleMetrics")
 
 # name -> module: the public face other wings import from ``transfuse.ensemble``
 _FACE = {
@@ -42,6 +42,7 @@ _FACE = {
     "keras_baseline": "transfuse.ensemble.fitted",
     "checked_temperature": "transfuse.ensemble.stacker",
     "temperature_line": "transfuse.ensemble.stacker",
+    "EnsembleMetrics": "transfuse.ensemble.stage",
     "format_table": "transfuse.ensemble.stage",
     "read_description": "transfuse.ensemble.stage",
     "run_ensemble": "transfuse.ensemble.stage",

@@ -22,9 +22,8 @@ from transfuse.config import Config, EnsembleConfig, MemberConfig
 from transfuse.data import PREPARE
 from transfuse.ensemble.learners import FitOutput, FitTask
 from transfuse.ensemble.stacker import FitRecord
-from transfuse.finetune import FINETUNE, read_member_split
+from transfuse.finetune import FINETUNE, MemberMetrics, read_member_split
 from transfuse.inference import EnsembleError, pixel_features
-from transfuse.stage import read_metrics
 
 @dataclass
 class EnsembleInputs:
@@ -156,9 +155,9 @@ def find_cnn_members(cfg: Config) -> list[MemberDir]:
 def _member_val_accuracy(m: MemberDir) -> float:
     if m.val_accuracy is not None:
         return float(m.val_accuracy)
-    metrics = read_metrics(m.dir)
-    if metrics is not None:
-        return float(metrics.get("val", {}).get("accuracy", float("-inf")))
+    metrics = MemberMetrics.read(m.dir)
+    if metrics is not None and metrics.val is not None and metrics.val.accuracy is not None:
+        return float(metrics.val.accuracy)
     return float("-inf")
 
 

@@ -317,6 +317,28 @@ def verify_saved(out_dir: str, fit: EnsembleFit, inp: EnsembleInputs, num_thread
     return diffs
 
 
+@dataclass(frozen=True)
+class EnsembleMetrics:
+    """The ensemble stage's ``metrics.json``, typed where other stages read it: every member's and combiner's test
+    metrics summarised over the seeds (``summary``: name -> metric -> mean, std, min, max, values), the best
+    member's name and the class-weighting decision; ``raw`` keeps the whole file (the report's tables)."""
+
+    summary: dict[str, dict[str, dict[str, Any]]]
+    best_member: Optional[str]
+    class_weight: Optional[dict[str, Any]]
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "EnsembleMetrics":
+        return cls(summary=dict(d.get("summary") or {}), best_member=(d.get("best_member") or {}).get("name"),
+                   class_weight=d.get("class_weight"), raw=d)
+
+    def mean(self, model: str, metric: str) -> Optional[float]:
+        """``model``'s mean test ``metric`` over the seeds (None: not in the summary)."""
+        v = self.summary.get(model, {}).get(metric)
+        return None if v is None else float(v["mean"])
+
+
 def fit_report(fit: EnsembleFit, inp: EnsembleInputs) -> dict[str, Any]:
     s = fit.first
     members = s.member_order

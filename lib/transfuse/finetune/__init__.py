@@ -23,18 +23,19 @@ def _baselines(cfg: Any) -> bool:
     return cfg.model.weights != "none" and cfg.train.baselines
 
 
+_MEMBER = "transfuse.finetune.predictions:MemberMetrics"  # a member dir's metrics.json, typed
 PRETRAIN_DATA = Folder("pretrain_data")
 CACHE = Folder("cache")
 PRETRAIN = Stage("pretrain", name="pretrain", inputs=("prepare",), outputs=("model_spec.json", "backbone.weights.h5"),
-                 run="transfuse.finetune.pretraining:pretrain", enabled=_pretraining)
+                 run="transfuse.finetune.pretraining:pretrain", reader=_MEMBER, enabled=_pretraining)
 FINETUNE = Stage("finetune", name="finetune", inputs=("prepare", "pretrain"),
                  outputs=("model_spec.json", "model.weights.h5", "predictions/", "embeddings/"),
                  run="transfuse.finetune.stage:finetune", progress="transfuse.finetune.progress:finetune",
-                 plan="transfuse.finetune.plan:finetune_plan")
+                 plan="transfuse.finetune.plan:finetune_plan", reader=_MEMBER)
 SCRATCH = Stage("scratch", name="scratch", inputs=("prepare", "finetune"),
                 outputs=("model_spec.json", "model.weights.h5", "predictions/", "embeddings/"),
                 run="transfuse.finetune.stage:transfer_vs_scratch", progress="transfuse.finetune.progress:scratch",
-                enabled=_baselines)
+                reader=_MEMBER, enabled=_baselines)
 TUNE = Stage("tune", name="tune", inputs=("prepare", "finetune"),
              outputs=("members.json", "results.json", "results.csv", "best_config.json", "summary.json",
                       "val_accuracy_vs_depth.png", "trials/"),
@@ -64,6 +65,7 @@ _FACE = {
     "describe": "transfuse.finetune.plan",
     "model_plan": "transfuse.finetune.plan",
     "train_plan_resources": "transfuse.finetune.plan",
+    "MemberMetrics": "transfuse.finetune.predictions",
     "read_member_split": "transfuse.finetune.predictions",
     "write_member_split": "transfuse.finetune.predictions",
     "pretrain": "transfuse.finetune.pretraining",

@@ -1,16 +1,20 @@
 """A member's split outputs, ``<member_dir>/<kind>/<split>.parquet``: id, label and one float32 list per row
 (``probs`` for predictions, ``embedding`` for embeddings). Training writes them for every CNN member, the
 ensemble for its stack's test predictions, the distill stage for its student; the ensemble, the report and the
-distill stage read them. This module is that format's one writer and reader."""
+distill stage read them. This module is that format's one writer and reader, and the typed reader of a member
+dir's ``metrics.json`` (``MemberMetrics``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 
 from transfuse import storage
 from transfuse.inference import EnsembleError
+from transfuse.metrics import SplitMetrics
+from transfuse.stage import read_metrics
 
 
 def _read_table(path: str) -> Any:
@@ -77,4 +81,31 @@ def read_member_split(member_dir: str, kind: str, split: str) -> tuple[np.ndarra
     return ids[order], labels[order], values[order]
 
 
-__all__ = ["SPLIT_COLUMNS", "read_member_split", "write_member_split"]
+@dataclass(frozen=True)
+class MemberMetrics:
+    """A member dir's ``metrics.json`` (fine-tune, scratch, every Tune trial, the pretrained backbone), typed:
+    val, test and (where evaluated) holdout metrics, the per-epoch history and the class-weighting decision; ``raw`` keeps the whole file."""
+
+    val: Optional[SplitMetrics]
+    test: Optional[SplitMetrics]
+    holdout: Optional[SplitMetrics] = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    epochs: Optional[int] = None
+    class_weight: Optional[dict[str, Any]] = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "MemberMetrics":
+        split = lambda k: SplitMetrics.from_json(d[k]) if isinstance(d.get(k), dict) else None  # noqa: E731
+        return cls(val=split("val"), test=split("test"), holdout=split("holdout"),
+                   history=list(d.get("history") or []), epochs=d.get("epochs"), class_weight=d.get("class_weight"),
+                   raw=d)
+
+    @classmethod
+    def read(cls, member_dir: str) -> Optional["MemberMetrics"]:
+        """The member's metrics, or None before it has written them."""
+        d = read_metrics(member_dir)
+        return None if d is None else cls.from_json(d)
+
+
+__all__ = ["SPLIT_COLUMNS", "MemberMetrics", "read_member_split", "write_member_split"]

@@ -26,7 +26,7 @@ from transfuse.config import Config
 from transfuse.data import PREPARE
 from transfuse.finetune import FINETUNE, TUNE
 from transfuse.finetune.loop import TrainError
-from transfuse.stage import read_metrics
+from transfuse.finetune.predictions import MemberMetrics
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def result_row(cfg: Config, result: Any) -> dict[str, Any]:
     best_val = float(history["val_accuracy"].max()) if history is not None and len(history) else float("nan")
     epochs = int(history["epoch"].max()) if history is not None and len(history) else 0
     planned = cfg.train.epochs_frozen + cfg.train.epochs_unfrozen
-    member = read_metrics(d) if finished else None
+    member = MemberMetrics.read(d) if finished else None
     return {
         "trial_id": trial_id,
         **{k: result.config.get(k) for k in SEARCHED},
@@ -214,13 +214,13 @@ def result_row(cfg: Config, result: Any) -> dict[str, Any]:
         "error": None if result.error is None else f"{type(result.error).__name__}: {result.error}",
         "finished": finished,
         "planned_epochs": planned,
-        "val_accuracy": member["val"]["accuracy"] if member else None,
-        "val_nll": member["val"]["nll"] if member else None,
-        "test_accuracy": member["test"]["accuracy"] if member else None,
+        "val_accuracy": member.val.accuracy if member else None,
+        "val_nll": member.val.nll if member else None,
+        "test_accuracy": member.test.accuracy if member else None,
         # beside accuracy on an imbalanced split (None: a member written before these metrics existed)
-        "val_balanced_accuracy": member["val"].get("balanced_accuracy") if member else None,
-        "test_balanced_accuracy": member["test"].get("balanced_accuracy") if member else None,
-        "test_macro_f1": member["test"].get("macro_f1") if member else None,
+        "val_balanced_accuracy": member.val.balanced_accuracy if member else None,
+        "test_balanced_accuracy": member.test.balanced_accuracy if member else None,
+        "test_macro_f1": member.test.macro_f1 if member else None,
         "dir": d if finished else None,
     }
 
@@ -319,10 +319,9 @@ def run_search(cfg: Config, *, resume: bool = False, force: bool = False,
     baseline_dir = baseline_dir or FINETUNE.dir(cfg)
     base = storage.read_manifest(baseline_dir)
     if base and base.get("complete"):
-        bm = read_metrics(baseline_dir)
-        summary["seed_depth"] = {"unfreeze": base["config"]["model"]["unfreeze"],
-                                 "test_accuracy": bm["test"]["accuracy"]}
-        summary["best_minus_seed_test_accuracy"] = best["test_accuracy"] - bm["test"]["accuracy"]
+        seed_test = MemberMetrics.read(baseline_dir).test.accuracy
+        summary["seed_depth"] = {"unfreeze": base["config"]["model"]["unfreeze"], "test_accuracy": seed_test}
+        summary["best_minus_seed_test_accuracy"] = best["test_accuracy"] - seed_test
     storage.write_json(storage.join(out, "summary.json"), summary)
     return storage.write_manifest(out, cfg, TUNE.folder, fp, summary=summary,
                                   members=[r["trial_id"] for r in members])

@@ -140,14 +140,14 @@ def _label_budget(cfg: Any, bench: Optional[dict]) -> Optional[dict[str, Any]]:
     return {"per_class": cfg.data.train_per_class, **{k: totals.get(k) for k in ("train", "val", "holdout")}}
 
 
-def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[str, Measure]:
+def _run_measures(cfg: Any, ens: Any, desc: Optional[dict]) -> dict[str, Measure]:
     """The run's own test accuracies (1 draw): transfer, scratch, pixels (the same-labels baseline of the scratch
     stage, else the ensemble's pixel member), searched, stack, best_member."""
     out: dict[str, Measure] = {}
     for key, stage, name in (("transfer", FINETUNE, "seed recipe"), ("scratch", SCRATCH, "scratch")):
-        m = stage.metrics(cfg)
-        if m and isinstance(m.get("test"), dict):
-            out[key] = Measure(name, [float(m["test"]["accuracy"])])
+        m = stage.read(cfg)
+        if m is not None and m.test is not None:
+            out[key] = Measure(name, [float(m.test.accuracy)])
     # the pixels on the CNNs' own labels (train, C chosen on val), written beside the scratch baseline
     tvs = read_json(storage.join(storage.run_dir(cfg), TRANSFER_FILE)) or {}
     if isinstance(tvs.get("pixels_logreg"), dict) and tvs["pixels_logreg"].get("accuracy") is not None:
@@ -156,17 +156,15 @@ def _run_measures(cfg: Any, ens: Optional[dict], desc: Optional[dict]) -> dict[s
     if tsum and tsum.get("best", {}).get("test_accuracy") is not None:
         out["searched"] = Measure(f"searched depth {tsum['best'].get('unfreeze')}",
                                   [float(tsum["best"]["test_accuracy"])])
-    if ens and ens.get("summary"):
-        summ = ens["summary"]
+    if ens is not None and ens.summary:
         pixels = [m["name"] for m in (desc or {}).get("sklearn_members", [])
-                  if m.get("features") == "pixels" and m["name"] in summ]
+                  if m.get("features") == "pixels" and m["name"] in ens.summary]
         if pixels and "pixels" not in out:  # the ensemble's pixel member (it also learns the holdout labels)
-            out["pixels"] = Measure(f"pixels ({pixels[0]})", [float(summ[pixels[0]]["accuracy"]["mean"])])
-        if "stack" in summ:
-            out["stack"] = Measure("stack", [float(summ["stack"]["accuracy"]["mean"])])
-        best = (ens.get("best_member") or {}).get("name")
-        if best in summ:
-            out["best_member"] = Measure(f"best member {best}", [float(summ[best]["accuracy"]["mean"])])
+            out["pixels"] = Measure(f"pixels ({pixels[0]})", [ens.mean(pixels[0], "accuracy")])
+        if "stack" in ens.summary:
+            out["stack"] = Measure("stack", [ens.mean("stack", "accuracy")])
+        if ens.best_member in ens.summary:
+            out["best_member"] = Measure(f"best member {ens.best_member}", [ens.mean(ens.best_member, "accuracy")])
     return out
 
 
@@ -206,9 +204,8 @@ def _served_rows(cfg: Any) -> list[VerdictRow]:
     rows = [VerdictRow("served_accuracy", f"{serve} vs float32: accuracy", goal=g.served_accuracy_points),
             VerdictRow("served_size", f"{serve} vs float32: size", unit="x", goal=g.served_smaller),
             VerdictRow("served_speed", f"{serve} vs float32: batch-1 latency", unit="x", goal=g.served_faster)]
-    rep = COMPRESS.metrics(cfg) or {}
-    by = {r.get("variant"): r for r in rep.get("variants") or []}
-    s, f = by.get(serve), by.get("float32")
+    rep = COMPRESS.read(cfg)
+    s, f = (rep.variant(serve), rep.variant("float32")) if rep is not None else (None, None)
     if s is None or f is None or "speedup_b1" not in s:
         for r in rows:
             r.missing = "needs compress with float32 and " + serve
@@ -229,7 +226,7 @@ def verdict(cfg: Any) -> Verdict:
     run's files (1 draw); a row whose stage has not run is "not run", never a miss."""
     bench = read_json(storage.join(storage.run_dir(cfg), BENCH_FILE))
     ens_dir = ENSEMBLE.dir(cfg)
-    ens, desc = ENSEMBLE.metrics(cfg), description(ens_dir)
+    ens, desc = ENSEMBLE.read(cfg), description(ens_dir)
     b, r, g = _bench_measures(bench), _run_measures(cfg, ens, desc), cfg.goals
     rows = [
         # transfer is judged on the tuned CNN (the issue's goal: "the tuned ImageNet CNN beats ..."); the seed
@@ -254,8 +251,8 @@ def verdict_lines(cfg: Any) -> list[str]:
     lines = ["", "verdict: " + v.headline()] + [
         f"  {r.verdict_text():<8}{r.comparison:<{width}}  {r.difference_text():<32} goal {r.goal_text()}"
         for r in v.rows]
-    comp = COMPRESS.metrics(cfg) or {}
-    dropped = (comp.get("zero_weight_members") or {}).get("dropped")
+    comp = COMPRESS.read(cfg)
+    dropped = comp.dropped if comp is not None else []
     if dropped:
         lines.append(f"note: left out of every compressed variant (zero stacker weight): {', '.join(dropped)}")
     return lines

@@ -12,9 +12,8 @@ from transfuse import storage
 from transfuse.compress import COMPRESS, served_variant
 from transfuse.ensemble import ENSEMBLE
 from transfuse.errors import TransfuseError
-from transfuse.finetune import FINETUNE, SCRATCH
+from transfuse.finetune import FINETUNE, SCRATCH, MemberMetrics
 from transfuse.report.page import Page, esc, num, table
-from transfuse.stage import read_metrics
 
 log = logging.getLogger(__package__)  # "transfuse.report": one logger for the package's modules
 
@@ -36,10 +35,9 @@ def summary(cfg: Any, results: Sequence[Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def member_row(label: str, d: str) -> None:
-        m = read_metrics(d)
+        m = MemberMetrics.read(d)
         if m is not None:
-            m = m["test"]
-            rows.append({"model": label, **{k: m[k] for k in ("accuracy", "nll", "ece")}})
+            rows.append({"model": label, "accuracy": m.test.accuracy, "nll": m.test.nll, "ece": m.test.ece})
 
     member_row(f"seed recipe (unfreeze {cfg.model.unfreeze})", FINETUNE.dir(cfg))
     member_row("same network from scratch", SCRATCH.dir(cfg))

@@ -21,7 +21,7 @@ from transfuse import storage
 from transfuse.compress import BUNDLE, COMPRESS
 from transfuse.data import PREPARE
 from transfuse.ensemble import COMBINERS, ENSEMBLE, temperature_line
-from transfuse.finetune import FINETUNE, PRETRAIN, PRETRAIN_DATA, SCRATCH, TUNE
+from transfuse.finetune import FINETUNE, PRETRAIN, PRETRAIN_DATA, SCRATCH, TUNE, MemberMetrics
 from transfuse.report.judge import BENCH_FILE, read_json, verdict
 from transfuse.report.page import Page, esc, not_run, num, pyplot, reliability_figure, table
 from transfuse.report.pipeline_summary import tuned_members
@@ -117,8 +117,8 @@ def learning_curves(cfg: Any, page: Page) -> None:
     if d is None:
         page.add(not_run("tune", "finetune"))
         return
-    m = read_metrics(d)
-    hist = m.get("history") or []
+    m = MemberMetrics.read(d)
+    hist = m.history
     if not hist:
         page.add(f"<p>{esc(d)}/metrics.json has no per-epoch history</p>")
         return
@@ -146,9 +146,8 @@ def learning_curves(cfg: Any, page: Page) -> None:
                + ("; the dotted line marks where the backbone was unfrozen." if boundary is not None
                   else "; one phase only (no boundary)."))
     page.figure(fig, "learning_curves.png", "learning curves", caption)
-    rows = [[esc(split), num(m[split].get("accuracy")), num(m[split].get("nll")), num(m[split].get("ece")),
-             num(m[split].get("n")), num(m[split].get("balanced_accuracy")), num(m[split].get("macro_f1"))]
-            for split in ("val", "test", "holdout") if isinstance(m.get(split), dict)]
+    rows = [[esc(split), num(t.accuracy), num(t.nll), num(t.ece), num(t.n), num(t.balanced_accuracy),
+             num(t.macro_f1)] for split, t in (("val", m.val), ("test", m.test), ("holdout", m.holdout)) if t]
     if rows:
         page.add(table(["split", "accuracy", "NLL", "ECE", "n", "balanced accuracy", "macro F1"], rows))
 
@@ -198,24 +197,24 @@ def transfer_vs_scratch(cfg: Any, page: Page) -> None:
     found, missing = {}, []
     for stage, label in ((FINETUNE, f"transferred weights ({cfg.model.weights}), unfreeze {cfg.model.unfreeze}"),
                          (SCRATCH, "same network from random weights")):
-        m = stage.metrics(cfg)
-        if m is None or not isinstance(m.get("test"), dict):
+        m = stage.read(cfg)
+        if m is None or m.test is None:
             missing.append(stage.name)
         else:
-            found[stage.name] = (label, m["test"], m.get("epochs"))
+            found[stage.name] = (label, m.test, m.epochs)
     page.add(not_run(*missing))
     if not found:
         return
     page.add(table(["stage", "model", "test accuracy", "NLL", "ECE", "n", "epochs"],
-                    [[esc(s), esc(lab), num(t.get("accuracy")), num(t.get("nll")), num(t.get("ece")),
-                      num(t.get("n")), num(ep)] for s, (lab, t, ep) in found.items()]))
+                    [[esc(s), esc(lab), num(t.accuracy), num(t.nll), num(t.ece), num(t.n), num(ep)]
+                     for s, (lab, t, ep) in found.items()]))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     names = list(found)
     x = np.arange(len(names))
     w = 0.38
     for i, (key, label) in enumerate((("accuracy", "test accuracy"), ("ece", "test ECE"))):
-        vals = [float(found[s][1].get(key, float("nan"))) for s in names]
+        vals = [float(getattr(found[s][1], key)) for s in names]
         bars = ax.bar(x + (i - 0.5) * w, vals, w, label=label)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
     ax.set_xticks(x, [f"{s}\n({'transfer' if s == 'finetune' else 'random init'})" for s in names])
